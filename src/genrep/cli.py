@@ -1,0 +1,242 @@
+"""Command line: parse, build, call. Every user error ends as one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import GenrepError
+
+DEFAULT_RECIPE = "supervised-digits"
+
+# What may change when a run is resumed: length, logging and hardware, never the model or the data.
+RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.progress",
+                  "train.tensorboard", "train.device", "train.compile", "train.keep_checkpoints",
+                  "data.num_workers", "data.device_resident", "data.root", "data.download")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genrep", description="Hybrid generative-discriminative representation "
+                                "learning: pretrain, probe and compare methods.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="the main job: pretrain the default recipe on digits, probe it, summarise")
+    run.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe to run (default {DEFAULT_RECIPE})")
+    run.add_argument("--out", type=Path, help="run folder (default: a new folder under --runs-dir)")
+    run.add_argument("--runs-dir", type=Path, default=Path("runs"))
+
+    pre = sub.add_parser("pretrain", help="train a method from a recipe (add --section.key VALUE overrides)")
+    pre.add_argument("--recipe", help="shipped recipe name or path to a YAML file")
+    pre.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its last complete checkpoint")
+    pre.add_argument("--out", type=Path, help="run folder (default: a new folder under --runs-dir)")
+    pre.add_argument("--runs-dir", type=Path, default=Path("runs"))
+
+    probe = sub.add_parser("probe", help="linear probe and kNN on the frozen features of a run")
+    probe.add_argument("run", type=Path, metavar="RUN")
+    probe.add_argument("--device", default="auto")
+
+    sub.add_parser("datasets", help="list the data sets genrep knows and which are available offline")
+    sub.add_parser("recipes", help="list the shipped recipes")
+    sub.add_parser("methods", help="list the registered methods and their capabilities")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if rest and args.command not in ("run", "pretrain", "probe"):
+            raise GenrepError(f"'genrep {args.command}' takes no arguments, got {' '.join(rest)}")
+        return COMMANDS[args.command](args, rest)
+    except GenrepError as e:
+        print(f"genrep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("genrep: interrupted; a run resumes from its last checkpoint with genrep pretrain --resume RUN",
+              file=sys.stderr)
+        return 130
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(*lines: str) -> None:
+    if _is_main_process():
+        print(*lines, sep="\n", flush=True)
+
+
+# ------------------------------------------------------------------ pretrain
+
+def _config_for_resume(run: Path, recipe: str | None, overrides: dict):
+    from .config import apply_overrides, config_from_dict
+    from .runs import read_run_config
+
+    cfg = read_run_config(run)
+    if recipe is not None and Path(recipe).stem != cfg.recipe:
+        raise GenrepError(f"{run} was made by recipe '{cfg.recipe}', not '{recipe}'; resume it without --recipe, "
+                          f"or start a new run with --recipe {recipe}")
+    bad = [k for k in overrides if k not in RESUMABLE_KEYS and not k.startswith("probe.")]
+    if bad:
+        raise GenrepError(f"cannot change {', '.join(bad)} when resuming (the checkpoint was trained with the "
+                          f"old value); resumable keys: {', '.join(RESUMABLE_KEYS)}, probe.*")
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
+    """Resolve the config and the run folder (chosen by rank 0 and shared under torchrun)."""
+    from .config import parse_overrides, resolve_config, save_config
+    from .runs import CONFIG_FILE, new_run_dir
+    from .train.dist import init_distributed
+
+    overrides = parse_overrides(rest)
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if args.out is not None:
+            raise GenrepError("--resume continues RUN in place; drop --out")
+        cfg = _config_for_resume(resume, args.recipe, overrides)
+        run = resume
+    else:
+        recipe = args.recipe or default_recipe
+        if recipe is None:
+            raise GenrepError("genrep pretrain needs --recipe NAME (see genrep recipes) or --resume RUN")
+        cfg = resolve_config(recipe, overrides)
+        run = None
+    info, _ = init_distributed(cfg.train.device)
+    if run is None and info.main:
+        if args.out is not None:
+            if (args.out / CONFIG_FILE).exists():
+                raise GenrepError(f"{args.out} already holds a run; continue it with --resume {args.out} "
+                                  f"or choose another --out")
+            run = args.out
+        else:
+            run = new_run_dir(args.runs_dir, cfg.recipe)
+        run.mkdir(parents=True, exist_ok=True)
+    if info.enabled:
+        import torch.distributed as dist
+        box = [str(run) if info.main else None]
+        dist.broadcast_object_list(box, src=0)
+        run = Path(box[0])
+    if info.main:
+        save_config(cfg, Path(run) / CONFIG_FILE)
+    return cfg, Path(run), resume is not None
+
+
+def cmd_pretrain(args, rest: list[str]) -> int:
+    from .train.loop import pretrain
+
+    cfg, run, resume = _prepare_run(args, rest)
+    _say(f"genrep: {'resuming' if resume else 'training'} {cfg.method} ({cfg.recipe}) in {run}")
+    result = pretrain(cfg, run, resume=resume)
+    loss = result.last_log.get("loss")
+    _say(f"genrep: done: {result.steps} steps ({result.steps - result.start_step} this time) in "
+         f"{result.seconds:.1f} s, {result.images_per_s:.0f} images/s"
+         + (f", final loss {loss:.4f}" if loss is not None else "") + f"; weights in {run}")
+    return 0
+
+
+# ------------------------------------------------------------------ probe
+
+def cmd_probe(args, rest: list[str]) -> int:
+    from .config import ProbeConfig, build_dataclass, parse_overrides
+    from .eval.probe_run import run_probes
+    from .runs import read_run_config
+
+    overrides = parse_overrides(rest)
+    bad = [k for k in overrides if not k.startswith("probe.")]
+    if bad:
+        raise GenrepError(f"genrep probe takes only probe.* overrides (e.g. --probe.layer 2), got {', '.join(bad)}")
+    base = read_run_config(args.run).probe
+    values = {**vars(base), **{k.split(".", 1)[1]: v for k, v in overrides.items()}}
+    probe = build_dataclass(ProbeConfig, values, "probe")
+    results = run_probes(args.run, probe, device=args.device)
+    print(_results_table(results))
+    print(f"results: {args.run / 'results' / 'probe.json'}")
+    return 0
+
+
+def _results_table(r: dict) -> str:
+    rows = []
+    if "classifier_test_acc" in r:
+        rows.append(("classifier head", r["classifier_test_acc"]))
+    lp = r["linear_probe"]
+    rows.append((f"linear probe ({lp['solver']}, wd {lp['weight_decay']:g})", lp["test_acc"]))
+    rows += [(f"kNN k={k}", acc) for k, acc in r["knn"].items()]
+    width = max(len(name) for name, _ in rows)
+    head = (f"{r['method']} on {r['data']} ({r['n_train']} train / {r['n_test']} test), features: layer "
+            f"{r['layer']}, {r['pool']} pool, dim {r['feature_dim']}, {r['weights']} weights")
+    lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
+    lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
+    lines.append(f"{'chance':<{width}}  {100 / r['num_classes']:12.2f}%")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ run (the main job)
+
+def cmd_run(args, rest: list[str]) -> int:
+    from .eval.figures import summary_figure
+    from .eval.probe_run import run_probes
+    from .train.loop import pretrain
+
+    t0 = time.perf_counter()
+    args.resume = None
+    cfg, run, _ = _prepare_run(args, rest, default_recipe=args.recipe)
+    _say(f"genrep run: 1/3 pretraining {cfg.method} ({cfg.recipe}) on {cfg.data.name} in {run}")
+    result = pretrain(cfg, run)
+    if not _is_main_process():
+        return 0
+    _say(f"genrep run: 2/3 probing frozen features ({result.steps} steps took {result.seconds:.1f} s)")
+    results = run_probes(run, device=cfg.train.device)
+    figure = summary_figure(run, results, run / "figures" / "summary.png")
+    _say("genrep run: 3/3 summary", "", _results_table(results), "",
+         f"run folder: {run}  (config.yaml, model.safetensors, ema.safetensors, checkpoints/, log.jsonl, "
+         f"results/probe.json)", f"figure: {figure}", f"total time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------ listings
+
+def cmd_datasets(args, rest) -> int:
+    from .data.datasets import describe_datasets
+
+    rows = describe_datasets()
+    print(f"{'name':<12} {'offline':<8} {'size':<10} description")
+    for r in rows:
+        print(f"{r['name']:<12} {'yes' if r['available'] else 'no':<8} {r.get('size', ''):<10} "
+              f"{r['description']}  [{r['where']}]")
+    print("any local data set: --data.name npz:PATH (x_train, y_train, x_test, y_test) or folder:PATH "
+          "(one sub-folder per class)")
+    return 0
+
+
+def cmd_recipes(args, rest) -> int:
+    from .config import load_recipe, recipe_names
+
+    for name in recipe_names():
+        d = load_recipe(name)
+        print(f"{name:<24} method={d.get('method', '?'):<12} data={d.get('data', {}).get('name', 'digits')}")
+    return 0
+
+
+def cmd_methods(args, rest) -> int:
+    from .methods import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        caps = ", ".join(sorted(m.capabilities)) or "-"
+        print(f"{name:<14} views/labels: {'labels' if m.needs_labels else 'no labels'}; capabilities: {caps}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "datasets": cmd_datasets,
+            "recipes": cmd_recipes, "methods": cmd_methods}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Batched image augmentations that run on the batch's own device.
+
+Each augmentation reproduces, per sample, what the torchvision transform it names does to one float image,
+but for a whole batch at once with vectorised ops only (no Python loop over samples), so that it keeps up with
+batches of thousands of images on a GPU.
+
+Random parameters are drawn on the CPU from a caller-owned generator, `total` rows at a time, one row per
+sample, and rows [start : start + B] are used. A global batch split across processes therefore gets exactly
+the augmentation it would get in one process, and the parameters do not depend on the device.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from genrep.errors import GenrepError
+
+AUGMENTATIONS = ("none", "weak", "strong")
+
+# torchvision's grayscale weights (rgb_to_grayscale, v1 and v2). ITU-R 601-2 and PIL say 0.299 for red,
+# torchvision says 0.2989; we follow torchvision, so contrast, saturation and grayscale match it to 1e-6.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+# SimCLR's CIFAR recipe.
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_TRIES = 10  # torchvision's RandomResizedCrop gives up after 10 rejected boxes and takes a central crop
+JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue as in ColorJitter(0.4, 0.4, 0.4, 0.1)
+P_FLIP, P_JITTER, P_GRAY = 0.5, 0.8, 0.2
+
+# Uniforms drawn per sample: (area, log ratio) per crop try, crop top, crop left, flip, jitter on, 4 jitter
+# factors, 4 keys whose argsort is the jitter order, grayscale on.
+STRONG_COLUMNS = 2 * CROP_TRIES + 13
+
+
+def augment(
+    x: torch.Tensor,
+    kind: str,
+    generator: torch.Generator,
+    *,
+    start: int = 0,
+    total: int | None = None,
+    pad: int = 4,
+) -> torch.Tensor:
+    """x: uint8 [B, C, H, W] (C = 1 or 3) on any device. Returns float32 in [0, 1], same shape, same device.
+
+    kind: "none" (x / 255), "weak" (reflect-padded random crop + horizontal flip) or "strong" (SimCLR CIFAR:
+    random resized crop, flip, colour jitter, random grayscale). Random parameters are drawn on the CPU from
+    `generator` (a CPU torch.Generator) for `total` samples (default B) and rows [start : start + B] of them
+    are used, so that a global batch split across processes gets exactly the augmentation it would get in one
+    process. Then moved to x.device.
+    """
+    if kind not in AUGMENTATIONS:
+        raise GenrepError(f"unknown augmentation {kind!r}; expected one of {', '.join(AUGMENTATIONS)}")
+    total = _check_inputs(x, generator, start, total)
+    if kind == "none":
+        return x.float() / 255
+    if kind == "weak":
+        _, _, h, w = x.shape
+        if not 0 <= pad < min(h, w):
+            raise GenrepError(f"weak augmentation pad={pad} must be >= 0 and below the image size {h}x{w}")
+        return _weak(x, _draw(generator, total, start, x.shape[0], 3), pad)
+    return _strong(x, _draw(generator, total, start, x.shape[0], STRONG_COLUMNS))
+
+
+def _check_inputs(x, generator, start, total) -> int:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise GenrepError(f"augment expects a uint8 tensor [B, C, H, W] with C = 1 or 3, got {got}")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise GenrepError("augment needs a CPU torch.Generator (torch.Generator() or torch.Generator('cpu'))")
+    total = x.shape[0] if total is None else total
+    if start < 0 or start + x.shape[0] > total:
+        rows = f"[{start}, {start + x.shape[0]})"
+        raise GenrepError(f"augment rows [start, start + B) = {rows} must lie within [0, total={total})")
+    return total
+
+
+def _draw(generator, total, start, batch, columns) -> torch.Tensor:
+    # Always draw the whole global batch, so a sample's parameters depend only on its global row.
+    return torch.rand(total, columns, generator=generator, dtype=torch.float64)[start : start + batch]
+
+
+# ----------------------------------------------------------------------------------------------------
+# weak: RandomCrop(size, padding=pad, padding_mode="reflect") + RandomHorizontalFlip(0.5)
+
+
+def _weak(x, u, pad):
+    b, c, h, w = x.shape
+    top = (u[:, 0] * (2 * pad + 1)).floor().long()  # uniform over all 2 * pad + 1 offsets, like randint
+    left = (u[:, 1] * (2 * pad + 1)).floor().long()
+    flip = u[:, 2] < P_FLIP
+    # Instead of padding the batch, map each output pixel to its source pixel and gather once, in uint8.
+    rows = _reflect(top[:, None] - pad + torch.arange(h), h)
+    out_cols = torch.arange(w).expand(b, w)
+    cols = _reflect(left[:, None] - pad + torch.where(flip[:, None], w - 1 - out_cols, out_cols), w)
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    batch_idx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    chan_idx = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    out = x[batch_idx, chan_idx, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    return out.float() / 255
+
+
+def _reflect(idx, n):
+    """Index into a reflect-padded axis (pad < n, edge pixel not repeated) -> index into the original axis."""
+    idx = idx.abs()
+    return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# strong: RandomResizedCrop + RandomHorizontalFlip + RandomApply(ColorJitter, 0.8) + RandomGrayscale(0.2)
+
+
+class StrongParams(NamedTuple):
+    """Per-sample parameters of the strong augmentation, one row per sample (see _strong_params)."""
+
+    top: torch.Tensor  # crop box in pixels (floats holding integers)
+    left: torch.Tensor
+    crop_h: torch.Tensor
+    crop_w: torch.Tensor
+    flip: torch.Tensor  # bool
+    jitter_on: torch.Tensor  # bool: RandomApply(ColorJitter) fired
+    factors: torch.Tensor  # [B, 4] brightness, contrast, saturation, hue
+    order: torch.Tensor  # [B, 4] op ids 0..3 (same order as factors) in the order they are applied
+    gray_on: torch.Tensor  # bool
+
+
+def _strong_params(u, h, w) -> StrongParams:
+    t = CROP_TRIES
+    box = _resized_crop_params(u[:, :t], u[:, t : 2 * t], u[:, 2 * t], u[:, 2 * t + 1], h, w)
+    lo = torch.tensor([1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]], dtype=torch.float64)
+    hi = torch.tensor([1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3]], dtype=torch.float64)
+    return StrongParams(
+        *box,
+        flip=u[:, 2 * t + 2] < P_FLIP,
+        jitter_on=u[:, 2 * t + 3] < P_JITTER,
+        factors=lo + (hi - lo) * u[:, 2 * t + 4 : 2 * t + 8],
+        order=u[:, 2 * t + 8 : 2 * t + 12].argsort(dim=1),  # argsort of iid uniforms: a uniform permutation
+        gray_on=u[:, 2 * t + 12] < P_GRAY,
+    )
+
+
+def _strong(x, u):
+    # float32 before moving: boxes are small integers (exact), and some accelerators have no float64.
+    params = _strong_params(u, x.shape[2], x.shape[3])
+    p = StrongParams(*(v.float().to(x.device) if v.is_floating_point() else v.to(x.device) for v in params))
+    out = _resized_crop(x.float() / 255, p.top, p.left, p.crop_h, p.crop_w, p.flip)
+    out = _color_jitter(out, p.factors, p.order, p.jitter_on)
+    if x.shape[1] == 3:  # torchvision's grayscale of a 1-channel image is the image itself
+        out = torch.where(p.gray_on.view(-1, 1, 1, 1), rgb_to_grayscale(out).expand_as(out), out)
+    return out
+
+
+def _resized_crop_params(u_scale, u_log_ratio, u_top, u_left, h, w):
+    """torchvision's RandomResizedCrop.get_params for every row at once -> float64 (top, left, height, width).
+
+    Each row tries CROP_TRIES (area, log aspect ratio) draws and keeps the first box that fits in the image;
+    a row with none falls back to the whole image, cut to the nearest allowed aspect ratio, centred.
+    """
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    area = h * w * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u_scale)
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_log_ratio)
+    tries_w = torch.round(torch.sqrt(area * aspect))  # half to even, like Python's round in torchvision
+    tries_h = torch.round(torch.sqrt(area / aspect))
+    fits = (tries_w > 0) & (tries_w <= w) & (tries_h > 0) & (tries_h <= h)
+    first = fits.double().argmax(dim=1, keepdim=True)  # argmax returns the first maximum, i.e. the first fit
+    found = fits.any(dim=1)
+
+    if w / h < CROP_RATIO[0]:
+        fallback_h, fallback_w = round(w / CROP_RATIO[0]), w
+    elif w / h > CROP_RATIO[1]:
+        fallback_h, fallback_w = h, round(h * CROP_RATIO[1])
+    else:
+        fallback_h, fallback_w = h, w
+    crop_h = torch.where(found, tries_h.gather(1, first).squeeze(1), float(fallback_h))
+    crop_w = torch.where(found, tries_w.gather(1, first).squeeze(1), float(fallback_w))
+    top = torch.where(found, (u_top * (h - crop_h + 1)).floor(), float((h - fallback_h) // 2))
+    left = torch.where(found, (u_left * (w - crop_w + 1)).floor(), float((w - fallback_w) // 2))
+    return top, left, crop_h, crop_w
+
+
+def _resized_crop(x, top, left, crop_h, crop_w, flip):
+    """Bilinearly resize each sample's box to the full size, as torchvision's resized_crop; then flip some.
+
+    Boxes are never larger than the image, so this only upsamples and torchvision's antialias is a no-op.
+    """
+    b, _, h, w = x.shape
+    ys = _source_coords(top, crop_h, h)
+    xs = _source_coords(left, crop_w, w)
+    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    # With align_corners=True grid_sample puts -1 and +1 on the edge pixels' centres: pixel p is 2p/(n-1) - 1.
+    gy = ys * (2 / max(h - 1, 1)) - 1
+    gx = xs * (2 / max(w - 1, 1)) - 1
+    grid = torch.stack((gx[:, None, :].expand(b, h, w), gy[:, :, None].expand(b, h, w)), dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _source_coords(offset, size, n):
+    """Image coordinate that each of n output pixels samples, for boxes [offset, offset + size), [B, n].
+
+    align_corners=False: output pixel k samples the box at (k + 0.5) * size / n - 0.5. torch's upsampling
+    (which torchvision uses) clamps that to the box's first and last pixel centres, so no pixel outside the
+    box leaks in, as it would if we just let grid_sample read the neighbours of the box.
+    """
+    offset, size = offset.float()[:, None], size.float()[:, None]
+    k = torch.arange(n, device=offset.device, dtype=torch.float32)
+    pos = (k + 0.5) * (size / n) - 0.5
+    return offset + torch.minimum(pos.clamp(min=0), size - 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Colour ops with one factor per sample: x float [B, C, H, W] in [0, 1], factor float [B]. Each matches the
+# torchvision.transforms.functional op of the same name image by image, including its clamp to [0, 1].
+# For 1-channel images torchvision's saturation, hue and grayscale return the image unchanged (to match PIL),
+# while brightness and contrast (against the image's own mean) apply; these do the same.
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] luma with torchvision's weights."""
+    r, g, b = x.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(a, b, ratio):
+    ratio = ratio.view(-1, 1, 1, 1)
+    return (ratio * a + (1.0 - ratio) * b).clamp(0, 1)  # torchvision's _blend, operand order kept
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    gray = rgb_to_grayscale(x) if x.shape[1] == 3 else x
+    return _blend(x, gray.mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return _blend(x, rgb_to_grayscale(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by factor (in turns, [-0.5, 0.5]) through HSV, as torchvision does."""
+    if x.shape[1] == 1:
+        return x
+    h, s, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb((h + factor.view(-1, 1, 1)) % 1.0, s, v)
+
+
+def _rgb_to_hsv(x):
+    # torchvision's formulation (after PIL): where max == min, s and h are 0 and no division by zero happens.
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    same = maxc == minc
+    chroma = maxc - minc
+    s = chroma / torch.where(same, torch.ones_like(maxc), maxc)
+    chroma = torch.where(same, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / chroma, (maxc - g) / chroma, (maxc - b) / chroma
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    return h, s, maxc
+
+
+def _hsv_to_rgb(h, s, v):
+    # Closed form of the six-sector HSV -> RGB table: r, g, b use k = (n + 6h) mod 6 with n = 5, 3, 1.
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + 6.0 * h) % 6.0
+        channels.append(v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(channels, dim=1)
+
+
+def _color_jitter(x, factors, order, apply):
+    """ColorJitter per sample: factors [B, 4] (brightness, contrast, saturation, hue), order [B, 4] a
+    permutation of the op ids 0..3 giving each sample's own op order, apply [B] bool (RandomApply).
+
+    torchvision draws one op order per call, i.e. per image. Here every op runs on the whole batch in each of
+    the 4 slots and a mask keeps it for the samples that have it in that slot: 16 vectorised passes instead of
+    a loop over samples (and no host sync, as selecting subsets would need).
+    """
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for slot in range(4):
+        for op_id, op in enumerate(ops):
+            mine = (apply & (order[:, slot] == op_id)).view(-1, 1, 1, 1)
+            x = torch.where(mine, op(x, factors[:, op_id]), x)
+    return x

@@ -1,0 +1,51 @@
+"""Batched frozen-feature extraction, cached in the run folder.
+
+Features are a pure function of (weights, data split, layer, pool), so they are cached as
+safetensors under ``RUN/cache/`` keyed by those; a cache entry records the weights' checkpoint step
+and is ignored when the weights changed (a resumed run that trained further).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..io import atomic_save_safetensors
+from ..methods import Method
+
+
+@torch.no_grad()
+def extract_features(method: Method, images: torch.Tensor, *, layer: int | None = None, pool: str | None = None,
+                     batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False,
+                     progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32 [N, D] on the CPU, with the method in eval mode."""
+    method.eval()
+    device = torch.device(device)
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    for i in starts:
+        x = images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            f = method.features(x, layer=layer, pool=pool)
+        chunks.append(f.float().cpu())
+    return torch.cat(chunks)
+
+
+def cached_features(run: Path, key: str, version: str, compute) -> torch.Tensor:
+    """Load ``RUN/cache/<key>.safetensors`` if it was made from weights ``version``, else compute and store."""
+    path = Path(run) / "cache" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("version") == version:
+                    return f.get_tensor("features")
+        except (SafetensorError, OSError):
+            pass  # a damaged cache is recomputed, never trusted
+    feats = compute()
+    atomic_save_safetensors(path, {"features": feats}, {"version": version})
+    return feats

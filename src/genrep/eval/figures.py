@@ -1,0 +1,43 @@
+"""Figures of a run (PNG, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..io import atomic_savefig  # noqa: E402
+from ..train.logger import read_log  # noqa: E402
+
+
+def summary_figure(run: Path, probe: dict, path: Path) -> Path:
+    """Training loss over steps, and test accuracy of each read-out."""
+    rows = read_log(run)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    if rows:
+        ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
+    ax_loss.set(xlabel="step", ylabel="training loss", title=f"{probe.get('recipe') or probe['method']}")
+    ax_loss.grid(alpha=0.3)
+    names, accs = [], []
+    if "classifier_test_acc" in probe:
+        names.append("classifier")
+        accs.append(probe["classifier_test_acc"])
+    names.append("linear probe")
+    accs.append(probe["linear_probe"]["test_acc"])
+    for k, acc in probe["knn"].items():
+        names.append(f"kNN k={k}")
+        accs.append(acc)
+    bars = ax_acc.bar(names, [100 * a for a in accs], color="#4c72b0")
+    ax_acc.bar_label(bars, fmt="%.1f")
+    ax_acc.axhline(100 / probe["num_classes"], color="grey", ls="--", lw=1, label="chance")
+    ax_acc.set(ylabel="test accuracy (%)", ylim=(0, 105),
+               title=f"{probe['data']}: layer {probe['layer']}, {probe['pool']} pool")
+    ax_acc.legend(loc="lower right")
+    ax_acc.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    atomic_savefig(path, fig)
+    plt.close(fig)
+    return path

@@ -1,0 +1,74 @@
+"""`genrep probe RUN`: frozen-feature probes (linear, kNN) and, for classifiers, head accuracy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import ProbeConfig
+from ..devices import resolve_device
+from ..io import atomic_write_json
+from ..methods import Method
+from ..runs import load_split, load_trained, read_run_config
+from .features import cached_features, extract_features
+from .probes import knn_classify, linear_probe
+
+RESULTS_DIR = "results"
+
+
+def weights_version(run: Path, weights: str) -> str:
+    """Identifies the weights file a cache entry was computed from (its checkpoint step)."""
+    with safe_open(str(Path(run) / f"{weights}.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    return f"{weights}@{meta.get('step', 'unknown')}"
+
+
+@torch.no_grad()
+def classifier_accuracy(method: Method, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                        batch_size: int = 512) -> float:
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float().div_(255)
+        correct += (method.logits(x).argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True) -> dict:
+    """Probe the run's frozen features; ``probe`` defaults to the run's own ``probe`` config section."""
+    run = Path(run)
+    dev = resolve_device(device)
+    p = probe or read_run_config(run).probe
+    cfg, method, train_set = load_trained(run, p.weights, dev)
+    test_set = load_split(cfg, "test")
+    layer, pool = method.check_feature_args(p.layer, p.pool)
+    version = weights_version(run, p.weights)
+    t0 = time.perf_counter()
+
+    def feats(split: str, images: torch.Tensor) -> torch.Tensor:
+        return cached_features(run, f"features-{split}-layer{layer}-{pool}-{p.weights}", version,
+                               lambda: extract_features(method, images, layer=layer, pool=pool,
+                                                        batch_size=p.batch_size, device=dev,
+                                                        progress=progress, desc=f"features {split}"))
+
+    train_x, test_x = feats("train", train_set.images), feats("test", test_set.images)
+    n_cls = len(train_set.classes)
+    linear = linear_probe(train_x.to(dev), train_set.labels.to(dev), test_x.to(dev), test_set.labels.to(dev), n_cls,
+                          solver=p.solver, weight_decay=p.weight_decay, epochs=p.epochs, lr=p.lr,
+                          batch_size=p.batch_size, seed=cfg.train.seed)
+    knn = knn_classify(train_x.to(dev), train_set.labels.to(dev), test_x.to(dev), test_set.labels.to(dev), n_cls,
+                       k=p.knn_k, temperature=p.knn_temperature)
+    results = {
+        "run": str(run), "recipe": cfg.recipe, "method": cfg.method, "weights": version,
+        "data": cfg.data.name, "n_train": len(train_set), "n_test": len(test_set), "num_classes": n_cls,
+        "layer": layer, "pool": pool, "feature_dim": int(train_x.shape[1]),
+        "linear_probe": linear.to_dict(),
+        "knn": {str(k): acc for k, acc in knn.items()},
+    }
+    if "logits" in method.capabilities:
+        results["classifier_test_acc"] = classifier_accuracy(method, test_set.images, test_set.labels, dev)
+    results["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(run / RESULTS_DIR / "probe.json", results)
+    return results

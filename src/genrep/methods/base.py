@@ -1,0 +1,91 @@
+"""The interface every method implements; the loop and the evaluation see nothing else.
+
+A method is an ``nn.Module`` with
+- ``loss(batch) -> dict``: ``"loss"`` is minimised, other entries are named terms for the logs.
+  The batch holds one float [B, C, H, W] tensor in [0, 1] per view the method asked for
+  (``views``) and ``"label"`` when ``needs_labels``.
+- ``features(x, layer=None, pool=None) -> [B, D]``: the frozen representation the paper evaluates.
+- optional capabilities, listed in ``capabilities`` so evaluation can tell what applies:
+  ``logits`` (a classifier head), ``sample``, ``complete``, ``nll`` (bits/dim), ``score``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import GenrepError
+
+CAPABILITIES = ("logits", "sample", "complete", "nll", "score")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method must know about its data to build itself."""
+    image_size: int
+    channels: int
+    num_classes: int
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    needs_labels: ClassVar[bool] = False
+    feature_pools: ClassVar[tuple[str, ...]] = ("mean",)
+
+    def __init__(self, cfg, data: DataSpec):
+        super().__init__()
+        self.cfg = cfg
+        self.data = data
+
+    # ---- what the data pipeline must deliver
+    def views(self) -> dict[str, str]:
+        """View name -> augmentation kind (none | weak | strong)."""
+        raise NotImplementedError
+
+    # ---- training
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # the loop calls the module itself so that DDP and torch.compile wrap the whole objective
+        return self.loss(batch)
+
+    # ---- representation
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    default_layer: int | None = None
+    default_pool: str = "mean"
+
+    def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_feature_args(self, layer: int | None, pool: str | None) -> tuple[int, str]:
+        layer = self.default_layer or self.num_layers if layer is None else layer
+        pool = pool or self.default_pool
+        if not 1 <= layer <= self.num_layers:
+            raise GenrepError(f"layer {layer} does not exist in {self.name}; choose 1..{self.num_layers}")
+        if pool not in self.feature_pools:
+            raise GenrepError(f"pooling '{pool}' is not offered by {self.name}; "
+                              f"choose one of {', '.join(self.feature_pools)}")
+        return layer, pool
+
+    # ---- optimisation hints
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters kept out of weight decay besides norms and biases (embeddings, tokens)."""
+        return set()
+
+    def flops_per_image(self) -> int:
+        """Analytic forward model-FLOPs for one training image (all the views one image contributes)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> [-1, 1], inside the model so wrapped models (PGD, OOD) take raw pixels."""
+        return x * 2.0 - 1.0

@@ -1,0 +1,86 @@
+"""Supervised ViT classifier: the baseline of the HybViT paper (CE on weakly augmented images)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GenrepError
+from ..nn.flops import linear_flops, transformer_block_flops
+from ..nn.vit import ViT
+from .base import DataSpec, Method
+from .registry import register
+
+
+@dataclass
+class SupervisedConfig:
+    dim: int = 384
+    depth: int = 9
+    num_heads: int = 12
+    mlp_ratio: float = 2.0
+    patch_size: int = 4
+    pos_embed: str = "learned"      # learned | sincos
+    drop: float = 0.0
+    label_smoothing: float = 0.0
+    augment: str = "weak"           # none | weak | strong
+    head_pool: str = "cls"          # the token the classifier reads: cls | mean
+
+
+@register
+class SupervisedViT(Method):
+    name = "supervised"
+    config_class = SupervisedConfig
+    capabilities = frozenset({"logits"})
+    needs_labels = True
+    feature_pools = ("cls", "mean")
+    default_pool = "cls"
+
+    def __init__(self, cfg: SupervisedConfig, data: DataSpec):
+        super().__init__(cfg, data)
+        if data.image_size % cfg.patch_size:
+            raise GenrepError(f"model.patch_size {cfg.patch_size} does not divide the image size "
+                              f"{data.image_size}; choose a divisor of {data.image_size}")
+        if cfg.dim % cfg.num_heads:
+            raise GenrepError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
+        if cfg.head_pool not in self.feature_pools:
+            raise GenrepError(f"model.head_pool '{cfg.head_pool}' is unknown; choose cls or mean")
+        self.encoder = ViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
+                           cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop)
+        self.head = nn.Linear(cfg.dim, data.num_classes)
+        nn.init.zeros_(self.head.weight)  # a zero head starts at the uniform prediction (timm/DeiT)
+        nn.init.zeros_(self.head.bias)
+
+    def views(self) -> dict[str, str]:
+        return {"image": self.cfg.augment}
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.depth
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.normalize(x))
+        return self.head(self.encoder.pool(h, self.cfg.head_pool))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch["image"])
+        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.label_smoothing)
+        acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return {"loss": ce, "ce": ce.detach(), "acc": acc.detach()}
+
+    def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
+        layer, pool = self.check_feature_args(layer, pool)
+        return self.encoder.pool(self.encoder(self.normalize(x), layer=layer), pool)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder.cls_token", "encoder.pos_embed.pos"}
+
+    def flops_per_image(self) -> int:
+        c, d = self.cfg, self.data
+        patches = (d.image_size // c.patch_size) ** 2
+        tokens = patches + 1
+        return (linear_flops(patches, c.patch_size ** 2 * d.channels, c.dim)
+                + c.depth * transformer_block_flops(tokens, c.dim, c.mlp_ratio)
+                + linear_flops(1, c.dim, d.num_classes))

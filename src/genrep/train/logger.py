@@ -1,0 +1,62 @@
+"""JSONL log of every logged step (and, optionally, TensorBoard), written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import GenrepError
+from ..io import atomic_write_text
+
+LOG_FILE = "log.jsonl"
+
+
+def read_log(run: Path) -> list[dict]:
+    path = Path(run) / LOG_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is unreliable
+    return rows
+
+
+def truncate_log(run: Path, step: int) -> None:
+    """Drop what a killed run logged after the checkpoint it resumes from."""
+    rows = [r for r in read_log(run) if r.get("step", -1) <= step]
+    atomic_write_text(Path(run) / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Logger:
+    def __init__(self, run: Path, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        if enabled:
+            Path(run).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(run) / LOG_FILE, "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise GenrepError("train.tensorboard needs the tensorboard package; "
+                                  "pip install 'genrep[tensorboard]' or set --train.tensorboard false") from None
+            self.tb = SummaryWriter(str(Path(run) / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,227 @@
+"""The training loop: plain PyTorch, one process or many under torchrun.
+
+Reproducibility: model init uses ``train.seed`` on every rank; the data of a step is a function of
+(seed, step) (see ``data.batches``); dropout and any other in-model randomness is reseeded from
+(seed, step, rank) at every step. So a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have, without saving RNG state, and the data order does not depend on the
+number of processes for a fixed global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import Config
+from ..data.batches import BatchPlan, TrainBatches, make_views, mix_seed
+from ..data.datasets import ImageSet
+from ..errors import GenrepError
+from ..methods import Method
+from ..runs import build_for_data, load_train_set
+from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
+from .dist import DistInfo, barrier, cleanup, init_distributed
+from .ema import EMA
+from .logger import Logger, truncate_log
+from .optim import build_optimizer, lr_at
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    start_step: int
+    seconds: float
+    images_per_s: float
+    last_log: dict
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise GenrepError(f"train.precision '{precision}' is unknown; choose auto, bf16 or fp32")
+    if precision == "bf16" and device.type != "cuda":
+        raise GenrepError("train.precision bf16 needs a CUDA device here; use --train.precision fp32 on the CPU")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def schedule(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:
+    total = cfg.train.steps if cfg.train.steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
+    if total <= 0:
+        raise GenrepError("training would run 0 steps; set --train.epochs or --train.steps to a positive value")
+    warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    return total, warmup
+
+
+def check_train_config(cfg: Config, world: int) -> None:
+    t = cfg.train
+    if t.accum_steps < 1:
+        raise GenrepError(f"train.accum_steps must be at least 1, got {t.accum_steps}")
+    if t.batch_size % (world * t.accum_steps):
+        raise GenrepError(f"train.batch_size {t.batch_size} must be divisible by processes x accum_steps "
+                          f"= {world} x {t.accum_steps}")
+    if t.log_every < 1 or t.ckpt_every < 1:
+        raise GenrepError("train.log_every and train.ckpt_every must be at least 1")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise GenrepError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run: Path, resume: bool = False, train_set: ImageSet | None = None):
+        self.cfg, self.run = cfg, Path(run)
+        self.info, self.device = init_distributed(cfg.train.device)
+        check_train_config(cfg, self.info.world)
+        self.bf16 = use_bf16(cfg.train.precision, self.device)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        train_set = train_set if train_set is not None else load_train_set(cfg)
+        self.method: Method = build_for_data(cfg, train_set).to(self.device)
+        self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world)
+        self.batches = TrainBatches(train_set.images, train_set.labels, self.plan, self.device,
+                                    cfg.data.device_resident, cfg.data.num_workers)
+        self.total_steps, self.warmup_steps = schedule(cfg, self.plan.steps_per_epoch)
+
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.method, o.lr, o.weight_decay, o.betas, o.eps,
+                                         self.method.no_weight_decay(), fused=self.device.type == "cuda")
+        self.ema = EMA(self.method, cfg.train.ema_decay)
+        self.start_step = self._restore() if resume else 0
+
+        model = self.method
+        if self.info.enabled:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = torch.compile(model) if cfg.train.compile else model
+        self.logger = Logger(self.run, self.info.main, cfg.train.tensorboard)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore(self) -> int:
+        ckpts = checkpoint_dirs(self.run)
+        if not ckpts:
+            return 0  # killed before the first checkpoint: start over
+        model_sd, ema_sd, state = load_checkpoint(ckpts[-1])
+        try:
+            self.method.load_state_dict(model_sd)
+            self.ema.model.load_state_dict(ema_sd)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise GenrepError(f"checkpoint {ckpts[-1]} does not fit the model of this config "
+                              f"({str(e).splitlines()[0][:160]}); resume with the run's own config.yaml") from None
+        step = state["step"]
+        if self.info.main:
+            truncate_log(self.run, step)
+        return step
+
+    def _save(self, step: int) -> None:
+        if self.info.main:
+            meta = {"method": self.cfg.method, "recipe": self.cfg.recipe}
+            save_checkpoint(self.run, step, self.method.state_dict(), self.ema.state_dict(),
+                            {"optimizer": self.optimizer.state_dict(), "world_size": self.info.world}, meta,
+                            keep=self.cfg.train.keep_checkpoints)
+        barrier(self.info)
+
+    def _last_good(self) -> str:
+        ckpts = checkpoint_dirs(self.run)
+        return f"the last good checkpoint (step {checkpoint_step(ckpts[-1])}) is kept in {ckpts[-1]}" if ckpts \
+            else "no checkpoint had been written yet"
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        torch.manual_seed(mix_seed(cfg.train.seed, step, self.info.rank, 0xD809))
+        lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        views = make_views(images, self.method.views(), cfg.train.seed, step,
+                           start=self.info.rank * self.plan.local_batch, total=self.plan.global_batch)
+        if self.method.needs_labels:
+            views["label"] = labels
+        accum = cfg.train.accum_steps
+        micro = self.plan.local_batch // accum
+        terms: dict[str, torch.Tensor] = {}
+        for j in range(accum):
+            batch = {k: v[j * micro:(j + 1) * micro] for k, v in views.items()}
+            sync = contextlib.nullcontext() if not self.info.enabled or j == accum - 1 else self.model.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.model(batch)
+                (out["loss"] / accum).backward()
+            for k, v in out.items():
+                terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
+        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+        terms["lr"] = torch.tensor(lr)
+        return terms
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        start, total = self.start_step, self.total_steps
+        bar = None
+        if info.main and cfg.train.progress and start < total:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=start, desc=f"train {cfg.recipe or cfg.method}", unit="step",
+                       dynamic_ncols=True, leave=False,
+                       disable=None)  # None: no bar when stderr is not a terminal (CI logs)
+        sums: dict[str, torch.Tensor] = {}
+        count, bad = 0, torch.zeros((), device=self.device, dtype=torch.bool)
+        t_start = t_log = time.perf_counter()
+        last_log: dict = {}
+        self.method.train()
+        for step, images, labels in self.batches(start, total):
+            terms = self._train_step(step, images, labels)
+            bad |= ~torch.isfinite(terms["loss"]) | ~torch.isfinite(terms["grad_norm"])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.to(self.device)
+            count += 1
+            done = step + 1
+            is_last = done == total
+            if done % cfg.train.log_every == 0 or done % cfg.train.ckpt_every == 0 or is_last:
+                last_log = self._log(done, sums, count, bad, time.perf_counter() - t_log)
+                sums, count, t_log = {}, 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_log['loss']:.4f}", refresh=False)
+            if done % cfg.train.ckpt_every == 0 or is_last:
+                self._save(done)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t_start
+        self.logger.close()
+        images = (total - start) * cfg.train.batch_size
+        return TrainResult(total, start, seconds, images / seconds if seconds > 0 else 0.0, last_log)
+
+    def _log(self, done: int, sums: dict, count: int, bad: torch.Tensor, seconds: float) -> dict:
+        names = sorted(sums)
+        vec = torch.stack([sums[k].float() / count for k in names] + [bad.float()])
+        if self.info.enabled:
+            torch.distributed.all_reduce(vec)
+            vec[:-1] /= self.info.world
+        values = vec.tolist()  # the one host sync of a log interval
+        if values[-1] > 0:
+            barrier(self.info)
+            raise GenrepError(f"loss or gradient became NaN/inf by step {done}; training stopped and "
+                              f"{self._last_good()}; lower --optim.lr or --optim.clip_grad and resume "
+                              f"with genrep pretrain --resume {self.run}")
+        row = {"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4)}
+        row.update({k: round(v, 6) for k, v in zip(names, values[:-1])})
+        row["images_per_s"] = round(count * self.cfg.train.batch_size / max(seconds, 1e-9), 1)
+        self.logger.log(row)
+        return row
+
+    def close(self) -> None:
+        cleanup(self.info)
+
+
+def pretrain(cfg: Config, run: Path, resume: bool = False) -> TrainResult:
+    trainer = Trainer(cfg, run, resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.logger.close()
+        trainer.close()

@@ -1,0 +1,32 @@
+"""AdamW with the usual exclusions from weight decay, and warm-up + cosine learning rate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: set[str] = frozenset()) -> list[dict]:
+    """Norm weights, biases (every 0/1-D tensor) and the named embeddings/tokens get no decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in extra_no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
+                    extra_no_decay: set[str] = frozenset(), fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay, extra_no_decay), lr=lr, betas=tuple(betas),
+                             eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` at ``total_steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))

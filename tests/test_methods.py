@@ -1,0 +1,131 @@
+"""Every registered method honours the interface the loop and the evaluation rely on."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from genrep.data.augment import AUGMENTATIONS
+from genrep.errors import GenrepError
+from genrep.methods import CAPABILITIES, DataSpec, build_method, get_method
+from genrep.train.optim import param_groups
+
+from conftest import tiny_config
+
+SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
+
+
+def _build(name):
+    torch.manual_seed(0)
+    cfg = tiny_config(name)
+    return build_method(name, cfg.model, SPEC)
+
+
+def _batch(method, n=4):
+    g = torch.Generator().manual_seed(0)
+    batch = {view: torch.rand(n, 1, 8, 8, generator=g) for view in method.views()}
+    if method.needs_labels:
+        batch["label"] = torch.randint(0, 10, (n,), generator=g)
+    return batch
+
+
+def test_declarations(method_name):
+    cls = get_method(method_name)
+    assert cls.name == method_name
+    assert set(cls.capabilities) <= set(CAPABILITIES)
+    method = _build(method_name)
+    assert method.views() and set(method.views().values()) <= set(AUGMENTATIONS)
+    assert method.flops_per_image() > 0
+
+
+def test_loss_is_a_finite_scalar_with_gradients(method_name):
+    method = _build(method_name).train()
+    out = method(_batch(method))
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in method.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_features_every_layer_and_pool(method_name):
+    method = _build(method_name).eval()
+    x = torch.rand(3, 1, 8, 8)
+    for layer in range(1, method.num_layers + 1):
+        for pool in method.feature_pools:
+            f = method.features(x, layer=layer, pool=pool)
+            assert f.shape[0] == 3 and f.ndim == 2 and torch.isfinite(f).all()
+    assert method.features(x).shape == method.features(x, layer=None, pool=None).shape
+    with pytest.raises(GenrepError, match="does not exist"):
+        method.features(x, layer=method.num_layers + 1)
+    with pytest.raises(GenrepError, match="not offered"):
+        method.features(x, pool="nonsense")
+
+
+def test_features_do_not_depend_on_the_rest_of_the_batch(method_name):
+    method = _build(method_name).eval()
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(method.features(x)[:2], method.features(x[:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_capabilities_are_callable(method_name):
+    method = _build(method_name).eval()
+    x = torch.rand(2, 1, 8, 8)
+    if "logits" in method.capabilities:
+        assert method.logits(x).shape == (2, SPEC.num_classes)
+    for cap in method.capabilities:
+        assert callable(getattr(method, cap)), cap
+
+
+def test_analytic_flops_match_a_counter(method_name):
+    """The analytic count (matmuls only) agrees with torch's FLOP counter on the feature forward pass."""
+    method = _build(method_name).eval()
+    x = torch.rand(1, 1, 8, 8)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        method(_batch(method, n=1))
+    counted = counter.get_total_flops()
+    assert counted > 0
+    assert method.flops_per_image() == pytest.approx(counted, rel=0.05)
+    del x
+
+
+def test_no_weight_decay_names_exist_and_are_excluded(method_name):
+    method = _build(method_name)
+    names = dict(method.named_parameters())
+    assert method.no_weight_decay() <= set(names)
+    decay, no_decay = param_groups(method, 0.05, method.no_weight_decay())
+    decayed = {id(p) for p in decay["params"]}
+    for name in method.no_weight_decay():
+        assert id(names[name]) not in decayed
+    assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_weights_round_trip_through_safetensors(method_name, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    method = _build(method_name)
+    save_file({k: v.contiguous() for k, v in method.state_dict().items()}, tmp_path / "w.safetensors")
+    other = build_method(method_name, tiny_config(method_name).model, SPEC)
+    other.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(other.eval().features(x), method.eval().features(x))
+
+
+def test_a_few_steps_reduce_the_loss_on_one_batch(method_name):
+    method = _build(method_name).train()
+    batch = _batch(method, n=16)
+    opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    first = method(batch)["loss"].item()
+    for _ in range(30):
+        loss = method(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert method(batch)["loss"].item() < 0.7 * first
+
+
+def test_bad_architecture_is_a_clear_error():
+    cfg = tiny_config("supervised", **{"model.patch_size": 3})
+    with pytest.raises(GenrepError, match="patch_size 3 does not divide the image size 8"):
+        build_method("supervised", cfg.model, SPEC)

@@ -1,0 +1,133 @@
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genrep.errors import GenrepError
+from genrep.methods.supervised import SupervisedViT
+from genrep.train.checkpoint import checkpoint_dirs, load_checkpoint, load_state
+from genrep.train.ema import EMA
+from genrep.train.logger import read_log
+from genrep.train.loop import pretrain
+from genrep.train.optim import lr_at
+
+from conftest import tiny_config
+
+
+def _weights(run, name="model"):
+    return load_file(run / f"{name}.safetensors")
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(b > a for a, b in zip(lrs[:9], lrs[1:10]))
+    assert lrs[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def test_ema_is_a_moving_average():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, 0.9)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    torch.testing.assert_close(ema.model.weight, 0.9 * before + 0.1 * model.weight)
+
+
+def test_a_run_folder_has_everything(tmp_path):
+    result = pretrain(tiny_config(), tmp_path)
+    assert result.steps == 20 and result.start_step == 0
+    assert [c.name for c in checkpoint_dirs(tmp_path)] == ["step_00000010", "step_00000020"]
+    model, ema, state = load_checkpoint(checkpoint_dirs(tmp_path)[-1])
+    _assert_same_weights(model, _weights(tmp_path))
+    _assert_same_weights(ema, _weights(tmp_path, "ema"))
+    assert state["step"] == 20 and "optimizer" in state
+    torch.load(checkpoint_dirs(tmp_path)[-1] / "state.pt", weights_only=True)  # nothing beyond plain data
+    rows = read_log(tmp_path)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert {"loss", "ce", "lr", "grad_norm", "images_per_s", "epoch"} <= set(rows[0])
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_runs_are_reproducible(tmp_path):
+    pretrain(tiny_config(**{"train.steps": 6, "model.drop": 0.1}), tmp_path / "a")
+    pretrain(tiny_config(**{"train.steps": 6, "model.drop": 0.1}), tmp_path / "b")
+    _assert_same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_resume_from_an_earlier_checkpoint_is_bit_identical(tmp_path):
+    """A run stopped right after its step-10 checkpoint, then resumed, ends exactly where an uninterrupted
+    one does (dropout and augmentation included)."""
+    cfg = tiny_config(**{"model.drop": 0.1, "model.augment": "strong"})
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    pretrain(cfg, full)
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000020")  # as if killed before the final checkpoint
+    result = pretrain(cfg, cut, resume=True)
+    assert result.start_step == 10
+    for name in ("model", "ema"):
+        _assert_same_weights(_weights(full, name), _weights(cut, name))
+    assert [r["step"] for r in read_log(cut)] == [5, 10, 15, 20]  # the log is not duplicated
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    pretrain(tiny_config(**{"train.steps": 4}), tmp_path / "one")
+    pretrain(tiny_config(**{"train.steps": 4, "train.accum_steps": 4}), tmp_path / "four")
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "four")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = SupervisedViT.loss
+
+    def loss_going_nan(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] > 12:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SupervisedViT, "loss", loss_going_nan)
+    with pytest.raises(GenrepError) as e:
+        pretrain(tiny_config(), tmp_path)
+    msg = str(e.value)
+    assert "NaN/inf by step 15" in msg and "step 10" in msg and "\n" not in msg
+    assert [c.name for c in checkpoint_dirs(tmp_path)] == ["step_00000010"]
+    model, _, state = load_checkpoint(checkpoint_dirs(tmp_path)[0])
+    assert state["step"] == 10 and all(torch.isfinite(v).all() for v in model.values())
+    _assert_same_weights(model, _weights(tmp_path))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    pretrain(tiny_config(**{"train.steps": 10}), tmp_path)
+    last = checkpoint_dirs(tmp_path)[-1]
+    data = (last / "model.safetensors").read_bytes()
+    (last / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GenrepError, match="corrupt or truncated"):
+        pretrain(tiny_config(**{"train.steps": 10}), tmp_path, resume=True)
+    (last / "state.pt").write_bytes(b"not a zip file")
+    with pytest.raises(GenrepError, match="corrupt"):
+        load_state(last / "state.pt")
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path):
+    pretrain(tiny_config(**{"train.steps": 10}), tmp_path)
+    with pytest.raises(GenrepError, match="does not fit the model"):
+        pretrain(tiny_config(**{"train.steps": 10, "model.dim": 64}), tmp_path, resume=True)
+
+
+def test_bf16_is_refused_on_the_cpu(tmp_path):
+    with pytest.raises(GenrepError, match="bf16 needs a CUDA device"):
+        pretrain(tiny_config(**{"train.precision": "bf16"}), tmp_path)
