@@ -58,3 +58,14 @@ def test_views_of_a_split_batch_equal_the_whole_batch():
 def test_mix_seed_spreads_nearby_inputs():
     seeds = {mix_seed(0, step, 0) for step in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_streamed_path_with_worker_processes():
+    images = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(64)
+    plan = BatchPlan(64, 16, seed=3)
+    resident = list(TrainBatches(images, labels, plan, torch.device("cpu"), resident=True)(0, 6))
+    streamed = list(TrainBatches(images, labels, plan, torch.device("cpu"), resident=False, num_workers=2)(0, 6))
+    assert len(streamed) == 6
+    for (_, x1, y1), (_, x2, y2) in zip(resident, streamed):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

@@ -153,3 +153,14 @@ def test_probe_takes_only_probe_overrides(tmp_path):
                    "--train.steps=2").returncode == 0
     assert_one_line_error(run_cli("probe", str(run), "--optim.lr", "1"), "only probe.* overrides")
     assert_one_line_error(run_cli("probe", str(run), "--probe.layer", "9"), "layer 9 does not exist")
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    proc = run_cli("pretrain", "--recipe", "supervised-digits", "--out", str(tmp_path / "r"), *TINY_ARGS,
+                   "--train.tensorboard", "true")
+    assert_one_line_error(proc, "pip install 'genrep[tensorboard]'")

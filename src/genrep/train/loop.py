@@ -154,7 +154,6 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
-        terms["lr"] = torch.tensor(lr)
         return terms
 
     # ------------------------------------------------------------------ the loop
@@ -176,7 +175,7 @@ class Trainer:
             terms = self._train_step(step, images, labels)
             bad |= ~torch.isfinite(terms["loss"]) | ~torch.isfinite(terms["grad_norm"])
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.to(self.device)
+                sums[k] = sums.get(k, 0.0) + v
             count += 1
             done = step + 1
             is_last = done == total
@@ -210,6 +209,8 @@ class Trainer:
                               f"with genrep pretrain --resume {self.run}")
         row = {"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4)}
         row.update({k: round(v, 6) for k, v in zip(names, values[:-1])})
+        cfg = self.cfg
+        row["lr"] = lr_at(done - 1, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
         row["images_per_s"] = round(count * self.cfg.train.batch_size / max(seconds, 1e-9), 1)
         self.logger.log(row)
         return row

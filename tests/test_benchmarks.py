@@ -1,0 +1,43 @@
+"""The throughput benchmark runs on the CPU (its CUDA fast path runs on GPU machines)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_throughput_reports_images_per_second_flops_and_mfu(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run("--recipe", "supervised-digits", "--batch-sizes", "32,64", "--steps", "3", "--warmup", "1",
+                "--peak-tflops", "0.5", "--json", str(out), "--model.dim", "32", "--model.num_heads", "2")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["batch"]) for r in rows] == [("eager-fp32", 32), ("eager-fp32", 64)]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["train_flops_per_image"] > 0
+        assert r["mfu"] == pytest.approx(r["model_tflops"] / 0.5)
+    assert "images/s" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_paper_size_flops_match_the_known_cost():
+    """The CIFAR-10 ViT of the HybViT paper costs about 4.33 GFLOP per image for forward + backward."""
+    from genrep.config import resolve_config
+    from genrep.methods import DataSpec, build_method
+    from genrep.nn.flops import training_flops
+
+    cfg = resolve_config("supervised-cifar10")
+    method = build_method("supervised", cfg.model, DataSpec(32, 3, 10))
+    assert training_flops(method.flops_per_image()) / 1e9 == pytest.approx(4.33, rel=0.01)
+
+
+def test_bad_mode_is_a_clear_error():
+    proc = _run("--recipe", "supervised-digits", "--modes", "warp")
+    assert proc.returncode == 2 and "unknown mode 'warp'" in proc.stderr and "Traceback" not in proc.stderr
