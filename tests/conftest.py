@@ -48,4 +48,4 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0], (fragment, lines[0])
 
 
-__all__ = ["TINY", "tiny_config", "digits_recipe", "run_cli", "assert_one_line_error", "recipe_names"]
+__all__ = ["TINY", "assert_one_line_error", "digits_recipe", "recipe_names", "run_cli", "tiny_config"]

@@ -323,7 +323,7 @@ def test_weak_statistics_match_torchvision():
     assert (ours.mean(0) - theirs.mean(0)).abs().max() < 0.06
     assert (ours.std(0) - theirs.std(0)).abs().max() < 0.06
     # Mean horizontal gradient of the red ramp: its sign is the flip, so it measures the flip rate.
-    grad = lambda y: (y[:, 0, :, 9:].mean((1, 2)) - y[:, 0, :, :7].mean((1, 2))).sign().mean()  # noqa: E731
+    grad = lambda y: (y[:, 0, :, 9:].mean((1, 2)) - y[:, 0, :, :7].mean((1, 2))).sign().mean()
     assert abs(grad(ours) - grad(theirs)) < 0.1
 
 
@@ -351,7 +351,7 @@ def test_strong_statistics_match_torchvision():
     ours, theirs = _both("strong", _torchvision_strong((16, 16)), _structured_image(), n, 19)
     assert (ours.mean(0) - theirs.mean(0)).abs().max() < 0.04
     assert (ours.std(0) - theirs.std(0)).abs().max() < 0.04
-    gray = lambda y: (y.amax(1) == y.amin(1)).flatten(1).all(1).double().mean()  # noqa: E731
+    gray = lambda y: (y.amax(1) == y.amin(1)).flatten(1).all(1).double().mean()
     assert abs(gray(ours) - gray(theirs)) < 0.04  # ~0.2 each, two-sample sigma 0.01
     a, b = _summaries(ours), _summaries(theirs)
     for name in a:
@@ -366,8 +366,8 @@ def test_strong_colour_statistics_match_torchvision():
     ours, theirs = _both("strong", _torchvision_strong((4, 4)), flat, 4000, 21)
     ours, theirs = ours[:, :, 0, 0], theirs[:, :, 0, 0]
 
-    unchanged = lambda y: ((y - colour / 255).abs().amax(1) < 1e-6).double().mean()  # noqa: E731
-    gray = lambda y: (y.amax(1) == y.amin(1)).double().mean()  # noqa: E731
+    unchanged = lambda y: ((y - colour / 255).abs().amax(1) < 1e-6).double().mean()
+    gray = lambda y: (y.amax(1) == y.amin(1)).double().mean()
     # Expected 0.2 * 0.8 = 0.16 unchanged (jitter off, grayscale off) and 0.2 gray; two-sample sigma <= 0.009.
     assert abs(unchanged(ours) - unchanged(theirs)) < 0.04
     assert abs(gray(ours) - gray(theirs)) < 0.04

@@ -9,10 +9,9 @@ import time
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY, assert_one_line_error, run_cli
 
 from genrep.train.checkpoint import checkpoint_dirs
-
-from conftest import TINY, assert_one_line_error, run_cli
 
 TINY_ARGS = [f"--{k}={v}" for k, v in TINY.items()]
 

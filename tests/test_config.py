@@ -1,8 +1,16 @@
 import pytest
 import yaml
 
-from genrep.config import (Config, apply_overrides, config_from_dict, load_config_file, parse_overrides,
-                           recipe_names, resolve_config, save_config)
+from genrep.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    load_config_file,
+    parse_overrides,
+    recipe_names,
+    resolve_config,
+    save_config,
+)
 from genrep.errors import GenrepError
 from genrep.methods import method_names
 

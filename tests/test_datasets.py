@@ -70,7 +70,7 @@ def test_digits_split_is_fixed_disjoint_and_stratified():
     # native size = sklearn's values scaled 0..16 -> 0..255; train + test is exactly the full set
     d = load_digits()
     full = np.rint(d.images * 255 / 16).astype(np.uint8)
-    key = lambda img, y: (img.tobytes(), int(y))  # noqa: E731
+    key = lambda img, y: (img.tobytes(), int(y))
     whole = collections.Counter(key(x, y) for x, y in zip(full, d.target))
     parts = collections.Counter(key(x[0].numpy(), y) for s in (a, te) for x, y in zip(s.images, s.labels))
     assert parts == whole
@@ -142,7 +142,7 @@ def test_imageset_non_square_image_size_is_a_clear_error():
     s = ImageSet(torch.zeros(2, 3, 4, 6, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), ["a"], "x")
     assert s.image_shape == (4, 6) and len(s) == 2 and s.channels == 3
     with pytest.raises(GenrepError, match="image_size") as e:
-        s.image_size
+        _ = s.image_size
     one_line(e)
     with pytest.raises(ValueError):
         ImageSet(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int64), ["a"], "x")
@@ -414,9 +414,7 @@ def test_torchvision_mnist_from_raw_files(tmp_path):
 @pytest.fixture
 def no_md5(monkeypatch):
     """torchvision checks the md5 of the real CIFAR/SVHN/STL-10 files; tiny fakes must pass on presence."""
-    import torchvision.datasets.cifar as cifar
-    import torchvision.datasets.stl10 as stl10
-    import torchvision.datasets.svhn as svhn
+    from torchvision.datasets import cifar, stl10, svhn
 
     for mod in (cifar, svhn, stl10):
         monkeypatch.setattr(mod, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
@@ -440,7 +438,7 @@ def test_torchvision_cifar10_from_python_batches(tmp_path, no_md5):
     te = load_dataset("cifar10", "test", root=tmp_path, download=False)
     assert tr.images.shape == (10, 3, 32, 32)
     assert torch.equal(tr.images, torch.from_numpy(np.concatenate(xs[:5])))
-    assert tr.labels.tolist() == sum(ys[:5], []) and tr.classes == names
+    assert tr.labels.tolist() == [y for part in ys[:5] for y in part] and tr.classes == names
     assert torch.equal(te.images, torch.from_numpy(xs[5])) and te.labels.tolist() == ys[5]
 
 

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import TINY, run_cli
+from safetensors.torch import load_file
 
 ARGS = [f"--{k}={v}" for k, v in {**TINY, "train.steps": 4, "train.ckpt_every": 2, "model.augment": "weak"}.items()]
 

@@ -1,9 +1,8 @@
 import torch
+from conftest import tiny_config
 
 from genrep.eval.features import cached_features, extract_features
 from genrep.methods import DataSpec, build_method
-
-from conftest import tiny_config
 
 
 def test_extraction_is_batched_and_matches_one_pass():

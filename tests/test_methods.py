@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from genrep.data.augment import AUGMENTATIONS
 from genrep.errors import GenrepError
 from genrep.methods import CAPABILITIES, DataSpec, build_method, get_method
 from genrep.train.optim import param_groups
-
-from conftest import tiny_config
 
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
 
@@ -93,7 +92,7 @@ def test_no_weight_decay_names_exist_and_are_excluded(method_name):
     method = _build(method_name)
     names = dict(method.named_parameters())
     assert method.no_weight_decay() <= set(names)
-    decay, no_decay = param_groups(method, 0.05, method.no_weight_decay())
+    decay, _ = param_groups(method, 0.05, method.no_weight_decay())
     decayed = {id(p) for p in decay["params"]}
     for name in method.no_weight_decay():
         assert id(names[name]) not in decayed

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 from genrep.errors import GenrepError
@@ -12,8 +13,6 @@ from genrep.train.ema import EMA
 from genrep.train.logger import read_log
 from genrep.train.loop import pretrain
 from genrep.train.optim import lr_at
-
-from conftest import tiny_config
 
 
 def _weights(run, name="model"):

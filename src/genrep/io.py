@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

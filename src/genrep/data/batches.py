@@ -15,7 +15,7 @@ Augmentation always runs on the device, batched (see ``augment``).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

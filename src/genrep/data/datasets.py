@@ -24,9 +24,10 @@ import os
 import socket
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import GenrepError
 
-__all__ = ["ImageSet", "load_dataset", "dataset_names", "describe_datasets", "default_data_root"]
+__all__ = ["ImageSet", "dataset_names", "default_data_root", "describe_datasets", "load_dataset"]
 
 SPLITS = ("train", "test")
 DIGITS_TEST_FRACTION = 0.2

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..io import atomic_savefig  # noqa: E402
-from ..train.logger import read_log  # noqa: E402
+from ..io import atomic_savefig
+from ..train.logger import read_log
 
 
 def summary_figure(run: Path, probe: dict, path: Path) -> Path:

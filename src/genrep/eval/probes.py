@@ -44,7 +44,7 @@ from torch import Tensor
 
 from genrep.errors import GenrepError
 
-__all__ = ["LinearProbeResult", "standardize", "linear_probe", "knn_classify", "knn_predict", "SOLVERS"]
+__all__ = ["SOLVERS", "LinearProbeResult", "knn_classify", "knn_predict", "linear_probe", "standardize"]
 
 SOLVERS = ("lbfgs", "adamw")
 
@@ -89,7 +89,7 @@ def _as_tensor(x, name: str) -> Tensor:
         return x
     try:
         return torch.as_tensor(x)
-    except Exception as exc:  # noqa: BLE001 - reported as a one-liner
+    except Exception as exc:
         raise GenrepError(f"{name} must be a tensor (or array-like), got {type(x).__name__}") from exc
 
 

@@ -35,7 +35,7 @@ class PositionEmbedding(nn.Module):
             self.pos = nn.Parameter(torch.zeros(1, num_tokens, dim))
             nn.init.trunc_normal_(self.pos, std=0.02)
         elif kind == "sincos":
-            grid = grid or int(round(num_tokens ** 0.5))
+            grid = grid or round(num_tokens ** 0.5)
             if grid * grid != num_tokens:
                 raise ValueError(f"sincos positions need a square grid, got {num_tokens} tokens")
             self.register_buffer("pos", sincos_2d(dim, grid)[None], persistent=False)

@@ -31,7 +31,7 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
     """Inverse of :func:`patchify` for square images."""
     B, N, _ = tokens.shape
-    g = int(round(N ** 0.5))
+    g = round(N ** 0.5)
     if g * g != N:
         raise ValueError(f"{N} tokens do not form a square grid")
     p = patch_size

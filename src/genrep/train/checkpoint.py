@@ -106,7 +106,7 @@ def load_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise GenrepError(f"training state {path} does not exist; the checkpoint folder is incomplete") from None
-    except Exception as e:  # truncated zip, bad pickle opcode, a non-allow-listed global...
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, a non-allow-listed global...
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise GenrepError(f"training state {path} is corrupt or not a genrep state file ({first}); "
                           f"delete that checkpoint folder to resume from an older one") from None

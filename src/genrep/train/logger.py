@@ -35,7 +35,7 @@ class Logger:
         self.enabled = enabled
         if enabled:
             Path(run).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(run) / LOG_FILE, "a") if enabled else None
+        self.file = open(Path(run) / LOG_FILE, "a") if enabled else None  # noqa: SIM115 - open for the run's life
         self.tb = None
         if enabled and tensorboard:
             try:

@@ -25,7 +25,7 @@ from ..errors import GenrepError
 from ..methods import Method
 from ..runs import build_for_data, load_train_set
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
-from .dist import DistInfo, barrier, cleanup, init_distributed
+from .dist import barrier, cleanup, init_distributed
 from .ema import EMA
 from .logger import Logger, truncate_log
 from .optim import build_optimizer, lr_at
