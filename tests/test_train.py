@@ -141,3 +141,26 @@ def test_compiled_training_matches_eager(tmp_path):
     assert a.keys() == b.keys()  # checkpoints hold the plain module's names, not the compiled wrapper's
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"train.batch_size": 0}, "train.batch_size must be at least 1"),
+    ({"optim.lr": -1.0}, "optim.lr must be > 0"),
+    ({"optim.betas": [0.9]}, "optim.betas must be two numbers"),
+    ({"train.accum_steps": 3}, "divisible by processes x accum_steps"),
+    ({"train.ema_decay": 1.0}, "train.ema_decay must be in [0, 1)"),
+    ({"train.precision": "fp8"}, "train.precision 'fp8' is unknown"),
+    ({"train.device": "tpu"}, "device 'tpu' is unknown"),
+])
+def test_bad_training_settings_are_clear_errors(tmp_path, override, fragment):
+    with pytest.raises(GenrepError) as e:
+        pretrain(tiny_config(**override), tmp_path)
+    assert fragment in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"step": 5, "loss": 9.0}\n{"step": 6, "lo')  # cut mid-line
+    result = pretrain(tiny_config(**{"train.steps": 5}), tmp_path, resume=True)
+    assert result.start_step == 0
+    assert [r["step"] for r in read_log(tmp_path)] == [5] and read_log(tmp_path)[0]["loss"] != 9.0

@@ -185,7 +185,6 @@ def cmd_run(args, rest: list[str]) -> int:
     from .train.loop import pretrain
 
     t0 = time.perf_counter()
-    args.resume = None
     cfg, run, _ = _prepare_run(args, rest, default_recipe=args.recipe)
     _say(f"genrep run: 1/3 pretraining {cfg.method} ({cfg.recipe}) on {cfg.data.name} in {run}")
     result = pretrain(cfg, run)

@@ -67,7 +67,7 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def check_feature_args(self, layer: int | None, pool: str | None) -> tuple[int, str]:
-        layer = self.default_layer or self.num_layers if layer is None else layer
+        layer = (self.default_layer or self.num_layers) if layer is None else layer
         pool = pool or self.default_pool
         if not 1 <= layer <= self.num_layers:
             raise GenrepError(f"layer {layer} does not exist in {self.name}; choose 1..{self.num_layers}")

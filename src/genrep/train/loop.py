@@ -57,7 +57,15 @@ def schedule(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def check_train_config(cfg: Config, world: int) -> None:
-    t = cfg.train
+    t, o = cfg.train, cfg.optim
+    if t.batch_size < 1:
+        raise GenrepError(f"train.batch_size must be at least 1, got {t.batch_size}")
+    if not (o.lr > 0 and o.min_lr >= 0 and o.weight_decay >= 0 and o.warmup_epochs >= 0 and o.clip_grad >= 0):
+        raise GenrepError(f"optim.lr must be > 0 and optim.min_lr, weight_decay, warmup_epochs, clip_grad >= 0; "
+                          f"got lr={o.lr}, min_lr={o.min_lr}, weight_decay={o.weight_decay}, "
+                          f"warmup_epochs={o.warmup_epochs}, clip_grad={o.clip_grad}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise GenrepError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     if t.accum_steps < 1:
         raise GenrepError(f"train.accum_steps must be at least 1, got {t.accum_steps}")
     if t.batch_size % (world * t.accum_steps):
@@ -77,7 +85,8 @@ class Trainer:
         self.bf16 = use_bf16(cfg.train.precision, self.device)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        train_set = train_set if train_set is not None else load_train_set(cfg)
+        if train_set is None:
+            train_set = self._load_data()
         self.method: Method = build_for_data(cfg, train_set).to(self.device)
         self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world)
         self.batches = TrainBatches(train_set.images, train_set.labels, self.plan, self.device,
@@ -96,11 +105,22 @@ class Trainer:
         self.model = torch.compile(model) if cfg.train.compile else model
         self.logger = Logger(self.run, self.info.main, cfg.train.tensorboard)
 
+    def _load_data(self) -> ImageSet:
+        """Rank 0 first, so that a download happens once, not once per process into the same folder."""
+        if not self.info.main:
+            barrier(self.info)
+        train_set = load_train_set(self.cfg)
+        if self.info.main:
+            barrier(self.info)
+        return train_set
+
     # ------------------------------------------------------------------ checkpoints
     def _restore(self) -> int:
         ckpts = checkpoint_dirs(self.run)
-        if not ckpts:
-            return 0  # killed before the first checkpoint: start over
+        if not ckpts:  # killed before the first checkpoint: start over, forgetting what it logged
+            if self.info.main:
+                truncate_log(self.run, 0)
+            return 0
         model_sd, ema_sd, state = load_checkpoint(ckpts[-1])
         try:
             self.method.load_state_dict(model_sd)
