@@ -96,11 +96,19 @@ def _weak(x, u, pad):
     rows = _reflect(top[:, None] - pad + torch.arange(h), h)
     out_cols = torch.arange(w).expand(b, w)
     cols = _reflect(left[:, None] - pad + torch.where(flip[:, None], w - 1 - out_cols, out_cols), w)
-    rows, cols = rows.to(x.device), cols.to(x.device)
+    rows, cols = _to_device(rows, x.device), _to_device(cols, x.device)
     batch_idx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
     chan_idx = torch.arange(c, device=x.device).view(1, c, 1, 1)
     out = x[batch_idx, chan_idx, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
     return out.float() / 255
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A copy from pageable memory makes CUDA wait for the stream to drain before it starts, which would
+    # stall every training step; from pinned memory the copy is queued behind the step's work instead.
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _reflect(idx, n):
@@ -145,7 +153,7 @@ def _strong_params(u, h, w) -> StrongParams:
 def _strong(x, u):
     # float32 before moving: boxes are small integers (exact), and some accelerators have no float64.
     params = _strong_params(u, x.shape[2], x.shape[3])
-    p = StrongParams(*(v.float().to(x.device) if v.is_floating_point() else v.to(x.device) for v in params))
+    p = StrongParams(*(_to_device(v.float() if v.is_floating_point() else v, x.device) for v in params))
     out = _resized_crop(x.float() / 255, p.top, p.left, p.crop_h, p.crop_w, p.flip)
     out = _color_jitter(out, p.factors, p.order, p.jitter_on)
     if x.shape[1] == 3:  # torchvision's grayscale of a 1-channel image is the image itself

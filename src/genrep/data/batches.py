@@ -58,9 +58,13 @@ class BatchPlan:
             self._perm, self._epoch = torch.randperm(self.num_images, generator=g), epoch
         return self._perm
 
-    def indices(self, step: int) -> torch.Tensor:
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, where this rank's slice of step's global batch starts in the epoch's permutation)."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        start = i * self.global_batch + self.rank * self.local_batch
+        return epoch, i * self.global_batch + self.rank * self.local_batch
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, start = self.locate(step)
         return self.permutation(epoch)[start:start + self.local_batch]
 
 
@@ -113,8 +117,12 @@ class TrainBatches:
 
     def __call__(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         if self.resident:
+            plan, perm_epoch, perm = self.plan, -1, None
             for step in range(start, stop):
-                idx = self.plan.indices(step).to(self.device, non_blocking=True)
+                epoch, i = plan.locate(step)
+                if epoch != perm_epoch:  # one host-to-device copy per epoch, not per step
+                    perm_epoch, perm = epoch, plan.permutation(epoch).to(self.device)
+                idx = perm[i:i + plan.local_batch]
                 yield step, self.images.index_select(0, idx), self.labels.index_select(0, idx)
             return
         loader = DataLoader(_Images(self.images, self.labels), batch_sampler=_StepSampler(self.plan, start, stop),
