@@ -84,7 +84,7 @@ def measure(recipe: str, overrides: dict, mode: str, batch: int, steps: int, war
             terms = trainer._train_step(step, x, y)
         loss = terms["loss"].item()  # waits for the last step
         seconds = time.perf_counter() - t0
-        trainer.logger.close()
+        trainer.close()
     ips = steps * batch / seconds
     return {"mode": mode, "batch": batch, "device": _device_name(dev), "images_per_s": ips,
             "ms_per_step": 1000 * seconds / steps, "train_flops_per_image": flops,

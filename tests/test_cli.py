@@ -100,12 +100,14 @@ def test_unknown_config_key():
 def test_unknown_dataset(tmp_path):
     assert_one_line_error(run_cli("pretrain", "--recipe", "supervised-digits", "--data.name", "imagenet9",
                                   "--runs-dir", str(tmp_path)), "imagenet9", "digits")
+    assert list(tmp_path.iterdir()) == []  # bad input leaves no half-made run folder behind
 
 
 def test_dataset_missing_offline(tmp_path):
     proc = run_cli("pretrain", "--recipe", "supervised-cifar10", "--data.root", str(tmp_path / "cache"),
                    "--data.download", "false", "--runs-dir", str(tmp_path))
     assert_one_line_error(proc, str(tmp_path / "cache"))
+    assert not any(p.name.startswith("supervised") for p in tmp_path.iterdir())
 
 
 def test_truncated_checkpoint_on_resume(tmp_path):

@@ -90,8 +90,9 @@ def _config_for_resume(run: Path, recipe: str | None, overrides: dict):
 
 
 def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
-    """Resolve the config and the run folder (chosen by rank 0 and shared under torchrun)."""
-    from .config import parse_overrides, resolve_config, save_config
+    """Resolve the config and the run folder (chosen by rank 0 and shared under torchrun); the trainer
+    creates the folder once the data and the model have been built, so bad input leaves nothing behind."""
+    from .config import parse_overrides, resolve_config
     from .runs import CONFIG_FILE, new_run_dir
     from .train.dist import init_distributed
 
@@ -117,14 +118,11 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
             run = args.out
         else:
             run = new_run_dir(args.runs_dir, cfg.recipe)
-        run.mkdir(parents=True, exist_ok=True)
     if info.enabled:
         import torch.distributed as dist
         box = [str(run) if info.main else None]
         dist.broadcast_object_list(box, src=0)
         run = Path(box[0])
-    if info.main:
-        save_config(cfg, Path(run) / CONFIG_FILE)
     return cfg, Path(run), resume is not None
 
 

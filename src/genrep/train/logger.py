@@ -30,19 +30,23 @@ def truncate_log(run: Path, step: int) -> None:
     atomic_write_text(Path(run) / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise GenrepError("train.tensorboard needs the tensorboard package; "
+                          "pip install 'genrep[tensorboard]' or set --train.tensorboard false") from None
+
+
 class Logger:
     def __init__(self, run: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
-        if enabled:
-            Path(run).mkdir(parents=True, exist_ok=True)
         self.file = open(Path(run) / LOG_FILE, "a") if enabled else None  # noqa: SIM115 - open for the run's life
         self.tb = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise GenrepError("train.tensorboard needs the tensorboard package; "
-                                  "pip install 'genrep[tensorboard]' or set --train.tensorboard false") from None
+            check_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(Path(run) / "tensorboard"))
 
     def log(self, row: dict) -> None:
@@ -58,5 +62,7 @@ class Logger:
     def close(self) -> None:
         if self.file:
             self.file.close()
+            self.file = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..config import Config
+from ..config import Config, save_config
 from ..data.batches import BatchPlan, TrainBatches, make_views, mix_seed
 from ..data.datasets import ImageSet
 from ..errors import GenrepError
 from ..methods import Method
-from ..runs import build_for_data, load_train_set
+from ..runs import CONFIG_FILE, build_for_data, load_train_set
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
 from .dist import barrier, cleanup, init_distributed
 from .ema import EMA
-from .logger import Logger, truncate_log
+from .logger import Logger, check_tensorboard, truncate_log
 from .optim import build_optimizer, lr_at
 
 
@@ -103,7 +103,16 @@ class Trainer:
         if self.info.enabled:
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = torch.compile(model) if cfg.train.compile else model
-        self.logger = Logger(self.run, self.info.main, cfg.train.tensorboard)
+        if cfg.train.tensorboard:
+            check_tensorboard()
+        self.logger: Logger | None = None  # opened by fit(): a run that fails to build leaves no folder
+
+    def _open_run(self) -> None:
+        """Create the run folder (everything that could be wrong with the config has been checked)."""
+        if self.info.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run / CONFIG_FILE)
+        self.logger = Logger(self.run, self.info.main, self.cfg.train.tensorboard)
 
     def _load_data(self) -> ImageSet:
         """Rank 0 first, so that a download happens once, not once per process into the same folder."""
@@ -180,6 +189,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, info = self.cfg, self.info
         start, total = self.start_step, self.total_steps
+        self._open_run()
         bar = None
         if info.main and cfg.train.progress and start < total:
             from tqdm.auto import tqdm
@@ -211,7 +221,6 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t_start
-        self.logger.close()
         images = (total - start) * cfg.train.batch_size
         return TrainResult(total, start, seconds, images / seconds if seconds > 0 else 0.0, last_log)
 
@@ -236,6 +245,8 @@ class Trainer:
         return row
 
     def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
         cleanup(self.info)
 
 
@@ -244,5 +255,4 @@ def pretrain(cfg: Config, run: Path, resume: bool = False) -> TrainResult:
     try:
         return trainer.fit()
     finally:
-        trainer.logger.close()
         trainer.close()
