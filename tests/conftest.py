@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from genrep.config import Config, recipe_names, resolve_config
@@ -16,6 +17,21 @@ from genrep.methods import method_names
 TINY = {"data.image_size": 8, "model.dim": 32, "model.depth": 2, "model.num_heads": 2, "train.batch_size": 32,
         "train.steps": 20, "train.log_every": 5, "train.ckpt_every": 10, "train.progress": False,
         "train.device": "cpu", "optim.warmup_epochs": 0.2}
+
+
+# The workspace's real data sets (../shared/data beside the checkout); tests that read them skip without.
+SHARED_DATA = Path(os.environ.get("GENREP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    """The message of a raised GenrepError, checked to be one clean line."""
+    msg = str(e.value)
+    assert "\n" not in msg and msg.strip() == msg and msg
+    return msg
+
+
+def rng_images(n, c, h, w, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, c, h, w), dtype=np.uint8)
 
 
 def digits_recipe(method: str) -> str:
@@ -48,4 +64,5 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0], (fragment, lines[0])
 
 
-__all__ = ["TINY", "assert_one_line_error", "digits_recipe", "recipe_names", "run_cli", "tiny_config"]
+__all__ = ["SHARED_DATA", "TINY", "assert_one_line_error", "digits_recipe", "one_line", "recipe_names", "rng_images",
+           "run_cli", "tiny_config"]

@@ -165,3 +165,25 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
     proc = run_cli("pretrain", "--recipe", "supervised-digits", "--out", str(tmp_path / "r"), *TINY_ARGS,
                    "--train.tensorboard", "true")
     assert_one_line_error(proc, "pip install 'genrep[tensorboard]'")
+
+
+@pytest.mark.slow
+def test_pretrain_on_a_local_colour_npz_with_strong_augmentation(tmp_path):
+    """A 3-channel 32x32 data set from npz:PATH goes through the same loop and probes."""
+    rng = np.random.default_rng(0)
+    means = rng.integers(40, 215, size=(3, 3))  # three classes of differently coloured noise
+    def split(n):
+        y = np.arange(n) % 3
+        x = np.clip(means[y][:, None, None, :] + rng.normal(0, 30, size=(n, 32, 32, 3)), 0, 255)
+        return x.astype(np.uint8), y
+    x_tr, y_tr = split(96)
+    x_te, y_te = split(30)
+    path = tmp_path / "colours.npz"
+    np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, classes=np.array(["a", "b", "c"]))
+    proc = run_cli("run", "--out", str(tmp_path / "run"), "--data.name", f"npz:{path}", *TINY_ARGS,
+                   "--data.image_size=null", "--model.patch_size=8", "--model.augment=strong",
+                   "--train.steps=30", "--probe.knn_k=5")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "run" / "results" / "probe.json").read_text())
+    assert results["n_train"] == 96 and results["num_classes"] == 3 and results["feature_dim"] == 32
+    assert results["linear_probe"]["test_acc"] > 0.9  # colour is trivially separable

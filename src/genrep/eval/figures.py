@@ -18,7 +18,10 @@ def summary_figure(run: Path, probe: dict, path: Path) -> Path:
     rows = read_log(run)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
     if rows:
-        ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
+        losses = [r["loss"] for r in rows]
+        ax_loss.plot([r["step"] for r in rows], losses, lw=1.5)
+        if min(losses) > 0:  # the last orders of magnitude are where runs differ
+            ax_loss.set_yscale("log")
     ax_loss.set(xlabel="step", ylabel="training loss", title=f"{probe.get('recipe') or probe['method']}")
     ax_loss.grid(alpha=0.3)
     names, accs = [], []
@@ -32,10 +35,12 @@ def summary_figure(run: Path, probe: dict, path: Path) -> Path:
         accs.append(acc)
     bars = ax_acc.bar(names, [100 * a for a in accs], color="#4c72b0")
     ax_acc.bar_label(bars, fmt="%.1f")
-    ax_acc.axhline(100 / probe["num_classes"], color="grey", ls="--", lw=1, label="chance")
+    chance = 100 / probe["num_classes"]
+    ax_acc.axhline(chance, color="grey", ls="--", lw=1)
+    ax_acc.annotate("chance", (1.0, chance), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", color="grey", fontsize=8)
     ax_acc.set(ylabel="test accuracy (%)", ylim=(0, 105),
                title=f"{probe['data']}: layer {probe['layer']}, {probe['pool']} pool")
-    ax_acc.legend(loc="lower right")
     ax_acc.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     atomic_savefig(path, fig)

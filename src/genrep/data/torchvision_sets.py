@@ -1,0 +1,182 @@
+"""The registered data sets: the embedded ``digits`` and the torchvision-backed ``mnist``, ``cifar10``,
+``cifar100``, ``svhn`` and ``stl10`` (file lists, converters, download under a socket timeout, and the
+error that says how to get the files when they are missing offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import GenrepError
+from .imageset import _one_line
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+DIGITS_DEFAULT_SIZE = 16
+DOWNLOAD_SOCKET_TIMEOUT_S = 30.0   # per socket operation, so a black-holed network cannot hang a run
+_OFFLINE_FIXES = ("or copy the files there, or set GENREP_DATA / root to a folder that has them, "
+                  "or use npz:PATH")
+
+
+# ----------------------------------------------------------------------------------------------- digits
+def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)       # 0..16 -> 0..255
+    y = d.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_FRACTION,
+                                           random_state=DIGITS_SPLIT_SEED, stratify=y)
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    return torch.from_numpy(x[idx]).unsqueeze(1), torch.from_numpy(y[idx]), [str(i) for i in range(10)]
+
+
+# ----------------------------------------------------------------------------------------------- torchvision
+@dataclass(frozen=True)
+class _Registered:
+    name: str
+    description: str
+    native_size: int
+    channels: int
+    num_classes: int = 10
+    default_size: int | None = None
+    # torchvision data sets only:
+    files: Callable[[str], list[str]] | None = None         # split -> files (relative to <root>/<name>)
+    make: Callable[[Path, str, bool], Any] | None = None     # (folder, split, download) -> torchvision set
+    convert: Callable[[Any], tuple[torch.Tensor, torch.Tensor, list[str]]] | None = None
+
+
+def _tv():
+    import torchvision.datasets as tvd
+
+    return tvd
+
+
+def _mnist_files(split: str) -> list[str]:
+    # torchvision checks all four raw files whichever split is asked for
+    return [f"MNIST/raw/{os.path.splitext(f)[0]}" for f, _ in _tv().MNIST.resources]
+
+
+def _cifar_files(cls_name: str) -> Callable[[str], list[str]]:
+    def files(split: str) -> list[str]:
+        cls = getattr(_tv(), cls_name)
+        names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return [f"{cls.base_folder}/{f}" for f in names]
+    return files
+
+
+def _svhn_files(split: str) -> list[str]:
+    return [_tv().SVHN.split_list[split][1]]
+
+
+def _stl10_files(split: str) -> list[str]:
+    # torchvision verifies every file of the archive (unlabeled_X.bin too) before loading either split
+    cls = _tv().STL10
+    return [f"{cls.base_folder}/{f}" for f, _ in cls.train_list + cls.test_list]
+
+
+def _labels(seq) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(seq, dtype=np.int64).reshape(-1).copy())
+
+
+def _convert_mnist(ds) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return ds.data.to(torch.uint8).unsqueeze(1), ds.targets.to(torch.int64), [str(i) for i in range(10)]
+
+
+def _convert_cifar(ds) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))   # NHWC -> NCHW
+    return x, _labels(ds.targets), list(ds.classes)
+
+
+def _convert_svhn(ds) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return torch.from_numpy(np.ascontiguousarray(ds.data)), _labels(ds.labels), [str(i) for i in range(10)]
+
+
+_STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def _convert_stl10(ds) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    classes = list(getattr(ds, "classes", None) or _STL10_CLASSES)
+    return torch.from_numpy(np.ascontiguousarray(ds.data)), _labels(ds.labels), classes
+
+
+_REGISTRY: dict[str, _Registered] = {
+    r.name: r for r in [
+        _Registered("digits", "scikit-learn's bundled 8x8 handwritten digits, 1,797 images, 10 classes "
+                    "(fixed stratified 80/20 split, random_state 0; served at 16x16)", 8, 1,
+                    default_size=DIGITS_DEFAULT_SIZE),
+        _Registered("mnist", "MNIST handwritten digits, 60,000 train / 10,000 test, 10 classes", 28, 1,
+                    files=_mnist_files,
+                    make=lambda f, s, d: _tv().MNIST(str(f), train=s == "train", download=d),
+                    convert=_convert_mnist),
+        _Registered("cifar10", "CIFAR-10, 50,000 train / 10,000 test, 10 classes", 32, 3,
+                    files=_cifar_files("CIFAR10"),
+                    make=lambda f, s, d: _tv().CIFAR10(str(f), train=s == "train", download=d),
+                    convert=_convert_cifar),
+        _Registered("cifar100", "CIFAR-100 (fine labels), 50,000 train / 10,000 test, 100 classes", 32, 3, 100,
+                    files=_cifar_files("CIFAR100"),
+                    make=lambda f, s, d: _tv().CIFAR100(str(f), train=s == "train", download=d),
+                    convert=_convert_cifar),
+        _Registered("svhn", "SVHN cropped digits, 73,257 train / 26,032 test, 10 classes (no 'extra')", 32, 3,
+                    files=_svhn_files,
+                    make=lambda f, s, d: _tv().SVHN(str(f), split=s, download=d),
+                    convert=_convert_svhn),
+        _Registered("stl10", "STL-10 labelled splits, 5,000 train / 8,000 test, 10 classes, 96x96", 96, 3,
+                    files=_stl10_files,
+                    make=lambda f, s, d: _tv().STL10(str(f), split=s, download=d),
+                    convert=_convert_stl10),
+    ]
+}
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _missing(folder: Path, files: list[str]) -> list[str]:
+    return [f for f in files if not (folder / f).is_file()]
+
+
+def _load_torchvision(reg: _Registered, split: str, data_root: Path,
+                      download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    assert reg.files is not None and reg.make is not None and reg.convert is not None
+    folder = data_root / reg.name
+    files = reg.files(split)
+    missing = _missing(folder, files)
+    failure = None
+    if missing and download:
+        try:
+            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+                return reg.convert(reg.make(folder, split, True))
+        except Exception as e:  # noqa: BLE001 - network failures come as many types; reported below
+            failure = _one_line(e)
+        missing = _missing(folder, files)
+    if missing:
+        lacks = f"{folder} lacks {', '.join(missing)}"
+        if failure is not None:
+            raise GenrepError(f"{reg.name} is not available: downloading it to {folder} failed ({failure}) "
+                              f"and {lacks}; run once with network access, {_OFFLINE_FIXES}")
+        raise GenrepError(f"{reg.name} is not available offline: {lacks}; run once with network access and "
+                          f"download=True (it downloads there), {_OFFLINE_FIXES}")
+    try:
+        ds = reg.make(folder, split, False)
+    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, pickle/scipy errors on bad files
+        raise GenrepError(f"{reg.name} files in {folder} are corrupted or incomplete ({_one_line(e)}); "
+                          f"delete them and run once with network access, or copy intact originals there")
+    return reg.convert(ds)
