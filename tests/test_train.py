@@ -35,12 +35,25 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
 
 def test_ema_is_a_moving_average():
     model = torch.nn.Linear(2, 1)
-    ema = EMA(model, 0.9)
+    ema = EMA(model, 0.9, warmup=False)
     before = ema.model.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update()
+    ema.update(step=0)
     torch.testing.assert_close(ema.model.weight, 0.9 * before + 0.1 * model.weight)
+
+
+def test_ema_warmup_follows_the_update_count():
+    ema = EMA(torch.nn.Linear(2, 1), 0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(90) == pytest.approx(0.91)
+    assert ema.decay_at(10 ** 6) == 0.999
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.copy_(torch.ones_like(model.weight))
+    before = ema.model.weight.clone()
+    ema.update(step=0)  # the first update mostly takes the trained weights
+    torch.testing.assert_close(ema.model.weight, 0.1 * before + 0.9 * model.weight)
 
 
 def test_a_run_folder_has_everything(tmp_path):

@@ -49,6 +49,7 @@ class TrainConfig:
     batch_size: int = 128           # global: summed over processes and accumulation steps
     accum_steps: int = 1
     ema_decay: float = 0.999
+    ema_warmup: bool = True         # decay min(ema_decay, (1+n)/(10+n)) at update n, so short runs work
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
     seed: int = 0

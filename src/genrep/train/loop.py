@@ -96,7 +96,7 @@ class Trainer:
         o = cfg.optim
         self.optimizer = build_optimizer(self.method, o.lr, o.weight_decay, o.betas, o.eps,
                                          self.method.no_weight_decay(), fused=self.device.type == "cuda")
-        self.ema = EMA(self.method, cfg.train.ema_decay)
+        self.ema = EMA(self.method, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.start_step = self._restore() if resume else 0
 
         model = self.method
@@ -182,7 +182,7 @@ class Trainer:
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update()
+        self.ema.update(step)
         return terms
 
     # ------------------------------------------------------------------ the loop
