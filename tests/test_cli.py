@@ -187,3 +187,13 @@ def test_pretrain_on_a_local_colour_npz_with_strong_augmentation(tmp_path):
     results = json.loads((tmp_path / "run" / "results" / "probe.json").read_text())
     assert results["n_train"] == 96 and results["num_classes"] == 3 and results["feature_dim"] == 32
     assert results["linear_probe"]["test_acc"] > 0.9  # colour is trivially separable
+
+
+def test_resume_with_a_lower_learning_rate_after_a_nan(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("pretrain", "--recipe", "supervised-digits", "--out", str(run), *TINY_ARGS,
+                   "--train.steps=10").returncode == 0
+    proc = run_cli("pretrain", "--resume", str(run), "--train.steps", "20", "--optim.lr", "5e-4")
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["optim"]["lr"] == 5e-4 and cfg["train"]["steps"] == 20

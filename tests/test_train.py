@@ -116,6 +116,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
         pretrain(tiny_config(), tmp_path)
     msg = str(e.value)
     assert "NaN/inf by step 15" in msg and "step 10" in msg and "\n" not in msg
+    assert f"--resume {tmp_path} --optim.lr 0.0005" in msg  # the recipe's 1e-3, halved
     assert [c.name for c in checkpoint_dirs(tmp_path)] == ["step_00000010"]
     model, _, state = load_checkpoint(checkpoint_dirs(tmp_path)[0])
     assert state["step"] == 10 and all(torch.isfinite(v).all() for v in model.values())

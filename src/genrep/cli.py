@@ -12,10 +12,12 @@ from .errors import GenrepError
 
 DEFAULT_RECIPE = "supervised-digits"
 
-# What may change when a run is resumed: length, logging and hardware, never the model or the data.
+# What may change when a run is resumed: length, logging, hardware and data location, and the step size
+# (to recover from a NaN); never the model, the data or anything else the checkpoint was trained with.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.progress",
                   "train.tensorboard", "train.device", "train.compile", "train.keep_checkpoints",
-                  "data.num_workers", "data.device_resident", "data.root", "data.download")
+                  "data.num_workers", "data.device_resident", "data.root", "data.download",
+                  "optim.lr", "optim.min_lr", "optim.clip_grad")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -233,9 +233,10 @@ class Trainer:
         values = vec.tolist()  # the one host sync of a log interval
         if values[-1] > 0:
             barrier(self.info)
+            # resuming with the same settings would replay the same steps into the same NaN
             raise GenrepError(f"loss or gradient became NaN/inf by step {done}; training stopped and "
-                              f"{self._last_good()}; lower --optim.lr or --optim.clip_grad and resume "
-                              f"with genrep pretrain --resume {self.run}")
+                              f"{self._last_good()}; resume from it with a lower learning rate: genrep "
+                              f"pretrain --resume {self.run} --optim.lr {self.cfg.optim.lr / 2:g}")
         row = {"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4)}
         row.update({k: round(v, 6) for k, v in zip(names, values[:-1])})
         cfg = self.cfg
