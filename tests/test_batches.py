@@ -33,15 +33,17 @@ def test_bad_batch_sizes():
         BatchPlan(10, 32, seed=0)
 
 
-def test_streamed_and_resident_paths_deliver_the_same_batches():
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_and_resident_paths_deliver_the_same_batches(workers):
     images = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8)
     labels = torch.arange(64)
     plan = BatchPlan(64, 16, seed=3)
     resident = list(TrainBatches(images, labels, plan, torch.device("cpu"), resident=True)(2, 7))
-    streamed = list(TrainBatches(images, labels, plan, torch.device("cpu"), resident=False, num_workers=0)(2, 7))
-    assert [s for s, _, _ in resident] == list(range(2, 7))
-    for (s1, x1, y1), (s2, x2, y2) in zip(resident, streamed):
-        assert s1 == s2 and torch.equal(x1, x2) and torch.equal(y1, y2)
+    streamed = list(TrainBatches(images, labels, plan, torch.device("cpu"), resident=False,
+                                 num_workers=workers)(2, 7))
+    assert [s for s, _, _ in resident] == [s for s, _, _ in streamed] == list(range(2, 7))
+    for (_, x1, y1), (_, x2, y2) in zip(resident, streamed):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
         assert torch.equal(images[y1], x1)
 
 
@@ -58,14 +60,3 @@ def test_views_of_a_split_batch_equal_the_whole_batch():
 def test_mix_seed_spreads_nearby_inputs():
     seeds = {mix_seed(0, step, 0) for step in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2 ** 63 for s in seeds)
-
-
-def test_streamed_path_with_worker_processes():
-    images = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8)
-    labels = torch.arange(64)
-    plan = BatchPlan(64, 16, seed=3)
-    resident = list(TrainBatches(images, labels, plan, torch.device("cpu"), resident=True)(0, 6))
-    streamed = list(TrainBatches(images, labels, plan, torch.device("cpu"), resident=False, num_workers=2)(0, 6))
-    assert len(streamed) == 6
-    for (_, x1, y1), (_, x2, y2) in zip(resident, streamed):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
