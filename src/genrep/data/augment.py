@@ -96,19 +96,31 @@ def _weak(x, u, pad):
     rows = _reflect(top[:, None] - pad + torch.arange(h), h)
     out_cols = torch.arange(w).expand(b, w)
     cols = _reflect(left[:, None] - pad + torch.where(flip[:, None], w - 1 - out_cols, out_cols), w)
-    rows, cols = _to_device(rows, x.device), _to_device(cols, x.device)
+    rows, cols = _to_device([rows, cols], x.device)
     batch_idx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
     chan_idx = torch.arange(c, device=x.device).view(1, c, 1, 1)
     out = x[batch_idx, chan_idx, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
     return out.float() / 255
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # A copy from pageable memory makes CUDA wait for the stream to drain before it starts, which would
-    # stall every training step; from pinned memory the copy is queued behind the step's work instead.
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Move a step's per-sample parameters ([B, ...] each) to the device in one copy.
+
+    They are packed as float32 columns (indices, 0/1 flags and small integers are exact there), so a
+    step pays one host-to-device transfer instead of one per tensor. On CUDA the packed block is pinned
+    first: a copy from pageable memory makes CUDA wait for the stream to drain before it starts, which
+    would stall every training step, while from pinned memory it is queued behind the step's work.
+    """
+    b = len(tensors[0])
+    packed = torch.cat([t.reshape(b, -1).to(torch.float32) for t in tensors], dim=1)
+    packed = packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else packed.to(device)
+    out, col = [], 0
+    for t in tensors:
+        width = t[0].numel()
+        out.append(packed[:, col:col + width].reshape(t.shape).to(t.dtype if t.dtype != torch.float64
+                                                                    else torch.float32))
+        col += width
+    return out
 
 
 def _reflect(idx, n):
@@ -151,9 +163,9 @@ def _strong_params(u, h, w) -> StrongParams:
 
 
 def _strong(x, u):
-    # float32 before moving: boxes are small integers (exact), and some accelerators have no float64.
+    # float32 on the device: boxes are small integers (exact), and some accelerators have no float64.
     params = _strong_params(u, x.shape[2], x.shape[3])
-    p = StrongParams(*(_to_device(v.float() if v.is_floating_point() else v, x.device) for v in params))
+    p = StrongParams(*_to_device(list(params), x.device))
     out = _resized_crop(x.float() / 255, p.top, p.left, p.crop_h, p.crop_w, p.flip)
     out = _color_jitter(out, p.factors, p.order, p.jitter_on)
     if x.shape[1] == 3:  # torchvision's grayscale of a 1-channel image is the image itself
