@@ -2,7 +2,8 @@
 
 Runs the real training step of genrep's loop (``Trainer._train_step``: augmentation on the device,
 forward, backward, clipping, AdamW, EMA) on synthetic uint8 data of the recipe's shape, kept on the
-device. Modes:
+device. A method whose image costs several forward passes (HybViT: a classification pass and a
+diffusion pass, on separate mini-batches of ``batch`` images each) also reports image-passes/s. Modes:
 
 - ``eager-fp32``: the plain path, fp32, no compilation (the baseline);
 - ``fast``: bf16 autocast + torch.compile (CUDA only; the loop's fast path);
@@ -75,6 +76,7 @@ def measure(recipe: str, overrides: dict, mode: str, batch: int, steps: int, war
         trainer = Trainer(cfg, Path(tmp), train_set=images)
         dev = trainer.device
         flops = training_flops(trainer.method.flops_per_image())
+        passes = trainer.method.passes_per_image
         trainer.method.train()
         t0 = None
         for step, x, y in trainer.batches(0, total):
@@ -87,6 +89,7 @@ def measure(recipe: str, overrides: dict, mode: str, batch: int, steps: int, war
         trainer.close()
     ips = steps * batch / seconds
     return {"mode": mode, "batch": batch, "device": _device_name(dev), "images_per_s": ips,
+            "passes_per_image": passes, "image_passes_per_s": ips * passes,
             "ms_per_step": 1000 * seconds / steps, "train_flops_per_image": flops,
             "model_tflops": ips * flops / 1e12, "final_loss": loss,
             "params_m": sum(p.numel() for p in trainer.method.parameters()) / 1e6}
@@ -147,7 +150,10 @@ def _print_row(r: dict, recipe: str) -> None:
         print(f"{recipe} {r['mode']:>12} batch {r['batch']:>5}: {r['error']}", flush=True)
         return
     mfu = f"  MFU {100 * r['mfu']:5.1f}%" if "mfu" in r else ""
-    print(f"{recipe} {r['mode']:>12} batch {r['batch']:>5} on {r['device']}: {r['images_per_s']:10.1f} images/s  "
+    passes = (f" ({r['image_passes_per_s']:.1f} image-passes/s, {r['passes_per_image']} per image)"
+              if r["passes_per_image"] > 1 else "")
+    print(f"{recipe} {r['mode']:>12} batch {r['batch']:>5} on {r['device']}: {r['images_per_s']:10.1f} images/s"
+          f"{passes}  "
           f"{r['ms_per_step']:8.2f} ms/step  {r['train_flops_per_image'] / 1e9:.3f} GFLOP/image (fwd+bwd)  "
           f"{r['model_tflops']:.3f} TFLOP/s{mfu}  loss {r['final_loss']:.3f}", flush=True)
 

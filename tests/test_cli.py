@@ -89,7 +89,7 @@ def test_unknown_recipe():
 def test_unknown_method(tmp_path):
     (tmp_path / "r.yaml").write_text("method: gpt5\n")
     assert_one_line_error(run_cli("pretrain", "--recipe", str(tmp_path / "r.yaml")), "unknown method 'gpt5'",
-                          "registered methods: supervised")
+                          "registered methods:", "supervised")
 
 
 def test_unknown_config_key():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import GenrepError
 
-DEFAULT_RECIPE = "supervised-digits"
+DEFAULT_RECIPE = "hybvit-digits"  # the product's point is the hybrid
 
 # What may change when a run is resumed: length, logging, hardware and data location, and the step size
 # (to recover from a NaN); never the model, the data or anything else the checkpoint was trained with.
@@ -39,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="linear probe and kNN on the frozen features of a run")
     probe.add_argument("run", type=Path, metavar="RUN")
     probe.add_argument("--device", default="auto")
+
+    smp = sub.add_parser("sample", help="draw images from a generative run and write a PNG grid")
+    smp.add_argument("run", type=Path, metavar="RUN")
+    smp.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    smp.add_argument("--sampler", default="ddim", help="ddim (any number of steps) or ddpm (all T steps)")
+    smp.add_argument("--steps", type=int, default=None, help="DDIM steps (default 100; at most the run's T)")
+    smp.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--weights", default="ema", help="ema or model")
+    smp.add_argument("--rank-energy", action="store_true", help="also a grid of each class's best and worst "
+                     "samples by the classifier's energy logsumexp(logits) (needs a classifier head)")
+    smp.add_argument("--per-class", type=int, default=8, help="samples per class and end with --rank-energy")
+    smp.add_argument("-o", "--out", type=Path, default=None, help="PNG path (default RUN/samples/...)")
+    smp.add_argument("--device", default="auto")
 
     sub.add_parser("datasets", help="list the data sets genrep knows and which are available offline")
     sub.add_parser("recipes", help="list the shipped recipes")
@@ -177,11 +191,29 @@ def _results_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ sample
+
+def cmd_sample(args, rest: list[str]) -> int:
+    from .eval.samples import run_sampling
+
+    r = run_sampling(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                     weights=args.weights, device=args.device, rank_energy=args.rank_energy,
+                     per_class=args.per_class, out=args.out)
+    print(f"{r['n']} samples from {r['method']} ({r['sampler']}, {r['steps']} steps, eta {r['eta']:g}, seed "
+          f"{r['seed']}) in {r['seconds']:.1f} s: {r['grid']}")
+    if "ranked_grid" in r:
+        counts = ", ".join(f"{name} {v['count']}" for name, v in r["per_class"].items())
+        print(f"by class (classifier's choice): {counts}")
+        print(f"best and worst by energy per class: {r['ranked_grid']}")
+    return 0
+
+
 # ------------------------------------------------------------------ run (the main job)
 
 def cmd_run(args, rest: list[str]) -> int:
     from .eval.figures import summary_figure
     from .eval.probe_run import run_probes
+    from .methods import get_method
     from .train.loop import pretrain
 
     t0 = time.perf_counter()
@@ -193,9 +225,17 @@ def cmd_run(args, rest: list[str]) -> int:
     _say(f"genrep run: 2/3 probing frozen features ({result.steps} steps took {result.seconds:.1f} s)")
     results = run_probes(run, device=cfg.train.device)
     figure = summary_figure(run, results, run / "figures" / "summary.png")
+    lines = []
+    if "sample" in get_method(cfg.method).capabilities:
+        from .eval.samples import run_sampling
+        _say("genrep run: drawing 64 samples (DDIM, 100 steps)")
+        s = run_sampling(run, n=64, steps=100, device=cfg.train.device, out=run / "figures" / "samples.png",
+                         rank_energy="logits" in get_method(cfg.method).capabilities, per_class=4)
+        lines.append(f"samples: {s['grid']} ({s['seconds']:.1f} s)"
+                     + (f", ranked by energy per class: {s['ranked_grid']}" if "ranked_grid" in s else ""))
     _say("genrep run: 3/3 summary", "", _results_table(results), "",
          f"run folder: {run}  (config.yaml, model.safetensors, ema.safetensors, checkpoints/, log.jsonl, "
-         f"results/probe.json)", f"figure: {figure}", f"total time: {time.perf_counter() - t0:.1f} s")
+         f"results/probe.json)", f"figure: {figure}", *lines, f"total time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -233,8 +273,8 @@ def cmd_methods(args, rest) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "datasets": cmd_datasets,
-            "recipes": cmd_recipes, "methods": cmd_methods}
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "sample": cmd_sample,
+            "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
 
 
 if __name__ == "__main__":

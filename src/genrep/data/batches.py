@@ -6,6 +6,10 @@ on the data path (device-resident or streamed) or on where a run was resumed. Th
 drawn once per epoch on the CPU (about 1 ms for 50,000 images) so that CPU and CUDA runs see the
 same order; all per-step indexing then happens on the device.
 
+A plan may hold several independent *streams* (HybViT trains its classifier and its denoiser on
+separate mini-batches): stream k of a step is a slice of its own permutation, so a step yields
+``streams`` local batches back to back. Stream 0 is the single-stream order.
+
 Two paths deliver the uint8 images:
 - device-resident: the whole uint8 set lives on the training device; a batch is one index_select.
 - streamed: a DataLoader gathers batches in worker processes into pinned memory and copies them
@@ -39,7 +43,8 @@ def mix_seed(*parts: int) -> int:
 class BatchPlan:
     """Which images each (step, rank) trains on."""
 
-    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 streams: int = 1):
         if global_batch % world:
             raise GenrepError(f"train.batch_size {global_batch} is not divisible by the {world} processes; "
                               f"choose a multiple of {world}")
@@ -47,16 +52,19 @@ class BatchPlan:
             raise GenrepError(f"train.batch_size {global_batch} is larger than the {num_images} training "
                               f"images; choose at most {num_images}")
         self.num_images, self.global_batch, self.seed = num_images, global_batch, seed
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.streams = rank, world, streams
         self.local_batch = global_batch // world
         self.steps_per_epoch = num_images // global_batch  # the incomplete last batch is dropped
-        self._epoch, self._perm = -1, None
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
 
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))
-            self._perm, self._epoch = torch.randperm(self.num_images, generator=g), epoch
-        return self._perm
+    def permutation(self, epoch: int, stream: int = 0) -> torch.Tensor:
+        key = (epoch, stream)
+        if key not in self._perms:
+            parts = (self.seed, epoch, 0xDA7A) if stream == 0 else (self.seed, epoch, 0xDA7A, stream)
+            g = torch.Generator().manual_seed(mix_seed(*parts))
+            self._perms = {k: v for k, v in self._perms.items() if k[0] == epoch}  # keep one epoch
+            self._perms[key] = torch.randperm(self.num_images, generator=g)
+        return self._perms[key]
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, where this rank's slice of step's global batch starts in the epoch's permutation)."""
@@ -64,8 +72,9 @@ class BatchPlan:
         return epoch, i * self.global_batch + self.rank * self.local_batch
 
     def indices(self, step: int) -> torch.Tensor:
+        """This rank's images of ``step``: ``streams`` local batches back to back."""
         epoch, start = self.locate(step)
-        return self.permutation(epoch)[start:start + self.local_batch]
+        return torch.cat([self.permutation(epoch, k)[start:start + self.local_batch] for k in range(self.streams)])
 
 
 class _StepSampler(Sampler):
@@ -104,7 +113,8 @@ def fits_on_device(images: torch.Tensor, device: torch.device) -> bool:
 
 
 class TrainBatches:
-    """Yields ``(step, uint8 images [b,C,H,W], labels [b])`` on the device for steps [start, stop)."""
+    """Yields ``(step, uint8 images [s*b,C,H,W], labels [s*b])`` on the device for steps [start, stop),
+    s = ``plan.streams`` local batches of b images back to back."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, device: torch.device,
                  resident: bool | None = None, num_workers: int = 2):
@@ -121,8 +131,9 @@ class TrainBatches:
             for step in range(start, stop):
                 epoch, i = plan.locate(step)
                 if epoch != perm_epoch:  # one host-to-device copy per epoch, not per step
-                    perm_epoch, perm = epoch, plan.permutation(epoch).to(self.device)
-                idx = perm[i:i + plan.local_batch]
+                    perm_epoch = epoch
+                    perm = torch.stack([plan.permutation(epoch, k) for k in range(plan.streams)]).to(self.device)
+                idx = perm[:, i:i + plan.local_batch].reshape(-1)
                 yield step, self.images.index_select(0, idx), self.labels.index_select(0, idx)
             return
         loader = DataLoader(_Images(self.images, self.labels), batch_sampler=_StepSampler(self.plan, start, stop),
@@ -134,14 +145,19 @@ class TrainBatches:
 
 
 def make_views(images: torch.Tensor, views: dict[str, str], seed: int, step: int, start: int,
-               total: int) -> dict[str, torch.Tensor]:
+               total: int, streams: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Augment the local slice [start, start+b) of a global batch of ``total`` images, once per view.
 
     Each view's random parameters come from a generator seeded by (seed, step, view), drawn for the
     whole global batch, so any split of the batch across processes gets the same augmentation.
+    ``images`` holds the local batches of every stream back to back; ``streams`` maps a view to the
+    stream it is made from (default 0).
     """
     out = {}
+    n = max((streams or {}).values(), default=0) + 1
+    b = len(images) // n
     for i, (name, kind) in enumerate(views.items()):
+        k = (streams or {}).get(name, 0)
         g = torch.Generator().manual_seed(mix_seed(seed, step, i, 0xA06))
-        out[name] = augment(images, kind, g, start=start, total=total)
+        out[name] = augment(images[k * b:(k + 1) * b], kind, g, start=start, total=total)
     return out

@@ -3,7 +3,8 @@
 A method is an ``nn.Module`` with
 - ``loss(batch) -> dict``: ``"loss"`` is minimised, other entries are named terms for the logs.
   The batch holds one float [B, C, H, W] tensor in [0, 1] per view the method asked for
-  (``views``) and ``"label"`` when ``needs_labels``.
+  (``views``) and ``"label"`` when ``needs_labels``. A view listed in ``view_streams`` is made from
+  an independent mini-batch of its own (HybViT's diffusion stream); labels belong to stream 0.
 - ``features(x, layer=None, pool=None) -> [B, D]``: the frozen representation the paper evaluates.
 - optional capabilities, listed in ``capabilities`` so evaluation can tell what applies:
   ``logits`` (a classifier head), ``sample``, ``complete``, ``nll`` (bits/dim), ``score``.
@@ -36,6 +37,7 @@ class Method(nn.Module):
     capabilities: ClassVar[frozenset[str]] = frozenset()
     needs_labels: ClassVar[bool] = False
     feature_pools: ClassVar[tuple[str, ...]] = ("mean",)
+    view_streams: ClassVar[dict[str, int]] = {}  # view -> independent mini-batch it comes from (default 0)
 
     def __init__(self, cfg, data: DataSpec):
         super().__init__()
@@ -46,6 +48,15 @@ class Method(nn.Module):
     def views(self) -> dict[str, str]:
         """View name -> augmentation kind (none | weak | strong)."""
         raise NotImplementedError
+
+    @property
+    def num_streams(self) -> int:
+        return max(self.view_streams.values(), default=0) + 1
+
+    @property
+    def passes_per_image(self) -> int:
+        """Forward passes a training image of the batch costs (one per view); throughput counts these."""
+        return len(self.views())
 
     # ---- training
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from ..errors import GenrepError
 from .base import DataSpec, Method
 
 _METHODS: dict[str, type[Method]] = {}
-_MODULES = ("supervised",)  # imported on first lookup so each file registers itself
+_MODULES = ("supervised", "genvit")  # imported on first lookup so each file registers itself
 
 
 def register(cls: type[Method]) -> type[Method]:

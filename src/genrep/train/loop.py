@@ -88,7 +88,8 @@ class Trainer:
         if train_set is None:
             train_set = self._load_data()
         self.method: Method = build_for_data(cfg, train_set).to(self.device)
-        self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world)
+        self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world,
+                              streams=self.method.num_streams)
         self.batches = TrainBatches(train_set.images, train_set.labels, self.plan, self.device,
                                     cfg.data.device_resident, cfg.data.num_workers)
         self.total_steps, self.warmup_steps = schedule(cfg, self.plan.steps_per_epoch)
@@ -164,9 +165,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         views = make_views(images, self.method.views(), cfg.train.seed, step,
-                           start=self.info.rank * self.plan.local_batch, total=self.plan.global_batch)
+                           start=self.info.rank * self.plan.local_batch, total=self.plan.global_batch,
+                           streams=self.method.view_streams)
         if self.method.needs_labels:
-            views["label"] = labels
+            views["label"] = labels[:self.plan.local_batch]  # the labels of stream 0
         accum = cfg.train.accum_steps
         micro = self.plan.local_batch // accum
         terms: dict[str, torch.Tensor] = {}

@@ -1,0 +1,122 @@
+"""`genrep sample RUN`: draw images from a generative run, write PNG grids, rank them by energy.
+
+The energy ranking is the HybViT paper's appendix C.1 (after JEM): each sample is assigned the class
+its classifier head prefers, and within a class samples are ordered by E(x) = logsumexp(logits),
+the classifier's unnormalised log-density; a row shows a class's best and worst samples.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..devices import resolve_device
+from ..errors import GenrepError
+from ..io import atomic_write_bytes, atomic_write_json
+from ..runs import load_trained
+
+GAP = 2  # pixels between grid cells
+
+
+def grid(images: torch.Tensor, nrow: int, pad_value: float = 1.0) -> torch.Tensor:
+    """[N, C, H, W] in [0, 1] -> one [3, H', W'] image, ``nrow`` cells per row, row-major."""
+    n, c, h, w = images.shape
+    if c == 1:
+        images = images.expand(-1, 3, -1, -1)
+    rows = math.ceil(n / nrow)
+    out = torch.full((3, rows * (h + GAP) + GAP, nrow * (w + GAP) + GAP), pad_value)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        out[:, GAP + r * (h + GAP):GAP + r * (h + GAP) + h, GAP + col * (w + GAP):GAP + col * (w + GAP) + w] = img
+    return out
+
+
+def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> Path:
+    """[3, H, W] in [0, 1] -> PNG written atomically; ``scale`` enlarges small images (nearest neighbour)."""
+    from PIL import Image
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def display_scale(size: int) -> int:
+    """Enlarge tiny images (digits are 16x16) so a grid is readable."""
+    return max(1, 64 // size)
+
+
+@torch.no_grad()
+def rank_by_energy(method, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class [N], energy logsumexp(logits) [N]) of images in [0, 1]."""
+    preds, energies = [], []
+    for i in range(0, len(images), batch_size):
+        logits = method.logits(images[i:i + batch_size]).float()
+        preds.append(logits.argmax(-1))
+        energies.append(torch.logsumexp(logits, dim=-1))
+    return torch.cat(preds), torch.cat(energies)
+
+
+def class_rows(images: torch.Tensor, preds: torch.Tensor, energy: torch.Tensor, num_classes: int,
+               per_class: int) -> torch.Tensor:
+    """A [classes * (2k+1)] cell list: per class k best, a blank cell, k worst (grey where a class has fewer)."""
+    c, h, w = images.shape[1:]
+    blank = torch.full((c, h, w), 0.5, device=images.device)
+    gap = torch.ones((c, h, w), device=images.device)
+    cells = []
+    for y in range(num_classes):
+        idx = (preds == y).nonzero().flatten()
+        order = idx[energy[idx].argsort(descending=True)]
+        best, worst = order[:per_class], order.flip(0)[:per_class].flip(0)
+        cells += [images[i] for i in best] + [blank] * (per_class - len(best)) + [gap]
+        cells += [blank] * (per_class - len(worst)) + [images[i] for i in worst]
+    return torch.stack(cells)
+
+
+def run_sampling(run: Path, *, n: int = 64, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+                 seed: int = 0, weights: str = "ema", device: str = "auto", rank_energy: bool = False,
+                 per_class: int = 8, out: Path | None = None, progress: bool = True) -> dict:
+    if n < 1:
+        raise GenrepError(f"-n must be at least 1, got {n}")
+    if per_class < 1:
+        raise GenrepError(f"--per-class must be at least 1, got {per_class}")
+    dev = resolve_device(device)
+    cfg, method, train_set = load_trained(Path(run), weights, dev)
+    if "sample" not in method.capabilities:
+        raise GenrepError(f"{run} holds a {cfg.method} model, which cannot sample; sample from a generative run "
+                          f"(genvit, hybvit)")
+    if rank_energy and "logits" not in method.capabilities:
+        raise GenrepError(f"--rank-energy needs a classifier head and {cfg.method} has none; use a hybvit run")
+    steps_name = steps if steps is not None else (method.diffusion.T if sampler == "ddpm" else None)
+    if sampler == "ddim" and steps is None:
+        steps = steps_name = min(100, method.diffusion.T)
+    out = Path(out) if out else Path(run) / "samples" / f"{sampler}-{steps_name}steps-n{n}-seed{seed}.png"
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    images = method.sample(n, sampler=sampler, steps=steps, eta=eta, generator=g, progress=progress)
+    seconds = time.perf_counter() - t0
+    scale = display_scale(images.shape[-1])
+    result = {"run": str(run), "method": cfg.method, "weights": weights, "sampler": sampler, "steps": steps_name,
+              "eta": eta, "n": n, "seed": seed, "seconds": round(seconds, 2), "grid": str(out)}
+    save_png(grid(images.cpu(), nrow=math.ceil(math.sqrt(n))), out, scale)
+    if rank_energy:
+        preds, energy = rank_by_energy(method, images)
+        ranked = out.with_name(out.stem + "-by-energy.png")
+        k = len(train_set.classes)
+        save_png(grid(class_rows(images, preds, energy, k, per_class).cpu(), nrow=2 * per_class + 1), ranked,
+                 scale)
+        result["ranked_grid"] = str(ranked)
+        result["per_class"] = {train_set.classes[y]: {"count": int((preds == y).sum()),
+                                                      "mean_energy": float(energy[preds == y].mean())
+                                                      if (preds == y).any() else None}
+                               for y in range(k)}
+    atomic_write_json(out.with_suffix(".json"), result)
+    return result

@@ -1,0 +1,213 @@
+"""GenViT and HybViT (Yang et al.): a ViT as the DDPM denoiser, alone and with a classifier head.
+
+GenViT trains ``DenoiserViT`` with the simple diffusion loss (L1 on eps by default, the paper's code).
+HybViT adds a CLS classification head: loss = CE(head(CLS)) on the strongly augmented image, without
+time input, + alpha * L_diff on a separate, unaugmented mini-batch (``view_streams``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion import GaussianDiffusion, bits_per_dim, sample
+from ..errors import GenrepError
+from ..nn.denoiser import MODULATIONS, DenoiserViT
+from ..nn.flops import linear_flops, transformer_block_flops
+from .base import DataSpec, Method
+from .registry import register
+
+
+@dataclass
+class GenViTConfig:
+    dim: int = 384
+    depth: int = 9
+    num_heads: int = 12
+    mlp_ratio: float = 2.0
+    patch_size: int = 4              # 4 on 32x32, 8 on larger images (the paper)
+    pos_embed: str = "learned"       # learned | sincos
+    drop: float = 0.0
+    time_modulation: str = "token"   # token: one scalar scale/shift per token (the paper's code) | channel
+    timesteps: int = 1000            # T
+    schedule: str = "cosine"         # cosine | linear
+    prediction: str = "eps"          # eps | x0
+    loss: str = "l1"                 # l1 (the paper's code) | l2
+    variance: str = "small"          # the fixed reverse variance: small (posterior) | large (beta)
+    feature_t: int | None = None     # features of x noised to this step; None: the clean image (see features)
+    feature_layer: int | None = None  # default probe layer; None: the method's default
+
+
+@dataclass
+class HybViTConfig(GenViTConfig):
+    alpha: float = 100.0             # weight of the diffusion loss (1, 10, 100 in the paper's ablation)
+    augment: str = "strong"          # the classification stream's augmentation; the diffusion stream has none
+    label_smoothing: float = 0.0
+
+
+@register
+class GenViT(Method):
+    name = "genvit"
+    config_class = GenViTConfig
+    capabilities = frozenset({"sample", "nll"})
+    feature_pools = ("cls", "mean")
+    default_pool = "mean"
+
+    def __init__(self, cfg: GenViTConfig, data: DataSpec):
+        super().__init__(cfg, data)
+        if data.image_size % cfg.patch_size:
+            raise GenrepError(f"model.patch_size {cfg.patch_size} does not divide the image size "
+                              f"{data.image_size}; choose a divisor of {data.image_size}")
+        if cfg.dim % cfg.num_heads:
+            raise GenrepError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
+        if cfg.time_modulation not in MODULATIONS:
+            raise GenrepError(f"model.time_modulation '{cfg.time_modulation}' is unknown; choose token or channel")
+        self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.prediction, cfg.loss, cfg.variance)
+        if cfg.feature_t is not None and not 0 <= cfg.feature_t < cfg.timesteps:
+            raise GenrepError(f"model.feature_t {cfg.feature_t} is not a diffusion step; choose 0..{cfg.timesteps - 1}"
+                              f" or null")
+        if cfg.feature_layer is not None and not 1 <= cfg.feature_layer <= cfg.depth:
+            raise GenrepError(f"model.feature_layer {cfg.feature_layer} does not exist; choose 1..{cfg.depth}")
+        self.net = DenoiserViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
+                               cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop,
+                               modulation=cfg.time_modulation)
+        # the training step's q(x_t | x0) coefficients as float32 buffers: they follow the module to its
+        # device and compile into the graph (the float64 originals stay in self.diffusion)
+        d = self.diffusion
+        self.register_buffer("sqrt_ab", d.sqrt_alphas_cumprod.float(), persistent=False)
+        self.register_buffer("sqrt_1m_ab", d.sqrt_one_minus_alphas_cumprod.float(), persistent=False)
+
+    # a denoising ViT's best features usually sit in the middle: the last layers turn them back into pixels
+    @property
+    def default_layer(self) -> int:
+        return self.cfg.feature_layer or math.ceil(self.cfg.depth / 2)
+
+    def views(self) -> dict[str, str]:
+        return {"diffusion": "none"}
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.depth
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network on [-1, 1] inputs: what the samplers and the bound call."""
+        return self.net.denoise(x_t, t)
+
+    def diffusion_loss(self, images: torch.Tensor) -> torch.Tensor:
+        x0 = self.normalize(images)
+        t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        x_t = self.sqrt_ab[t].view(shape) * x0 + self.sqrt_1m_ab[t].view(shape) * noise
+        out = self.denoise(x_t, t)
+        return self.diffusion.loss(out.float(), x0, noise).mean()
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        diff = self.diffusion_loss(batch["diffusion"])
+        return {"loss": diff, "diff": diff.detach()}
+
+    # ---- representation
+    def _feature_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x0 = self.normalize(x)
+        t = self.cfg.feature_t
+        if t is None:
+            return x0, self._clean_t(x0)
+        # fixed noise per call so that probes are repeatable (the diffusion-features protocol redraws it)
+        g = torch.Generator().manual_seed(t)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        steps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+        return self.diffusion.q_sample(x0, steps, noise), steps
+
+    def _clean_t(self, x0: torch.Tensor) -> torch.Tensor | None:
+        return torch.zeros(x0.shape[0], device=x0.device, dtype=torch.long)
+
+    def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
+        layer, pool = self.check_feature_args(layer, pool)
+        x_in, t = self._feature_input(x)
+        return self.net.pool(self.net(x_in, layer=layer, t=t), pool)
+
+    # ---- generation and likelihood
+    @torch.no_grad()
+    def sample(self, n: int, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """``n`` images in [0, 1], [n, C, H, W], on the model's device."""
+        d = self.data
+        device = next(self.parameters()).device
+        x = sample(self.denoise, self.diffusion, (n, d.channels, d.image_size, d.image_size), sampler=sampler,
+                   steps=steps, eta=eta, generator=generator, device=device, progress=progress)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def nll(self, x: torch.Tensor, *, num_terms: int | None = None, generator: torch.Generator | None = None,
+            progress: bool = False) -> torch.Tensor:
+        """Variational bound on -log p(x) in bits/dim, [B] (x: 8-bit images in [0, 1])."""
+        x0 = self.normalize((x * 255).round() / 255)
+        out = bits_per_dim(self.denoise, self.diffusion, x0, num_terms=num_terms, generator=generator,
+                           progress=progress)
+        return out["bpd"]
+
+    # ---- optimisation hints
+    def no_weight_decay(self) -> set[str]:
+        return {"net.cls_token", "net.pos_embed.pos"}
+
+    def _pass_flops(self, time: bool) -> int:
+        c, d = self.cfg, self.data
+        patches = (d.image_size // c.patch_size) ** 2
+        patch_dim = c.patch_size ** 2 * d.channels
+        flops = linear_flops(patches, patch_dim, c.dim) + c.depth * transformer_block_flops(patches + 1, c.dim,
+                                                                                             c.mlp_ratio)
+        if time:
+            flops += self.net.conditioning_flops() + linear_flops(patches, c.dim, patch_dim)
+        return flops
+
+    def flops_per_image(self) -> int:
+        return self._pass_flops(time=True)
+
+
+@register
+class HybViT(GenViT):
+    name = "hybvit"
+    config_class = HybViTConfig
+    capabilities = frozenset({"logits", "sample", "nll", "score"})
+    needs_labels = True
+    default_pool = "cls"
+    view_streams = {"diffusion": 1}
+
+    def __init__(self, cfg: HybViTConfig, data: DataSpec):
+        if not cfg.alpha >= 0:
+            raise GenrepError(f"model.alpha must be >= 0 (the weight of the diffusion loss), got {cfg.alpha}")
+        super().__init__(cfg, data)
+        self.head = nn.Linear(cfg.dim, data.num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def default_layer(self) -> int:
+        return self.cfg.feature_layer or self.cfg.depth  # the CLS token the head reads
+
+    def views(self) -> dict[str, str]:
+        return {"image": self.cfg.augment, "diffusion": "none"}
+
+    def _clean_t(self, x0: torch.Tensor) -> torch.Tensor | None:
+        return None  # the classification pass: no time input
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(self.normalize(x))[:, 0])
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """The energy score logsumexp(logits) (JEM; the paper's "log p(x)" up to a constant): higher = more typical."""
+        return torch.logsumexp(self.logits(x).float(), dim=-1)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch["image"])
+        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.label_smoothing)
+        diff = self.diffusion_loss(batch["diffusion"])
+        acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return {"loss": ce + self.cfg.alpha * diff, "ce": ce.detach(), "diff": diff.detach(), "acc": acc.detach()}
+
+    def flops_per_image(self) -> int:
+        classify = self._pass_flops(time=False) + linear_flops(1, self.cfg.dim, self.data.num_classes)
+        return classify + self._pass_flops(time=True)

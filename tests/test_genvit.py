@@ -1,0 +1,138 @@
+"""GenViT / HybViT specifics: time conditioning, the two data streams, sampling and the bound, bad input."""
+
+import pytest
+import torch
+from conftest import assert_one_line_error, one_line, run_cli, tiny_config
+
+from genrep.data.batches import BatchPlan, TrainBatches, make_views
+from genrep.errors import GenrepError
+from genrep.methods import DataSpec, build_method
+from genrep.nn.denoiser import DenoiserViT
+from genrep.train.loop import Trainer
+
+SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
+
+
+def _build(name="hybvit", **overrides):
+    torch.manual_seed(0)
+    return build_method(name, tiny_config(name, **overrides).model, SPEC)
+
+
+@pytest.mark.parametrize("per", ["token", "channel"])
+def test_time_modulation_reaches_the_output(per):
+    """Per-token scalars act on the residual stream, so they are not cancelled by the LayerNorm after them."""
+    torch.manual_seed(0)
+    net = DenoiserViT(8, 2, 1, 32, 2, 2, 2.0, modulation=per).eval()
+    x = torch.randn(3, 1, 8, 8)
+    t0, t1 = torch.zeros(3, dtype=torch.long), torch.full((3,), 500)
+    torch.testing.assert_close(net(x, t=t0), net(x, t=t1))  # zero-initialised: no time effect yet
+    for mod in net.modulations:
+        torch.nn.init.normal_(mod.proj.weight, std=0.1)
+    scale, _ = net.modulations[0](net.time_embed(t0))
+    assert scale.shape == ((3, 17, 1) if per == "token" else (3, 1, 32))
+    assert (net(x, t=t0) - net(x, t=t1)).abs().max() > 1e-3
+    torch.nn.init.normal_(net.to_patches.weight, std=0.1)
+    assert net.denoise(x, t0).shape == x.shape
+
+
+def test_the_classification_pass_has_no_time_input():
+    method = _build().eval()
+    for mod in method.net.modulations:
+        torch.nn.init.normal_(mod.proj.weight, std=0.1)
+    x = torch.rand(2, 1, 8, 8)
+    h = method.net(method.normalize(x))
+    torch.testing.assert_close(method.logits(x), method.head(h[:, 0]))
+    torch.testing.assert_close(method.features(x, pool="cls"), h[:, 0])
+
+
+def test_streams_are_independent_mini_batches_split_like_one():
+    single = BatchPlan(100, 20, seed=3)
+    two = BatchPlan(100, 20, seed=3, streams=2)
+    idx = two.indices(1)
+    assert torch.equal(idx[:20], single.indices(1))  # stream 0 is the ordinary order
+    assert not torch.equal(idx[20:], idx[:20])
+    ranks = [BatchPlan(100, 20, seed=3, rank=r, world=2, streams=2) for r in range(2)]
+    parts = [p.indices(1) for p in ranks]
+    assert torch.equal(torch.cat([p[:10] for p in parts]), idx[:20])
+    assert torch.equal(torch.cat([p[10:] for p in parts]), idx[20:])
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 1, 2, 2).contiguous()
+    (_, x, y), = TrainBatches(images, torch.arange(100), two, torch.device("cpu"), resident=True)(1, 2)
+    assert torch.equal(y, idx)
+    views = make_views(x, {"image": "none", "diffusion": "none"}, 0, 1, 0, 20, streams={"diffusion": 1})
+    assert torch.equal((views["image"][:, 0, 0, 0] * 255).round().long(), idx[:20])
+    assert torch.equal((views["diffusion"][:, 0, 0, 0] * 255).round().long(), idx[20:])
+
+
+def test_hybvit_trains_both_streams(tmp_path):
+    trainer = Trainer(tiny_config("hybvit", **{"train.steps": 3}), tmp_path)
+    assert trainer.plan.streams == 2
+    result = trainer.fit()
+    trainer.close()
+    assert {"ce", "diff", "acc"} <= set(result.last_log)
+    assert result.last_log["loss"] == pytest.approx(result.last_log["ce"] + 100 * result.last_log["diff"], rel=1e-4)
+
+
+def test_sampling_is_seeded_and_in_range():
+    method = _build("genvit").eval()
+    a = method.sample(3, steps=5, generator=torch.Generator().manual_seed(1))
+    b = method.sample(3, steps=5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 1, 8, 8) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    ddpm = method.sample(2, sampler="ddpm", generator=torch.Generator().manual_seed(1))
+    assert ddpm.shape == (2, 1, 8, 8)
+
+
+def test_nll_is_finite_bits_per_dim():
+    method = _build("genvit").eval()
+    x = torch.randint(0, 256, (2, 1, 8, 8)).float() / 255
+    bpd = method.nll(x, num_terms=4, generator=torch.Generator().manual_seed(0))
+    assert bpd.shape == (2,) and torch.isfinite(bpd).all() and (bpd > 0).all()
+
+
+def test_features_at_a_chosen_step_are_repeatable_and_differ_from_clean():
+    method = _build("genvit", **{"model.feature_t": 200}).eval()
+    clean = _build("genvit").eval()
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(method.features(x), method.features(x))
+    assert not torch.allclose(method.features(x), clean.features(x))
+
+
+def test_energy_score_is_logsumexp_of_logits():
+    method = _build().eval()
+    torch.nn.init.normal_(method.head.weight)
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(method.score(x), torch.logsumexp(method.logits(x), -1))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"model.alpha": -1.0}, "model.alpha must be >= 0"),
+    ({"model.patch_size": 3}, "patch_size 3 does not divide the image size 8"),
+    ({"model.feature_t": 5000}, "choose 0..999"),
+    ({"model.schedule": "sigmoid"}, "sigmoid"),
+    ({"model.time_modulation": "pixel"}, "choose token or channel"),
+])
+def test_bad_settings_are_clear_errors(override, fragment):
+    with pytest.raises(GenrepError) as e:
+        _build("hybvit", **override)
+    assert fragment in one_line(e)
+
+
+@pytest.mark.slow
+def test_sample_command_writes_grids_and_refuses_bad_requests(tmp_path):
+    run = tmp_path / "hyb"
+    args = [f"--{k}={v}" for k, v in {"train.steps": 4, "train.ckpt_every": 4, "train.progress": False,
+                                      "model.dim": 32, "model.depth": 1, "model.num_heads": 2,
+                                      "model.timesteps": 50}.items()]
+    assert run_cli("pretrain", "--recipe", "hybvit-digits", "--out", str(run), *args).returncode == 0
+    ok = run_cli("sample", str(run), "-n", "12", "--steps", "10", "--rank-energy", "--per-class", "2")
+    assert ok.returncode == 0, ok.stderr
+    from PIL import Image
+    grid = run / "samples" / "ddim-10steps-n12-seed0.png"
+    assert Image.open(grid).size[0] > 16 * 4
+    assert (run / "samples" / "ddim-10steps-n12-seed0-by-energy.png").is_file()
+    assert (run / "samples" / "ddim-10steps-n12-seed0.json").is_file()
+    assert_one_line_error(run_cli("sample", str(run), "--steps", "51"), "51 steps", "T = 50")
+    assert_one_line_error(run_cli("sample", str(run), "--sampler", "euler"), "euler")
+    assert_one_line_error(run_cli("sample", str(run), "-n", "0"), "-n must be at least 1")
+    sup = tmp_path / "sup"
+    assert run_cli("pretrain", "--recipe", "supervised-digits", "--out", str(sup), *args[:3]).returncode == 0
+    assert_one_line_error(run_cli("sample", str(sup)), "cannot sample")
