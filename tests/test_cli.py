@@ -34,11 +34,12 @@ def test_run_writes_a_complete_run_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     for name in ("config.yaml", "model.safetensors", "ema.safetensors", "log.jsonl", "results/probe.json",
-                 "figures/summary.png"):
+                 "figures/summary.png", "figures/samples.png", "figures/samples-by-energy.png"):
         assert (run / name).is_file(), name
-    assert (run / "figures/summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if name.endswith(".png"):
+            assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run / "results/probe.json").read_text())
-    assert results["method"] == "supervised" and results["n_test"] == 360
+    assert results["method"] == "hybvit" and results["n_test"] == 360  # the hybrid is the default
     for line in ("classifier head", "linear probe", "kNN k=20", "kNN k=200", "chance"):
         assert line in proc.stdout
     # probing again with other settings reuses nothing stale and rewrites the results

@@ -130,3 +130,11 @@ def test_bad_architecture_is_a_clear_error():
     cfg = tiny_config("supervised", **{"model.patch_size": 3})
     with pytest.raises(GenrepError, match="patch_size 3 does not divide the image size 8"):
         build_method("supervised", cfg.model, SPEC)
+
+
+def test_training_objective_compiles_to_one_graph(method_name):
+    """The CUDA fast path compiles the whole objective; a graph break would split it (and slow it)."""
+    method = _build(method_name).train()
+    explanation = torch._dynamo.explain(method)(_batch(method))
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

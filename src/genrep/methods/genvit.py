@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +175,7 @@ class HybViT(GenViT):
     capabilities = frozenset({"logits", "sample", "nll", "score"})
     needs_labels = True
     default_pool = "cls"
-    view_streams = {"diffusion": 1}
+    view_streams: ClassVar[dict[str, int]] = {"diffusion": 1}
 
     def __init__(self, cfg: HybViTConfig, data: DataSpec):
         if not cfg.alpha >= 0:
