@@ -136,3 +136,23 @@ def test_sample_command_writes_grids_and_refuses_bad_requests(tmp_path):
     sup = tmp_path / "sup"
     assert run_cli("pretrain", "--recipe", "supervised-digits", "--out", str(sup), *args[:3]).returncode == 0
     assert_one_line_error(run_cli("sample", str(sup)), "cannot sample")
+
+
+def test_one_fused_forward_equals_the_two_passes():
+    """HybViT's loss runs both mini-batches as one batch; that must be the paper's two separate passes."""
+    method = _build().train()
+    for mod in method.net.modulations:
+        torch.nn.init.normal_(mod.proj.weight, std=0.1)
+    torch.nn.init.normal_(method.net.to_patches.weight, std=0.1)
+    torch.nn.init.normal_(method.head.weight, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(5, 1, 8, 8, generator=g), "diffusion": torch.rand(5, 1, 8, 8, generator=g),
+             "label": torch.randint(0, 10, (5,), generator=g)}
+    torch.manual_seed(3)
+    fused = method(batch)
+    torch.manual_seed(3)
+    diff = method.diffusion_loss(batch["diffusion"])  # draws t and noise in the same order
+    ce = torch.nn.functional.cross_entropy(method.logits(batch["image"]), batch["label"])
+    torch.testing.assert_close(fused["diff"], diff.detach())
+    torch.testing.assert_close(fused["ce"], ce.detach())
+    torch.testing.assert_close(fused["loss"], ce + 100 * diff)

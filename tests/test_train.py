@@ -77,10 +77,13 @@ def test_runs_are_reproducible(tmp_path):
     _assert_same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
 
 
-def test_resume_from_an_earlier_checkpoint_is_bit_identical(tmp_path):
+def test_resume_from_an_earlier_checkpoint_is_bit_identical(tmp_path, method_name):
     """A run stopped right after its step-10 checkpoint, then resumed, ends exactly where an uninterrupted
-    one does (dropout and augmentation included)."""
-    cfg = tiny_config(**{"model.drop": 0.1, "model.augment": "strong"})
+    one does (dropout, augmentation and the diffusion steps and noise included)."""
+    extra = {"model.drop": 0.1}
+    if hasattr(tiny_config(method_name).model, "augment"):
+        extra["model.augment"] = "strong"
+    cfg = tiny_config(method_name, **extra)
     full, cut = tmp_path / "full", tmp_path / "cut"
     pretrain(cfg, full)
     shutil.copytree(full, cut)

@@ -2,7 +2,8 @@
 
 GenViT trains ``DenoiserViT`` with the simple diffusion loss (L1 on eps by default, the paper's code).
 HybViT adds a CLS classification head: loss = CE(head(CLS)) on the strongly augmented image, without
-time input, + alpha * L_diff on a separate, unaugmented mini-batch (``view_streams``).
+time input, + alpha * L_diff on a separate, unaugmented mini-batch (``view_streams``). The two
+mini-batches go through the network as one batch, the classification half untimed.
 """
 
 from __future__ import annotations
@@ -97,14 +98,17 @@ class GenViT(Method):
         """The network on [-1, 1] inputs: what the samplers and the bound call."""
         return self.net.denoise(x_t, t)
 
-    def diffusion_loss(self, images: torch.Tensor) -> torch.Tensor:
+    def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, t, noise, x_t) for a training step: t uniform in [0, T), x_t ~ q(x_t | x0)."""
         x0 = self.normalize(images)
-        t = torch.randint(0, self.diffusion.T, (x0.shape[0],), device=x0.device)
+        t = self.diffusion.sample_t(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         shape = (-1,) + (1,) * (x0.ndim - 1)
-        x_t = self.sqrt_ab[t].view(shape) * x0 + self.sqrt_1m_ab[t].view(shape) * noise
-        out = self.denoise(x_t, t)
-        return self.diffusion.loss(out.float(), x0, noise).mean()
+        return x0, t, noise, self.sqrt_ab[t].view(shape) * x0 + self.sqrt_1m_ab[t].view(shape) * noise
+
+    def diffusion_loss(self, images: torch.Tensor) -> torch.Tensor:
+        x0, t, noise, x_t = self.noised(images)
+        return self.diffusion.loss(self.denoise(x_t, t).float(), x0, noise).mean()
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         diff = self.diffusion_loss(batch["diffusion"])
@@ -203,9 +207,14 @@ class HybViT(GenViT):
         return torch.logsumexp(self.logits(x).float(), dim=-1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch["image"])
+        # one forward for both mini-batches: the classification images first, untimed (see DenoiserViT)
+        x_cls = self.normalize(batch["image"])
+        x0, t, noise, x_t = self.noised(batch["diffusion"])
+        h = self.net(torch.cat([x_cls, x_t]), t=t)
+        n = x_cls.shape[0]
+        logits = self.head(h[:n, 0])
         ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.label_smoothing)
-        diff = self.diffusion_loss(batch["diffusion"])
+        diff = self.diffusion.loss(self.net.to_image(h[n:]).float(), x0, noise).mean()
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
         return {"loss": ce + self.cfg.alpha * diff, "ce": ce.detach(), "diff": diff.detach(), "acc": acc.detach()}
 

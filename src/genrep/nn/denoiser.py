@@ -4,12 +4,15 @@ The step t is embedded (sinusoidal, then an MLP, as in DDPM) and mapped in every
 and a shift of the residual stream (``transformer.Block``). The paper's public code maps it to one
 scalar scale and shift per token; ``per-channel`` (one pair per channel, shared by the tokens, as
 DiT does) is offered as an option. Without t (HybViT's classification pass) no modulation is applied
-and the network is a plain ViT.
+and the network is a plain ViT. One batch can mix the two: images without a step get a zero scale
+and shift, which is exactly the untimed pass, so HybViT runs its classification and diffusion
+mini-batches through one forward (half the kernel launches, twice the work per kernel).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import TimestepEmbedder
@@ -59,20 +62,33 @@ class DenoiserViT(ViT):
         self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor, layer: int | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens after block ``layer``; conditioned on step ``t`` [B] when given."""
+        """Tokens after block ``layer``.
+
+        ``t``: steps [B_t] of the *last* B_t images of the batch (B_t <= B); the images before them get
+        no time input. None: no image does.
+        """
         layer = self.depth if layer is None else layer
         if not 1 <= layer <= self.depth:
             raise ValueError(f"layer must be in 1..{self.depth}, got {layer}")
         h = self.tokens(x)
         emb = self.time_embed(t) if t is not None else None
+        untimed = x.shape[0] - (t.shape[0] if t is not None else 0)
         for block, mod in zip(self.blocks[:layer], self.modulations):
-            h = block(h, scale_shift=mod(emb) if emb is not None else None)
+            scale_shift = None
+            if emb is not None:
+                scale_shift = mod(emb)
+                if untimed:  # zero scale and shift in front: x * (1 + 0) + 0 is the untimed pass
+                    scale_shift = tuple(F.pad(v, (0, 0, 0, 0, untimed, 0)) for v in scale_shift)
+            h = block(h, scale_shift=scale_shift)
         return self.norm(h) if layer == self.depth else h
+
+    def to_image(self, h: torch.Tensor) -> torch.Tensor:
+        """Final tokens [B, prefix + N, D] -> the image-shaped prediction [B, C, H, W]."""
+        return unpatchify(self.to_patches(h[:, self.num_prefix:]), self.patch_embed.patch_size, self.in_chans)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] noisy input and steps [B] -> the image-shaped prediction (eps or x0)."""
-        h = self(x_t, t=t)[:, self.num_prefix:]
-        return unpatchify(self.to_patches(h), self.patch_embed.patch_size, self.in_chans)
+        return self.to_image(self(x_t, t=t))
 
     def conditioning_flops(self) -> int:
         """Forward FLOPs of the time embedding and the per-layer modulation maps (one image)."""
