@@ -153,7 +153,7 @@ def test_probe_takes_only_probe_overrides(tmp_path):
     run = tmp_path / "run"
     assert run_cli("pretrain", "--recipe", "supervised-digits", "--out", str(run), *TINY_ARGS,
                    "--train.steps=2").returncode == 0
-    assert_one_line_error(run_cli("probe", str(run), "--optim.lr", "1"), "only probe.* overrides")
+    assert_one_line_error(run_cli("probe", str(run), "--optim.lr", "1"), "takes probe.* overrides")
     assert_one_line_error(run_cli("probe", str(run), "--probe.layer", "9"), "layer 9 does not exist")
 
 

@@ -156,3 +156,20 @@ def test_one_fused_forward_equals_the_two_passes():
     torch.testing.assert_close(fused["diff"], diff.detach())
     torch.testing.assert_close(fused["ce"], ce.detach())
     torch.testing.assert_close(fused["loss"], ce + 100 * diff)
+
+
+def test_probes_read_features_at_a_chosen_step_without_retraining(tmp_path):
+    from genrep.eval.probe_run import run_probes
+    from genrep.train.loop import pretrain
+
+    run = tmp_path / "gen"
+    pretrain(tiny_config("genvit", **{"train.steps": 4, "train.ckpt_every": 4}), run)
+    clean = run_probes(run, progress=False)
+    noisy = run_probes(run, progress=False, feature_options={"feature_t": 300})
+    assert clean["feature_t"] is None and noisy["feature_t"] == 300
+    assert sorted(p.name for p in (run / "cache").iterdir() if "train" in p.name) == [
+        "features-train-layer1-mean-feature_t300-ema.safetensors",
+        "features-train-layer1-mean-feature_tNone-ema.safetensors"]
+    with pytest.raises(GenrepError) as e:
+        run_probes(run, progress=False, feature_options={"dim": 64})
+    assert "cannot change model.dim of a trained genvit run" in one_line(e) and "model.feature_t" in one_line(e)

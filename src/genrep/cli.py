@@ -163,13 +163,15 @@ def cmd_probe(args, rest: list[str]) -> int:
     from .runs import read_run_config
 
     overrides = parse_overrides(rest)
-    bad = [k for k in overrides if not k.startswith("probe.")]
+    bad = [k for k in overrides if not k.startswith(("probe.", "model."))]
     if bad:
-        raise GenrepError(f"genrep probe takes only probe.* overrides (e.g. --probe.layer 2), got {', '.join(bad)}")
+        raise GenrepError(f"genrep probe takes probe.* overrides (e.g. --probe.layer 2) and the model's feature "
+                          f"options (e.g. --model.feature_t 100), got {', '.join(bad)}")
     base = read_run_config(args.run).probe
-    values = {**vars(base), **{k.split(".", 1)[1]: v for k, v in overrides.items()}}
+    values = {**vars(base), **{k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("probe.")}}
     probe = build_dataclass(ProbeConfig, values, "probe")
-    results = run_probes(args.run, probe, device=args.device)
+    options = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+    results = run_probes(args.run, probe, device=args.device, feature_options=options)
     print(_results_table(results))
     print(f"results: {args.run / 'results' / 'probe.json'}")
     return 0
@@ -183,8 +185,9 @@ def _results_table(r: dict) -> str:
     rows.append((f"linear probe ({lp['solver']}, wd {lp['weight_decay']:g})", lp["test_acc"]))
     rows += [(f"kNN k={k}", acc) for k, acc in r["knn"].items()]
     width = max(len(name) for name, _ in rows)
+    t = f", at step t={r['feature_t']}" if r.get("feature_t") is not None else ""
     head = (f"{r['method']} on {r['data']} ({r['n_train']} train / {r['n_test']} test), features: layer "
-            f"{r['layer']}, {r['pool']} pool, dim {r['feature_dim']}, {r['weights']} weights")
+            f"{r['layer']}, {r['pool']} pool{t}, dim {r['feature_dim']}, {r['weights']} weights")
     lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
     lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
     lines.append(f"{'chance':<{width}}  {100 / r['num_classes']:12.2f}%")

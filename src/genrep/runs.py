@@ -52,12 +52,28 @@ def read_run_config(run: Path) -> Config:
     return load_config_file(run / CONFIG_FILE)
 
 
-def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "cpu"
-                 ) -> tuple[Config, Method, ImageSet]:
+def with_feature_options(cfg: Config, options: dict | None) -> Config:
+    """``cfg`` with model keys changed that only affect how features are read (``Method.feature_options``)."""
+    if not options:
+        return cfg
+    from .config import apply_overrides, config_from_dict
+    from .methods import get_method
+
+    allowed = get_method(cfg.method).feature_options
+    bad = [k for k in options if k not in allowed]
+    if bad:
+        hint = f"; {cfg.method} lets a probe change {', '.join('model.' + k for k in allowed)}" if allowed else ""
+        raise GenrepError(f"cannot change {', '.join('model.' + k for k in bad)} of a trained {cfg.method} run "
+                          f"(the weights were trained with it){hint}")
+    return config_from_dict(apply_overrides(cfg.to_dict(), {f"model.{k}": v for k, v in options.items()}))
+
+
+def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
+                 feature_options: dict | None = None) -> tuple[Config, Method, ImageSet]:
     """The run's config, its method with trained weights (eval mode), and its training set."""
     if weights not in ("ema", "model"):
         raise GenrepError(f"weights '{weights}' is unknown; choose ema or model")
-    cfg = read_run_config(run)
+    cfg = with_feature_options(read_run_config(run), feature_options)
     train_set = load_train_set(cfg)
     method = build_for_data(cfg, train_set)
     state = load_safetensors(Path(run) / f"{weights}.safetensors")

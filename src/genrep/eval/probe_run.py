@@ -36,19 +36,23 @@ def classifier_accuracy(method: Method, images: torch.Tensor, labels: torch.Tens
     return correct / len(images)
 
 
-def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True) -> dict:
-    """Probe the run's frozen features; ``probe`` defaults to the run's own ``probe`` config section."""
+def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
+               feature_options: dict | None = None) -> dict:
+    """Probe the run's frozen features; ``probe`` defaults to the run's own ``probe`` config section;
+    ``feature_options`` overrides model keys that only change how features are read (e.g. feature_t)."""
     run = Path(run)
     dev = resolve_device(device)
     p = probe or read_run_config(run).probe
-    cfg, method, train_set = load_trained(run, p.weights, dev)
+    cfg, method, train_set = load_trained(run, p.weights, dev, feature_options)
     test_set = load_split(cfg, "test")
     layer, pool = method.check_feature_args(p.layer, p.pool)
     version = weights_version(run, p.weights)
+    options = {k: getattr(cfg.model, k) for k in method.feature_options}
+    tag = "".join(f"-{k}{v}" for k, v in options.items())
     t0 = time.perf_counter()
 
     def feats(split: str, images: torch.Tensor) -> torch.Tensor:
-        return cached_features(run, f"features-{split}-layer{layer}-{pool}-{p.weights}", version,
+        return cached_features(run, f"features-{split}-layer{layer}-{pool}{tag}-{p.weights}", version,
                                lambda: extract_features(method, images, layer=layer, pool=pool,
                                                         batch_size=p.batch_size, device=dev,
                                                         progress=progress, desc=f"features {split}"))
@@ -63,7 +67,7 @@ def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto"
     results = {
         "run": str(run), "recipe": cfg.recipe, "method": cfg.method, "weights": version,
         "data": cfg.data.name, "n_train": len(train_set), "n_test": len(test_set), "num_classes": n_cls,
-        "layer": layer, "pool": pool, "feature_dim": int(train_x.shape[1]),
+        "layer": layer, "pool": pool, **options, "feature_dim": int(train_x.shape[1]),
         "linear_probe": linear.to_dict(),
         "knn": {str(k): acc for k, acc in knn.items()},
     }

@@ -38,6 +38,8 @@ class Method(nn.Module):
     needs_labels: ClassVar[bool] = False
     feature_pools: ClassVar[tuple[str, ...]] = ("mean",)
     view_streams: ClassVar[dict[str, int]] = {}  # view -> independent mini-batch it comes from (default 0)
+    # model config keys that change how features are read, not the weights: `genrep probe` may override them
+    feature_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg, data: DataSpec):
         super().__init__()

@@ -57,6 +57,7 @@ class GenViT(Method):
     capabilities = frozenset({"sample", "nll"})
     feature_pools = ("cls", "mean")
     default_pool = "mean"
+    feature_options = ("feature_t",)
 
     def __init__(self, cfg: GenViTConfig, data: DataSpec):
         super().__init__(cfg, data)
