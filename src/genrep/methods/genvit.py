@@ -138,13 +138,20 @@ class GenViT(Method):
     # ---- generation and likelihood
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """``n`` images in [0, 1], [n, C, H, W], on the model's device."""
+               generator: torch.Generator | None = None, progress: bool = False, bf16: bool | None = None
+               ) -> torch.Tensor:
+        """``n`` images in [0, 1], [n, C, H, W], on the model's device.
+
+        ``bf16`` (default: on CUDA) runs the network under bf16 autocast; the sampler's own arithmetic
+        stays float32 (the network output is cast back before each update).
+        """
         d = self.data
         device = next(self.parameters()).device
-        x = sample(self.denoise, self.diffusion, (n, d.channels, d.image_size, d.image_size), sampler=sampler,
-                   steps=steps, eta=eta, generator=generator, device=device, progress=progress)
-        return ((x + 1) / 2).clamp(0, 1)
+        bf16 = device.type == "cuda" if bf16 is None else bf16
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = sample(self.denoise, self.diffusion, (n, d.channels, d.image_size, d.image_size), sampler=sampler,
+                       steps=steps, eta=eta, generator=generator, device=device, progress=progress)
+        return ((x.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def nll(self, x: torch.Tensor, *, num_terms: int | None = None, generator: torch.Generator | None = None,
