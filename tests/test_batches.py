@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from genrep.data.batches import BatchPlan, TrainBatches, make_views, mix_seed
+from genrep.data.batches import BatchPlan, TrainBatches, draw_random_inputs, make_views, mix_seed
 from genrep.errors import GenrepError
 
 
@@ -60,3 +60,16 @@ def test_views_of_a_split_batch_equal_the_whole_batch():
 def test_mix_seed_spreads_nearby_inputs():
     seeds = {mix_seed(0, step, 0) for step in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_random_inputs_of_a_split_batch_equal_the_whole_batch():
+    views = {"v": torch.zeros(8, 3, 4, 4)}
+    spec = {"t": ("steps", 1000), "noise": ("normal", "v")}
+    whole = draw_random_inputs(spec, views, seed=0, step=5, start=0, total=8)
+    assert whole["t"].shape == (8,) and whole["t"].dtype == torch.long and whole["noise"].shape == (8, 3, 4, 4)
+    halves = [draw_random_inputs(spec, {"v": views["v"][i:i + 4]}, seed=0, step=5, start=i, total=8) for i in (0, 4)]
+    for name in spec:
+        assert torch.equal(torch.cat([h[name] for h in halves]), whole[name])
+    other = draw_random_inputs(spec, views, seed=0, step=6, start=0, total=8)
+    assert not torch.equal(whole["noise"], other["noise"]) and not torch.equal(whole["t"], other["t"])
+    assert 0.5 < whole["noise"].std() < 1.5

@@ -95,9 +95,9 @@ def test_resume_from_an_earlier_checkpoint_is_bit_identical(tmp_path, method_nam
     assert [r["step"] for r in read_log(cut)] == [5, 10, 15, 20]  # the log is not duplicated
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    pretrain(tiny_config(**{"train.steps": 4}), tmp_path / "one")
-    pretrain(tiny_config(**{"train.steps": 4, "train.accum_steps": 4}), tmp_path / "four")
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, method_name):
+    pretrain(tiny_config(method_name, **{"train.steps": 4}), tmp_path / "one")
+    pretrain(tiny_config(method_name, **{"train.steps": 4, "train.accum_steps": 4}), tmp_path / "four")
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "four")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -150,10 +150,10 @@ def test_bf16_is_refused_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path):
+def test_compiled_training_matches_eager(tmp_path, method_name):
     """torch.compile (the CUDA fast path's compiler, here on the CPU) trains the same model."""
-    pretrain(tiny_config(**{"train.steps": 4}), tmp_path / "eager")
-    pretrain(tiny_config(**{"train.steps": 4, "train.compile": True}), tmp_path / "compiled")
+    pretrain(tiny_config(method_name, **{"train.steps": 4}), tmp_path / "eager")
+    pretrain(tiny_config(method_name, **{"train.steps": 4, "train.compile": True}), tmp_path / "compiled")
     a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
     assert a.keys() == b.keys()  # checkpoints hold the plain module's names, not the compiled wrapper's
     for k in a:

@@ -161,3 +161,30 @@ def make_views(images: torch.Tensor, views: dict[str, str], seed: int, step: int
         g = torch.Generator().manual_seed(mix_seed(seed, step, i, 0xA06))
         out[name] = augment(images[k * b:(k + 1) * b], kind, g, start=start, total=total)
     return out
+
+
+RANDOM_KINDS = ("normal", "steps")
+
+
+def draw_random_inputs(spec: dict[str, tuple[str, object]], views: dict[str, torch.Tensor], seed: int, step: int,
+                       start: int, total: int) -> dict[str, torch.Tensor]:
+    """Per-sample random inputs of a method, drawn for the whole global batch and sliced to [start, start+b).
+
+    ``spec`` maps a name to ``("normal", view)`` (standard normal noise shaped like that view's images)
+    or ``("steps", T)`` (integers uniform in [0, T)). Like the augmentations, the draw depends on
+    (seed, step, name) only, so a step's noise does not depend on the number of processes or on
+    gradient accumulation. It is drawn on the batch's device with a generator of that device: no copy.
+    """
+    out = {}
+    for i, (name, (kind, arg)) in enumerate(spec.items()):
+        like = views[arg] if kind == "normal" else next(iter(views.values()))
+        b, device = like.shape[0], like.device
+        g = torch.Generator(device=device).manual_seed(mix_seed(seed, step, i, 0x401))
+        if kind == "normal":
+            x = torch.randn((total, *like.shape[1:]), generator=g, device=device, dtype=like.dtype)
+        elif kind == "steps":
+            x = torch.randint(0, int(arg), (total,), generator=g, device=device)
+        else:
+            raise ValueError(f"unknown random input kind {kind!r}; expected one of {', '.join(RANDOM_KINDS)}")
+        out[name] = x[start:start + b]
+    return out

@@ -60,6 +60,13 @@ class Method(nn.Module):
         """Forward passes a training image of the batch costs (one per view); throughput counts these."""
         return len(self.views())
 
+    def random_inputs(self) -> dict[str, tuple[str, object]]:
+        """Per-sample randomness the loop draws with the batch (see ``data.batches.draw_random_inputs``):
+        name -> ("normal", view) or ("steps", T). It then arrives in ``batch[name]``, so a run does not
+        depend on how the global batch is split across processes or accumulation steps, and the
+        compiled objective holds no random op."""
+        return {}
+
     # ---- training
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

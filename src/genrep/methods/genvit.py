@@ -99,20 +99,26 @@ class GenViT(Method):
         """The network on [-1, 1] inputs: what the samplers and the bound call."""
         return self.net.denoise(x_t, t)
 
-    def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0, t, noise, x_t) for a training step: t uniform in [0, T), x_t ~ q(x_t | x0)."""
+    def random_inputs(self) -> dict[str, tuple[str, object]]:
+        return {"t": ("steps", self.diffusion.T), "noise": ("normal", "diffusion")}
+
+    def noised(self, images: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, t, noise, x_t) for a training step: t uniform in [0, T), x_t ~ q(x_t | x0). The loop passes
+        t and noise in (``random_inputs``); called without them, they come from the global RNG."""
         x0 = self.normalize(images)
-        t = self.diffusion.sample_t(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
+        t = self.diffusion.sample_t(x0.shape[0], x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
         shape = (-1,) + (1,) * (x0.ndim - 1)
         return x0, t, noise, self.sqrt_ab[t].view(shape) * x0 + self.sqrt_1m_ab[t].view(shape) * noise
 
-    def diffusion_loss(self, images: torch.Tensor) -> torch.Tensor:
-        x0, t, noise, x_t = self.noised(images)
+    def diffusion_loss(self, images: torch.Tensor, t: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+        x0, t, noise, x_t = self.noised(images, t, noise)
         return self.diffusion.loss(self.denoise(x_t, t).float(), x0, noise).mean()
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        diff = self.diffusion_loss(batch["diffusion"])
+        diff = self.diffusion_loss(batch["diffusion"], batch.get("t"), batch.get("noise"))
         return {"loss": diff, "diff": diff.detach()}
 
     # ---- representation
@@ -217,7 +223,7 @@ class HybViT(GenViT):
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # one forward for both mini-batches: the classification images first, untimed (see DenoiserViT)
         x_cls = self.normalize(batch["image"])
-        x0, t, noise, x_t = self.noised(batch["diffusion"])
+        x0, t, noise, x_t = self.noised(batch["diffusion"], batch.get("t"), batch.get("noise"))
         h = self.net(torch.cat([x_cls, x_t]), t=t)
         n = x_cls.shape[0]
         logits = self.head(h[:n, 0])

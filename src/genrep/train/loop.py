@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import Config, save_config
-from ..data.batches import BatchPlan, TrainBatches, make_views, mix_seed
+from ..data.batches import BatchPlan, TrainBatches, draw_random_inputs, make_views, mix_seed
 from ..data.datasets import ImageSet
 from ..errors import GenrepError
 from ..methods import Method
@@ -164,9 +164,10 @@ class Trainer:
         lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        views = make_views(images, self.method.views(), cfg.train.seed, step,
-                           start=self.info.rank * self.plan.local_batch, total=self.plan.global_batch,
+        start, total = self.info.rank * self.plan.local_batch, self.plan.global_batch
+        views = make_views(images, self.method.views(), cfg.train.seed, step, start=start, total=total,
                            streams=self.method.view_streams)
+        views.update(draw_random_inputs(self.method.random_inputs(), views, cfg.train.seed, step, start, total))
         if self.method.needs_labels:
             views["label"] = labels[:self.plan.local_batch]  # the labels of stream 0
         accum = cfg.train.accum_steps
