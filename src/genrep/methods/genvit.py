@@ -83,7 +83,8 @@ class GenViT(Method):
         self.register_buffer("sqrt_ab", d.sqrt_alphas_cumprod.float(), persistent=False)
         self.register_buffer("sqrt_1m_ab", d.sqrt_one_minus_alphas_cumprod.float(), persistent=False)
 
-    # a denoising ViT's best features usually sit in the middle: the last layers turn them back into pixels
+    # the middle, where iGPT and the diffusion-features paper find a generative model's best features (the last
+    # layers turn them back into pixels); on digits the layers are within a few points (docs/benchmarks.md)
     @property
     def default_layer(self) -> int:
         return self.cfg.feature_layer or math.ceil(self.cfg.depth / 2)
