@@ -31,6 +31,27 @@ class DataSpec:
     num_classes: int
 
 
+@dataclass
+class ViTConfig:
+    """The backbone keys every ViT-based method shares (defaults: the HybViT paper's CIFAR ViT)."""
+    dim: int = 384
+    depth: int = 9
+    num_heads: int = 12
+    mlp_ratio: float = 2.0
+    patch_size: int = 4              # 4 on 32x32, 8 on larger images (the HybViT paper)
+    pos_embed: str = "learned"       # learned | sincos
+    drop: float = 0.0
+
+
+def check_vit_shape(cfg: ViTConfig, data: DataSpec) -> None:
+    """What every ViT-based method's config must satisfy: patches tile the image, heads split the width."""
+    if data.image_size % cfg.patch_size:
+        raise GenrepError(f"model.patch_size {cfg.patch_size} does not divide the image size "
+                          f"{data.image_size}; choose a divisor of {data.image_size}")
+    if cfg.dim % cfg.num_heads:
+        raise GenrepError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type]

@@ -20,19 +20,12 @@ from ..diffusion import GaussianDiffusion, bits_per_dim, sample
 from ..errors import GenrepError
 from ..nn.denoiser import MODULATIONS, DenoiserViT
 from ..nn.flops import linear_flops, transformer_block_flops
-from .base import DataSpec, Method
+from .base import DataSpec, Method, ViTConfig, check_vit_shape
 from .registry import register
 
 
 @dataclass
-class GenViTConfig:
-    dim: int = 384
-    depth: int = 9
-    num_heads: int = 12
-    mlp_ratio: float = 2.0
-    patch_size: int = 4              # 4 on 32x32, 8 on larger images (the paper)
-    pos_embed: str = "learned"       # learned | sincos
-    drop: float = 0.0
+class GenViTConfig(ViTConfig):
     time_modulation: str = "token"   # token: one scalar scale/shift per token (the paper's code) | channel
     timesteps: int = 1000            # T
     schedule: str = "cosine"         # cosine | linear
@@ -61,11 +54,7 @@ class GenViT(Method):
 
     def __init__(self, cfg: GenViTConfig, data: DataSpec):
         super().__init__(cfg, data)
-        if data.image_size % cfg.patch_size:
-            raise GenrepError(f"model.patch_size {cfg.patch_size} does not divide the image size "
-                              f"{data.image_size}; choose a divisor of {data.image_size}")
-        if cfg.dim % cfg.num_heads:
-            raise GenrepError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
+        check_vit_shape(cfg, data)
         if cfg.time_modulation not in MODULATIONS:
             raise GenrepError(f"model.time_modulation '{cfg.time_modulation}' is unknown; choose token or channel")
         self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.prediction, cfg.loss, cfg.variance)

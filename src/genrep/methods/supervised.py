@@ -11,19 +11,12 @@ from torch import nn
 from ..errors import GenrepError
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
-from .base import DataSpec, Method
+from .base import DataSpec, Method, ViTConfig, check_vit_shape
 from .registry import register
 
 
 @dataclass
-class SupervisedConfig:
-    dim: int = 384
-    depth: int = 9
-    num_heads: int = 12
-    mlp_ratio: float = 2.0
-    patch_size: int = 4
-    pos_embed: str = "learned"      # learned | sincos
-    drop: float = 0.0
+class SupervisedConfig(ViTConfig):
     label_smoothing: float = 0.0
     augment: str = "weak"           # none | weak | strong
     head_pool: str = "cls"          # the token the classifier reads: cls | mean
@@ -40,11 +33,7 @@ class SupervisedViT(Method):
 
     def __init__(self, cfg: SupervisedConfig, data: DataSpec):
         super().__init__(cfg, data)
-        if data.image_size % cfg.patch_size:
-            raise GenrepError(f"model.patch_size {cfg.patch_size} does not divide the image size "
-                              f"{data.image_size}; choose a divisor of {data.image_size}")
-        if cfg.dim % cfg.num_heads:
-            raise GenrepError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
+        check_vit_shape(cfg, data)
         if cfg.head_pool not in self.feature_pools:
             raise GenrepError(f"model.head_pool '{cfg.head_pool}' is unknown; choose cls or mean")
         self.encoder = ViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
