@@ -172,8 +172,8 @@ def draw_random_inputs(spec: dict[str, tuple[str, object]], views: dict[str, tor
 
     ``spec`` maps a name to ``("normal", view)`` (standard normal noise shaped like that view's images)
     or ``("steps", T)`` (integers uniform in [0, T)). Like the augmentations, the draw depends on
-    (seed, step, name) only, so a step's noise does not depend on the number of processes or on
-    gradient accumulation. It is drawn on the batch's device with a generator of that device: no copy.
+    (seed, step, the entry's place in ``spec``) only, so a step's noise does not depend on the number
+    of processes or on gradient accumulation. It is drawn on the batch's device with a generator of that device: no copy.
     """
     out = {}
     for i, (name, (kind, arg)) in enumerate(spec.items()):
