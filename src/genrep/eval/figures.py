@@ -12,16 +12,28 @@ import matplotlib.pyplot as plt
 from ..io import atomic_savefig
 from ..train.logger import read_log
 
+# logged columns that are not loss terms
+NOT_LOSS_TERMS = {"step", "epoch", "lr", "grad_norm", "images_per_s", "acc"}
+
 
 def summary_figure(run: Path, probe: dict, path: Path) -> Path:
-    """Training loss over steps, and test accuracy of each read-out."""
+    """Training loss (and its terms, e.g. HybViT's ce and diff) over steps, and test accuracy of each read-out."""
     rows = read_log(run)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
     if rows:
-        losses = [r["loss"] for r in rows]
-        ax_loss.plot([r["step"] for r in rows], losses, lw=1.5)
-        if min(losses) > 0:  # the last orders of magnitude are where runs differ
+        steps = [r["step"] for r in rows]
+        parts = [k for k in rows[-1] if k not in NOT_LOSS_TERMS and k != "loss"]
+        # one term is the loss itself; several are worth seeing apart (HybViT: ce and diff)
+        terms = ["loss"] + (parts if len(parts) > 1 else [])
+        positive = True
+        for k in terms:
+            values = [r.get(k, float("nan")) for r in rows]
+            ax_loss.plot(steps, values, lw=1.5 if k == "loss" else 1.0, label=k)
+            positive &= min(values) > 0
+        if positive:  # the last orders of magnitude are where runs differ
             ax_loss.set_yscale("log")
+        if len(terms) > 1:
+            ax_loss.legend(fontsize=8)
     ax_loss.set(xlabel="step", ylabel="training loss", title=f"{probe.get('recipe') or probe['method']}")
     ax_loss.grid(alpha=0.3)
     names, accs = [], []
