@@ -95,16 +95,15 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str = "ddim", steps: int | 
                           f"(genvit, hybvit)")
     if rank_energy and "logits" not in method.capabilities:
         raise GenrepError(f"--rank-energy needs a classifier head and {cfg.method} has none; use a hybvit run")
-    steps_name = steps if steps is not None else (method.diffusion.T if sampler == "ddpm" else None)
-    if sampler == "ddim" and steps is None:
-        steps = steps_name = min(100, method.diffusion.T)
-    out = Path(out) if out else Path(run) / "samples" / f"{sampler}-{steps_name}steps-n{n}-seed{seed}.png"
+    if steps is None:  # DDPM runs every step; DDIM's default is 100
+        steps = method.diffusion.T if sampler == "ddpm" else min(100, method.diffusion.T)
+    out = Path(out) if out else Path(run) / "samples" / f"{sampler}-{steps}steps-n{n}-seed{seed}.png"
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     images = method.sample(n, sampler=sampler, steps=steps, eta=eta, generator=g, progress=progress)
     seconds = time.perf_counter() - t0
     scale = display_scale(images.shape[-1])
-    result = {"run": str(run), "method": cfg.method, "weights": weights, "sampler": sampler, "steps": steps_name,
+    result = {"run": str(run), "method": cfg.method, "weights": weights, "sampler": sampler, "steps": steps,
               "eta": eta, "n": n, "seed": seed, "seconds": round(seconds, 2), "grid": str(out)}
     save_png(grid(images.cpu(), nrow=math.ceil(math.sqrt(n))), out, scale)
     if rank_energy:
