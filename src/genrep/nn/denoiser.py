@@ -67,20 +67,18 @@ class DenoiserViT(ViT):
         ``t``: steps [B_t] of the *last* B_t images of the batch (B_t <= B); the images before them get
         no time input. None: no image does.
         """
-        layer = self.depth if layer is None else layer
-        if not 1 <= layer <= self.depth:
-            raise ValueError(f"layer must be in 1..{self.depth}, got {layer}")
-        h = self.tokens(x)
-        emb = self.time_embed(t) if t is not None else None
-        untimed = x.shape[0] - (t.shape[0] if t is not None else 0)
-        for block, mod in zip(self.blocks[:layer], self.modulations):
-            scale_shift = None
-            if emb is not None:
-                scale_shift = mod(emb)
-                if untimed:  # zero scale and shift in front: x * (1 + 0) + 0 is the untimed pass
-                    scale_shift = tuple(F.pad(v, (0, 0, 0, 0, untimed, 0)) for v in scale_shift)
-            h = block(h, scale_shift=scale_shift)
-        return self.norm(h) if layer == self.depth else h
+        layer = self.check_layer(layer)
+        if t is None:
+            return super().forward(x, layer)
+        emb = self.time_embed(t)
+        untimed = x.shape[0] - t.shape[0]
+        scale_shifts = []
+        for mod in self.modulations[:layer]:
+            scale_shift = mod(emb)
+            if untimed:  # zero scale and shift in front: x * (1 + 0) + 0 is the untimed pass
+                scale_shift = tuple(F.pad(v, (0, 0, 0, 0, untimed, 0)) for v in scale_shift)
+            scale_shifts.append(scale_shift)
+        return super().forward(x, layer, scale_shifts)
 
     def to_image(self, h: torch.Tensor) -> torch.Tensor:
         """Final tokens [B, prefix + N, D] -> the image-shaped prediction [B, C, H, W]."""

@@ -33,14 +33,20 @@ class ViT(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x
 
-    def forward(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Tokens after block ``layer`` (1-based; None or depth: the last block, then the final norm)."""
+    def check_layer(self, layer: int | None) -> int:
         layer = self.depth if layer is None else layer
         if not 1 <= layer <= self.depth:
             raise ValueError(f"layer must be in 1..{self.depth}, got {layer}")
+        return layer
+
+    def forward(self, x: torch.Tensor, layer: int | None = None, scale_shifts: list | None = None) -> torch.Tensor:
+        """Tokens after block ``layer`` (1-based; None or depth: the last block, then the final norm).
+
+        ``scale_shifts``: one (scale, shift) per block to modulate it (see ``transformer.Block``), or None."""
+        layer = self.check_layer(layer)
         h = self.tokens(x)
-        for block in self.blocks[:layer]:
-            h = block(h)
+        for i, block in enumerate(self.blocks[:layer]):
+            h = block(h, scale_shift=scale_shifts[i] if scale_shifts is not None else None)
         return self.norm(h) if layer == self.depth else h
 
     def pool(self, h: torch.Tensor, pool: str) -> torch.Tensor:
