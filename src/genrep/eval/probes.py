@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ SOLVERS = ("lbfgs", "adamw")
 
 @dataclass
 class LinearProbeResult:
-    """Outcome of :func:`linear_probe`; every field is JSON-serialisable (see :meth:`to_dict`).
+    """Outcome of :func:`linear_probe`; every field but ``test_probs`` is JSON-serialisable (:meth:`to_dict`).
 
     ``weight_decay`` is the value used for the final fit (the chosen one when a sweep ran).
     ``epochs_or_iters`` is the number of LBFGS iterations actually run (solver ``"lbfgs"``) or the number
@@ -59,6 +59,9 @@ class LinearProbeResult:
     the final fit (without the penalty).  ``converged`` is whether LBFGS stopped on its tolerances rather
     than on ``max_iter`` (``None`` for AdamW).  ``sweep`` has one entry per candidate weight decay
     (``{"weight_decay", "val_acc", "val_loss"}``, in the order given), empty when no sweep ran.
+    ``test_probs`` is the final fit's softmax over the test rows (float32 ``[N_test, K]`` on the CPU) when
+    :func:`linear_probe` was asked for it (``return_test_probs=True``, e.g. for an ECE), else ``None``;
+    :meth:`to_dict` leaves it out.
     """
 
     test_acc: float
@@ -75,9 +78,12 @@ class LinearProbeResult:
     val_fraction: float | None = None
     sweep: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    test_probs: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, test_probs=None))  # no deep copy of the tensor only to drop it
+        del d["test_probs"]
+        return d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +214,13 @@ def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tens
 
 
 @torch.no_grad()
+def _probabilities(weight: Tensor, bias: Tensor, x: Tensor, chunk: int = 65536) -> Tensor:
+    """Softmax class probabilities of the linear classifier on x, float32 [N, K] on the CPU."""
+    return torch.cat([torch.softmax(torch.addmm(bias, x[s:s + chunk], weight.t()), dim=1).cpu()
+                      for s in range(0, x.shape[0], chunk)])
+
+
+@torch.no_grad()
 def _evaluate(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor, chunk: int = 65536) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the linear classifier on (x, y)."""
     correct = 0
@@ -299,13 +312,14 @@ def _check_weight_decays(weight_decay) -> list[float]:
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, *,
                  solver: str = "lbfgs", weight_decay: float | Sequence[float] = 1e-4, epochs: int = 100,
                  batch_size: int = 512, lr: float = 0.01, max_iter: int = 1000, val_fraction: float = 0.1,
-                 seed: int = 0) -> LinearProbeResult:
+                 seed: int = 0, return_test_probs: bool = False) -> LinearProbeResult:
     """Fit a linear classifier on standardised frozen features; report train/test accuracy.
 
     See the module docstring for the objective and the two solvers.  ``max_iter`` applies to
     ``"lbfgs"``; ``epochs``, ``batch_size`` and ``lr`` to ``"adamw"``.  ``weight_decay`` may be a
     sequence, in which case it is chosen on a held-out ``val_fraction`` of the train set (split seeded
-    by ``seed``) and the model is refitted on the full train set.
+    by ``seed``) and the model is refitted on the full train set.  ``return_test_probs=True`` also
+    returns the test rows' softmax probabilities in :attr:`LinearProbeResult.test_probs`.
     """
     t0 = time.perf_counter()
     if solver not in SOLVERS:
@@ -358,11 +372,12 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     w, b, iters, converged = fit(sx, train_y, chosen)
     train_acc, train_loss = _evaluate(w, b, sx, train_y)
     test_acc, _ = _evaluate(w, b, tx, test_y)
+    test_probs = _probabilities(w, b, tx) if return_test_probs else None
     return LinearProbeResult(
         test_acc=test_acc, train_acc=train_acc, weight_decay=chosen, solver=solver, epochs_or_iters=iters,
         train_loss=train_loss, converged=converged,
         num_classes=num_classes, n_train=n, n_test=test_x.shape[0], dim=train_x.shape[1],
-        val_fraction=used_val_fraction, sweep=sweep, seconds=time.perf_counter() - t0)
+        val_fraction=used_val_fraction, sweep=sweep, seconds=time.perf_counter() - t0, test_probs=test_probs)
 
 
 # --------------------------------------------------------------------------------------------------
