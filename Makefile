@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast install browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ install: $(STAMP)
 run: $(STAMP)  ## the main job: pretrain the default recipe on digits, probe it, print the summary
 	$(VENV)/bin/genrep run
 
-test: $(STAMP)  ## every test, slow ones included (what CI runs)
-	$(PY) -m pytest
+test: $(STAMP) browser  ## every test, slow ones included (what CI runs)
+	GENREP_REQUIRE_BROWSER=1 $(PY) -m pytest
+
+# The report test renders the HTML report in a real headless browser: Debian's chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium for the report test"; \
+	    apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
 
 test-fast: $(STAMP)  ## skip the tests marked slow, while iterating
 	$(PY) -m pytest -m "not slow"

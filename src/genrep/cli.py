@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("run", type=Path, metavar="RUN")
     probe.add_argument("--device", default="auto")
 
+    ev = sub.add_parser("evaluate", help="every evaluation protocol that applies to a run (add --eval.key VALUE)")
+    ev.add_argument("run", type=Path, metavar="RUN")
+
+    rep = sub.add_parser("report", help="one self-contained HTML page comparing evaluated runs side by side")
+    rep.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    rep.add_argument("-o", "--out", type=Path, default=Path("report.html"), help="HTML path (default report.html)")
+
     smp = sub.add_parser("sample", help="draw images from a generative run and write a PNG grid")
     smp.add_argument("run", type=Path, metavar="RUN")
     smp.add_argument("-n", type=int, default=64, help="number of images (default 64)")
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if rest and args.command not in ("run", "pretrain", "probe"):
+        if rest and args.command not in ("run", "pretrain", "probe", "evaluate"):
             raise GenrepError(f"'genrep {args.command}' takes no arguments, got {' '.join(rest)}")
         return COMMANDS[args.command](args, rest)
     except GenrepError as e:
@@ -194,6 +201,83 @@ def _results_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ evaluate and report
+
+def _eval_config(run: Path, rest: list[str]):
+    from .config import EvalConfig, build_dataclass, parse_overrides
+    from .runs import read_run_config
+
+    overrides = parse_overrides(rest)
+    bad = [k for k in overrides if not k.startswith("eval.")]
+    if bad:
+        raise GenrepError(f"genrep evaluate takes eval.* overrides (e.g. --eval.protocols [ood,calibration]), got "
+                          f"{', '.join(bad)}")
+    base = read_run_config(run).eval
+    values = {**vars(base), **{k.split(".", 1)[1]: v for k, v in overrides.items()}}
+    return build_dataclass(EvalConfig, values, "eval")
+
+
+def _evaluation_summary(results: dict) -> str:
+    lines = [f"{results['method']} on {results['data']} ({results['weights']} weights):"]
+    for name, r in results["protocols"].items():
+        lines.append(f"  {name:<12} {_headline(name, r)}")
+    return "\n".join(lines)
+
+
+def _headline(name: str, r: dict) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    def pct(x):
+        return f"{100 * x:.2f}%"
+
+    if name == "probes":
+        b = r["best"]
+        head = f"classifier {pct(r['classifier_acc'])}, " if "classifier_acc" in r else ""
+        return (f"{head}linear {pct(r['linear_acc'])}, kNN k={min(r['knn'], key=int)} {pct(r['knn'][min(r['knn'], key=int)])}"
+                f"; best of sweep: layer {b['layer']} {b['pool']} {pct(b['linear_acc'])}")
+    if name == "calibration":
+        return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
+    if name == "ood":
+        parts = [f"{score} " + "/".join(f"{m['auroc']:.3f}" for m in sets.values()) for score, sets in r["scores"].items()]
+        return f"AUROC on {'/'.join(r['sets'])}: " + "; ".join(parts)
+    if name == "likelihood":
+        return f"{r['bpd']:.3f} bits/dim ({r['n']} images, {r['terms']} terms)"
+    if name == "generation":
+        label = " [CUSTOM extractor]" if r["custom_extractor"] else ""
+        return f"FID {r['fid']:.2f}, KID {r['kid']:.4f}, {r['n_fake']} samples; {r['extractor']}{label}"
+    if name == "robustness":
+        return "; ".join(f"{norm} eps={r['eps'][norm][-1]:g}/255: {pct(list(acc.values())[-1])}"
+                         for norm, acc in r["accuracy"].items())
+    if name == "similarity":
+        return f"mean CKA of adjacent layers {r['cka_adjacent_mean']:.3f}"
+    if name == "finetune":
+        return f"accuracy {pct(r['test_acc'])}, ECE {pct(r['test_ece'])} ({r['epochs']} epochs)"
+    if name == "lowshot":
+        return ", ".join(f"{100 * float(f):g}%: {pct(v['acc_mean'])} ± {100 * v['acc_std']:.2f}"
+                         for f, v in r["fractions"].items()) + f" ({r['readout']} read-out)"
+    return ""
+
+
+def cmd_evaluate(args, rest: list[str]) -> int:
+    from .eval.evaluate import EVAL_FILE, evaluate_run
+
+    ev = _eval_config(args.run, rest)
+    t0 = time.perf_counter()
+    results = evaluate_run(args.run, ev)
+    print(_evaluation_summary(results))
+    print(f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
+          f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
+    return 0
+
+
+def cmd_report(args, rest: list[str]) -> int:
+    from .eval.report import write_report
+
+    out = write_report(args.runs, args.out)
+    print(f"report of {len(args.runs)} run(s): {out}")
+    return 0
+
+
 # ------------------------------------------------------------------ sample
 
 def cmd_sample(args, rest: list[str]) -> int:
@@ -214,18 +298,22 @@ def cmd_sample(args, rest: list[str]) -> int:
 # ------------------------------------------------------------------ run (the main job)
 
 def cmd_run(args, rest: list[str]) -> int:
+    import dataclasses
+
+    from .eval.evaluate import evaluate_run
     from .eval.figures import summary_figure
     from .eval.probe_run import run_probes
+    from .eval.report import write_report
     from .methods import get_method
     from .train.loop import pretrain
 
     t0 = time.perf_counter()
     cfg, run, _ = _prepare_run(args, rest, default_recipe=args.recipe)
-    _say(f"genrep run: 1/3 pretraining {cfg.method} ({cfg.recipe}) on {cfg.data.name} in {run}")
+    _say(f"genrep run: 1/4 pretraining {cfg.method} ({cfg.recipe}) on {cfg.data.name} in {run}")
     result = pretrain(cfg, run)
     if not _is_main_process():
         return 0
-    _say(f"genrep run: 2/3 probing frozen features ({result.steps} steps took {result.seconds:.1f} s)")
+    _say(f"genrep run: 2/4 probing frozen features ({result.steps} steps took {result.seconds:.1f} s)")
     results = run_probes(run, device=cfg.train.device)
     figure = summary_figure(run, results, run / "figures" / "summary.png")
     lines = []
@@ -236,10 +324,22 @@ def cmd_run(args, rest: list[str]) -> int:
                          rank_energy="logits" in get_method(cfg.method).capabilities, per_class=4)
         lines.append(f"samples: {s['grid']} ({s['seconds']:.1f} s)"
                      + (f", ranked by energy per class: {s['ranked_grid']}" if "ranked_grid" in s else ""))
-    _say("genrep run: 3/3 summary", "", _results_table(results), "",
+    # fine-tuning retrains the whole network: the main job leaves it to `genrep evaluate --eval.protocols`
+    ev = dataclasses.replace(cfg.eval, protocols=[p for p in cfg.eval.protocols if p != RUN_SKIPS],
+                             device=cfg.train.device)
+    _say(f"genrep run: 3/4 evaluating ({', '.join(ev.protocols)}; not {RUN_SKIPS}, which is expensive)")
+    t_eval = time.perf_counter()
+    evaluation = evaluate_run(run, ev, say=lambda m: _say("  " + m))
+    report = write_report([run], run / "report.html")
+    _say("genrep run: 4/4 summary", "", _results_table(results), "", _evaluation_summary(evaluation), "",
          f"run folder: {run}  (config.yaml, model.safetensors, ema.safetensors, checkpoints/, log.jsonl, "
-         f"results/probe.json)", f"figure: {figure}", *lines, f"total time: {time.perf_counter() - t0:.1f} s")
+         f"results/probe.json, results/eval.json)", f"figure: {figure}", *lines,
+         f"evaluation: {time.perf_counter() - t_eval:.1f} s; report: {report}  (fine-tuning: genrep evaluate {run} "
+         f"--eval.protocols [finetune])", f"total time: {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+RUN_SKIPS = "finetune"
 
 
 # ------------------------------------------------------------------ listings
@@ -276,7 +376,8 @@ def cmd_methods(args, rest) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "sample": cmd_sample,
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "evaluate": cmd_evaluate,
+            "report": cmd_report, "sample": cmd_sample,
             "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
 
 

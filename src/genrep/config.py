@@ -75,6 +75,55 @@ class ProbeConfig:
     batch_size: int = 512
 
 
+PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "robustness", "similarity",
+             "finetune", "lowshot")
+
+
+@dataclass
+class EvalConfig:
+    """`genrep evaluate`: which protocols run and their sizes; where a paper fixes a setting it is the default."""
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))  # those that apply to the method run
+    weights: str = "ema"
+    device: str = "auto"
+    batch_size: int = 256
+    seed: int = 0
+    # probes: the GCRL linear protocol at the default read-out, then a fast sweep over layers and pools
+    sweep_layers: list[int] = field(default_factory=list)   # empty: half, last and every k-th block
+    sweep_pools: list[str] = field(default_factory=list)    # empty: every pooling the method offers
+    # calibration
+    ece_bins: int = 15              # 15 (Guo et al., GCRL); the HybViT recipes use 20 like its code
+    # out-of-distribution detection (generated sets, or any data set name of the registry, resized)
+    ood_sets: list[str] = field(default_factory=lambda: ["noise", "constant", "interp"])
+    ood_scores: list[str] = field(default_factory=list)     # empty: every score the method supports
+    ood_n: int = 1000               # in-distribution test images and images per OOD set
+    gaussian_covariance: str = "shared"  # shared | class
+    # likelihood (bits/dim on the test set)
+    bpd_n: int = 1000
+    bpd_terms: int = 0              # 0: all T terms of the bound; k: an unbiased stratified subset of k
+    # generation
+    fid_samples: int = 10000
+    fid_extractor: str = "inception"  # inception (needs local weights) | classifier (custom: a CNN on the data)
+    inception_weights: str = ""     # path; or the environment variable GENREP_INCEPTION_WEIGHTS
+    sample_steps: int = 100         # DDIM steps
+    # adversarial robustness: PGD with random start (eps lists: the HybViT paper's, in /255 units)
+    pgd_norms: list[str] = field(default_factory=lambda: ["linf", "l2"])
+    pgd_linf_eps: list[float] = field(default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 22, 30])
+    pgd_l2_eps: list[float] = field(default_factory=lambda: [0, 50, 100, 150, 200, 250, 300, 350, 400])
+    pgd_steps: int = 10
+    pgd_n: int = 1000
+    # representation similarity
+    cka_n: int = 1000
+    tsne_n: int = 1000
+    # fine-tuning (whole network, fresh linear head on the default read-out)
+    finetune_epochs: int = 15       # GCRL fine-tunes its ImageNet32 models for 15 epochs
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 128
+    # low-shot transfer
+    lowshot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
+    lowshot_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    lowshot_readout: str = "linear"  # linear (frozen features) | finetune
+
+
 @dataclass
 class Config:
     recipe: str = ""
@@ -84,6 +133,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,306 @@
+"""`genrep report RUN... -o report.html`: one self-contained page comparing runs side by side.
+
+One table per protocol with one row per run (as the papers' tables), then each run's figures. Images
+are inlined as base64 data URIs so the file can be mailed or archived alone. The report only reads
+``RUN/results/eval.json`` (and the figures it names): it never recomputes a number.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from pathlib import Path
+
+from ..errors import GenrepError
+from ..io import atomic_write_text
+from .evaluate import EVAL_FILE, read_results
+from .probe_run import RESULTS_DIR
+from .protocols import PROTOCOLS
+
+TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood": "Out-of-distribution detection",
+          "likelihood": "Likelihood", "generation": "Generation", "robustness": "Adversarial robustness (PGD)",
+          "similarity": "Representation similarity", "finetune": "Fine-tuning", "lowshot": "Low-shot transfer"}
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0 1em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}td.skip{color:#777;font-style:italic;text-align:left}
+tr.best td{font-weight:600}.note{color:#555;font-size:.92em}figure{display:inline-block;margin:.5em;vertical-align:top}
+figure img{max-width:540px;border:1px solid #ddd}figcaption{font-size:.9em;color:#444;text-align:center}
+.custom{color:#a33}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x, fmt=".4f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _mb(mean, std, scale=100.0, fmt=".2f") -> str:
+    return f"{scale * mean:{fmt}} ± {scale * std:{fmt}}"
+
+
+class Table:
+    def __init__(self, columns: list[str]):
+        self.columns, self.rows = columns, []
+
+    def add(self, cells: list[str]) -> None:
+        self.rows.append("<tr>" + "".join(f'<td class="l">{c}</td>' if i < 2 else f"<td>{c}</td>"
+                                          for i, c in enumerate(cells)) + "</tr>")
+
+    def skip(self, run_label: str, reason: str) -> None:
+        self.rows.append(f'<tr><td class="l">{run_label}</td><td class="skip" colspan="{len(self.columns) - 1}">'
+                         f"not applicable: {_e(reason)}</td></tr>")
+
+    def html(self) -> str:
+        head = "".join(f'<th class="l">{_e(c)}</th>' if i < 2 else f"<th>{_e(c)}</th>"
+                       for i, c in enumerate(self.columns))
+        return f"<table><tr>{head}</tr>{''.join(self.rows)}</table>"
+
+
+def _label(r: dict) -> str:
+    return f"{_e(r['method'])} <span class='note'>({_e(Path(r['run']).name)})</span>"
+
+
+def _size(r: dict) -> str:
+    return f"{r['params'] / 1e6:.2f}M"
+
+
+# ----------------------------------------------------------------------------------------- per protocol
+def _probes(runs: list[dict]) -> str:
+    knn_ks = sorted({k for r in runs for k in r["protocols"].get("probes", {}).get("knn", {})}, key=int)
+    t = Table(["run", "data", "size", "layer / pool", "classifier", "linear (AdamW)", *[f"kNN k={k}" for k in knn_ks],
+               "best sweep: layer / pool", "best sweep linear"])
+    for r in runs:
+        p = r["protocols"].get("probes")
+        if p is None:
+            continue
+        b = p["best"]
+        t.add([_label(r), _e(r["data"]), _size(r), f"{p['layer']} / {p['pool']}", _pct(p.get("classifier_acc")),
+               _pct(p["linear_acc"]), *[_pct(p["knn"].get(k)) for k in knn_ks], f"{b['layer']} / {b['pool']}",
+               _pct(b["linear_acc"])])
+    sweeps = []
+    for r in runs:
+        p = r["protocols"].get("probes")
+        if p is None:
+            continue
+        s = Table(["layer", "pool", "linear (L-BFGS)", "kNN"])
+        best = (p["best"]["layer"], p["best"]["pool"])
+        for row in p["sweep"]:
+            s.add([str(row["layer"]), _e(row["pool"]), _pct(row["linear_acc"]), _pct(row["knn_acc"])])
+            if (row["layer"], row["pool"]) == best:
+                s.rows[-1] = s.rows[-1].replace("<tr>", '<tr class="best">', 1)
+        sweeps.append(f"<details><summary>{_label(r)}: layer and pooling sweep</summary>{s.html()}</details>")
+    note = ("<p class='note'>Test accuracy (%). The linear probe is the GCRL protocol (AdamW, batch 512, wd 1e-4) "
+            "at the method's default read-out; the sweep uses the full-batch L-BFGS solver, and its best cell is "
+            "selected on test accuracy, as the papers' layer sweeps report.</p>")
+    return t.html() + note + "".join(sweeps)
+
+
+def _calibration(runs: list[dict]) -> str:
+    t = Table(["run", "data", "accuracy", "ECE (%)", "bins", "mean confidence"])
+    for r in runs:
+        c = r["protocols"].get("calibration")
+        if c is None:
+            continue
+        if "skipped" in c:
+            t.skip(_label(r), c["skipped"])
+            continue
+        t.add([_label(r), _e(r["data"]), _pct(c["accuracy"]), _pct(c["ece"]), str(c["bins"]),
+               _pct(c["mean_confidence"])])
+    return t.html()
+
+
+def _ood(runs: list[dict]) -> str:
+    sets = list(dict.fromkeys(s for r in runs for s in r["protocols"].get("ood", {}).get("sets", [])))
+    cols = ["run", "score"] + [f"{s} {m}" for s in sets for m in ("AUROC", "AUPRC", "FPR95")]
+    t = Table(cols)
+    for r in runs:
+        o = r["protocols"].get("ood")
+        if o is None:
+            continue
+        for score, per_set in o["scores"].items():
+            cells = []
+            for s in sets:
+                m = per_set.get(s)
+                cells += [_num(m and m["auroc"]), _num(m and m["auprc"]), _num(m and m["fpr95"])]
+            t.add([_label(r), _e(score), *cells])
+        for score, reason in o.get("not_applicable", {}).items():
+            t.skip(f"{_label(r)} · {_e(score)}", reason)
+    note = ("<p class='note'>In-distribution: the test split; scores are higher for more typical inputs "
+            "(gaussian: class-conditional Gaussian log-density of the features; msp: maximum softmax probability; "
+            "energy: logsumexp of the logits; bpd: minus bits/dim; score_norm: minus the norm of the gradient of "
+            "log p(x)). AUPRC takes the in-distribution set as positive.</p>")
+    return t.html() + note
+
+
+def _likelihood(runs: list[dict]) -> str:
+    t = Table(["run", "data", "bits/dim", "images", "terms of the bound"])
+    for r in runs:
+        lk = r["protocols"].get("likelihood")
+        if lk is None:
+            continue
+        if "skipped" in lk:
+            t.skip(_label(r), lk["skipped"])
+            continue
+        t.add([_label(r), _e(r["data"]), f"{lk['bpd']:.3f} ± {lk['bpd_sem']:.3f}", str(lk["n"]), _e(lk["terms"])])
+    return t.html()
+
+
+def _generation(runs: list[dict]) -> str:
+    t = Table(["run", "data", "FID", "KID", "IS", "samples", "feature extractor"])
+    for r in runs:
+        g = r["protocols"].get("generation")
+        if g is None:
+            continue
+        if "skipped" in g:
+            t.skip(_label(r), g["skipped"])
+            continue
+        ext = f"<span class='custom'>{_e(g['extractor'])}</span>" if g["custom_extractor"] else _e(g["extractor"])
+        is_ = (f"{g['inception_score']:.2f} ± {g['inception_score_std']:.2f}" if g.get("inception_score") is not None
+               else "–")
+        t.add([_label(r), _e(r["data"]), f"{g['fid']:.2f}", f"{g['kid']:.4g} ± {g['kid_std']:.2g}", is_,
+               f"{g['n_fake']} ({g['sampler']}, {g['steps']} steps)", ext])
+    return t.html() + ("<p class='note'>Against the training set. Numbers from a custom extractor (red) are not "
+                       "comparable with Inception-v3 FIDs in the literature.</p>")
+
+
+def _robustness(runs: list[dict]) -> str:
+    out = []
+    for norm in ("linf", "l2"):
+        eps = list(dict.fromkeys(e for r in runs for e in r["protocols"].get("robustness", {}).get("eps", {})
+                                 .get(norm, [])))
+        if not eps:
+            continue
+        t = Table(["run", "steps"] + [f"ε={e:g}/255" for e in eps])
+        for r in runs:
+            rb = r["protocols"].get("robustness")
+            if rb is None or norm not in rb.get("accuracy", {}):
+                continue
+            acc = rb["accuracy"][norm]
+            vals = list(acc.values())
+            t.add([_label(r), str(rb["steps"]), *[_pct(vals[rb["eps"][norm].index(e)]) if e in rb["eps"][norm]
+                                                  else "–" for e in eps]])
+        out.append(f"<h3>{'L∞' if norm == 'linf' else 'L2'}</h3>" + t.html())
+    for r in runs:
+        rb = r["protocols"].get("robustness")
+        if rb and "skipped" in rb:
+            out.append(f"<p class='note'>{_label(r)}: not applicable: {_e(rb['skipped'])}</p>")
+    return "".join(out) + "<p class='note'>Test accuracy (%) under PGD with random start; ε=0 is clean accuracy.</p>"
+
+
+def _similarity(runs: list[dict]) -> str:
+    t = Table(["run", "pool", "layers", "mean CKA of adjacent layers", "images"])
+    for r in runs:
+        s = r["protocols"].get("similarity")
+        if s is None:
+            continue
+        t.add([_label(r), _e(s["pool"]), str(len(s["layers"])), f"{s['cka_adjacent_mean']:.3f}", str(s["n"])])
+    return t.html()
+
+
+def _finetune(runs: list[dict]) -> str:
+    t = Table(["run", "data", "accuracy", "ECE (%)", "epochs", "lr", "layer / pool"])
+    for r in runs:
+        f = r["protocols"].get("finetune")
+        if f is None:
+            continue
+        t.add([_label(r), _e(r["data"]), _pct(f["test_acc"]), _pct(f["test_ece"]), str(f["epochs"]), f"{f['lr']:g}",
+               f"{f['layer']} / {f['pool']}"])
+    return t.html()
+
+
+def _lowshot(runs: list[dict]) -> str:
+    fracs = list(dict.fromkeys(k for r in runs for k in r["protocols"].get("lowshot", {}).get("fractions", {})))
+    t = Table(["run", "read-out", *[f"{100 * float(f):g}% acc" for f in fracs], *[f"{100 * float(f):g}% ECE"
+                                                                                  for f in fracs]])
+    for r in runs:
+        lo = r["protocols"].get("lowshot")
+        if lo is None:
+            continue
+        fr = lo["fractions"]
+        t.add([_label(r), _e(lo["readout"]),
+               *[_mb(fr[f]["acc_mean"], fr[f]["acc_std"]) if f in fr else "–" for f in fracs],
+               *[_mb(fr[f]["ece_mean"], fr[f]["ece_std"]) if f in fr else "–" for f in fracs]])
+    return t.html() + "<p class='note'>Mean ± std over seeds, in %.</p>"
+
+
+SECTIONS = {"probes": _probes, "calibration": _calibration, "ood": _ood, "likelihood": _likelihood,
+            "generation": _generation, "robustness": _robustness, "similarity": _similarity,
+            "finetune": _finetune, "lowshot": _lowshot}
+
+
+# ----------------------------------------------------------------------------------------------- page
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"data:image/png;base64,{data}"
+
+
+def _figures(r: dict, run: Path) -> str:
+    figs = []
+    for name in PROTOCOLS:
+        p = r["protocols"].get(name, {})
+        for caption, rel in p.get("figures", {}).items():
+            path = run / rel
+            if path.is_file():
+                figs.append(f"<figure><img alt='{_e(caption)}' src='{_img(path)}'><figcaption>{_e(TITLES[name])}: "
+                            f"{_e(caption)}</figcaption></figure>")
+            else:
+                figs.append(f"<p class='note'>missing figure {_e(rel)} ({_e(caption)})</p>")
+    summary = run / "figures" / "summary.png"
+    if summary.is_file():
+        figs.insert(0, f"<figure><img alt='training summary' src='{_img(summary)}'><figcaption>training loss and "
+                       f"probe accuracy</figcaption></figure>")
+    return "".join(figs)
+
+
+def load_runs(runs: list[Path]) -> list[dict]:
+    if not runs:
+        raise GenrepError("genrep report needs at least one run folder")
+    out = []
+    for run in runs:
+        r = read_results(run)
+        if not r:
+            raise GenrepError(f"{run} has no {RESULTS_DIR}/{EVAL_FILE}; evaluate it first with genrep evaluate {run}")
+        r["_path"] = Path(run)
+        out.append(r)
+    return out
+
+
+def render(runs: list[dict]) -> str:
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>genrep report</title><style>{CSS}</style>"
+             f"</head><body><h1>genrep report</h1><p class='note'>{len(runs)} run(s), written "
+             f"{time.strftime('%Y-%m-%d %H:%M')}</p>")]
+    t = Table(["run", "recipe", "data", "size", "GFLOPs / image", "weights", "device", "skipped protocols"])
+    for r in runs:
+        skipped = ", ".join(k for k, v in r["protocols"].items() if "skipped" in v) or "–"
+        t.add([_label(r), _e(r["recipe"]), f"{_e(r['data'])} ({r['image_size']}px, {r['n_train']}/{r['n_test']})",
+               _size(r), f"{r['flops_per_image'] / 1e9:.3f}", _e(r["weights"]), _e(r["device"]), _e(skipped)])
+    parts.append("<h2>Runs</h2>" + t.html())
+    for name, section in SECTIONS.items():
+        present = [r for r in runs if name in r["protocols"]]
+        if not present:
+            continue
+        parts.append(f"<h2 id='{name}'>{_e(TITLES[name])}</h2>" + section(present))
+    parts.append("<h2>Figures</h2>")
+    for r in runs:
+        parts.append(f"<h3>{_label(r)}</h3>{_figures(r, r['_path'])}")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(runs: list[Path], out: Path) -> Path:
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise GenrepError(f"the report is an HTML page; name it with .html (got {out})")
+    atomic_write_text(out, render(load_runs([Path(r) for r in runs])))
+    return out

@@ -1,0 +1,222 @@
+"""`genrep evaluate` and `genrep report`: every protocol on tiny trained runs of every method, and the
+HTML report rendered in a real headless browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genrep.config import PROTOCOLS as CONFIG_PROTOCOLS
+from genrep.config import EvalConfig
+from genrep.errors import GenrepError
+from genrep.eval.evaluate import evaluate_run, plan, read_results
+from genrep.eval.protocols import PROTOCOLS, sweep_layers
+from genrep.eval.report import write_report
+from genrep.methods import get_method, method_names
+from genrep.train.loop import pretrain
+
+from conftest import assert_one_line_error, one_line, run_cli, tiny_config
+
+# every protocol at a size that runs in seconds on a tiny model
+FAST = EvalConfig(device="cpu", batch_size=64, ood_n=48, bpd_n=8, bpd_terms=4, fid_samples=24, sample_steps=3,
+                  fid_extractor="classifier", pgd_n=24, pgd_steps=2, pgd_linf_eps=[0, 8], pgd_l2_eps=[0, 100],
+                  cka_n=48, tsne_n=48, finetune_epochs=1, finetune_batch_size=64, lowshot_seeds=[0, 1],
+                  lowshot_fractions=[0.05, 0.1])
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny trained run per registered method."""
+    base = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name in method_names():
+        run = base / name
+        pretrain(tiny_config(name, **{"train.steps": 30}), run)
+        runs[name] = run
+    return runs
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_runs, tmp_path_factory) -> dict[str, dict]:
+    # the digits CNN extractor is trained once, into a data root the tests own
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENREP_DATA", str(tmp_path_factory.mktemp("data")))
+        yield {name: evaluate_run(run, FAST, progress=False, say=lambda m: None)
+               for name, run in trained_runs.items()}
+
+
+def test_config_and_protocol_tables_agree():
+    assert tuple(PROTOCOLS) == CONFIG_PROTOCOLS
+
+
+@pytest.mark.slow
+def test_every_applicable_protocol_runs_and_the_others_say_why(evaluated, trained_runs, method_name):
+    results = evaluated[method_name]
+    method = get_method(method_name)
+    for name, (need, _, _) in PROTOCOLS.items():
+        r = results["protocols"][name]
+        if need is None or need in method.capabilities:
+            assert "skipped" not in r, (name, r)
+            assert r["seconds"] >= 0 and r["settings"]["seed"] == 0
+            for rel in r.get("figures", {}).values():
+                assert (trained_runs[method_name] / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        else:
+            assert need in r["skipped"] and method_name in r["skipped"]
+    on_disk = read_results(trained_runs[method_name])
+    assert on_disk["protocols"].keys() == results["protocols"].keys()
+    probes = results["protocols"]["probes"]
+    assert {(r["layer"], r["pool"]) for r in probes["sweep"]} >= {(probes["layer"], probes["pool"])}
+    assert all(0 <= r["linear_acc"] <= 1 for r in probes["sweep"])
+    ood = results["protocols"]["ood"]
+    assert set(ood["sets"]) == {"noise", "constant", "interp"}
+    for per_set in ood["scores"].values():
+        for m in per_set.values():
+            assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1
+    if "logits" in method.capabilities:
+        rob = results["protocols"]["robustness"]["accuracy"]
+        clean = results["protocols"]["calibration"]["accuracy"]
+        assert rob["linf"]["0.0"] >= rob["linf"][str(8 / 255)]
+        assert 0 <= clean <= 1
+    if "sample" in method.capabilities:
+        gen = results["protocols"]["generation"]
+        assert gen["custom_extractor"] and gen["extractor"].startswith("custom:") and gen["fid"] >= 0
+
+
+@pytest.mark.slow
+def test_a_later_call_adds_protocols_and_keeps_the_others(evaluated, trained_runs):
+    run = trained_runs["supervised"]
+    before = read_results(run)["protocols"]["calibration"]
+    evaluate_run(run, replace(FAST, protocols=["calibration"], ece_bins=5), progress=False, say=lambda m: None)
+    after = read_results(run)["protocols"]
+    assert after["calibration"]["bins"] == 5 and before["bins"] == 15
+    assert after["probes"] == evaluated["supervised"]["protocols"]["probes"]  # kept, same weights
+
+
+def test_plan_skips_with_reasons_and_rejects_unknown_protocols():
+    cfg = tiny_config("genvit")
+    from genrep.data.datasets import load_dataset
+    from genrep.runs import build_for_data
+    method = build_for_data(cfg, load_dataset("digits", "train", image_size=8))
+    run, skipped = plan(method, EvalConfig())
+    assert "generation" in run and "likelihood" in run
+    assert set(skipped) == {"calibration", "robustness"} and "classifier head" in skipped["calibration"]
+    with pytest.raises(GenrepError) as e:
+        plan(method, EvalConfig(protocols=["calibraton"]))
+    assert "calibration" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        plan(method, EvalConfig(protocols=[]))
+    one_line(e)
+
+
+def test_sweep_layers_covers_half_last_and_every_kth():
+    cfg = tiny_config("supervised", **{"model.depth": 9})
+    from genrep.data.datasets import load_dataset
+    from genrep.runs import build_for_data
+    method = build_for_data(cfg, load_dataset("digits", "train", image_size=8))
+    assert sweep_layers(method, []) == [2, 4, 5, 6, 8, 9]
+    assert sweep_layers(method, [3, 1, 3]) == [1, 3]
+    with pytest.raises(GenrepError):
+        sweep_layers(method, [10])
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_before_any_work(trained_runs, tmp_path, monkeypatch):
+    run = trained_runs["hybvit"]
+    monkeypatch.delenv("GENREP_INCEPTION_WEIGHTS", raising=False)
+    cases = [
+        (["--eval.protocols", "[generation]", "--eval.fid_extractor", "inception"], "GENREP_INCEPTION_WEIGHTS"),
+        (["--eval.protocols", "[ood]", "--eval.ood_sets", "[nosuchset]"], "nosuchset"),
+        (["--eval.protocols", "[ood]", "--eval.ood_scores", "[energyy]"], "energy"),
+        (["--eval.protocols", "[calibration]", "--eval.ece_bins", "0"], "ece_bins"),
+        (["--eval.protocols", "[lowshot]", "--eval.lowshot_fractions", "[0]"], "fraction"),
+        (["--eval.protoclos", "[ood]"], "protocols"),
+        (["--train.steps", "3"], "eval."),
+    ]
+    mtime = (run / "results" / "eval.json").stat().st_mtime_ns
+    for args, fragment in cases:
+        proc = run_cli("evaluate", str(run), "--eval.device", "cpu", *args, env={"GENREP_INCEPTION_WEIGHTS": ""})
+        assert_one_line_error(proc, fragment)
+    assert (run / "results" / "eval.json").stat().st_mtime_ns == mtime  # nothing half-written
+    assert_one_line_error(run_cli("evaluate", str(tmp_path)), "not a genrep run")
+    assert_one_line_error(run_cli("report", str(tmp_path), "-o", str(tmp_path / "r.html")), "genrep evaluate")
+    assert_one_line_error(run_cli("report", str(run), "-o", str(tmp_path / "r.txt")), ".html")
+
+
+def test_a_classifier_protocol_on_a_run_without_one_is_a_skip_not_a_number(tmp_path):
+    run = tmp_path / "genvit"
+    pretrain(tiny_config("genvit", **{"train.steps": 2}), run)
+    results = evaluate_run(run, replace(FAST, protocols=["calibration", "robustness"]), progress=False,
+                           say=lambda m: None)
+    for name in ("calibration", "robustness"):
+        assert set(results["protocols"][name]) == {"skipped"}
+
+
+# ------------------------------------------------------------------------------------------- the report
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+# CI installs Debian's chromium (make test does) and sets GENREP_REQUIRE_BROWSER=1, so there this test
+# can only pass by really rendering the page; elsewhere it is skipped when no browser is installed.
+requires_browser = pytest.mark.skipif(not _chromium() and os.environ.get("GENREP_REQUIRE_BROWSER") != "1",
+                                      reason="no chromium installed (make test installs Debian's)")
+
+PROBE_SCRIPT = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.dataset.images = imgs.filter(i => i.complete && i.naturalWidth > 0).length + '/' + imgs.length;
+  document.body.dataset.tables = document.querySelectorAll('table').length;
+  document.body.dataset.height = document.body.scrollHeight;
+});</script></body>"""
+
+
+def _browser(*args: str) -> subprocess.CompletedProcess:
+    exe = _chromium()
+    assert exe, "chromium is not installed: apt-get install chromium (make test installs it)"
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--virtual-time-budget=5000", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@requires_browser
+def test_report_renders_every_table_and_image_in_a_real_browser(evaluated, trained_runs, tmp_path):
+    runs = [trained_runs["supervised"], trained_runs["hybvit"]]
+    out = write_report(runs, tmp_path / "report.html")
+    page = out.read_text()
+    assert "src='runs" not in page and "file://" not in page  # self-contained: images are data URIs
+    for title in ("Representation probes", "Calibration", "Out-of-distribution detection", "Generation",
+                  "Adversarial robustness", "Low-shot transfer", "custom:"):
+        assert title in page
+    assert "not applicable: needs a sampler" in page  # the supervised run's generation row
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE_SCRIPT))
+    dom = _browser("--dump-dom", probe.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    loaded, total = (int(v) for v in dom.stdout.split('data-images="')[1].split('"')[0].split("/"))
+    assert total >= 10 and loaded == total  # every inline PNG decoded
+    assert int(dom.stdout.split('data-tables="')[1].split('"')[0]) >= 8
+    shot = tmp_path / "report.png"
+    proc = _browser(f"--screenshot={shot}", "--window-size=1280,2400", out.as_uri())
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (2400, 1280)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text, table borders and figures drew
+
+
+@pytest.mark.slow
+def test_cli_evaluate_and_report(trained_runs, evaluated, tmp_path):
+    run = trained_runs["supervised"]
+    proc = run_cli("evaluate", str(run), "--eval.device", "cpu", "--eval.protocols", "[calibration,ood]",
+                   "--eval.ood_n", "32", "--eval.ood_sets", "[noise]")
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration" in proc.stdout and "ECE" in proc.stdout and "AUROC on noise" in proc.stdout
+    assert "results/eval.json" in proc.stdout
+    report = run_cli("report", str(run), str(trained_runs["genvit"]), "-o", str(tmp_path / "r.html"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "r.html").read_text().count("<table>") >= 8
