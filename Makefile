@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install browser clean
+.PHONY: run test test-fast install browser gpu-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ browser:
 
 test-fast: $(STAMP)  ## skip the tests marked slow, while iterating
 	$(PY) -m pytest -m "not slow"
+
+# Pure-Python dependencies for the lent GPU machine, which has PyTorch but not all of genrep's deps
+# (benchmarks/gpu_check.sh puts this folder on PYTHONPATH; pass it to the device in `carry`).
+gpu-deps: $(STAMP)
+	rm -rf gpu-deps && mkdir gpu-deps
+	cp -r $$($(PY) -c "import torchmetrics, torch_fidelity, lightning_utilities as l, os; \
+	  print(' '.join(os.path.dirname(m.__file__) for m in (torchmetrics, torch_fidelity, l)))") gpu-deps/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,7 +17,8 @@ def _run(*args):
 def test_throughput_reports_images_per_second_flops_and_mfu(tmp_path):
     out = tmp_path / "rows.json"
     proc = _run("--recipe", "supervised-digits", "--batch-sizes", "32,64", "--steps", "3", "--warmup", "1",
-                "--peak-tflops", "0.5", "--json", str(out), "--model.dim", "32", "--model.num_heads", "2")
+                "--peak-tflops", "0.5", "--json", str(out), "--model.dim", "32", "--model.num_heads", "2",
+                "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [(r["mode"], r["batch"]) for r in rows] == [("eager-fp32", 32), ("eager-fp32", 64)]
