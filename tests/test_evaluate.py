@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, one_line, run_cli, tiny_config
 from PIL import Image
 
 from genrep.config import PROTOCOLS as CONFIG_PROTOCOLS
@@ -21,8 +22,6 @@ from genrep.eval.protocols import PROTOCOLS, sweep_layers
 from genrep.eval.report import write_report
 from genrep.methods import get_method, method_names
 from genrep.train.loop import pretrain
-
-from conftest import assert_one_line_error, one_line, run_cli, tiny_config
 
 # every protocol at a size that runs in seconds on a tiny model
 FAST = EvalConfig(device="cpu", batch_size=64, ood_n=48, bpd_n=8, bpd_terms=4, fid_samples=24, sample_steps=3,
@@ -97,6 +96,18 @@ def test_a_later_call_adds_protocols_and_keeps_the_others(evaluated, trained_run
     after = read_results(run)["protocols"]
     assert after["calibration"]["bins"] == 5 and before["bins"] == 15
     assert after["probes"] == evaluated["supervised"]["protocols"]["probes"]  # kept, same weights
+
+
+@pytest.mark.slow
+def test_cka_between_two_runs(evaluated, trained_runs):
+    run, other = trained_runs["supervised"], trained_runs["hybvit"]
+    r = evaluate_run(run, replace(FAST, protocols=["similarity"], cka_runs=[str(other)]), progress=False,
+                     say=lambda m: None)["protocols"]["similarity"]
+    cross = r["between_models"][str(other)]
+    assert cross["method"] == "hybvit" and 0 <= cross["max"] <= 1
+    assert len(cross["matrix"]) == 2 and len(cross["matrix"][0]) == 2  # tiny models: depth 2 each
+    assert all(abs(r["cka"][i][i] - 1) < 1e-9 for i in range(2))
+    assert (run / r["figures"]["CKA vs hybvit"]).is_file()
 
 
 def test_plan_skips_with_reasons_and_rejects_unknown_protocols():

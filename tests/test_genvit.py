@@ -100,10 +100,24 @@ def test_energy_score_is_logsumexp_of_logits():
     method = _build().eval()
     torch.nn.init.normal_(method.head.weight)
     x = torch.rand(4, 1, 8, 8)
-    torch.testing.assert_close(method.score(x), torch.logsumexp(method.logits(x), -1))
+    torch.testing.assert_close(method.energy(x), torch.logsumexp(method.logits(x), -1))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_score_function_is_the_gaussian_score_for_an_oracle_denoiser(prediction, monkeypatch):
+    """For unit-Gaussian data in the model's [-1, 1] space, p_t stays N(0, I) and the optimal denoiser is known
+    (E[eps | y_t] = sigma_t y_t, E[y_0 | y_t] = sqrt(alpha_bar_t) y_t): the score must come out as -y, times 2
+    for the [0, 1] -> [-1, 1] map."""
+    method = _build(**{"model.prediction": prediction, "model.score_t": 7}).eval()
+    coef = method.sqrt_1m_ab if prediction == "eps" else method.sqrt_ab
+    monkeypatch.setattr(method, "denoise", lambda y, t: coef[t].view(-1, 1, 1, 1) * y)
+    x = torch.rand(5, 1, 8, 8)
+    # x0 -> eps divides by sqrt(1 / alpha_bar - 1), small at t = 7: float32 keeps about 3 digits there
+    torch.testing.assert_close(method.grad_log_density(x), -2 * (2 * x - 1), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("override, fragment", [
+    ({"model.score_t": 1000}, "model.score_t 1000"),
     ({"model.alpha": -1.0}, "model.alpha must be >= 0"),
     ({"model.patch_size": 3}, "patch_size 3 does not divide the image size 8"),
     ({"model.feature_t": 5000}, "choose 0..999"),

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from genrep.data.augment import AUGMENTATIONS
 from genrep.errors import GenrepError
-from genrep.methods import CAPABILITIES, DataSpec, build_method, get_method
+from genrep.methods import CAPABILITIES, DataSpec, Method, build_method, get_method
+from genrep.methods.base import CAPABILITY_API
 from genrep.train.optim import param_groups
 
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
@@ -73,7 +74,12 @@ def test_capabilities_are_callable(method_name):
     if "logits" in method.capabilities:
         assert method.logits(x).shape == (2, SPEC.num_classes)
     for cap in method.capabilities:
-        assert callable(getattr(method, cap)), cap
+        api = CAPABILITY_API[cap]
+        assert callable(getattr(method, api)), cap
+        assert getattr(type(method), api) is not getattr(Method, api, None), f"{cap}: {api} is not implemented"
+    if "score" in method.capabilities:
+        g = method.grad_log_density(x)
+        assert g.shape == x.shape and torch.isfinite(g).all()
 
 
 def test_analytic_flops_match_a_counter(method_name):

@@ -245,7 +245,7 @@ def test_score_histogram_writes_a_png(tmp_path):
 # ----------------------------------------------------------------------------------------------- driver
 def test_applicable_scores():
     data = load_dataset("digits", "train", image_size=8)
-    expect = {"supervised": {"gaussian", "msp", "energy"}, "genvit": {"gaussian", "bpd"},
+    expect = {"supervised": {"gaussian", "msp", "energy"}, "genvit": {"gaussian", "bpd", "score_norm"},
               "hybvit": {"gaussian", "msp", "energy", "bpd", "score_norm"}}
     for name, ok in expect.items():
         why = applicable_scores(build_for_data(tiny_config(name), data))
@@ -284,8 +284,10 @@ def test_method_scores_hybvit_bpd_and_score_norm(digits8):
     assert all(v.shape == (6,) and torch.isfinite(v).all() for v in out.values())
     assert (out["bpd"] < 0).all() and (out["score_norm"] <= 0).all()
     x = images.float() / 255
-    torch.testing.assert_close(out["score_norm"], score_norm(method.score, x).double(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out["energy"], method.score(x).detach().double(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        direct = -method.grad_log_density(x).flatten(1).double().norm(dim=1)
+    torch.testing.assert_close(out["score_norm"], direct, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["energy"], method.energy(x).detach().double(), rtol=1e-5, atol=1e-5)
     same = method_scores(method, images, ["bpd"], device="cpu", batch_size=4, nll_terms=2, seed=3)
     other = method_scores(method, images, ["bpd"], device="cpu", batch_size=4, nll_terms=2, seed=4)
     assert torch.equal(same["bpd"], out["bpd"]) and not torch.equal(other["bpd"], out["bpd"])

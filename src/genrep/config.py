@@ -114,10 +114,14 @@ class EvalConfig:
     # representation similarity
     cka_n: int = 1000
     tsne_n: int = 1000
+    cka_runs: list[str] = field(default_factory=list)  # other run folders on the same data: CKA between models
     # fine-tuning (whole network, fresh linear head on the default read-out)
     finetune_epochs: int = 15       # GCRL fine-tunes its ImageNet32 models for 15 epochs
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 128
+    finetune_layer: int | None = None   # the read-out: None = the method's default layer and pooling
+    finetune_pool: str | None = None
+    finetune_causal: bool | None = None  # causal methods: fine-tune with (true) or without (false) the mask
     # low-shot transfer
     lowshot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
     lowshot_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])

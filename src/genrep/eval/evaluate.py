@@ -95,6 +95,12 @@ def _preflight(ctx: EvalContext, names: list[str]) -> None:
             make_ood_images(name, ctx.test, 1, seed=ev.seed, root=ctx.cfg.data.root, download=ctx.cfg.data.download)
     if "generation" in names and ev.fid_extractor != "classifier":  # the classifier is trained when needed
         extractor_for(ctx)
+    if "similarity" in names:
+        from ..runs import read_run_config
+        for other in ev.cka_runs:
+            read_run_config(Path(other))  # a folder that is not a run fails here, not after the other protocols
+    if "finetune" in names:
+        ctx.method.check_feature_args(ev.finetune_layer, ev.finetune_pool)
     if "robustness" in names and ev.pgd_steps < 1:
         raise GenrepError(f"eval.pgd_steps must be at least 1, got {ev.pgd_steps}")
     if "lowshot" in names and ev.lowshot_readout not in ("linear", "finetune"):
@@ -149,8 +155,9 @@ _SETTINGS = {
     "likelihood": ("bpd_n", "bpd_terms"),
     "generation": ("fid_samples", "fid_extractor", "sample_steps"),
     "robustness": ("pgd_norms", "pgd_linf_eps", "pgd_l2_eps", "pgd_steps", "pgd_n"),
-    "similarity": ("cka_n", "tsne_n"),
-    "finetune": ("finetune_epochs", "finetune_lr", "finetune_batch_size"),
+    "similarity": ("cka_n", "tsne_n", "cka_runs"),
+    "finetune": ("finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_layer", "finetune_pool",
+                 "finetune_causal"),
     "lowshot": ("lowshot_fractions", "lowshot_seeds", "lowshot_readout"),
 }
 

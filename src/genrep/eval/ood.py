@@ -11,8 +11,9 @@ Scores (``KINDS``; :func:`applicable_scores` says which a method offers)
     ``energy``     logsumexp of the logits (the negative free energy, Liu et al. 2020; JEM's log p(x) up to a
                    constant, the HybViT paper's table 3 score for classifiers).
     ``bpd``        minus the diffusion bound in bits/dim (the HybViT paper's log p(x) for GenViT/HybViT).
-    ``score_norm`` unsupervised OOD of GCRL: minus the L2 norm of d log p(x) / dx (:func:`score_norm`),
-                   with x the image in [0, 1].
+    ``score_norm`` unsupervised OOD of GCRL: minus the L2 norm of the score function d log p(x) / dx, with x
+                   the image in [0, 1] (``Method.grad_log_density``: GenViT and HybViT read it off the
+                   denoiser at a small step; a model with an explicit log p can use :func:`score_norm`).
 
 Metrics (:func:`ood_metrics`, float64 on the CPU)
     ``auroc``  area under the ROC curve, ties counted half (the Mann-Whitney statistic);
@@ -41,7 +42,7 @@ KINDS = ("gaussian", "msp", "energy", "bpd", "score_norm")
 _NEEDS = {"msp": ("logits", "needs a classifier head (logits)"),
           "energy": ("logits", "needs a classifier head (logits)"),
           "bpd": ("nll", "needs a likelihood (the nll capability: a diffusion model's bits/dim)"),
-          "score_norm": ("score", "needs a differentiable log-density (the score capability)")}
+          "score_norm": ("score", "needs the score function d log p(x) / dx (the score capability)")}
 COVARIANCES = ("shared", "class")
 
 
@@ -315,7 +316,8 @@ def method_scores(method, images_uint8: Tensor, kinds: list[str], *, device: tor
             if "bpd" in kinds:
                 out["bpd"].append(-method.nll(x, num_terms=nll_terms, generator=generator).double().cpu())
         if "score_norm" in kinds:
-            out["score_norm"].append(score_norm(method.score, x).double().cpu())
+            with torch.no_grad():
+                out["score_norm"].append(-method.grad_log_density(x).flatten(1).double().norm(dim=1).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -280,6 +280,19 @@ def similarity(ctx: EvalContext) -> dict:
     names = [str(ly) for ly in layers]
     heat = cka_heatmap(matrix, ctx.figure("cka-layers"), names, names, title=f"linear CKA between layers ({pool})",
                        xlabel="layer", ylabel="layer")
+    figures = {"CKA between layers": ctx.rel(heat)}
+    between = {}
+    for i, other in enumerate(ctx.ev.cka_runs):
+        o_cfg, o_method, o_feats = other_run_features(ctx, Path(other), images)
+        cross = cka_matrix(feats, o_feats)
+        o_names = [str(ly) for ly in range(1, o_method.num_layers + 1)]
+        fig = cka_heatmap(cross, ctx.figure(f"cka-vs-{i + 1}"), names, o_names,
+                          title=f"linear CKA: {ctx.cfg.method} vs {o_cfg.method} ({Path(other).name})",
+                          xlabel=f"{o_cfg.method} layer", ylabel=f"{ctx.cfg.method} layer")
+        between[str(other)] = {"method": o_cfg.method, "matrix": cross.tolist(),
+                               "same_layer_mean": float(torch.diagonal(cross).mean()) if cross.shape[0] ==
+                               cross.shape[1] else None, "max": float(cross.max())}
+        figures[f"CKA vs {Path(other).name}"] = ctx.rel(fig)
     t_images, t_labels = ctx.test_subset(ctx.ev.tsne_n)
     t_feats = ctx.features("test", layer, pool)
     if len(t_images) < len(ctx.test):
@@ -295,9 +308,26 @@ def similarity(ctx: EvalContext) -> dict:
     tsne = tsne_figure(t_feats, t_labels, ctx.figure("tsne"), classes=ctx.test.classes, ood_features=ood_feats,
                        ood_name=ood_name or "OOD", seed=ctx.ev.seed,
                        title=f"t-SNE of layer {layer} ({pool}) features")
+    figures["t-SNE"] = ctx.rel(tsne)
     return {"layers": layers, "pool": pool, "cka": matrix.tolist(), "n": len(images),
             "cka_adjacent_mean": float(torch.diagonal(matrix, 1).mean()) if len(layers) > 1 else 1.0,
-            "figures": {"CKA between layers": ctx.rel(heat), "t-SNE": ctx.rel(tsne)}}
+            "between_models": between, "figures": figures}
+
+
+def other_run_features(ctx: EvalContext, other: Path, images: torch.Tensor):
+    """Every layer's features (its default pooling) of another run on the same images, for CKA between models."""
+    from ..runs import load_trained, read_run_config
+
+    o_cfg = read_run_config(other)
+    if (o_cfg.data.name, o_cfg.data.image_size) != (ctx.cfg.data.name, ctx.cfg.data.image_size):
+        raise GenrepError(f"eval.cka_runs: {other} was trained on {o_cfg.data.name} at image_size "
+                          f"{o_cfg.data.image_size}, this run on {ctx.cfg.data.name} at {ctx.cfg.data.image_size}; "
+                          f"CKA between models needs the same images")
+    o_cfg, o_method, _ = load_trained(other, ctx.ev.weights, ctx.device)
+    _, o_pool = default_readout(o_method)
+    feats = [extract_features(o_method, images, layer=ly, pool=o_pool, batch_size=ctx.ev.batch_size,
+                              device=ctx.device, bf16=ctx.bf16) for ly in range(1, o_method.num_layers + 1)]
+    return o_cfg, o_method, feats
 
 
 # ----------------------------------------------------------------------------------------- fine-tuning
@@ -311,7 +341,8 @@ def finetune(ctx: EvalContext) -> dict:
 def finetune_settings(ctx: EvalContext) -> dict:
     # the pretraining augmentation: weak flips and crops help CIFAR and wreck digits (its recipes use none)
     return dict(epochs=ctx.ev.finetune_epochs, lr=ctx.ev.finetune_lr, batch_size=ctx.ev.finetune_batch_size,
-                augment=getattr(ctx.cfg.model, "augment", "none"))
+                augment=getattr(ctx.cfg.model, "augment", "none"), layer=ctx.ev.finetune_layer,
+                pool=ctx.ev.finetune_pool, causal=ctx.ev.finetune_causal)
 
 
 def lowshot(ctx: EvalContext) -> dict:

@@ -199,13 +199,17 @@ def _robustness(runs: list[dict]) -> str:
 
 
 def _similarity(runs: list[dict]) -> str:
-    t = Table(["run", "pool", "layers", "mean CKA of adjacent layers", "images"])
+    t = Table(["run", "pool", "layers", "mean CKA of adjacent layers", "images", "CKA with other runs"])
     for r in runs:
         s = r["protocols"].get("similarity")
         if s is None:
             continue
-        t.add([_label(r), _e(s["pool"]), str(len(s["layers"])), f"{s['cka_adjacent_mean']:.3f}", str(s["n"])])
-    return t.html()
+        other = "; ".join(f"{_e(Path(k).name)} ({_e(v['method'])}): max {v['max']:.3f}"
+                          + (f", same layer {v['same_layer_mean']:.3f}" if v.get("same_layer_mean") is not None
+                             else "") for k, v in s.get("between_models", {}).items()) or "–"
+        t.add([_label(r), _e(s["pool"]), str(len(s["layers"])), f"{s['cka_adjacent_mean']:.3f}", str(s["n"]), other])
+    return t.html() + ("<p class='note'>Linear CKA (Kornblith et al. 2019) on the same test images; 1 = the same "
+                       "representation up to rotation and scale. Heatmaps are among the figures.</p>")
 
 
 def _finetune(runs: list[dict]) -> str:

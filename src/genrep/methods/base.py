@@ -7,7 +7,8 @@ A method is an ``nn.Module`` with
   an independent mini-batch of its own (HybViT's diffusion stream); labels belong to stream 0.
 - ``features(x, layer=None, pool=None) -> [B, D]``: the frozen representation the paper evaluates.
 - optional capabilities, listed in ``capabilities`` so evaluation can tell what applies:
-  ``logits`` (a classifier head), ``sample``, ``complete``, ``nll`` (bits/dim), ``score``.
+  ``logits`` (a classifier head), ``sample``, ``complete``, ``nll`` (bits/dim), ``score``
+  (``grad_log_density(x)``: d log p(x) / dx, the score function, for the score-norm OOD test).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch import nn
 from ..errors import GenrepError
 
 CAPABILITIES = ("logits", "sample", "complete", "nll", "score")
+# the function each capability promises
+CAPABILITY_API = {"logits": "logits", "sample": "sample", "complete": "complete", "nll": "nll",
+                  "score": "grad_log_density"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,11 @@ class Method(nn.Module):
             raise GenrepError(f"pooling '{pool}' is not offered by {self.name}; "
                               f"choose one of {', '.join(self.feature_pools)}")
         return layer, pool
+
+    def grad_log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """d log p(x) / dx for images in [0, 1] (the ``score`` capability). Models with an explicit
+        log-likelihood get it by autograd; diffusion models read it off their denoiser."""
+        raise NotImplementedError
 
     # ---- optimisation hints
     def no_weight_decay(self) -> set[str]:

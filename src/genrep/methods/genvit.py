@@ -34,6 +34,7 @@ class GenViTConfig(ViTConfig):
     variance: str = "small"          # the fixed reverse variance: small (posterior) | large (beta)
     feature_t: int | None = None     # features of x noised to this step; None: the clean image (see features)
     feature_layer: int | None = None  # default probe layer; None: the method's default
+    score_t: int = 10                # the step whose denoiser gives the score d log p / dx (OOD score-norm)
 
 
 @dataclass
@@ -47,7 +48,7 @@ class HybViTConfig(GenViTConfig):
 class GenViT(Method):
     name = "genvit"
     config_class = GenViTConfig
-    capabilities = frozenset({"sample", "nll"})
+    capabilities = frozenset({"sample", "nll", "score"})
     feature_pools = ("cls", "mean")
     default_pool = "mean"
     feature_options = ("feature_t",)
@@ -61,6 +62,8 @@ class GenViT(Method):
         if cfg.feature_t is not None and not 0 <= cfg.feature_t < cfg.timesteps:
             raise GenrepError(f"model.feature_t {cfg.feature_t} is not a diffusion step; choose 0..{cfg.timesteps - 1}"
                               f" or null")
+        if not 0 <= cfg.score_t < cfg.timesteps:
+            raise GenrepError(f"model.score_t {cfg.score_t} is not a diffusion step; choose 0..{cfg.timesteps - 1}")
         if cfg.feature_layer is not None and not 1 <= cfg.feature_layer <= cfg.depth:
             raise GenrepError(f"model.feature_layer {cfg.feature_layer} does not exist; choose 1..{cfg.depth}")
         self.net = DenoiserViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
@@ -149,6 +152,16 @@ class GenViT(Method):
                        steps=steps, eta=eta, generator=generator, device=device, progress=progress)
         return ((x.float() + 1) / 2).clamp(0, 1)
 
+    def grad_log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's score at the small step ``score_t``: d log p_t(y) / dy = -eps(y, t) / sigma_t
+        (denoising score matching), evaluated at the clean image y = 2x - 1 and times 2 for d/dx. A small t
+        keeps p_t close to the data density while the denoiser still sees inputs like its training ones."""
+        y = self.normalize(x)
+        t = torch.full((y.shape[0],), self.cfg.score_t, device=y.device, dtype=torch.long)
+        out = self.denoise(y, t).float()
+        eps = out if self.diffusion.prediction == "eps" else self.diffusion.eps_from_x0(y, t, out)
+        return -2.0 * eps / self.sqrt_1m_ab[t].view(-1, *([1] * (y.ndim - 1)))
+
     @torch.no_grad()
     def nll(self, x: torch.Tensor, *, num_terms: int | None = None, generator: torch.Generator | None = None,
             progress: bool = False) -> torch.Tensor:
@@ -206,8 +219,9 @@ class HybViT(GenViT):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.net(self.normalize(x))[:, 0])
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """The energy score logsumexp(logits) (JEM; the paper's "log p(x)" up to a constant): higher = more typical."""
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """logsumexp(logits), the paper's "log p(x)" up to a constant (JEM): higher = more typical. OOD uses it as
+        the ``energy`` score; ``grad_log_density`` stays the diffusion model's, as for GenViT, so they compare."""
         return torch.logsumexp(self.logits(x).float(), dim=-1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
