@@ -43,6 +43,17 @@ def tiny_config(method: str = "supervised", **overrides) -> Config:
     return resolve_config(digits_recipe(method), {**TINY, **overrides})
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a test of tiny tensors: as fast, and robust to a loaded machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=method_names())
 def method_name(request) -> str:
     return request.param

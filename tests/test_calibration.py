@@ -18,14 +18,8 @@ from genrep.eval.calibration import (
 )
 from genrep.runs import build_for_data
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny problems: on a shared 2-core machine intra-op threads mostly wait on each other (see test_probes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny problems: on a shared 2-core machine intra-op threads mostly wait on each other
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_probs(n: int, k: int, seed: int, sharpness: float = 3.0):

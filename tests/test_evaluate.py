@@ -169,6 +169,18 @@ def test_a_classifier_protocol_on_a_run_without_one_is_a_skip_not_a_number(tmp_p
         assert set(results["protocols"][name]) == {"skipped"}
 
 
+def test_an_empty_test_split_is_a_one_line_error(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
+             y_train=np.arange(40) % 2, x_test=np.zeros((0, 8, 8, 1), np.uint8), y_test=np.zeros(0, np.int64))
+    run = tmp_path / "run"
+    pretrain(tiny_config("supervised", **{"data.name": f"npz:{tmp_path / 'd.npz'}", "train.steps": 2}), run)
+    with pytest.raises(GenrepError) as e:
+        evaluate_run(run, FAST, progress=False, say=lambda m: None)
+    assert "empty" in one_line(e)
+    assert not (run / "results" / "eval.json").exists()
+
+
 # ------------------------------------------------------------------------------------------- the report
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

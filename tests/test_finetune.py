@@ -21,13 +21,8 @@ from genrep.runs import build_for_data
 FAST = dict(epochs=5, lr=2e-3, batch_size=32, augment="none", warmup_epochs=0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny problems on a shared 2-core machine: one intra-op thread is as fast and robust to load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny problems: on a shared 2-core machine intra-op threads mostly wait on each other
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

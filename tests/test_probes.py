@@ -21,15 +21,8 @@ from genrep.eval.probes import (
     standardize,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These problems are tiny, and a shared 2-core machine makes intra-op threads wait on each other
-    (20x slowdowns of small-op loops under load).  One thread is as fast here and robust to load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny problems: on a shared 2-core machine intra-op threads mostly wait on each other
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

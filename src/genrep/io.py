@@ -64,3 +64,14 @@ def atomic_torch_save(path: Path, obj) -> None:
 def atomic_savefig(path: Path, fig) -> None:
     _atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120,
                                           bbox_inches="tight"))
+
+
+def save_figure(path: Path, fig) -> Path:
+    """Write a matplotlib figure atomically (format from the suffix) and close it, even when writing fails."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_savefig(Path(path), fig)
+    finally:
+        plt.close(fig)
+    return Path(path)

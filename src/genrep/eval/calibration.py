@@ -97,7 +97,7 @@ def reliability_diagram(probs: Tensor, labels: Tensor, path, n_bins: int = 15, t
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_savefig
+    from ..io import save_figure
 
     b = calibration_bins(probs, labels, n_bins)
     count, conf, acc = b["count"].numpy(), b["confidence"].numpy(), b["accuracy"].numpy()
@@ -119,8 +119,4 @@ def reliability_diagram(probs: Tensor, labels: Tensor, path, n_bins: int = 15, t
     ax_n.set(xlabel="confidence (top-class probability)", ylabel="predictions")
     ax_n.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        atomic_savefig(Path(path), fig)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save_figure(path, fig)

@@ -134,6 +134,7 @@ def evaluate_run(run: Path, ev: EvalConfig | None = None, *, progress: bool = Tr
     }
     for name, reason in skipped.items():
         results["protocols"][name] = {"skipped": reason}
+    results["protocols"] = {k: results["protocols"][k] for k in PROTOCOLS if k in results["protocols"]}
     path = run / RESULTS_DIR / EVAL_FILE
     for name in names:
         say(f"genrep evaluate: {name}")
@@ -143,6 +144,7 @@ def evaluate_run(run: Path, ev: EvalConfig | None = None, *, progress: bool = Tr
         out["seconds"] = round(time.perf_counter() - t0, 2)
         out["settings"] = _settings(name, ev)
         results["protocols"][name] = out
+        results["protocols"] = {k: results["protocols"][k] for k in PROTOCOLS if k in results["protocols"]}
         atomic_write_json(path, results)
     atomic_write_json(path, results)
     return results

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 
-from ..io import atomic_savefig
+from ..io import save_figure
 from ..train.logger import read_log
 
 # logged columns that are not loss terms
@@ -55,6 +55,4 @@ def summary_figure(run: Path, probe: dict, path: Path) -> Path:
                title=f"{probe['data']}: layer {probe['layer']}, {probe['pool']} pool")
     ax_acc.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    atomic_savefig(path, fig)
-    plt.close(fig)
-    return path
+    return save_figure(path, fig)

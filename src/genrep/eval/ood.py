@@ -331,7 +331,7 @@ def score_histogram(scores: dict[str, Tensor], path, title: str = "", in_name: s
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_savefig
+    from ..io import save_figure
 
     if not scores:
         raise GenrepError("score_histogram needs at least one set of scores")
@@ -354,8 +354,4 @@ def score_histogram(scores: dict[str, Tensor], path, title: str = "", in_name: s
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        atomic_savefig(Path(path), fig)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save_figure(path, fig)

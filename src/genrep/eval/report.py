@@ -76,23 +76,31 @@ def _size(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------- per protocol
+def _results(runs: list[dict], name: str, table: Table | None = None):
+    """(run, its results of protocol ``name``) for each run that has them; a skipped run gets a row saying
+    why in ``table``."""
+    for r in runs:
+        p = r["protocols"].get(name)
+        if p is None:
+            continue
+        if "skipped" in p:
+            if table is not None:
+                table.skip(_label(r), p["skipped"])
+            continue
+        yield r, p
+
+
 def _probes(runs: list[dict]) -> str:
     knn_ks = sorted({k for r in runs for k in r["protocols"].get("probes", {}).get("knn", {})}, key=int)
     t = Table(["run", "data", "size", "layer / pool", "classifier", "linear (AdamW)", *[f"kNN k={k}" for k in knn_ks],
                "best sweep: layer / pool", "best sweep linear"])
-    for r in runs:
-        p = r["protocols"].get("probes")
-        if p is None:
-            continue
+    for r, p in _results(runs, "probes"):
         b = p["best"]
         t.add([_label(r), _e(r["data"]), _size(r), f"{p['layer']} / {p['pool']}", _pct(p.get("classifier_acc")),
                _pct(p["linear_acc"]), *[_pct(p["knn"].get(k)) for k in knn_ks], f"{b['layer']} / {b['pool']}",
                _pct(b["linear_acc"])])
     sweeps = []
-    for r in runs:
-        p = r["protocols"].get("probes")
-        if p is None:
-            continue
+    for r, p in _results(runs, "probes"):
         s = Table(["layer", "pool", "linear (L-BFGS)", "kNN"])
         best = (p["best"]["layer"], p["best"]["pool"])
         for row in p["sweep"]:
@@ -108,13 +116,7 @@ def _probes(runs: list[dict]) -> str:
 
 def _calibration(runs: list[dict]) -> str:
     t = Table(["run", "data", "accuracy", "ECE (%)", "bins", "mean confidence"])
-    for r in runs:
-        c = r["protocols"].get("calibration")
-        if c is None:
-            continue
-        if "skipped" in c:
-            t.skip(_label(r), c["skipped"])
-            continue
+    for r, c in _results(runs, "calibration", t):
         t.add([_label(r), _e(r["data"]), _pct(c["accuracy"]), _pct(c["ece"]), str(c["bins"]),
                _pct(c["mean_confidence"])])
     return t.html()
@@ -124,10 +126,7 @@ def _ood(runs: list[dict]) -> str:
     sets = list(dict.fromkeys(s for r in runs for s in r["protocols"].get("ood", {}).get("sets", [])))
     cols = ["run", "score"] + [f"{s} {m}" for s in sets for m in ("AUROC", "AUPRC", "FPR95")]
     t = Table(cols)
-    for r in runs:
-        o = r["protocols"].get("ood")
-        if o is None:
-            continue
+    for r, o in _results(runs, "ood"):
         for score, per_set in o["scores"].items():
             cells = []
             for s in sets:
@@ -145,26 +144,14 @@ def _ood(runs: list[dict]) -> str:
 
 def _likelihood(runs: list[dict]) -> str:
     t = Table(["run", "data", "bits/dim", "images", "terms of the bound"])
-    for r in runs:
-        lk = r["protocols"].get("likelihood")
-        if lk is None:
-            continue
-        if "skipped" in lk:
-            t.skip(_label(r), lk["skipped"])
-            continue
+    for r, lk in _results(runs, "likelihood", t):
         t.add([_label(r), _e(r["data"]), f"{lk['bpd']:.3f} ± {lk['bpd_sem']:.3f}", str(lk["n"]), _e(lk["terms"])])
     return t.html()
 
 
 def _generation(runs: list[dict]) -> str:
     t = Table(["run", "data", "FID", "KID", "IS", "samples", "feature extractor"])
-    for r in runs:
-        g = r["protocols"].get("generation")
-        if g is None:
-            continue
-        if "skipped" in g:
-            t.skip(_label(r), g["skipped"])
-            continue
+    for r, g in _results(runs, "generation", t):
         ext = f"<span class='custom'>{_e(g['extractor'])}</span>" if g["custom_extractor"] else _e(g["extractor"])
         is_ = (f"{g['inception_score']:.2f} ± {g['inception_score_std']:.2f}" if g.get("inception_score") is not None
                else "–")
@@ -200,10 +187,7 @@ def _robustness(runs: list[dict]) -> str:
 
 def _similarity(runs: list[dict]) -> str:
     t = Table(["run", "pool", "layers", "mean CKA of adjacent layers", "images", "CKA with other runs"])
-    for r in runs:
-        s = r["protocols"].get("similarity")
-        if s is None:
-            continue
+    for r, s in _results(runs, "similarity"):
         other = "; ".join(f"{_e(Path(k).name)} ({_e(v['method'])}): max {v['max']:.3f}"
                           + (f", same layer {v['same_layer_mean']:.3f}" if v.get("same_layer_mean") is not None
                              else "") for k, v in s.get("between_models", {}).items()) or "–"
@@ -214,10 +198,7 @@ def _similarity(runs: list[dict]) -> str:
 
 def _finetune(runs: list[dict]) -> str:
     t = Table(["run", "data", "accuracy", "ECE (%)", "epochs", "lr", "layer / pool"])
-    for r in runs:
-        f = r["protocols"].get("finetune")
-        if f is None:
-            continue
+    for r, f in _results(runs, "finetune"):
         t.add([_label(r), _e(r["data"]), _pct(f["test_acc"]), _pct(f["test_ece"]), str(f["epochs"]), f"{f['lr']:g}",
                f"{f['layer']} / {f['pool']}"])
     return t.html()
@@ -227,10 +208,7 @@ def _lowshot(runs: list[dict]) -> str:
     fracs = list(dict.fromkeys(k for r in runs for k in r["protocols"].get("lowshot", {}).get("fractions", {})))
     t = Table(["run", "read-out", *[f"{100 * float(f):g}% acc" for f in fracs], *[f"{100 * float(f):g}% ECE"
                                                                                   for f in fracs]])
-    for r in runs:
-        lo = r["protocols"].get("lowshot")
-        if lo is None:
-            continue
+    for r, lo in _results(runs, "lowshot"):
         fr = lo["fractions"]
         t.add([_label(r), _e(lo["readout"]),
                *[_mb(fr[f]["acc_mean"], fr[f]["acc_std"]) if f in fr else "–" for f in fracs],

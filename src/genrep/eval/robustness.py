@@ -259,7 +259,7 @@ def robustness_figure(results: dict[str, dict], path: Path, title: str = "") -> 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_savefig
+    from ..io import save_figure
 
     panels = {}
     for norm, curves in results.items():
@@ -289,6 +289,4 @@ def robustness_figure(results: dict[str, dict], path: Path, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    atomic_savefig(Path(path), fig)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(path, fig)

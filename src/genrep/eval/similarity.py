@@ -184,7 +184,7 @@ def cka_heatmap(matrix, path: Path, row_labels: Sequence | None = None, col_labe
     rows = _labels_for(row_labels, m.shape[0], "row")
     cols = _labels_for(col_labels, m.shape[1], "column")
     plt = _pyplot()
-    from ..io import atomic_savefig
+    from ..io import save_figure
 
     side = 0.45
     fig, ax = plt.subplots(figsize=(max(3.5, 1.6 + side * m.shape[1]), max(3.0, 1.0 + side * m.shape[0])))
@@ -199,9 +199,7 @@ def cka_heatmap(matrix, path: Path, row_labels: Sequence | None = None, col_labe
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if m[i, j] > 0.6 else "white")
     fig.tight_layout()
-    atomic_savefig(Path(path), fig)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(path, fig)
 
 
 def _as_numpy_features(x, name: str) -> np.ndarray:
@@ -281,7 +279,7 @@ def tsne_figure(features, labels, path: Path, *, classes: Sequence[str] | None =
                    random_state=seed).fit_transform(data)
 
     plt = _pyplot()
-    from ..io import atomic_savefig
+    from ..io import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     if len(parts) > 1:
@@ -298,6 +296,4 @@ def tsne_figure(features, labels, path: Path, *, classes: Sequence[str] | None =
               ncol=max(1, math.ceil(shown / 20)))
     ax.set(xticks=[], yticks=[], title=title or "t-SNE of features")
     fig.tight_layout()
-    atomic_savefig(Path(path), fig)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(path, fig)
