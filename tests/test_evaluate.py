@@ -169,6 +169,29 @@ def test_a_classifier_protocol_on_a_run_without_one_is_a_skip_not_a_number(tmp_p
         assert set(results["protocols"][name]) == {"skipped"}
 
 
+@pytest.mark.slow
+def test_finetune_and_lowshot_transfer_to_another_data_set(trained_runs, evaluated, tmp_path):
+    """GCRL's protocol: models pretrained on one set fine-tuned / low-shot on another, here 3 classes of
+    16x16 RGB images, loaded at the run's 8x8 grey."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (90, 16, 16, 3), dtype=np.uint8)
+    y = np.arange(90) % 3
+    x[y == 1] //= 4  # learnable: one class dark, one bright
+    x[y == 2] = 255 - x[y == 2] // 4
+    path = tmp_path / "t.npz"
+    np.savez(path, x_train=x[:60], y_train=y[:60], x_test=x[60:], y_test=y[60:])
+    ev = replace(FAST, protocols=["finetune", "lowshot"], transfer_data=f"npz:{path}", lowshot_fractions=[0.1, 1.0])
+    results = evaluate_run(trained_runs["hybvit"], ev, progress=False, say=lambda m: None)["protocols"]
+    ft, lo = results["finetune"], results["lowshot"]
+    assert ft["data"] == lo["data"] == f"npz:{path}" and ft["num_classes"] == 3 and ft["n_test"] == 30
+    assert lo["fractions"]["1.0"]["acc_mean"] > 0.9  # linear read-out of bright vs dark vs mid
+    assert ft["settings"]["transfer_data"] == f"npz:{path}"
+    bad = replace(FAST, protocols=["lowshot"], transfer_data="npz:/no/such.npz")
+    with pytest.raises(GenrepError) as e:
+        evaluate_run(trained_runs["hybvit"], bad, progress=False, say=lambda m: None)
+    assert "no/such.npz" in one_line(e)
+
+
 def test_an_empty_test_split_is_a_one_line_error(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),

@@ -167,6 +167,7 @@ def cmd_pretrain(args, rest: list[str]) -> int:
 def cmd_probe(args, rest: list[str]) -> int:
     from .config import ProbeConfig, build_dataclass, parse_overrides
     from .eval.probe_run import run_probes
+    from .eval.summary import probe_table
     from .runs import read_run_config
 
     overrides = parse_overrides(rest)
@@ -179,26 +180,9 @@ def cmd_probe(args, rest: list[str]) -> int:
     probe = build_dataclass(ProbeConfig, values, "probe")
     options = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
     results = run_probes(args.run, probe, device=args.device, feature_options=options)
-    print(_results_table(results))
+    print(probe_table(results))
     print(f"results: {args.run / 'results' / 'probe.json'}")
     return 0
-
-
-def _results_table(r: dict) -> str:
-    rows = []
-    if "classifier_test_acc" in r:
-        rows.append(("classifier head", r["classifier_test_acc"]))
-    lp = r["linear_probe"]
-    rows.append((f"linear probe ({lp['solver']}, wd {lp['weight_decay']:g})", lp["test_acc"]))
-    rows += [(f"kNN k={k}", acc) for k, acc in r["knn"].items()]
-    width = max(len(name) for name, _ in rows)
-    t = f", at step t={r['feature_t']}" if r.get("feature_t") is not None else ""
-    head = (f"{r['method']} on {r['data']} ({r['n_train']} train / {r['n_test']} test), features: layer "
-            f"{r['layer']}, {r['pool']} pool{t}, dim {r['feature_dim']}, {r['weights']} weights")
-    lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
-    lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
-    lines.append(f"{'chance':<{width}}  {100 / r['num_classes']:12.2f}%")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ evaluate and report
@@ -217,54 +201,14 @@ def _eval_config(run: Path, rest: list[str]):
     return build_dataclass(EvalConfig, values, "eval")
 
 
-def _evaluation_summary(results: dict) -> str:
-    lines = [f"{results['method']} on {results['data']} ({results['weights']} weights):"]
-    for name, r in results["protocols"].items():
-        lines.append(f"  {name:<12} {_headline(name, r)}")
-    return "\n".join(lines)
-
-
-def _headline(name: str, r: dict) -> str:
-    if "skipped" in r:
-        return f"skipped: {r['skipped']}"
-    def pct(x):
-        return f"{100 * x:.2f}%"
-
-    if name == "probes":
-        b = r["best"]
-        head = f"classifier {pct(r['classifier_acc'])}, " if "classifier_acc" in r else ""
-        return (f"{head}linear {pct(r['linear_acc'])}, kNN k={min(r['knn'], key=int)} {pct(r['knn'][min(r['knn'], key=int)])}"
-                f"; best of sweep: layer {b['layer']} {b['pool']} {pct(b['linear_acc'])}")
-    if name == "calibration":
-        return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
-    if name == "ood":
-        parts = [f"{score} " + "/".join(f"{m['auroc']:.3f}" for m in sets.values()) for score, sets in r["scores"].items()]
-        return f"AUROC on {'/'.join(r['sets'])}: " + "; ".join(parts)
-    if name == "likelihood":
-        return f"{r['bpd']:.3f} bits/dim ({r['n']} images, {r['terms']} terms)"
-    if name == "generation":
-        label = " [CUSTOM extractor]" if r["custom_extractor"] else ""
-        return f"FID {r['fid']:.2f}, KID {r['kid']:.4f}, {r['n_fake']} samples; {r['extractor']}{label}"
-    if name == "robustness":
-        return "; ".join(f"{norm} eps={r['eps'][norm][-1]:g}/255: {pct(list(acc.values())[-1])}"
-                         for norm, acc in r["accuracy"].items())
-    if name == "similarity":
-        return f"mean CKA of adjacent layers {r['cka_adjacent_mean']:.3f}"
-    if name == "finetune":
-        return f"accuracy {pct(r['test_acc'])}, ECE {pct(r['test_ece'])} ({r['epochs']} epochs)"
-    if name == "lowshot":
-        return ", ".join(f"{100 * float(f):g}%: {pct(v['acc_mean'])} ± {100 * v['acc_std']:.2f}"
-                         for f, v in r["fractions"].items()) + f" ({r['readout']} read-out)"
-    return ""
-
-
 def cmd_evaluate(args, rest: list[str]) -> int:
     from .eval.evaluate import EVAL_FILE, evaluate_run
+    from .eval.summary import evaluation_summary
 
     ev = _eval_config(args.run, rest)
     t0 = time.perf_counter()
     results = evaluate_run(args.run, ev)
-    print(_evaluation_summary(results))
+    print(evaluation_summary(results))
     print(f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
           f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
     return 0
@@ -304,6 +248,7 @@ def cmd_run(args, rest: list[str]) -> int:
     from .eval.figures import summary_figure
     from .eval.probe_run import run_probes
     from .eval.report import write_report
+    from .eval.summary import evaluation_summary, probe_table
     from .methods import get_method
     from .train.loop import pretrain
 
@@ -331,7 +276,7 @@ def cmd_run(args, rest: list[str]) -> int:
     t_eval = time.perf_counter()
     evaluation = evaluate_run(run, ev, say=lambda m: _say("  " + m))
     report = write_report([run], run / "report.html")
-    _say("genrep run: 4/4 summary", "", _results_table(results), "", _evaluation_summary(evaluation), "",
+    _say("genrep run: 4/4 summary", "", probe_table(results), "", evaluation_summary(evaluation), "",
          f"run folder: {run}  (config.yaml, model.safetensors, ema.safetensors, checkpoints/, log.jsonl, "
          f"results/probe.json, results/eval.json)", f"figure: {figure}", *lines,
          f"evaluation: {time.perf_counter() - t_eval:.1f} s; report: {report}  (fine-tuning: genrep evaluate {run} "

@@ -115,6 +115,9 @@ class EvalConfig:
     cka_n: int = 1000
     tsne_n: int = 1000
     cka_runs: list[str] = field(default_factory=list)  # other run folders on the same data: CKA between models
+    # the labelled data of fine-tuning and low-shot: "" = the run's own; or a data set name, loaded at the
+    # run's image size and channel count (GCRL fine-tunes and low-shot-transfers ImageNet32 models to CIFAR-10)
+    transfer_data: str = ""
     # fine-tuning (whole network, fresh linear head on the default read-out)
     finetune_epochs: int = 15       # GCRL fine-tunes its ImageNet32 models for 15 epochs
     finetune_lr: float = 1e-4

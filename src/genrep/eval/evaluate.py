@@ -101,6 +101,8 @@ def _preflight(ctx: EvalContext, names: list[str]) -> None:
             read_run_config(Path(other))  # a folder that is not a run fails here, not after the other protocols
     if "finetune" in names:
         ctx.method.check_feature_args(ev.finetune_layer, ev.finetune_pool)
+    if "finetune" in names or "lowshot" in names:
+        ctx.transfer_sets()  # a transfer data set missing offline fails here
     if "robustness" in names and ev.pgd_steps < 1:
         raise GenrepError(f"eval.pgd_steps must be at least 1, got {ev.pgd_steps}")
     if "lowshot" in names and ev.lowshot_readout not in ("linear", "finetune"):
@@ -158,9 +160,9 @@ _SETTINGS = {
     "generation": ("fid_samples", "fid_extractor", "sample_steps"),
     "robustness": ("pgd_norms", "pgd_linf_eps", "pgd_l2_eps", "pgd_steps", "pgd_n"),
     "similarity": ("cka_n", "tsne_n", "cka_runs"),
-    "finetune": ("finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_layer", "finetune_pool",
+    "finetune": ("transfer_data", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_layer", "finetune_pool",
                  "finetune_causal"),
-    "lowshot": ("lowshot_fractions", "lowshot_seeds", "lowshot_readout"),
+    "lowshot": ("transfer_data", "lowshot_fractions", "lowshot_seeds", "lowshot_readout"),
 }
 
 

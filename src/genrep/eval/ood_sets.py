@@ -42,7 +42,8 @@ def _is_registry_name(name: str) -> bool:
     return bool(sep and kind.lower() in ("npz", "folder")) or name.lower() in dataset_names()
 
 
-def _to_channels(images: Tensor, channels: int) -> Tensor:
+def to_channels(images: Tensor, channels: int) -> Tensor:
+    """uint8 images with ``channels`` channels: grey -> RGB by repeating, RGB -> grey by ITU-R 601 luma."""
     c = images.shape[1]
     if c == channels:
         return images
@@ -91,7 +92,7 @@ def make_ood_images(name: str, in_set: ImageSet, n: int, *, seed: int = 0,
     if not _is_registry_name(text):
         raise GenrepError(f"unknown OOD set {text!r}; choose one of {', '.join(ood_set_names())}")
     ood = load_dataset(text, "test", image_size=size, root=root, download=download)
-    images = _to_channels(ood.images, c)
+    images = to_channels(ood.images, c)
     if len(images) > n:
         images = images[torch.randperm(len(images), generator=g)[:n].sort().values]
     return images.contiguous()

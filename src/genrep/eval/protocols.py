@@ -34,16 +34,38 @@ class EvalContext:
     device: torch.device
     version: str          # the weights' identity ("ema@660"): cache entries are keyed by it
     progress: bool = True
+    _transfer: tuple[ImageSet, ImageSet] | None = None
 
     @property
     def bf16(self) -> bool:
         return self.device.type == "cuda"
 
-    def features(self, split: str, layer: int, pool: str) -> torch.Tensor:
-        images = (self.train if split == "train" else self.test).images
+    def transfer_sets(self) -> tuple[ImageSet, ImageSet]:
+        """(train, test) of fine-tuning and low-shot: the run's own data, or ``eval.transfer_data`` loaded at
+        the run's image size and channel count."""
+        name = self.ev.transfer_data
+        if not name or name == self.cfg.data.name:
+            return self.train, self.test
+        if self._transfer is None:
+            from ..data.datasets import load_dataset
+            from .ood_sets import to_channels
+
+            sets = []
+            for split in ("train", "test"):
+                s = load_dataset(name, split, image_size=self.train.image_size, root=self.cfg.data.root,
+                                 download=self.cfg.data.download)
+                sets.append(ImageSet(to_channels(s.images, self.train.channels), s.labels, s.classes, s.name))
+            self._transfer = (sets[0], sets[1])
+        return self._transfer
+
+    def features(self, split: str, layer: int, pool: str, data: ImageSet | None = None) -> torch.Tensor:
+        """Frozen features of ``split`` of the run's data (or of ``data``, e.g. a transfer set), cached."""
+        own = data is None
+        images = (self.train if split == "train" else self.test).images if own else data.images
         w = self.ev.weights
         options = "".join(f"-{k}{getattr(self.cfg.model, k)}" for k in self.method.feature_options)
-        return cached_features(self.run, f"features-{split}-layer{layer}-{pool}{options}-{w}", self.version,
+        source = "" if own else "-" + "".join(c if c.isalnum() else "_" for c in data.name)
+        return cached_features(self.run, f"features{source}-{split}-layer{layer}-{pool}{options}-{w}", self.version,
                                lambda: extract_features(self.method, images, layer=layer, pool=pool,
                                                         batch_size=self.ev.batch_size, device=self.device,
                                                         bf16=self.bf16, progress=self.progress,
@@ -334,8 +356,10 @@ def other_run_features(ctx: EvalContext, other: Path, images: torch.Tensor):
 def finetune(ctx: EvalContext) -> dict:
     from .finetune import finetune as run_finetune
 
-    return run_finetune(ctx.method, ctx.train, ctx.test, **finetune_settings(ctx), seed=ctx.ev.seed,
-                        device=ctx.device, ece_bins=ctx.ev.ece_bins, progress=ctx.progress)
+    train, test = ctx.transfer_sets()
+    out = run_finetune(ctx.method, train, test, **finetune_settings(ctx), seed=ctx.ev.seed, device=ctx.device,
+                       ece_bins=ctx.ev.ece_bins, progress=ctx.progress)
+    return {**out, "data": train.name}
 
 
 def finetune_settings(ctx: EvalContext) -> dict:
@@ -349,14 +373,17 @@ def lowshot(ctx: EvalContext) -> dict:
     from .lowshot import low_shot
 
     layer, pool = default_readout(ctx.method)
+    train, test = ctx.transfer_sets()
+    own = train is ctx.train
     features = None
     if ctx.ev.lowshot_readout == "linear":
-        features = (ctx.features("train", layer, pool), ctx.features("test", layer, pool))
+        features = (ctx.features("train", layer, pool, None if own else train),
+                    ctx.features("test", layer, pool, None if own else test))
     kwargs = finetune_settings(ctx)
-    return low_shot(ctx.method, ctx.train, ctx.test, fractions=tuple(ctx.ev.lowshot_fractions),
+    return {"data": train.name, **low_shot(ctx.method, train, test, fractions=tuple(ctx.ev.lowshot_fractions),
                     seeds=tuple(ctx.ev.lowshot_seeds), readout=ctx.ev.lowshot_readout, ece_bins=ctx.ev.ece_bins,
                     device=ctx.device, progress=ctx.progress, features=features,
-                    finetune_kwargs=kwargs if ctx.ev.lowshot_readout == "finetune" else None)
+                    finetune_kwargs=kwargs if ctx.ev.lowshot_readout == "finetune" else None)}
 
 
 # name -> (capability the method must have, or None; the protocol; whether it is expensive)

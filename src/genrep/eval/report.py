@@ -199,18 +199,18 @@ def _similarity(runs: list[dict]) -> str:
 def _finetune(runs: list[dict]) -> str:
     t = Table(["run", "data", "accuracy", "ECE (%)", "epochs", "lr", "layer / pool"])
     for r, f in _results(runs, "finetune"):
-        t.add([_label(r), _e(r["data"]), _pct(f["test_acc"]), _pct(f["test_ece"]), str(f["epochs"]), f"{f['lr']:g}",
+        t.add([_label(r), _e(f.get("data", r["data"])), _pct(f["test_acc"]), _pct(f["test_ece"]), str(f["epochs"]), f"{f['lr']:g}",
                f"{f['layer']} / {f['pool']}"])
     return t.html()
 
 
 def _lowshot(runs: list[dict]) -> str:
     fracs = list(dict.fromkeys(k for r in runs for k in r["protocols"].get("lowshot", {}).get("fractions", {})))
-    t = Table(["run", "read-out", *[f"{100 * float(f):g}% acc" for f in fracs], *[f"{100 * float(f):g}% ECE"
+    t = Table(["run", "data", "read-out", *[f"{100 * float(f):g}% acc" for f in fracs], *[f"{100 * float(f):g}% ECE"
                                                                                   for f in fracs]])
     for r, lo in _results(runs, "lowshot"):
         fr = lo["fractions"]
-        t.add([_label(r), _e(lo["readout"]),
+        t.add([_label(r), _e(lo.get("data", r["data"])), _e(lo["readout"]),
                *[_mb(fr[f]["acc_mean"], fr[f]["acc_std"]) if f in fr else "–" for f in fracs],
                *[_mb(fr[f]["ece_mean"], fr[f]["ece_std"]) if f in fr else "–" for f in fracs]])
     return t.html() + "<p class='note'>Mean ± std over seeds, in %.</p>"

@@ -1,0 +1,64 @@
+"""The plain-text tables the CLI prints: probe results and a one-line headline per evaluation protocol."""
+
+from __future__ import annotations
+
+
+def probe_table(r: dict) -> str:
+    rows = []
+    if "classifier_test_acc" in r:
+        rows.append(("classifier head", r["classifier_test_acc"]))
+    lp = r["linear_probe"]
+    rows.append((f"linear probe ({lp['solver']}, wd {lp['weight_decay']:g})", lp["test_acc"]))
+    rows += [(f"kNN k={k}", acc) for k, acc in r["knn"].items()]
+    width = max(len(name) for name, _ in rows)
+    t = f", at step t={r['feature_t']}" if r.get("feature_t") is not None else ""
+    head = (f"{r['method']} on {r['data']} ({r['n_train']} train / {r['n_test']} test), features: layer "
+            f"{r['layer']}, {r['pool']} pool{t}, dim {r['feature_dim']}, {r['weights']} weights")
+    lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
+    lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
+    lines.append(f"{'chance':<{width}}  {100 / r['num_classes']:12.2f}%")
+    return "\n".join(lines)
+
+
+def evaluation_summary(results: dict) -> str:
+    """Run, weights, then one headline per protocol (or why it was skipped)."""
+    lines = [f"{results['method']} on {results['data']} ({results['weights']} weights):"]
+    for name, r in results["protocols"].items():
+        lines.append(f"  {name:<12} {headline(name, r)}")
+    return "\n".join(lines)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def headline(name: str, r: dict) -> str:
+    """The one line `genrep evaluate` prints for protocol ``name``."""
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    if name == "probes":
+        b, k = r["best"], min(r["knn"], key=int)
+        head = f"classifier {pct(r['classifier_acc'])}, " if "classifier_acc" in r else ""
+        return (f"{head}linear {pct(r['linear_acc'])}, kNN k={k} {pct(r['knn'][k])}"
+                f"; best of sweep: layer {b['layer']} {b['pool']} {pct(b['linear_acc'])}")
+    if name == "calibration":
+        return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
+    if name == "ood":
+        parts = [f"{score} " + "/".join(f"{m['auroc']:.3f}" for m in sets.values()) for score, sets in r["scores"].items()]
+        return f"AUROC on {'/'.join(r['sets'])}: " + "; ".join(parts)
+    if name == "likelihood":
+        return f"{r['bpd']:.3f} bits/dim ({r['n']} images, {r['terms']} terms)"
+    if name == "generation":
+        label = " [CUSTOM extractor]" if r["custom_extractor"] else ""
+        return f"FID {r['fid']:.2f}, KID {r['kid']:.4f}, {r['n_fake']} samples; {r['extractor']}{label}"
+    if name == "robustness":
+        return "; ".join(f"{norm} eps={r['eps'][norm][-1]:g}/255: {pct(list(acc.values())[-1])}"
+                         for norm, acc in r["accuracy"].items())
+    if name == "similarity":
+        return f"mean CKA of adjacent layers {r['cka_adjacent_mean']:.3f}"
+    if name == "finetune":
+        return f"accuracy {pct(r['test_acc'])}, ECE {pct(r['test_ece'])} ({r['epochs']} epochs)"
+    if name == "lowshot":
+        return ", ".join(f"{100 * float(f):g}%: {pct(v['acc_mean'])} ± {100 * v['acc_std']:.2f}"
+                         for f, v in r["fractions"].items()) + f" ({r['readout']} read-out)"
+    return ""
