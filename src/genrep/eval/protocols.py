@@ -101,15 +101,23 @@ def sweep_layers(method: Method, asked: list[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ probes
+# L-BFGS line searches and hundreds of tiny AdamW steps are latency-bound on a GPU (the digits probes took
+# 25 s on an H200 and 5.7 s on 2 CPU cores), so probe problems smaller than this many train-feature
+# elements are solved on the CPU; features are still extracted on the evaluation device
+SMALL_PROBE = 1 << 22
+
+
 def probes(ctx: EvalContext) -> dict:
     """The GCRL linear protocol (AdamW) and kNN at the default read-out, then a full-batch sweep."""
     from .probes import knn_classify, linear_probe
 
-    m, p, dev = ctx.method, ctx.cfg.probe, ctx.device
+    m, p = ctx.method, ctx.cfg.probe
     n_cls = ctx.train.num_classes
-    ytr, yte = ctx.train.labels.to(dev), ctx.test.labels.to(dev)
     layer, pool = default_readout(m)
-    xtr, xte = ctx.features("train", layer, pool).to(dev), ctx.features("test", layer, pool).to(dev)
+    xtr, xte = ctx.features("train", layer, pool), ctx.features("test", layer, pool)
+    dev = ctx.device if xtr.numel() >= SMALL_PROBE else torch.device("cpu")
+    xtr, xte = xtr.to(dev), xte.to(dev)
+    ytr, yte = ctx.train.labels.to(dev), ctx.test.labels.to(dev)
     gcrl = linear_probe(xtr, ytr, xte, yte, n_cls, solver="adamw", weight_decay=1e-4, epochs=p.epochs, lr=p.lr,
                         batch_size=512, seed=ctx.ev.seed)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=p.knn_k, temperature=p.knn_temperature)
@@ -125,14 +133,14 @@ def probes(ctx: EvalContext) -> dict:
             sweep.append({"layer": ly, "pool": pl, "linear_acc": lin.test_acc, "weight_decay": lin.weight_decay,
                           "knn_acc": next(iter(k20.values()))})
     best = max(sweep, key=lambda r: r["linear_acc"])
-    out = {"layer": layer, "pool": pool, "feature_dim": int(xtr.shape[1]),
+    out = {"layer": layer, "pool": pool, "feature_dim": int(xtr.shape[1]), "solver_device": str(dev),
            "linear_acc": gcrl.test_acc, "linear": {"solver": "adamw", "epochs": p.epochs, "lr": p.lr,
                                                    "weight_decay": 1e-4, "batch_size": 512},
            "knn": {str(k): v for k, v in knn.items()}, "sweep": sweep,
            "best": {**best, "selected_on": "test accuracy of the sweep (as the papers' layer sweeps report)"}}
     if "logits" in m.capabilities:
         from .calibration import predict_probs
-        probs = predict_probs(m, ctx.test.images, device=dev, batch_size=ctx.ev.batch_size)
+        probs = predict_probs(m, ctx.test.images, device=ctx.device, batch_size=ctx.ev.batch_size)
         out["classifier_acc"] = float((probs.argmax(1) == ctx.test.labels).float().mean())
     return out
 
