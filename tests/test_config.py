@@ -42,6 +42,16 @@ def test_a_single_value_for_a_list_key_is_a_one_element_list():
     assert resolve_config("supervised-digits", {"probe.knn_k": 20}).probe.knn_k == [20]
 
 
+def test_a_comma_separated_value_for_a_list_key_is_a_list():
+    ov = parse_overrides(["--eval.protocols", "ood,calibration", "--probe.knn_k", "5, 10",
+                          "--eval.lowshot_fractions", "0.01,0.1"])
+    cfg = resolve_config("supervised-digits", ov)
+    assert cfg.eval.protocols == ["ood", "calibration"] and cfg.probe.knn_k == [5, 10]
+    assert cfg.eval.lowshot_fractions == [0.01, 0.1]
+    with pytest.raises(GenrepError):
+        resolve_config("supervised-digits", {"probe.knn_k": "5,x"})
+
+
 @pytest.mark.parametrize("key, fragment", [
     ("optim.lrr", "unknown config key 'optim.lrr' (did you mean 'lr'?)"),
     ("model.dimm", "unknown config key 'model.dimm' (did you mean 'dim'?)"),

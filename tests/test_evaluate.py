@@ -138,7 +138,7 @@ def test_sweep_layers_covers_half_last_and_every_kth():
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_line_before_any_work(trained_runs, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_before_any_work(evaluated, trained_runs, tmp_path, monkeypatch):
     run = trained_runs["hybvit"]
     monkeypatch.delenv("GENREP_INCEPTION_WEIGHTS", raising=False)
     cases = [

@@ -194,7 +194,7 @@ def _eval_config(run: Path, rest: list[str]):
     overrides = parse_overrides(rest)
     bad = [k for k in overrides if not k.startswith("eval.")]
     if bad:
-        raise GenrepError(f"genrep evaluate takes eval.* overrides (e.g. --eval.protocols [ood,calibration]), got "
+        raise GenrepError(f"genrep evaluate takes eval.* overrides (e.g. --eval.protocols ood,calibration), got "
                           f"{', '.join(bad)}")
     base = read_run_config(run).eval
     values = {**vars(base), **{k.split(".", 1)[1]: v for k, v in overrides.items()}}
@@ -280,7 +280,7 @@ def cmd_run(args, rest: list[str]) -> int:
          f"run folder: {run}  (config.yaml, model.safetensors, ema.safetensors, checkpoints/, log.jsonl, "
          f"results/probe.json, results/eval.json)", f"figure: {figure}", *lines,
          f"evaluation: {time.perf_counter() - t_eval:.1f} s; report: {report}  (fine-tuning: genrep evaluate {run} "
-         f"--eval.protocols [finetune])", f"total time: {time.perf_counter() - t0:.1f} s")
+         f"--eval.protocols finetune)", f"total time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -169,7 +169,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise GenrepError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
+        if isinstance(value, str) and "," in value:  # `--eval.protocols ood,calibration`: no shell quoting
+            value = [yaml.safe_load(v.strip()) for v in value.split(",")]
+        elif not isinstance(value, (list, tuple)):
             value = [value]  # `--probe.knn_k 20` means [20]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
