@@ -17,6 +17,7 @@ order, when the split has at most ``n``). The same ``seed`` gives the same image
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -91,11 +92,16 @@ def make_ood_images(name: str, in_set: ImageSet, n: int, *, seed: int = 0,
         return _interp(in_set, n, g)
     if not _is_registry_name(text):
         raise GenrepError(f"unknown OOD set {text!r}; choose one of {', '.join(ood_set_names())}")
-    ood = load_dataset(text, "test", image_size=size, root=root, download=download)
-    images = to_channels(ood.images, c)
+    images = _registry_test_images(text, size, c, None if root is None else str(root), download)
     if len(images) > n:
-        images = images[torch.randperm(len(images), generator=g)[:n].sort().values]
-    return images.contiguous()
+        return images[torch.randperm(len(images), generator=g)[:n].sort().values]
+    return images.clone()  # never hand out the cached tensor itself
+
+
+@functools.lru_cache(maxsize=4)
+def _registry_test_images(name: str, size: int, channels: int, root: str | None, download: bool) -> Tensor:
+    # one evaluation draws from a registry set several times (preflight, OOD, t-SNE): decode it once
+    return to_channels(load_dataset(name, "test", image_size=size, root=root, download=download).images, channels)
 
 
 def check_ood_images(images: Tensor, in_set: ImageSet, name: str) -> None:
