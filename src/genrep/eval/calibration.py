@@ -75,15 +75,11 @@ def predict_probs(method, images_uint8: Tensor, *, device: torch.device | str = 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GenrepError(f"batch_size must be a positive integer, got {batch_size!r}")
     method.eval()
-    device = torch.device(device)
-    starts = range(0, len(images_uint8), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="probabilities", unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    from .features import image_batches
+
     chunks = [torch.zeros(0, method.data.num_classes)]
     with torch.no_grad():
-        for i in starts:
-            x = images_uint8[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+        for x in image_batches(images_uint8, batch_size, device, progress=progress, desc="probabilities"):
             chunks.append(torch.softmax(method.logits(x).float(), dim=-1).cpu())
     return torch.cat(chunks)
 

@@ -16,6 +16,17 @@ from ..io import atomic_save_safetensors
 from ..methods import Method
 
 
+def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | str, *, progress: bool = False,
+                  desc: str = "batches"):
+    """uint8 [N, C, H, W] images -> float batches in [0, 1] on ``device``, with a tqdm bar when ``progress``."""
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    for i in starts:
+        yield images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+
+
 @torch.no_grad()
 def extract_features(method: Method, images: torch.Tensor, *, layer: int | None = None, pool: str | None = None,
                      batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False,
@@ -24,12 +35,7 @@ def extract_features(method: Method, images: torch.Tensor, *, layer: int | None 
     method.eval()
     device = torch.device(device)
     chunks = []
-    starts = range(0, len(images), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
-    for i in starts:
-        x = images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+    for x in image_batches(images, batch_size, device, progress=progress, desc=desc):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             f = method.features(x, layer=layer, pool=pool)
         chunks.append(f.float().cpu())

@@ -298,13 +298,10 @@ def method_scores(method, images_uint8: Tensor, kinds: list[str], *, device: tor
     method.eval()
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, list[Tensor]] = {k: [torch.zeros(0, dtype=torch.float64)] for k in kinds}
-    starts = range(0, len(images_uint8), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=f"OOD scores ({', '.join(kinds)})", unit="batch", leave=False,
-                      dynamic_ncols=True, disable=None)
-    for i in starts:
-        x = images_uint8[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+    from .features import image_batches
+
+    for x in image_batches(images_uint8, batch_size, device, progress=progress,
+                           desc=f"OOD scores ({', '.join(kinds)})"):
         with torch.no_grad():
             if "gaussian" in kinds:
                 out["gaussian"].append(gaussian.score(method.features(x, layer=layer, pool=pool).float()).cpu())

@@ -26,14 +26,12 @@ def weights_version(run: Path, weights: str) -> str:
     return f"{weights}@{meta.get('step', 'unknown')}"
 
 
-@torch.no_grad()
 def classifier_accuracy(method: Method, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                         batch_size: int = 512) -> float:
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float().div_(255)
-        correct += (method.logits(x).argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
-    return correct / len(images)
+    from .calibration import predict_probs
+
+    probs = predict_probs(method, images, device=device, batch_size=batch_size)
+    return float((probs.argmax(1) == labels).float().mean())
 
 
 def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,

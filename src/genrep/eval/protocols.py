@@ -139,9 +139,9 @@ def probes(ctx: EvalContext) -> dict:
            "knn": {str(k): v for k, v in knn.items()}, "sweep": sweep,
            "best": {**best, "selected_on": "test accuracy of the sweep (as the papers' layer sweeps report)"}}
     if "logits" in m.capabilities:
-        from .calibration import predict_probs
-        probs = predict_probs(m, ctx.test.images, device=ctx.device, batch_size=ctx.ev.batch_size)
-        out["classifier_acc"] = float((probs.argmax(1) == ctx.test.labels).float().mean())
+        from .probe_run import classifier_accuracy
+        out["classifier_acc"] = classifier_accuracy(m, ctx.test.images, ctx.test.labels, ctx.device,
+                                                    ctx.ev.batch_size)
     return out
 
 
@@ -213,18 +213,12 @@ def ood(ctx: EvalContext) -> dict:
 
 # ----------------------------------------------------------------------------------------- likelihood
 def likelihood(ctx: EvalContext) -> dict:
+    from .ood import method_scores
+
     images, _ = ctx.test_subset(ctx.ev.bpd_n)
-    g = torch.Generator().manual_seed(ctx.ev.seed)
     terms = ctx.ev.bpd_terms or None
-    values = []
-    starts = range(0, len(images), ctx.ev.batch_size)
-    if ctx.progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="bits/dim", unit="batch", leave=False, disable=None)
-    for i in starts:
-        x = images[i:i + ctx.ev.batch_size].to(ctx.device).float().div_(255)
-        values.append(ctx.method.nll(x, num_terms=terms, generator=g).float().cpu())
-    bpd = torch.cat(values)
+    bpd = -method_scores(ctx.method, images, ["bpd"], device=ctx.device, batch_size=ctx.ev.batch_size,
+                         nll_terms=terms, seed=ctx.ev.seed, progress=ctx.progress)["bpd"]
     return {"bpd": float(bpd.mean()), "bpd_sem": float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else 0.0,
             "n": len(bpd), "terms": terms or "all"}
 
