@@ -12,36 +12,15 @@ mini-batches through one forward (half the kernel launches, twice the work per k
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import TimestepEmbedder
 from .flops import linear_flops
 from .patch import unpatchify
+from .transformer import MODULATIONS, TimeModulation
 from .vit import ViT, _init_weights
 
-MODULATIONS = ("token", "channel")
-
-
-class TimeModulation(nn.Module):
-    """Time embedding [B, E] -> (scale, shift), each [B, tokens, 1] (token) or [B, 1, dim] (channel)."""
-
-    def __init__(self, emb_dim: int, tokens: int, dim: int, per: str):
-        super().__init__()
-        self.per = per
-        self.proj = nn.Linear(emb_dim, 2 * (tokens if per == "token" else dim))
-        # zero: every layer starts as the plain ViT and learns how much time to let in (DiT's adaLN-zero habit)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, shift = self.proj(nn.functional.silu(emb)).chunk(2, dim=-1)
-        if self.per == "token":
-            return scale.unsqueeze(-1), shift.unsqueeze(-1)
-        return scale.unsqueeze(1), shift.unsqueeze(1)
-
-    def flops(self) -> int:
-        return linear_flops(1, self.proj.in_features, self.proj.out_features)
+__all__ = ["MODULATIONS", "DenoiserViT", "TimeModulation"]
 
 
 class DenoiserViT(ViT):
@@ -55,6 +34,7 @@ class DenoiserViT(ViT):
         tokens = self.patch_embed.num_patches + self.num_prefix
         self.time_embed = TimestepEmbedder(dim)
         self.time_embed.apply(_init_weights)
+        # ViT hands modulations[i] to block i with the time embedding as ``cond``
         self.modulations = nn.ModuleList(TimeModulation(dim, tokens, dim, modulation) for _ in range(depth))
         self.to_patches = nn.Linear(dim, patch_size * patch_size * in_chans)
         nn.init.zeros_(self.to_patches.weight)  # predicts zero at first: the mean of eps (DiT)
@@ -68,17 +48,7 @@ class DenoiserViT(ViT):
         no time input. None: no image does.
         """
         layer = self.check_layer(layer)
-        if t is None:
-            return super().forward(x, layer)
-        emb = self.time_embed(t)
-        untimed = x.shape[0] - t.shape[0]
-        scale_shifts = []
-        for mod in self.modulations[:layer]:
-            scale_shift = mod(emb)
-            if untimed:  # zero scale and shift in front: x * (1 + 0) + 0 is the untimed pass
-                scale_shift = tuple(F.pad(v, (0, 0, 0, 0, untimed, 0)) for v in scale_shift)
-            scale_shifts.append(scale_shift)
-        return super().forward(x, layer, scale_shifts)
+        return super().forward(x, layer, cond=None if t is None else self.time_embed(t))
 
     def to_image(self, h: torch.Tensor) -> torch.Tensor:
         """Final tokens [B, prefix + N, D] -> the image-shaped prediction [B, C, H, W]."""

@@ -26,7 +26,8 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 
 class PositionEmbedding(nn.Module):
-    """Added to tokens: ``learned`` (trunc-normal init, std 0.02) or fixed ``sincos`` (a buffer)."""
+    """Added to tokens: ``learned`` (trunc-normal init, std 0.02), fixed ``sincos`` (a buffer) or ``none``
+    (nothing added: positions come from RoPE, or the model does without)."""
 
     def __init__(self, num_tokens: int, dim: int, kind: str = "learned", grid: int | None = None):
         super().__init__()
@@ -39,11 +40,11 @@ class PositionEmbedding(nn.Module):
             if grid * grid != num_tokens:
                 raise ValueError(f"sincos positions need a square grid, got {num_tokens} tokens")
             self.register_buffer("pos", sincos_2d(dim, grid)[None], persistent=False)
-        else:
-            raise ValueError(f"unknown position embedding {kind!r}; choose 'learned' or 'sincos'")
+        elif kind != "none":
+            raise ValueError(f"unknown position embedding {kind!r}; choose 'learned', 'sincos' or 'none'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.pos
+        return x if self.kind == "none" else x + self.pos
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

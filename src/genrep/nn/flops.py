@@ -1,7 +1,8 @@
 """Analytic model-FLOPs counts (the 'model FLOPs' of MFU: matmuls only, 2 FLOPs per multiply-add).
 
 Norms, activations, softmax and elementwise work are left out, as in the PaLM/nanoGPT definition,
-so MFU compares the work the model needs with the hardware's peak matmul rate.
+so MFU compares the work the model needs with the hardware's peak matmul rate. RoPE's rotation and
+the modulation's scale and shift are elementwise too; a modulation's projection is a matmul and counts.
 """
 
 

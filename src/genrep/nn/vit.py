@@ -1,4 +1,9 @@
-"""A plain ViT encoder (timm/DeiT layout) whose every layer can be read out for probes."""
+"""A ViT encoder (timm/DeiT layout) whose every layer can be read out for probes.
+
+Positions: an absolute embedding added to the tokens (``pos_embed``: learned, sincos or none) and/or
+rotary positions in every attention (``rope``: None, 1d or 2d; see ``rope.py`` for where the CLS token
+sits). Masks, causality, a KV cache and a conditioning embedding go through ``forward`` to the blocks.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import torch
 from torch import nn
 
 from .embeddings import PositionEmbedding
+from .kv_cache import KVCache
 from .patch import PatchEmbed
+from .rope import make_rope
 from .transformer import Block
 
 POOLS = ("cls", "mean", "last")
@@ -14,7 +21,8 @@ POOLS = ("cls", "mean", "last")
 
 class ViT(nn.Module):
     def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, cls_token: bool = True, pos_embed: str = "learned", drop: float = 0.0):
+                 mlp_ratio: float = 4.0, cls_token: bool = True, pos_embed: str = "learned", drop: float = 0.0,
+                 rope: str | None = None, rope_base: float = 10000.0):
         super().__init__()
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
         self.num_prefix = 1 if cls_token else 0
@@ -23,6 +31,10 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, drop=drop) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.dim, self.depth = dim, depth
+        self.rope = make_rope(rope, dim // num_heads, rope_base)  # no state: the state dict is unchanged
+        # optional per-block maps of a conditioning embedding to (scale, shift); a subclass sets them. They
+        # live here and not in the blocks so DenoiserViT's checkpoint keys stay `modulations.{i}`.
+        self.modulations: nn.ModuleList | None = None
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -39,15 +51,49 @@ class ViT(nn.Module):
             raise ValueError(f"layer must be in 1..{self.depth}, got {layer}")
         return layer
 
-    def forward(self, x: torch.Tensor, layer: int | None = None, scale_shifts: list | None = None) -> torch.Tensor:
-        """Tokens after block ``layer`` (1-based; None or depth: the last block, then the final norm).
-
-        ``scale_shifts``: one (scale, shift) per block to modulate it (see ``transformer.Block``), or None."""
+    def forward(self, x: torch.Tensor, layer: int | None = None, *, is_causal: bool = False,
+                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens of images x [B, C, H, W] after block ``layer`` (1-based; None or depth: the last block, then
+        the final norm). The keywords: see ``forward_tokens``."""
         layer = self.check_layer(layer)
-        h = self.tokens(x)
+        return self.forward_tokens(self.tokens(x), layer, is_causal=is_causal, mask=mask, positions=positions,
+                                   cache=cache, cond=cond)
+
+    def forward_tokens(self, h: torch.Tensor, layer: int | None = None, *, is_causal: bool = False,
+                       mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                       cache: list[KVCache] | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks (and the final norm after the last one) on embedded tokens h [B, n, D].
+
+        ``is_causal`` / ``mask``: see ``Attention``. ``positions``: RoPE positions of the n tokens; by
+        default the layout of ``tokens()`` (``rope.token_positions``) from the cache offset on. ``cache``: one
+        ``KVCache`` per block (``new_cache``), for decoding a few tokens at a time. ``cond`` [B_c, E]: the
+        conditioning embedding the blocks' modulations map to scale and shift (the last B_c rows).
+        """
+        layer = self.check_layer(layer)
+        if cache is not None and len(cache) != self.depth:
+            raise ValueError(f"cache must hold one KVCache per block ({self.depth}), got {len(cache)}")
+        if cond is not None and self.modulations is None:
+            raise ValueError("cond given to a ViT without modulations; only a conditioned ViT (DenoiserViT) "
+                             "takes it")
+        if self.rope is not None and positions is None:
+            positions = self._rope_positions(h.shape[1], cache[0].length if cache is not None else 0, h.device)
         for i, block in enumerate(self.blocks[:layer]):
-            h = block(h, scale_shift=scale_shifts[i] if scale_shifts is not None else None)
+            h = block(h, is_causal=is_causal, mask=mask, rope=self.rope, positions=positions,
+                      cache=None if cache is None else cache[i], cond=cond,
+                      modulation=None if self.modulations is None else self.modulations[i])
         return self.norm(h) if layer == self.depth else h
+
+    def _rope_positions(self, n: int, offset: int, device: torch.device) -> torch.Tensor:
+        layout = self.rope.token_positions(self.patch_embed.grid, self.num_prefix, device)
+        if offset + n > layout.shape[0]:
+            raise ValueError(f"tokens {offset}..{offset + n - 1} run past the ViT's {layout.shape[0]} tokens; "
+                             f"pass positions= for longer sequences")
+        return layout[offset:offset + n]
+
+    def new_cache(self, max_len: int | None = None) -> list[KVCache]:
+        """One empty ``KVCache`` per block, for up to ``max_len`` tokens (default: the prefix and every patch)."""
+        return [KVCache(max_len or self.num_prefix + self.patch_embed.num_patches) for _ in self.blocks]
 
     def pool(self, h: torch.Tensor, pool: str) -> torch.Tensor:
         if pool == "cls":
