@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import GenrepError
 from .augment import augment
+from .random_inputs import RANDOM_KINDS
 
 # Keep a data set on the GPU while it uses at most this fraction of free memory.
 RESIDENT_FRACTION = 0.25
@@ -163,28 +164,20 @@ def make_views(images: torch.Tensor, views: dict[str, str], seed: int, step: int
     return out
 
 
-RANDOM_KINDS = ("normal", "steps")
-
-
 def draw_random_inputs(spec: dict[str, tuple[str, object]], views: dict[str, torch.Tensor], seed: int, step: int,
                        start: int, total: int) -> dict[str, torch.Tensor]:
-    """Per-sample random inputs of a method, drawn for the whole global batch and sliced to [start, start+b).
+    """Per-sample random inputs of a method (``spec``: name -> (kind, arg), see ``random_inputs``), drawn for
+    the whole global batch of ``total`` and sliced to this process's [start, start+b).
 
-    ``spec`` maps a name to ``("normal", view)`` (standard normal noise shaped like that view's images)
-    or ``("steps", T)`` (integers uniform in [0, T)). Like the augmentations, the draw depends on
-    (seed, step, the entry's place in ``spec``) only, so a step's noise does not depend on the number
-    of processes or on gradient accumulation. It is drawn on the batch's device with a generator of that device: no copy.
+    Like the augmentations, the draw depends on (seed, step, the entry's place in ``spec``) only, so a step's
+    randomness does not depend on the number of processes or on gradient accumulation. It is drawn on the
+    batch's device with a generator of that device: no copy.
     """
     out = {}
     for i, (name, (kind, arg)) in enumerate(spec.items()):
-        like = views[arg] if kind == "normal" else next(iter(views.values()))
-        b, device = like.shape[0], like.device
-        g = torch.Generator(device=device).manual_seed(mix_seed(seed, step, i, 0x401))
-        if kind == "normal":
-            x = torch.randn((total, *like.shape[1:]), generator=g, device=device, dtype=like.dtype)
-        elif kind == "steps":
-            x = torch.randint(0, int(arg), (total,), generator=g, device=device)
-        else:
+        if kind not in RANDOM_KINDS:
             raise ValueError(f"unknown random input kind {kind!r}; expected one of {', '.join(RANDOM_KINDS)}")
-        out[name] = x[start:start + b]
+        like = views[arg] if kind == "normal" else next(iter(views.values()))
+        g = torch.Generator(device=like.device).manual_seed(mix_seed(seed, step, i, 0x401))
+        out[name] = RANDOM_KINDS[kind](arg, total, like, g)[start:start + like.shape[0]]
     return out

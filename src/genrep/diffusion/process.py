@@ -4,13 +4,17 @@ Conventions (guided-/improved-diffusion): step indices t are 0-based in [0, T); 
 level ``alphas_cumprod[t]``, so index 0 is already one noising step away from the data. Data lives in [-1, 1].
 
 The process knows nothing about models: a model output is a tensor interpreted per ``prediction``.
-All coefficient tables are float64 CPU tensors; per-sample coefficients are gathered in float64 and cast to the
-data's dtype only where they multiply data.
+The coefficients are held once, here: float64 CPU tables for sampling and the likelihood (per-sample
+coefficients are gathered in float64 and cast to the data's dtype only where they multiply data), and float32
+copies of q(x_t | x0)'s two coefficients as non-persistent buffers for the training step, which follow the
+module to its device and compile into the step's graph. A method holds its ``GaussianDiffusion`` as a
+submodule; the buffers stay out of its state dict.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import GenrepError
 from .schedules import beta_schedule
@@ -25,7 +29,7 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise GenrepError(f"unknown diffusion {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(nn.Module):
     """A fixed-variance DDPM with ``T`` steps.
 
     ``variance`` picks the reverse-process variance: ``small`` is the posterior variance beta_tilde,
@@ -35,6 +39,7 @@ class GaussianDiffusion:
 
     def __init__(self, T: int = 1000, schedule: str = "cosine", prediction: str = "eps", loss: str = "l1",
                  variance: str = "small"):
+        super().__init__()
         _check_choice("prediction", prediction, PREDICTIONS)
         _check_choice("loss", loss, LOSSES)
         _check_choice("variance", variance, VARIANCES)
@@ -68,6 +73,8 @@ class GaussianDiffusion:
         self.model_log_variance = self.model_variance.log()
 
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.register_buffer("train_sqrt_ab", self.sqrt_alphas_cumprod.float(), persistent=False)
+        self.register_buffer("train_sqrt_1m_ab", self.sqrt_one_minus_alphas_cumprod.float(), persistent=False)
 
     def __repr__(self) -> str:
         return (f"GaussianDiffusion(T={self.T}, schedule={self.schedule!r}, prediction={self.prediction!r}, "
@@ -147,6 +154,12 @@ class GaussianDiffusion:
         if generator is None:
             return torch.randint(0, self.T, (n,), device=device)
         return torch.randint(0, self.T, (n,), generator=generator, device=generator.device).to(device)
+
+    def q_sample_train(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x0) for the training step, from the float32 buffers on the module's device: no table
+        copy, no float64, one graph under torch.compile."""
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        return self.train_sqrt_ab[t].view(shape) * x0 + self.train_sqrt_1m_ab[t].view(shape) * noise
 
     def loss(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-sample [B] L1 or L2 error against the prediction target, averaged over the non-batch dims."""
