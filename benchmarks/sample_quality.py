@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from genrep.errors import GenrepError
-from genrep.eval.probe_run import classifier_accuracy
+from genrep.eval.protocols.calibration import predict_probs
 from genrep.runs import load_split, load_trained
 
 
@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
-        _, gen, _ = load_trained(args.run)
+        options = {"sampler": args.sampler, "sample_steps": args.steps, "eta": args.eta}
+        _, gen, _ = load_trained(args.run, options=options)
         ccfg, clf, _ = load_trained(args.classifier)
         if "sample" not in gen.capabilities or "logits" not in clf.capabilities:
             raise GenrepError("RUN must be able to sample and CLASSIFIER_RUN must have a classifier head")
         test = load_split(ccfg, "test")
         real = test.images.float() / 255
-        x = gen.sample(args.n, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                       generator=torch.Generator().manual_seed(args.seed), progress=True)
+        x = gen.sample(args.n, generator=torch.Generator().manual_seed(args.seed), progress=True)
         conf, pred = confidences(clf, x)
         real_conf, _ = confidences(clf, real)
     except GenrepError as e:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
            "steps": args.steps, "eta": args.eta, "threshold": args.threshold,
            "confident_fraction": float((conf > args.threshold).float().mean()),
            "real_test_confident_fraction": float((real_conf > args.threshold).float().mean()),
-           "classifier_test_acc": classifier_accuracy(clf, test.images, test.labels, torch.device("cpu")),
+           "classifier_test_acc": float((predict_probs(clf, test.images).argmax(1) == test.labels).float().mean()),
            "class_histogram": torch.bincount(pred, minlength=len(test.classes)).tolist()}
     print(json.dumps(row, indent=2))
     if args.json:

@@ -12,7 +12,8 @@ diffusion pass, on separate mini-batches of ``batch`` images each) also reports 
 On CUDA the default compares ``fast`` with ``eager-fp32`` in the same run, on the same card.
 MFU = model FLOPs per second / the peak you pass with --peak-tflops (dense bf16 for the fast path;
 the same peak is used for both modes so the numbers compare). Model FLOPs count matmuls only
-(forward analytic count x 3 for forward + backward), see genrep.nn.flops.
+(forward count x 3 for forward + backward), see genrep.nn.flops: analytic where the method has the
+formula, else counted once with torch.utils.flop_counter (the row's ``flops_source`` says which).
 
 Example (H100/H200):
     python benchmarks/throughput.py --recipe supervised-cifar10 --batch-sizes 128,1024,4096 --peak-tflops 989
@@ -32,6 +33,7 @@ import torch
 from genrep.config import parse_overrides, resolve_config
 from genrep.data.datasets import ImageSet, describe_datasets
 from genrep.errors import GenrepError
+from genrep.methods import Method
 from genrep.nn.flops import training_flops
 from genrep.train.loop import Trainer
 
@@ -92,7 +94,10 @@ def measure(recipe: str, overrides: dict, mode: str, batch: int, steps: int, war
             "passes_per_image": passes, "image_passes_per_s": ips * passes,
             "ms_per_step": 1000 * seconds / steps, "train_flops_per_image": flops,
             "model_tflops": ips * flops / 1e12, "final_loss": loss,
-            "params_m": sum(p.numel() for p in trainer.method.parameters()) / 1e6}
+            "params_m": trainer.method.param_counts()["trainable"] / 1e6,
+            "params_total_m": trainer.method.param_counts()["total"] / 1e6,
+            "flops_source": "analytic" if type(trainer.method).flops_per_image is not Method.flops_per_image
+            else "counted (torch.utils.flop_counter, once)"}
 
 
 def _sync(dev: torch.device) -> None:

@@ -10,13 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genrep.config import Config, recipe_names, resolve_config
-from genrep.methods import method_names
+# The tests' own method (tests/toy_method.py) registers on import, here and, through GENREP_METHODS, in every
+# `genrep` subprocess a test starts: the registry-wide tests cover it like a shipped method.
+TESTS = Path(__file__).resolve().parent
+os.environ["GENREP_METHODS"] = "toy_method"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
 
-# Small enough for a couple of seconds of CPU training; same code path as the real recipes.
-TINY = {"data.image_size": 8, "model.dim": 32, "model.depth": 2, "model.num_heads": 2, "train.batch_size": 32,
-        "train.steps": 20, "train.log_every": 5, "train.ckpt_every": 10, "train.progress": False,
-        "train.device": "cpu", "optim.warmup_epochs": 0.2}
+import toy_method  # noqa: E402, F401
+
+from genrep.config import Config, apply_overrides, config_from_dict, recipe_names, resolve_config  # noqa: E402
+from genrep.methods import get_method, method_names  # noqa: E402
+
+# Small enough for a couple of seconds of CPU training; same code path as the real recipes. TINY_RUN is what any
+# method's tiny run shares; TINY adds the ViT keys, for CLI tests of the ViT recipes.
+TINY_RUN = {"data.image_size": 8, "train.batch_size": 32, "train.steps": 20, "train.log_every": 5,
+            "train.ckpt_every": 10, "train.progress": False, "train.device": "cpu", "optim.warmup_epochs": 0.2}
+TINY = {**TINY_RUN, "model.dim": 32, "model.depth": 2, "model.num_heads": 2}
 
 
 # The workspace's real data sets (../shared/data beside the checkout); tests that read them skip without.
@@ -35,12 +44,18 @@ def rng_images(n, c, h, w, seed=0) -> np.ndarray:
 
 
 def digits_recipe(method: str) -> str:
-    """Every method ships a ``<method>-digits`` recipe; tests build from it so a new method is covered."""
+    """Every shipped method has a ``<method>-digits`` recipe; tests build from it so a new method is covered."""
     return f"{method}-digits"
 
 
 def tiny_config(method: str = "supervised", **overrides) -> Config:
-    return resolve_config(digits_recipe(method), {**TINY, **overrides})
+    """A tiny run of ``method``: its digits recipe (or, for a method without one, its config's defaults on
+    digits), made small by ``TINY_RUN`` and the method's own ``tiny_config``."""
+    model = {f"model.{k}": v for k, v in get_method(method).tiny_config.items()}
+    settings = {**TINY_RUN, **model, **overrides}
+    if digits_recipe(method) in recipe_names():
+        return resolve_config(digits_recipe(method), settings)
+    return config_from_dict(apply_overrides({"method": method, "recipe": method, "data": {"name": "digits"}}, settings))
 
 
 @pytest.fixture
@@ -75,5 +90,5 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0], (fragment, lines[0])
 
 
-__all__ = ["SHARED_DATA", "TINY", "assert_one_line_error", "digits_recipe", "one_line", "recipe_names", "rng_images",
+__all__ = ["SHARED_DATA", "TINY", "TINY_RUN", "assert_one_line_error", "digits_recipe", "one_line", "recipe_names", "rng_images",
            "run_cli", "tiny_config"]

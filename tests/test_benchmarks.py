@@ -25,6 +25,7 @@ def test_throughput_reports_images_per_second_flops_and_mfu(tmp_path):
     for r in rows:
         assert r["images_per_s"] > 0 and r["train_flops_per_image"] > 0
         assert r["mfu"] == pytest.approx(r["model_tflops"] / 0.5)
+        assert r["flops_source"] == "analytic" and r["params_m"] == r["params_total_m"] > 0
     assert "images/s" in proc.stdout and "MFU" in proc.stdout
 
 

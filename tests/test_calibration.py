@@ -10,12 +10,9 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from genrep.data.datasets import load_dataset
 from genrep.errors import GenrepError
-from genrep.eval.calibration import (
-    calibration_bins,
-    expected_calibration_error,
-    predict_probs,
-    reliability_diagram,
-)
+from genrep.eval.metrics.calibration import calibration_bins, expected_calibration_error
+from genrep.eval.protocols.calibration import predict_probs
+from genrep.eval.report.figures import reliability_diagram
 from genrep.runs import build_for_data
 
 # tiny problems: on a shared 2-core machine intra-op threads mostly wait on each other

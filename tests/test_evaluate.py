@@ -11,23 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from types import SimpleNamespace
+
 from conftest import assert_one_line_error, one_line, run_cli, tiny_config
+from eval_helpers import FAST, fast_options
 from PIL import Image
 
 from genrep.config import PROTOCOLS as CONFIG_PROTOCOLS
-from genrep.config import EvalConfig
+from genrep.config import EvalConfig, build_dataclass
 from genrep.errors import GenrepError
 from genrep.eval.evaluate import evaluate_run, plan, read_results
-from genrep.eval.protocols import PROTOCOLS, sweep_layers
-from genrep.eval.report import write_report
+from genrep.eval.protocols import PROTOCOLS
+from genrep.eval.protocols import probes as probes_protocol
+from genrep.eval.protocols.calibration import CalibrationSettings
+from genrep.eval.protocols.probes import ProbesSettings, sweep_layers
+from genrep.eval.report.report import write_report
 from genrep.methods import get_method, method_names
 from genrep.train.loop import pretrain
-
-# every protocol at a size that runs in seconds on a tiny model
-FAST = EvalConfig(device="cpu", batch_size=64, ood_n=48, bpd_n=8, bpd_terms=4, fid_samples=24, sample_steps=3,
-                  fid_extractor="classifier", pgd_n=24, pgd_steps=2, pgd_linf_eps=[0, 8], pgd_l2_eps=[0, 100],
-                  cka_n=48, tsne_n=48, finetune_epochs=1, finetune_batch_size=64, lowshot_seeds=[0, 1],
-                  lowshot_fractions=[0.05, 0.1])
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for name in method_names():
         run = base / name
-        pretrain(tiny_config(name, **{"train.steps": 30}), run)
+        options = {f"model.{k}": v for k, v in fast_options(name).items()}
+        pretrain(tiny_config(name, **{"train.steps": 30, **options}), run)
         runs[name] = run
     return runs
 
@@ -53,13 +54,16 @@ def evaluated(trained_runs, tmp_path_factory) -> dict[str, dict]:
 
 def test_config_and_protocol_tables_agree():
     assert tuple(PROTOCOLS) == CONFIG_PROTOCOLS
+    # each protocol's settings are the eval section of its name
+    assert all(type(getattr(EvalConfig(), name)) is p.settings for name, p in PROTOCOLS.items())
 
 
 @pytest.mark.slow
 def test_every_applicable_protocol_runs_and_the_others_say_why(evaluated, trained_runs, method_name):
     results = evaluated[method_name]
     method = get_method(method_name)
-    for name, (need, _, _) in PROTOCOLS.items():
+    for name, p in PROTOCOLS.items():
+        need = p.needs
         r = results["protocols"][name]
         if need is None or need in method.capabilities:
             assert "skipped" not in r, (name, r)
@@ -86,13 +90,20 @@ def test_every_applicable_protocol_runs_and_the_others_say_why(evaluated, traine
     if "sample" in method.capabilities:
         gen = results["protocols"]["generation"]
         assert gen["custom_extractor"] and gen["extractor"].startswith("custom:") and gen["fid"] >= 0
+        assert isinstance(gen["sample"], dict)  # the method's own sample settings, recorded
+        assert set(gen["settings"]) == {"seed", "weights", "samples", "extractor", "inception_weights"}
+    if "nll" in method.capabilities:
+        assert isinstance(results["protocols"]["likelihood"]["nll"], dict)
+    params = results["params"]
+    assert 0 < params["trainable"] <= params["total"]
 
 
 @pytest.mark.slow
 def test_a_later_call_adds_protocols_and_keeps_the_others(evaluated, trained_runs):
     run = trained_runs["supervised"]
     before = read_results(run)["protocols"]["calibration"]
-    evaluate_run(run, replace(FAST, protocols=["calibration"], ece_bins=5), progress=False, say=lambda m: None)
+    evaluate_run(run, replace(FAST, protocols=["calibration"], calibration=CalibrationSettings(bins=5)), progress=False,
+                 say=lambda m: None)
     after = read_results(run)["protocols"]
     assert after["calibration"]["bins"] == 5 and before["bins"] == 15
     assert after["probes"] == evaluated["supervised"]["protocols"]["probes"]  # kept, same weights
@@ -101,7 +112,8 @@ def test_a_later_call_adds_protocols_and_keeps_the_others(evaluated, trained_run
 @pytest.mark.slow
 def test_cka_between_two_runs(evaluated, trained_runs):
     run, other = trained_runs["supervised"], trained_runs["hybvit"]
-    r = evaluate_run(run, replace(FAST, protocols=["similarity"], cka_runs=[str(other)]), progress=False,
+    r = evaluate_run(run, replace(FAST, protocols=["similarity"], similarity=replace(FAST.similarity, cka_runs=[str(other)])),
+                     progress=False,
                      say=lambda m: None)["protocols"]["similarity"]
     cross = r["between_models"][str(other)]
     assert cross["method"] == "hybvit" and 0 <= cross["max"] <= 1
@@ -118,12 +130,13 @@ def test_plan_skips_with_reasons_and_rejects_unknown_protocols():
     run, skipped = plan(method, EvalConfig())
     assert "generation" in run and "likelihood" in run
     assert set(skipped) == {"calibration", "robustness"} and "classifier head" in skipped["calibration"]
+    # the protocol list is checked where the config is built, once
     with pytest.raises(GenrepError) as e:
-        plan(method, EvalConfig(protocols=["calibraton"]))
-    assert "calibration" in one_line(e)
+        build_dataclass(EvalConfig, {"protocols": ["calibraton"]}, "eval")
+    assert "eval.protocols[0] 'calibraton' is unknown" in one_line(e) and "calibration" in one_line(e)
     with pytest.raises(GenrepError) as e:
-        plan(method, EvalConfig(protocols=[]))
-    one_line(e)
+        build_dataclass(EvalConfig, {"protocols": []}, "eval")
+    assert "eval.protocols is empty" in one_line(e)
 
 
 def test_sweep_layers_covers_half_last_and_every_kth():
@@ -133,8 +146,14 @@ def test_sweep_layers_covers_half_last_and_every_kth():
     method = build_for_data(cfg, load_dataset("digits", "train", image_size=8))
     assert sweep_layers(method, []) == [2, 4, 5, 6, 8, 9]
     assert sweep_layers(method, [3, 1, 3]) == [1, 3]
-    with pytest.raises(GenrepError):
-        sweep_layers(method, [10])
+    # a layer the method lacks fails in the preflight, a layer below 1 where the config is built
+    ctx = SimpleNamespace(method=method, ev=SimpleNamespace(probes=ProbesSettings(sweep_layers=[10])))
+    with pytest.raises(GenrepError) as e:
+        probes_protocol.check(ctx)
+    assert "layer 10 does not exist" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        build_dataclass(EvalConfig, {"probes": {"sweep_layers": [0]}}, "eval")
+    assert "eval.probes.sweep_layers[0] must be at least 1, got 0" in one_line(e)
 
 
 @pytest.mark.slow
@@ -142,12 +161,18 @@ def test_bad_input_is_one_line_before_any_work(evaluated, trained_runs, tmp_path
     run = trained_runs["hybvit"]
     monkeypatch.delenv("GENREP_INCEPTION_WEIGHTS", raising=False)
     cases = [
-        (["--eval.protocols", "[generation]", "--eval.fid_extractor", "inception"], "GENREP_INCEPTION_WEIGHTS"),
-        (["--eval.protocols", "[ood]", "--eval.ood_sets", "[nosuchset]"], "nosuchset"),
-        (["--eval.protocols", "[ood]", "--eval.ood_scores", "[energyy]"], "energy"),
-        (["--eval.protocols", "[calibration]", "--eval.ece_bins", "0"], "ece_bins"),
-        (["--eval.protocols", "[lowshot]", "--eval.lowshot_fractions", "[0]"], "fraction"),
+        (["--eval.protocols", "[generation]", "--eval.generation.extractor", "inception"], "GENREP_INCEPTION_WEIGHTS"),
+        (["--eval.protocols", "[ood]", "--eval.ood.sets", "[nosuchset]"], "nosuchset"),
+        (["--eval.protocols", "[ood]", "--eval.ood.scores", "[energyy]"], "eval.ood.scores[0] 'energyy' is unknown"),
+        (["--eval.protocols", "[calibration]", "--eval.calibration.bins", "0"], "eval.calibration.bins must be at least 1, got 0"),
+        (["--eval.protocols", "[lowshot]", "--eval.lowshot.fractions", "[0]"], "fraction"),
+        (["--eval.protocols", "[ood]", "--eval.ood.n", "0"], "eval.ood.n must be at least 1, got 0"),
+        (["--eval.protocols", "[ood]", "--eval.ood.gaussian_covariance", "full"], "choose shared, class"),
+        (["--eval.protocols", "[finetune]", "--eval.finetune.causal", "true"], "eval.finetune.causal"),
+        (["--eval.protocols", "[probes]", "--eval.probes.layer", "9"], "layer 9 does not exist"),
+        (["--eval.ood_n", "32"], "'eval.ood_n' is now 'eval.ood.n'"),
         (["--eval.protoclos", "[ood]"], "protocols"),
+        (["--model.dim", "64"], "cannot change model.dim"),
         (["--train.steps", "3"], "eval."),
     ]
     mtime = (run / "results" / "eval.json").stat().st_mtime_ns
@@ -180,7 +205,8 @@ def test_finetune_and_lowshot_transfer_to_another_data_set(trained_runs, evaluat
     x[y == 2] = 255 - x[y == 2] // 4
     path = tmp_path / "t.npz"
     np.savez(path, x_train=x[:60], y_train=y[:60], x_test=x[60:], y_test=y[60:])
-    ev = replace(FAST, protocols=["finetune", "lowshot"], transfer_data=f"npz:{path}", lowshot_fractions=[0.1, 1.0])
+    ev = replace(FAST, protocols=["finetune", "lowshot"], transfer_data=f"npz:{path}",
+                 lowshot=replace(FAST.lowshot, fractions=[0.1, 1.0]))
     results = evaluate_run(trained_runs["hybvit"], ev, progress=False, say=lambda m: None)["protocols"]
     ft, lo = results["finetune"], results["lowshot"]
     assert ft["data"] == lo["data"] == f"npz:{path}" and ft["num_classes"] == 3 and ft["n_test"] == 30
@@ -259,7 +285,7 @@ def test_report_renders_every_table_and_image_in_a_real_browser(evaluated, train
 def test_cli_evaluate_and_report(trained_runs, evaluated, tmp_path):
     run = trained_runs["supervised"]
     proc = run_cli("evaluate", str(run), "--eval.device", "cpu", "--eval.protocols", "[calibration,ood]",
-                   "--eval.ood_n", "32", "--eval.ood_sets", "[noise]")
+                   "--eval.ood.n", "32", "--eval.ood.sets", "noise")
     assert proc.returncode == 0, proc.stderr
     assert "calibration" in proc.stdout and "ECE" in proc.stdout and "AUROC on noise" in proc.stdout
     assert "results/eval.json" in proc.stdout

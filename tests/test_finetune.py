@@ -1,4 +1,5 @@
-"""Fine-tuning (genrep.eval.finetune) and low-shot transfer (genrep.eval.lowshot): tiny models, digits."""
+"""Fine-tuning (genrep.eval.protocols.finetune) and low-shot transfer (genrep.eval.protocols.lowshot): tiny
+models, digits."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from conftest import one_line, tiny_config
 from genrep.data.datasets import load_dataset
 from genrep.data.imageset import ImageSet
 from genrep.errors import GenrepError
-from genrep.eval.finetune import finetune
-from genrep.eval.lowshot import low_shot, stratified_subset
-from genrep.eval.probes import linear_probe
+from genrep.eval.metrics.probes import linear_probe
+from genrep.eval.protocols.finetune import finetune
+from genrep.eval.protocols.lowshot import low_shot, stratified_subset
 from genrep.runs import build_for_data
 
 # from scratch a tiny ViT learns digits slowly: 5 epochs reach 0.37-0.46 test accuracy over init seeds 0-3
@@ -83,7 +84,8 @@ def test_causal_mask_protocol(digits):
     with pytest.raises(GenrepError) as e:
         finetune(method, train, test, epochs=1, causal="no")
     assert "causal must be True, False or None" in one_line(e)
-    # a method that declares a causal mask: fine-tuning switches it on the copy only
+    # a method that declares a causal mask (Method.causal_readout): fine-tuning switches it on the copy only
+    method.causal_readout = True
     method.causal_mask = True
     assert finetune(method, train, test, epochs=1, causal=False)["causal"] is False
     assert finetune(method, train, test, epochs=1)["causal"] is True

@@ -11,7 +11,7 @@ from conftest import one_line, rng_images
 from torch import nn
 
 from genrep.errors import GenrepError
-from genrep.eval.extractors import (
+from genrep.eval.metrics.extractors import (
     INCEPTION_ENV,
     INCEPTION_FILE,
     INCEPTION_LABEL,
@@ -20,7 +20,7 @@ from genrep.eval.extractors import (
     dataset_classifier_extractor,
     inception_extractor,
 )
-from genrep.eval.generation import feature_statistics, frechet_distance, generation_metrics
+from genrep.eval.metrics.generation import feature_statistics, frechet_distance, generation_metrics
 
 
 def conv_net(channels: int = 3, dim: int = 16, seed: int = 0) -> nn.Module:
@@ -230,7 +230,7 @@ def test_inception_metrics_with_random_weights(random_inception):
 # ------------------------------------------------------------------------------------------------- data-set CNN
 def test_dataset_classifier_extractor_on_digits(tmp_path, monkeypatch):
     from genrep.data.datasets import load_dataset
-    from genrep.eval import extractors
+    from genrep.eval.metrics import extractors
 
     train = load_dataset("digits", "train", image_size=8)
     test = load_dataset("digits", "test", image_size=8)

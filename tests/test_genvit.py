@@ -73,19 +73,26 @@ def test_hybvit_trains_both_streams(tmp_path):
 
 
 def test_sampling_is_seeded_and_in_range():
-    method = _build("genvit").eval()
-    a = method.sample(3, steps=5, generator=torch.Generator().manual_seed(1))
-    b = method.sample(3, steps=5, generator=torch.Generator().manual_seed(1))
+    method = _build("genvit", **{"model.sample_steps": 5}).eval()
+    a = method.sample(3, generator=torch.Generator().manual_seed(1))
+    b = method.sample(3, generator=torch.Generator().manual_seed(1))
     assert a.shape == (3, 1, 8, 8) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
-    ddpm = method.sample(2, sampler="ddpm", generator=torch.Generator().manual_seed(1))
-    assert ddpm.shape == (2, 1, 8, 8)
+    assert method.capability_settings("sample") == {"sampler": "ddim", "steps": 5, "eta": 0.0}
+    ddpm = _build("genvit", **{"model.sampler": "ddpm", "model.timesteps": 20}).eval()
+    assert ddpm.sample(2, generator=torch.Generator().manual_seed(1)).shape == (2, 1, 8, 8)
+    assert ddpm.capability_settings("sample") == {"sampler": "ddpm", "steps": 20}
+    capped = _build("genvit", **{"model.sample_steps": 5000, "model.timesteps": 20}).eval()
+    assert capped.capability_settings("sample")["steps"] == 20
 
 
 def test_nll_is_finite_bits_per_dim():
-    method = _build("genvit").eval()
+    method = _build("genvit", **{"model.nll_terms": 4}).eval()
     x = torch.randint(0, 256, (2, 1, 8, 8)).float() / 255
-    bpd = method.nll(x, num_terms=4, generator=torch.Generator().manual_seed(0))
+    bpd = method.nll(x, generator=torch.Generator().manual_seed(0))
     assert bpd.shape == (2,) and torch.isfinite(bpd).all() and (bpd > 0).all()
+    assert method.capability_settings("nll") == {"terms": 4, "of": 1000}
+    every = _build("genvit", **{"model.nll_terms": 100, "model.timesteps": 20}).eval()
+    assert every.capability_settings("nll") == {"terms": "all", "of": 20}
 
 
 def test_features_at_a_chosen_step_are_repeatable_and_differ_from_clean():
@@ -109,7 +116,8 @@ def test_score_function_is_the_gaussian_score_for_an_oracle_denoiser(prediction,
     (E[eps | y_t] = sigma_t y_t, E[y_0 | y_t] = sqrt(alpha_bar_t) y_t): the score must come out as -y, times 2
     for the [0, 1] -> [-1, 1] map."""
     method = _build(**{"model.prediction": prediction, "model.score_t": 7}).eval()
-    coef = method.sqrt_1m_ab if prediction == "eps" else method.sqrt_ab
+    d = method.diffusion
+    coef = d.train_sqrt_1m_ab if prediction == "eps" else d.train_sqrt_ab
     monkeypatch.setattr(method, "denoise", lambda y, t: coef[t].view(-1, 1, 1, 1) * y)
     x = torch.rand(5, 1, 8, 8)
     # x0 -> eps divides by sqrt(1 / alpha_bar - 1), small at t = 7: float32 keeps about 3 digits there
@@ -123,6 +131,10 @@ def test_score_function_is_the_gaussian_score_for_an_oracle_denoiser(prediction,
     ({"model.feature_t": 5000}, "choose 0..999"),
     ({"model.schedule": "sigmoid"}, "sigmoid"),
     ({"model.time_modulation": "pixel"}, "choose token or channel"),
+    ({"model.sampler": "euler"}, "model.sampler 'euler' is unknown"),
+    ({"model.sample_steps": 0}, "model.sample_steps must be at least 1"),
+    ({"model.eta": -0.5}, "model.eta must be >= 0"),
+    ({"model.nll_terms": -1}, "model.nll_terms must be >= 0"),
 ])
 def test_bad_settings_are_clear_errors(override, fragment):
     with pytest.raises(GenrepError) as e:
@@ -173,17 +185,17 @@ def test_one_fused_forward_equals_the_two_passes():
 
 
 def test_probes_read_features_at_a_chosen_step_without_retraining(tmp_path):
-    from genrep.eval.probe_run import run_probes
+    from genrep.eval.evaluate import run_probes
     from genrep.train.loop import pretrain
 
     run = tmp_path / "gen"
     pretrain(tiny_config("genvit", **{"train.steps": 4, "train.ckpt_every": 4}), run)
     clean = run_probes(run, progress=False)
-    noisy = run_probes(run, progress=False, feature_options={"feature_t": 300})
+    noisy = run_probes(run, progress=False, options={"feature_t": 300})
     assert clean["feature_t"] is None and noisy["feature_t"] == 300
     assert sorted(p.name for p in (run / "cache").iterdir() if "train" in p.name) == [
         "features-train-layer1-mean-feature_t300-ema.safetensors",
         "features-train-layer1-mean-feature_tNone-ema.safetensors"]
     with pytest.raises(GenrepError) as e:
-        run_probes(run, progress=False, feature_options={"dim": 64})
+        run_probes(run, progress=False, options={"dim": 64})
     assert "cannot change model.dim of a trained genvit run" in one_line(e) and "model.feature_t" in one_line(e)

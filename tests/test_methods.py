@@ -1,5 +1,7 @@
 """Every registered method honours the interface the loop and the evaluation rely on."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -9,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from genrep.data.augment import AUGMENTATIONS
 from genrep.errors import GenrepError
 from genrep.methods import CAPABILITIES, DataSpec, Method, build_method, get_method
-from genrep.methods.base import CAPABILITY_API
+from genrep.data.random_inputs import check_random_spec
+from genrep.methods.base import CAPABILITY_API, count_flops_per_image, example_batch
 from genrep.train.optim import param_groups
 
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
@@ -22,11 +25,7 @@ def _build(name):
 
 
 def _batch(method, n=4):
-    g = torch.Generator().manual_seed(0)
-    batch = {view: torch.rand(n, 1, 8, 8, generator=g) for view in method.views()}
-    if method.needs_labels:
-        batch["label"] = torch.randint(0, 10, (n,), generator=g)
-    return batch
+    return example_batch(method, n)  # views, labels and the method's random inputs, as the loop delivers them
 
 
 def test_declarations(method_name):
@@ -36,6 +35,18 @@ def test_declarations(method_name):
     method = _build(method_name)
     assert method.views() and set(method.views().values()) <= set(AUGMENTATIONS)
     assert method.flops_per_image() > 0
+    check_random_spec(method.random_inputs(), list(method.views()))
+    assert set(cls.read_options) >= set(cls.feature_options)
+    for cap, keys in cls.capability_options.items():
+        assert cap in cls.capabilities and set(keys) <= set(cls.read_options)
+        assert all(hasattr(method.cfg, k) for k in keys), (cap, keys)
+    for cap in cls.capabilities:
+        settings = method.capability_settings(cap)
+        assert isinstance(settings, dict) and json.dumps(settings)
+    counts = method.param_counts()
+    assert 0 < counts["trainable"] <= counts["total"]
+    assert counts["total"] - counts["trainable"] == sum(
+        p.numel() for name in method.frozen_parts for p in getattr(method, name).parameters())
 
 
 def test_loss_is_a_finite_scalar_with_gradients(method_name):
@@ -80,14 +91,28 @@ def test_capabilities_are_callable(method_name):
     if "score" in method.capabilities:
         g = method.grad_log_density(x)
         assert g.shape == x.shape and torch.isfinite(g).all()
+    gen = torch.Generator().manual_seed(0)
+    if "sample" in method.capabilities:
+        s = method.sample(2, generator=gen)
+        assert s.shape == (2, 1, 8, 8) and 0 <= s.min() and s.max() <= 1
+    if "complete" in method.capabilities:
+        keep = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+        keep[:, :, :4] = True  # the top half given
+        out = method.complete(x, keep, generator=gen)
+        assert out.shape == x.shape and torch.equal(out[:, :, :4], x[:, :, :4]) and 0 <= out.min() and out.max() <= 1
+    if "nll" in method.capabilities:
+        bpd = method.nll((x * 255).round() / 255, generator=gen)
+        assert bpd.shape == (2,) and torch.isfinite(bpd).all()
 
 
-def test_analytic_flops_match_a_counter(method_name):
-    """The analytic count (matmuls only) equals torch's FLOP counter on the training forward pass.
+def test_flops_match_a_counter(method_name):
+    """The FLOPs a method gives (analytic, matmuls only; or counted once where it has no formula) equal
+    torch's FLOP counter on the training forward pass.
 
     The counter does not see the CPU's fused attention kernel, so attention runs on the math path here,
     whose matmuls it counts."""
     method = _build(method_name).eval()
+    assert count_flops_per_image(method) == pytest.approx(method.flops_per_image(), rel=0.01)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         method(_batch(method, n=1))

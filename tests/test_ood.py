@@ -1,4 +1,5 @@
-"""Tests for genrep.eval.ood (metrics, scores, the batched driver, the histogram) and genrep.eval.ood_sets."""
+"""OOD: the metrics and scores (genrep.eval.metrics.ood), the batched pass over a method
+(genrep.eval.protocols.ood), the histogram (genrep.eval.report.figures) and genrep.eval.ood_sets."""
 
 from __future__ import annotations
 
@@ -12,17 +13,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from genrep.data.datasets import load_dataset
 from genrep.data.imageset import ImageSet
 from genrep.errors import GenrepError
-from genrep.eval.ood import (
-    KINDS,
-    GaussianOODScore,
-    applicable_scores,
-    energy_score,
-    method_scores,
-    msp_score,
-    ood_metrics,
-    score_histogram,
-    score_norm,
-)
+from genrep.eval.metrics.ood import KINDS, GaussianOODScore, energy_score, msp_score, ood_metrics, score_norm
+from genrep.eval.protocols.ood import applicable_scores, method_scores
+from genrep.eval.report.figures import score_histogram
 from genrep.eval.ood_sets import GENERATED, check_ood_images, make_ood_images
 from genrep.runs import build_for_data
 
@@ -35,10 +28,10 @@ def digits8():
     return load_dataset("digits", "test", image_size=8)
 
 
-def perturbed(method_name: str, data: ImageSet):
+def perturbed(method_name: str, data: ImageSet, **overrides):
     """A tiny untrained method whose weights are random enough for non-trivial logits and features."""
     torch.manual_seed(0)
-    method = build_for_data(tiny_config(method_name), data).eval()
+    method = build_for_data(tiny_config(method_name, **overrides), data).eval()
     with torch.no_grad():
         for p in method.parameters():
             if p.dim() >= 2:
@@ -271,10 +264,9 @@ def test_method_scores_supervised(digits8):
 
 
 def test_method_scores_hybvit_bpd_and_score_norm(digits8):
-    method = perturbed("hybvit", digits8)
+    method = perturbed("hybvit", digits8, **{"model.nll_terms": 2})  # the bound's terms: a method option
     images = digits8.images[:6]
-    out = method_scores(method, images, ["bpd", "score_norm", "energy"], device="cpu", batch_size=4,
-                        nll_terms=2, seed=3)
+    out = method_scores(method, images, ["bpd", "score_norm", "energy"], device="cpu", batch_size=4, seed=3)
     assert all(v.shape == (6,) and torch.isfinite(v).all() for v in out.values())
     assert (out["bpd"] < 0).all() and (out["score_norm"] <= 0).all()
     x = images.float() / 255
@@ -282,8 +274,8 @@ def test_method_scores_hybvit_bpd_and_score_norm(digits8):
         direct = -method.grad_log_density(x).flatten(1).double().norm(dim=1)
     torch.testing.assert_close(out["score_norm"], direct, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["energy"], method.energy(x).detach().double(), rtol=1e-5, atol=1e-5)
-    same = method_scores(method, images, ["bpd"], device="cpu", batch_size=4, nll_terms=2, seed=3)
-    other = method_scores(method, images, ["bpd"], device="cpu", batch_size=4, nll_terms=2, seed=4)
+    same = method_scores(method, images, ["bpd"], device="cpu", batch_size=4, seed=3)
+    other = method_scores(method, images, ["bpd"], device="cpu", batch_size=4, seed=4)
     assert torch.equal(same["bpd"], out["bpd"]) and not torch.equal(other["bpd"], out["bpd"])
 
 

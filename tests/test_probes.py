@@ -1,4 +1,4 @@
-"""Tests for genrep.eval.probes: linear probe (LBFGS / AdamW) and weighted kNN on frozen features."""
+"""Tests for genrep.eval.metrics.probes: linear probe (LBFGS / AdamW) and weighted kNN on frozen features."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from genrep.errors import GenrepError
-from genrep.eval.probes import (
+from genrep.eval.metrics.probes import (
     LinearProbeResult,
     _fit_lbfgs,
     knn_classify,

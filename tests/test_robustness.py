@@ -1,4 +1,4 @@
-"""PGD attacks and accuracy under attack (genrep.eval.robustness)."""
+"""PGD attacks and accuracy under attack (genrep.eval.metrics.robustness, genrep.eval.protocols.robustness)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from torch import nn
 
 from genrep.data.datasets import load_dataset
 from genrep.errors import GenrepError
-from genrep.eval.robustness import L2_EPS, LINF_EPS, pgd_attack, robust_accuracy, robustness_figure
+from genrep.eval.metrics.robustness import L2_EPS, LINF_EPS, pgd_attack
+from genrep.eval.protocols.robustness import robust_accuracy
+from genrep.eval.report.figures import robustness_figure
 from genrep.runs import build_for_data
 
 

@@ -1,4 +1,4 @@
-"""Linear CKA, CKA heatmaps and t-SNE figures (genrep.eval.similarity)."""
+"""Linear CKA, CKA heatmaps and t-SNE figures (genrep.eval.metrics.similarity, genrep.eval.report)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from conftest import one_line
 from PIL import Image
 
 from genrep.errors import GenrepError
-from genrep.eval.similarity import cka_heatmap, cka_matrix, linear_cka, tsne_figure
+from genrep.eval.metrics.similarity import cka_matrix, linear_cka
+from genrep.eval.report.figures import cka_heatmap
+from genrep.eval.report.tsne import tsne_figure
 
 
 def _rand(n, d, seed):

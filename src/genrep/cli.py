@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("run", type=Path, metavar="RUN")
     probe.add_argument("--device", default="auto")
 
-    ev = sub.add_parser("evaluate", help="every evaluation protocol that applies to a run (add --eval.key VALUE)")
+    ev = sub.add_parser("evaluate", help="every evaluation protocol that applies to a run (add --eval.KEY VALUE, "
+                        "--eval.PROTOCOL.KEY VALUE, or a model option such as --model.sample_steps 50)")
     ev.add_argument("run", type=Path, metavar="RUN")
 
     rep = sub.add_parser("report", help="one self-contained HTML page comparing evaluated runs side by side")
@@ -50,9 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     smp = sub.add_parser("sample", help="draw images from a generative run and write a PNG grid")
     smp.add_argument("run", type=Path, metavar="RUN")
     smp.add_argument("-n", type=int, default=64, help="number of images (default 64)")
-    smp.add_argument("--sampler", default="ddim", help="ddim (any number of steps) or ddpm (all T steps)")
-    smp.add_argument("--steps", type=int, default=None, help="DDIM steps (default 100; at most the run's T)")
-    smp.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    smp.add_argument("--sampler", default=None, help="ddim (any number of steps) or ddpm (all T steps); default: "
+                     "the run's model.sampler (ddim)")
+    smp.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's model.sample_steps, "
+                     "100; at most the run's T)")
+    smp.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 like DDPM (default: "
+                     "the run's model.eta, 0)")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--weights", default="ema", help="ema or model")
     smp.add_argument("--rank-energy", action="store_true", help="also a grid of each class's best and worst "
@@ -164,22 +168,32 @@ def cmd_pretrain(args, rest: list[str]) -> int:
 
 # ------------------------------------------------------------------ probe
 
-def cmd_probe(args, rest: list[str]) -> int:
-    from .config import ProbeConfig, build_dataclass, parse_overrides
-    from .eval.probe_run import run_probes
-    from .eval.summary import probe_table
-    from .runs import read_run_config
+def _split_overrides(rest: list[str], section: str, example: str, command: str) -> tuple[dict, dict]:
+    """``--SECTION.KEY V`` and ``--model.KEY V`` overrides of a command on a trained run, apart."""
+    from .config import parse_overrides
 
     overrides = parse_overrides(rest)
-    bad = [k for k in overrides if not k.startswith(("probe.", "model."))]
+    bad = [k for k in overrides if not k.startswith((f"{section}.", "model."))]
     if bad:
-        raise GenrepError(f"genrep probe takes probe.* overrides (e.g. --probe.layer 2) and the model's feature "
+        raise GenrepError(f"genrep {command} takes {section}.* overrides (e.g. {example}) and the model's read "
                           f"options (e.g. --model.feature_t 100), got {', '.join(bad)}")
-    base = read_run_config(args.run).probe
-    values = {**vars(base), **{k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("probe.")}}
-    probe = build_dataclass(ProbeConfig, values, "probe")
+    ours = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{section}.")}
     options = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
-    results = run_probes(args.run, probe, device=args.device, feature_options=options)
+    return ours, options
+
+
+def cmd_probe(args, rest: list[str]) -> int:
+    import dataclasses
+
+    from .config import ProbeConfig, apply_overrides, build_dataclass
+    from .eval.evaluate import run_probes
+    from .eval.report.summary import probe_table
+    from .runs import read_run_config
+
+    ours, options = _split_overrides(rest, "probe", "--probe.layer 2", "probe")
+    values = apply_overrides(dataclasses.asdict(read_run_config(args.run).probe), ours)
+    probe = build_dataclass(ProbeConfig, values, "probe")
+    results = run_probes(args.run, probe, device=args.device, options=options)
     print(probe_table(results))
     print(f"results: {args.run / 'results' / 'probe.json'}")
     return 0
@@ -188,26 +202,25 @@ def cmd_probe(args, rest: list[str]) -> int:
 # ------------------------------------------------------------------ evaluate and report
 
 def _eval_config(run: Path, rest: list[str]):
-    from .config import EvalConfig, build_dataclass, parse_overrides
+    """The run's ``eval`` section with ``--eval.*`` overrides (nested: --eval.ood.n 500), and the model
+    options (``--model.sample_steps 50``) this evaluation reads the trained model with."""
+    import dataclasses
+
+    from .config import EvalConfig, apply_overrides, build_dataclass
     from .runs import read_run_config
 
-    overrides = parse_overrides(rest)
-    bad = [k for k in overrides if not k.startswith("eval.")]
-    if bad:
-        raise GenrepError(f"genrep evaluate takes eval.* overrides (e.g. --eval.protocols ood,calibration), got "
-                          f"{', '.join(bad)}")
-    base = read_run_config(run).eval
-    values = {**vars(base), **{k.split(".", 1)[1]: v for k, v in overrides.items()}}
-    return build_dataclass(EvalConfig, values, "eval")
+    ours, options = _split_overrides(rest, "eval", "--eval.protocols ood,calibration", "evaluate")
+    values = apply_overrides(dataclasses.asdict(read_run_config(run).eval), ours)
+    return build_dataclass(EvalConfig, values, "eval"), options
 
 
 def cmd_evaluate(args, rest: list[str]) -> int:
     from .eval.evaluate import EVAL_FILE, evaluate_run
-    from .eval.summary import evaluation_summary
+    from .eval.report.summary import evaluation_summary
 
-    ev = _eval_config(args.run, rest)
+    ev, options = _eval_config(args.run, rest)
     t0 = time.perf_counter()
-    results = evaluate_run(args.run, ev)
+    results = evaluate_run(args.run, ev, options=options)
     print(evaluation_summary(results))
     print(f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
           f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
@@ -215,7 +228,7 @@ def cmd_evaluate(args, rest: list[str]) -> int:
 
 
 def cmd_report(args, rest: list[str]) -> int:
-    from .eval.report import write_report
+    from .eval.report.report import write_report
 
     out = write_report(args.runs, args.out)
     print(f"report of {len(args.runs)} run(s): {out}")
@@ -225,13 +238,15 @@ def cmd_report(args, rest: list[str]) -> int:
 # ------------------------------------------------------------------ sample
 
 def cmd_sample(args, rest: list[str]) -> int:
-    from .eval.samples import run_sampling
+    from .eval.report.samples import run_sampling
 
     r = run_sampling(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                      weights=args.weights, device=args.device, rank_energy=args.rank_energy,
                      per_class=args.per_class, out=args.out)
-    print(f"{r['n']} samples from {r['method']} ({r['sampler']}, {r['steps']} steps, eta {r['eta']:g}, seed "
-          f"{r['seed']}) in {r['seconds']:.1f} s: {r['grid']}")
+    from .eval.report.summary import sampling_text
+
+    print(f"{r['n']} samples from {r['method']} ({sampling_text(r)}, seed {r['seed']}) in {r['seconds']:.1f} s: "
+          f"{r['grid']}")
     if "ranked_grid" in r:
         counts = ", ".join(f"{name} {v['count']}" for name, v in r["per_class"].items())
         print(f"by class (classifier's choice): {counts}")
@@ -244,11 +259,10 @@ def cmd_sample(args, rest: list[str]) -> int:
 def cmd_run(args, rest: list[str]) -> int:
     import dataclasses
 
-    from .eval.evaluate import evaluate_run
-    from .eval.figures import summary_figure
-    from .eval.probe_run import run_probes
-    from .eval.report import write_report
-    from .eval.summary import evaluation_summary, probe_table
+    from .eval.evaluate import evaluate_run, run_probes
+    from .eval.report.figures import summary_figure
+    from .eval.report.report import write_report
+    from .eval.report.summary import evaluation_summary, probe_table
     from .methods import get_method
     from .train.loop import pretrain
 
@@ -263,9 +277,9 @@ def cmd_run(args, rest: list[str]) -> int:
     figure = summary_figure(run, results, run / "figures" / "summary.png")
     lines = []
     if "sample" in get_method(cfg.method).capabilities:
-        from .eval.samples import run_sampling
+        from .eval.report.samples import run_sampling
         _say("genrep run: drawing 64 samples (DDIM, 100 steps)")
-        s = run_sampling(run, n=64, steps=100, device=cfg.train.device, out=run / "figures" / "samples.png",
+        s = run_sampling(run, n=64, sampler="ddim", steps=100, device=cfg.train.device, out=run / "figures" / "samples.png",
                          rank_energy="logits" in get_method(cfg.method).capabilities, per_class=4)
         lines.append(f"samples: {s['grid']} ({s['seconds']:.1f} s)"
                      + (f", ranked by energy per class: {s['ranked_grid']}" if "ranked_grid" in s else ""))

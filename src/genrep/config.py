@@ -1,8 +1,10 @@
 """Typed run configuration: dataclasses, YAML recipes shipped in the package, dotted overrides.
 
 A config is plain data. Every key is checked against its dataclass: an unknown key or a value of
-the wrong type is a GenrepError that names the key and what would be valid. The ``model`` section
-is typed by the chosen method's own config dataclass (``Method.config_class``).
+the wrong type is a GenrepError that names the key and what would be valid; so is a value outside the
+valid values its field declares (:func:`genrep.fields.setting`), checked here, once. The ``model``
+section is typed by the chosen method's own config dataclass (``Method.config_class``). A run's
+``config.yaml`` records ``config_version``; :func:`load_config_file` migrates older versions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,22 @@ from typing import Any
 import yaml
 
 from .errors import GenrepError
+from .eval.metrics.probes import SOLVERS
+from .eval.protocols.calibration import CalibrationSettings
+from .eval.protocols.finetune import FinetuneSettings
+from .eval.protocols.generation import GenerationSettings
+from .eval.protocols.likelihood import LikelihoodSettings
+from .eval.protocols.lowshot import LowshotSettings
+from .eval.protocols.ood import OODSettings
+from .eval.protocols.probes import ProbesSettings
+from .eval.protocols.robustness import RobustnessSettings
+from .eval.protocols.similarity import SimilaritySettings
+from .fields import check_fields, setting
+
+# 1: flat eval keys (eval.ood_n, eval.sample_steps...); 2: one eval section per protocol, sampling and
+# likelihood options in the model section (load_config_file migrates 1 to 2)
+CONFIG_VERSION = 2
+WEIGHTS = ("ema", "model")
 
 
 @dataclass
@@ -63,16 +81,18 @@ class TrainConfig:
 
 @dataclass
 class ProbeConfig:
-    layer: int | None = None        # None: the method's default layer
+    """`genrep probe`: the probes protocol at one read-out, without the sweep (``eval.probes`` is `genrep
+    evaluate`'s)."""
+    layer: int | None = setting(None, min=1)   # None: the method's default layer
     pool: str | None = None         # None: the method's default pooling
-    weights: str = "ema"            # ema | model
-    solver: str = "lbfgs"           # lbfgs (full batch) | adamw (the GCRL protocol)
-    weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
-    epochs: int = 100
-    lr: float = 0.01
-    knn_k: list[int] = field(default_factory=lambda: [20, 200])
-    knn_temperature: float = 0.07
-    batch_size: int = 512
+    weights: str = setting("ema", choices=WEIGHTS)
+    solver: str = setting("lbfgs", choices=SOLVERS)  # lbfgs (full batch) | adamw (the GCRL protocol)
+    weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)  # several: held-out choice
+    epochs: int = setting(100, min=1)
+    lr: float = setting(0.01, above=0)
+    knn_k: list[int] = setting([20, 200], min=1, nonempty=True)
+    knn_temperature: float = setting(0.07, above=0)
+    batch_size: int = setting(512, min=1)
 
 
 PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "robustness", "similarity",
@@ -81,58 +101,31 @@ PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "robust
 
 @dataclass
 class EvalConfig:
-    """`genrep evaluate`: which protocols run and their sizes; where a paper fixes a setting it is the default."""
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))  # those that apply to the method run
-    weights: str = "ema"
+    """`genrep evaluate`: which protocols run, what they share, and one section of settings per protocol
+    (its dataclass lives beside the protocol in genrep.eval.protocols); where a paper fixes a setting it is
+    the default."""
+    protocols: list[str] = setting(list(PROTOCOLS), choices=PROTOCOLS, nonempty=True)  # those that apply run
+    weights: str = setting("ema", choices=WEIGHTS)
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int = setting(256, min=1)
     seed: int = 0
-    # probes: the GCRL linear protocol at the default read-out, then a fast sweep over layers and pools
-    sweep_layers: list[int] = field(default_factory=list)   # empty: half, last and every k-th block
-    sweep_pools: list[str] = field(default_factory=list)    # empty: every pooling the method offers
-    # calibration
-    ece_bins: int = 15              # 15 (Guo et al., GCRL); the HybViT recipes use 20 like its code
-    # out-of-distribution detection (generated sets, or any data set name of the registry, resized)
-    ood_sets: list[str] = field(default_factory=lambda: ["noise", "constant", "interp"])
-    ood_scores: list[str] = field(default_factory=list)     # empty: every score the method supports
-    ood_n: int = 1000               # in-distribution test images and images per OOD set
-    gaussian_covariance: str = "shared"  # shared | class
-    # likelihood (bits/dim on the test set)
-    bpd_n: int = 1000
-    bpd_terms: int = 0              # 0: all T terms of the bound; k: an unbiased stratified subset of k
-    # generation
-    fid_samples: int = 10000
-    fid_extractor: str = "inception"  # inception (needs local weights) | classifier (custom: a CNN on the data)
-    inception_weights: str = ""     # path; or the environment variable GENREP_INCEPTION_WEIGHTS
-    sample_steps: int = 100         # DDIM steps
-    # adversarial robustness: PGD with random start (eps lists: the HybViT paper's, in /255 units)
-    pgd_norms: list[str] = field(default_factory=lambda: ["linf", "l2"])
-    pgd_linf_eps: list[float] = field(default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 22, 30])
-    pgd_l2_eps: list[float] = field(default_factory=lambda: [0, 50, 100, 150, 200, 250, 300, 350, 400])
-    pgd_steps: int = 10
-    pgd_n: int = 1000
-    # representation similarity
-    cka_n: int = 1000
-    tsne_n: int = 1000
-    cka_runs: list[str] = field(default_factory=list)  # other run folders on the same data: CKA between models
     # the labelled data of fine-tuning and low-shot: "" = the run's own; or a data set name, loaded at the
     # run's image size and channel count (GCRL fine-tunes and low-shot-transfers ImageNet32 models to CIFAR-10)
     transfer_data: str = ""
-    # fine-tuning (whole network, fresh linear head on the default read-out)
-    finetune_epochs: int = 15       # GCRL fine-tunes its ImageNet32 models for 15 epochs
-    finetune_lr: float = 1e-4
-    finetune_batch_size: int = 128
-    finetune_layer: int | None = None   # the read-out: None = the method's default layer and pooling
-    finetune_pool: str | None = None
-    finetune_causal: bool | None = None  # causal methods: fine-tune with (true) or without (false) the mask
-    # low-shot transfer
-    lowshot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
-    lowshot_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    lowshot_readout: str = "linear"  # linear (frozen features) | finetune
+    probes: ProbesSettings = field(default_factory=ProbesSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    ood: OODSettings = field(default_factory=OODSettings)
+    likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
+    similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    lowshot: LowshotSettings = field(default_factory=LowshotSettings)
 
 
 @dataclass
 class Config:
+    config_version: int = CONFIG_VERSION  # the layout of this file: what load_config_file reads and migrates
     recipe: str = ""
     method: str = "supervised"
     model: Any = None               # the method's config dataclass
@@ -190,6 +183,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(section: str, key: str, valid: list[str]) -> GenrepError:
     where = f"'{section}.{key}'" if section else f"'{key}'"
+    if section == "eval" and key in V1_EVAL_KEYS:
+        return GenrepError(f"config key 'eval.{key}' is now '{V1_EVAL_KEYS[key]}' (config version 2)")
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return GenrepError(f"unknown config key {where}{hint}; valid keys{' in ' + section if section else ''}: "
@@ -212,7 +207,9 @@ def build_dataclass(cls: type, values: dict | None, section: str = "") -> Any:
             kwargs[key] = build_dataclass(hints[key], value, full)
         else:
             kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_fields(obj, section)
+    return obj
 
 
 def model_config_class(method: str) -> type:
@@ -221,8 +218,10 @@ def model_config_class(method: str) -> type:
     return get_method(method).config_class
 
 
-def config_from_dict(d: dict) -> Config:
-    d = dict(d or {})
+def config_from_dict(d: dict, source: str = "the config") -> Config:
+    """A Config from plain data; data without ``config_version`` is read as the current version (a recipe)."""
+    d = migrate(dict(d or {}), d.get("config_version", CONFIG_VERSION) if isinstance(d, dict) else CONFIG_VERSION,
+                source)
     method = d.get("method", Config.method)
     if not isinstance(method, str):
         raise GenrepError(f"config key 'method' must be a method name, got {method!r}")
@@ -316,4 +315,72 @@ def load_config_file(path: Path) -> Config:
         d = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise GenrepError(f"cannot read run config {path}: {e}") from None
-    return config_from_dict(d)
+    if not isinstance(d, dict):
+        raise GenrepError(f"run config {path} must be a YAML mapping, got {type(d).__name__}")
+    # files written before versions existed have none: version 1
+    return config_from_dict({**d, "config_version": d.get("config_version", 1)}, str(path))
+
+
+# ---------------------------------------------------------------- versions
+
+# version 1's flat eval keys and where version 2 keeps them
+V1_EVAL_KEYS = {
+    "sweep_layers": "eval.probes.sweep_layers", "sweep_pools": "eval.probes.sweep_pools",
+    "ece_bins": "eval.calibration.bins",
+    "ood_sets": "eval.ood.sets", "ood_scores": "eval.ood.scores", "ood_n": "eval.ood.n",
+    "gaussian_covariance": "eval.ood.gaussian_covariance",
+    "bpd_n": "eval.likelihood.n", "bpd_terms": "model.nll_terms",
+    "fid_samples": "eval.generation.samples", "fid_extractor": "eval.generation.extractor",
+    "inception_weights": "eval.generation.inception_weights", "sample_steps": "model.sample_steps",
+    "pgd_norms": "eval.robustness.norms", "pgd_linf_eps": "eval.robustness.linf_eps",
+    "pgd_l2_eps": "eval.robustness.l2_eps", "pgd_steps": "eval.robustness.steps", "pgd_n": "eval.robustness.n",
+    "cka_n": "eval.similarity.cka_n", "tsne_n": "eval.similarity.tsne_n", "cka_runs": "eval.similarity.cka_runs",
+    "finetune_epochs": "eval.finetune.epochs", "finetune_lr": "eval.finetune.lr",
+    "finetune_batch_size": "eval.finetune.batch_size", "finetune_layer": "eval.finetune.layer",
+    "finetune_pool": "eval.finetune.pool", "finetune_causal": "eval.finetune.causal",
+    "lowshot_fractions": "eval.lowshot.fractions", "lowshot_seeds": "eval.lowshot.seeds",
+    "lowshot_readout": "eval.lowshot.readout",
+}
+# version 1's evaluation probes read these keys of the probe section
+V1_PROBE_KEYS = {"epochs": "epochs", "lr": "lr", "knn_k": "knn_k", "knn_temperature": "knn_temperature",
+                 "weight_decay": "sweep_weight_decay"}
+
+
+def _migrate_1_to_2(d: dict) -> dict:
+    ev = dict(d.get("eval") or {})
+    model = dict(d.get("model") or {})
+    new_eval = {k: v for k, v in ev.items() if k not in V1_EVAL_KEYS}
+    probe = d.get("probe") or {}
+    probes = {new: probe[old] for old, new in V1_PROBE_KEYS.items() if old in probe}
+    if probes:
+        new_eval["probes"] = probes
+    model_keys = {f.name for f in dataclasses.fields(model_config_class(d.get("method", Config.method)))}
+    for key, value in ev.items():
+        target = V1_EVAL_KEYS.get(key)
+        if target is None:
+            continue
+        section, *path = target.split(".")
+        if section == "model":
+            # a sampling or likelihood option is the method's now; a method without it never used it
+            if path[0] in model_keys:
+                model.setdefault(path[0], value)
+            continue
+        new_eval.setdefault(path[0], {})[path[1]] = value
+    out = {**d, "eval": new_eval, "config_version": 2}
+    if model or "model" in d:
+        out["model"] = model
+    return out
+
+
+_MIGRATIONS = {1: _migrate_1_to_2}
+
+
+def migrate(d: dict, version: Any, source: str = "the config") -> dict:
+    """``d`` (plain config data of ``version``) in the current version's layout."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        raise GenrepError(f"{source} has config_version {version!r}; this genrep reads config versions 1 to "
+                          f"{CONFIG_VERSION} (a newer genrep wrote it? update genrep to read it)")
+    while version < CONFIG_VERSION:
+        d = _MIGRATIONS[version](d)
+        version += 1
+    return {**d, "config_version": CONFIG_VERSION}

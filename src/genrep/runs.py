@@ -1,7 +1,15 @@
-"""Run folders: create one, and rebuild a trained method from one."""
+"""Run folders: create one, and rebuild a trained method from one.
+
+Besides the config and the weights, a run folder holds what a method's weights need to mean anything:
+``prepared.safetensors``, the state the method fitted on the training set before step 0 (``Method.prepare``,
+checked against the data set it was fitted on whenever it is read back), and ``frozen.json``, the path and
+sha256 of each frozen part's source file (``Method.freeze``; the weights are referenced, not copied).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -13,6 +21,9 @@ from .methods import DataSpec, Method, build_method
 from .train.checkpoint import load_safetensors
 
 CONFIG_FILE = "config.yaml"
+PREPARED_FILE = "prepared.safetensors"
+FROZEN_FILE = "frozen.json"
+_PREPARED_FORMAT = "genrep-prepared-1"
 
 
 def load_split(cfg: Config, split: str) -> ImageSet:
@@ -52,30 +63,125 @@ def read_run_config(run: Path) -> Config:
     return load_config_file(run / CONFIG_FILE)
 
 
-def with_feature_options(cfg: Config, options: dict | None) -> Config:
-    """``cfg`` with model keys changed that only affect how features are read (``Method.feature_options``)."""
+def with_read_options(cfg: Config, options: dict | None) -> Config:
+    """``cfg`` with model keys changed that only affect how a trained model is read
+    (``Method.read_options``: feature options such as feature_t, sampler settings, likelihood terms)."""
     if not options:
         return cfg
     from .config import apply_overrides, config_from_dict
     from .methods import get_method
 
-    allowed = get_method(cfg.method).feature_options
+    allowed = get_method(cfg.method).read_options
     bad = [k for k in options if k not in allowed]
     if bad:
-        hint = f"; {cfg.method} lets a probe change {', '.join('model.' + k for k in allowed)}" if allowed else ""
+        hint = (f"; a trained {cfg.method} run may be read with other {', '.join('model.' + k for k in allowed)}"
+                if allowed else "")
         raise GenrepError(f"cannot change {', '.join('model.' + k for k in bad)} of a trained {cfg.method} run "
                           f"(the weights were trained with it){hint}")
     return config_from_dict(apply_overrides(cfg.to_dict(), {f"model.{k}": v for k, v in options.items()}))
 
 
+# ---------------------------------------------------------------- data-fitted state and frozen parts
+
+def data_fingerprint(images: ImageSet) -> dict[str, str]:
+    """What fitted state must match: the data set's name, shape and the sha256 of its uint8 pixels."""
+    x = images.images.contiguous()
+    sha = hashlib.sha256(x.numpy()).hexdigest()  # the buffer itself: no copy of a 150 MB set
+    return {"data": images.name, "images": str(len(x)), "shape": "x".join(map(str, x.shape[1:])),
+            "images_sha256": sha}
+
+
+def fit_prepared(method: Method, train_set: ImageSet, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Run ``method.prepare`` on the training images; the state is returned on the CPU, not yet installed."""
+    from .data.batches import mix_seed
+
+    g = torch.Generator().manual_seed(mix_seed(seed, 0x9E9A))
+    state = method.prepare(train_set.images, device=device, generator=g)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TypeError(f"{method.name}.prepare must return a dict of tensors, got {type(state).__name__}")
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_prepared(run: Path, method: Method, state: dict[str, torch.Tensor], train_set: ImageSet) -> None:
+    from .io import atomic_save_safetensors
+
+    meta = {"format": _PREPARED_FORMAT, "method": method.name, **data_fingerprint(train_set)}
+    atomic_save_safetensors(Path(run) / PREPARED_FILE, state, meta)
+
+
+def read_prepared(run: Path, method: Method, train_set: ImageSet) -> dict[str, torch.Tensor]:
+    """The run's fitted state, checked against the data set it is about to be used with."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run) / PREPARED_FILE
+    if not path.is_file():
+        raise GenrepError(f"{run} has no {PREPARED_FILE}, the state {method.name} fits on its training set before "
+                          f"training (Method.prepare); the run is incomplete: start a new run")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GenrepError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); start a new run") from None
+    if meta.get("format") != _PREPARED_FORMAT or meta.get("method") != method.name:
+        raise GenrepError(f"{path} is not {method.name}'s fitted state (format {meta.get('format')!r}, method "
+                          f"{meta.get('method')!r}); start a new run")
+    now = data_fingerprint(train_set)
+    fitted = {k: meta.get(k) for k in now}
+    if fitted != now:
+        raise GenrepError(f"{path} was fitted on {fitted['data']} ({fitted['images']} images of "
+                          f"{fitted['shape']}, sha256 {str(fitted['images_sha256'])[:12]}) but the training set "
+                          f"is now {now['data']} ({now['images']} images of {now['shape']}, sha256 "
+                          f"{now['images_sha256'][:12]}); use the data the run was trained on, or start a new run")
+    return state
+
+
+def write_frozen(run: Path, method: Method) -> None:
+    from .io import atomic_write_json
+
+    parts = method.frozen_parts
+    if parts:
+        atomic_write_json(Path(run) / FROZEN_FILE, {k: {"path": v.path, "sha256": v.sha256} for k, v in parts.items()})
+
+
+def check_frozen(run: Path, method: Method) -> None:
+    """A frozen part must be the very file the run was trained with (the weights are not in the run)."""
+    parts = method.frozen_parts
+    path = Path(run) / FROZEN_FILE
+    if not parts:
+        return
+    try:
+        recorded = json.loads(path.read_text())
+        assert isinstance(recorded, dict)
+    except (OSError, ValueError, AssertionError):
+        raise GenrepError(f"{path} is missing or unreadable; it records the files {method.name}'s frozen parts "
+                          f"were read from; the run is incomplete: start a new run") from None
+    for name, part in parts.items():
+        was = recorded.get(name)
+        if not isinstance(was, dict) or was.get("sha256") != part.sha256:
+            old = was.get("sha256", "?")[:12] if isinstance(was, dict) else "not recorded"
+            raise GenrepError(f"frozen part '{name}' of {run} was trained from a file with sha256 {old}, but "
+                              f"{part.path} now has sha256 {part.sha256[:12]}; the file changed since training: "
+                              f"restore the original file")
+
+
+def install_run_state(run: Path, method: Method, train_set: ImageSet) -> None:
+    """Give a method rebuilt from a run folder its fitted state, and check its frozen parts."""
+    if method.has_prepare:
+        method.load_prepared(read_prepared(run, method, train_set))
+    check_frozen(run, method)
+
+
 def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
-                 feature_options: dict | None = None) -> tuple[Config, Method, ImageSet]:
-    """The run's config, its method with trained weights (eval mode), and its training set."""
+                 options: dict | None = None) -> tuple[Config, Method, ImageSet]:
+    """The run's config, its method with trained weights (eval mode), and its training set. ``options``
+    changes model keys that only affect how the trained model is read (``Method.read_options``)."""
     if weights not in ("ema", "model"):
         raise GenrepError(f"weights '{weights}' is unknown; choose ema or model")
-    cfg = with_feature_options(read_run_config(run), feature_options)
+    cfg = with_read_options(read_run_config(run), options)
     train_set = load_train_set(cfg)
     method = build_for_data(cfg, train_set)
+    install_run_state(run, method, train_set)
     state = load_safetensors(Path(run) / f"{weights}.safetensors")
     try:
         method.load_state_dict(state)

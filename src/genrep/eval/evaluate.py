@@ -1,42 +1,41 @@
-"""`genrep evaluate RUN`: every protocol that applies to the run's method, one results file.
+"""The driver of `genrep evaluate RUN` and `genrep probe RUN`: plan, preflight, results files.
 
-The results live in ``RUN/results/eval.json`` and are rewritten atomically after each protocol, so an
-interrupted evaluation keeps what finished. Protocols evaluated earlier from the same weights are
-kept when a later call runs others (``--eval.protocols finetune`` adds fine-tuning to the file);
-results from other weights (a run trained further) are dropped, never mixed.
+`genrep evaluate` runs every protocol of ``eval.protocols`` that applies to the run's method into
+``RUN/results/eval.json``, rewritten atomically after each protocol, so an interrupted evaluation keeps
+what finished. Protocols evaluated earlier from the same weights are kept when a later call runs others
+(``--eval.protocols finetune`` adds fine-tuning to the file); results from other weights (a run trained
+further) are dropped, never mixed. `genrep probe` runs the probes protocol alone with the run's ``probe``
+section into ``RUN/results/probe.json``.
+
+Settings arrive checked (the config boundary validates every field); the preflight checks only what needs
+the method or the data: a read-out that does not exist, an OOD set or transfer set that cannot be loaded,
+missing Inception weights, a ``cka_runs`` folder that is not a run.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from ..config import EvalConfig
-from ..devices import resolve_device
-from ..errors import GenrepError
+from ..config import EvalConfig, ProbeConfig
 from ..io import atomic_write_json
-from ..runs import load_split, load_trained, read_run_config
-from .probe_run import RESULTS_DIR, weights_version
-from .protocols import NEEDS, PROTOCOLS, EvalContext
+from .protocols import NEEDS, PROTOCOLS
+from .protocols import probes as probes_protocol
+from .protocols.context import RESULTS_DIR, EvalContext
 
 EVAL_FILE = "eval.json"
-
-
-def check_protocols(names: list[str]) -> None:
-    unknown = [n for n in names if n not in PROTOCOLS]
-    if unknown:
-        raise GenrepError(f"unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
-    if not names:
-        raise GenrepError(f"eval.protocols is empty; list one or more of {', '.join(PROTOCOLS)}")
+PROBE_FILE = "probe.json"
+# settings shared by all protocols that a protocol also depends on
+_SHARED = {"finetune": ("transfer_data",), "lowshot": ("transfer_data",)}
 
 
 def skip_reason(name: str, method) -> str | None:
     """Why protocol ``name`` does not apply to ``method`` (None when it does)."""
-    need = PROTOCOLS[name][0]
+    need = PROTOCOLS[name].needs
     if need is None or need in method.capabilities:
         return None
     caps = ", ".join(sorted(method.capabilities)) or "none"
@@ -44,8 +43,7 @@ def skip_reason(name: str, method) -> str | None:
 
 
 def plan(method, ev: EvalConfig) -> tuple[list[str], dict[str, str]]:
-    """(protocols to run, protocol -> reason it is skipped) for ``method`` under ``ev``."""
-    check_protocols(ev.protocols)
+    """(protocols to run, protocol -> reason it is skipped) for ``method`` under ``ev``, in registry order."""
     run, skipped = [], {}
     for name in PROTOCOLS:
         if name not in ev.protocols:
@@ -58,8 +56,8 @@ def plan(method, ev: EvalConfig) -> tuple[list[str], dict[str, str]]:
     return run, skipped
 
 
-def read_results(run: Path) -> dict:
-    path = Path(run) / RESULTS_DIR / EVAL_FILE
+def read_results(run: Path, file: str = EVAL_FILE) -> dict:
+    path = Path(run) / RESULTS_DIR / file
     if not path.exists():
         return {}
     try:
@@ -68,104 +66,90 @@ def read_results(run: Path) -> dict:
         return {}  # a damaged file is rebuilt, never trusted
 
 
-def _check_data(train, test) -> None:
-    for split, s in (("train", train), ("test", test)):
-        if len(s) == 0:
-            raise GenrepError(f"the {split} split of {s.name} is empty; evaluation needs images in both splits")
+def preflight(ctx: EvalContext, names: list[str]) -> None:
+    """Fail on what only the method or the data can tell, before minutes of work rather than after them."""
+    for name in names:
+        check = PROTOCOLS[name].check
+        if check is not None:
+            check(ctx)
 
 
-def _preflight(ctx: EvalContext, names: list[str]) -> None:
-    """Fail on bad settings before minutes of work, not after them."""
-    from .ood_sets import make_ood_images
-    from .protocols import extractor_for, ood_score_kinds
-
-    ev = ctx.ev
-    if ev.weights not in ("ema", "model"):
-        raise GenrepError(f"eval.weights '{ev.weights}' is unknown; choose ema or model")
-    if ev.batch_size < 1:
-        raise GenrepError(f"eval.batch_size must be at least 1, got {ev.batch_size}")
-    if "calibration" in names and ev.ece_bins < 1:
-        raise GenrepError(f"eval.ece_bins must be at least 1, got {ev.ece_bins}")
-    if "ood" in names:
-        ood_score_kinds(ctx)
-        if ev.gaussian_covariance not in ("shared", "class"):
-            raise GenrepError(f"eval.gaussian_covariance '{ev.gaussian_covariance}' is unknown; choose shared or "
-                              f"class")
-        for name in ev.ood_sets:
-            make_ood_images(name, ctx.test, 1, seed=ev.seed, root=ctx.cfg.data.root, download=ctx.cfg.data.download)
-    if "generation" in names and ev.fid_extractor != "classifier":  # the classifier is trained when needed
-        extractor_for(ctx)
-    if "similarity" in names:
-        from ..runs import read_run_config
-        for other in ev.cka_runs:
-            read_run_config(Path(other))  # a folder that is not a run fails here, not after the other protocols
-    if "finetune" in names:
-        ctx.method.check_feature_args(ev.finetune_layer, ev.finetune_pool)
-    if "finetune" in names or "lowshot" in names:
-        ctx.transfer_sets()  # a transfer data set missing offline fails here
-    if "robustness" in names and ev.pgd_steps < 1:
-        raise GenrepError(f"eval.pgd_steps must be at least 1, got {ev.pgd_steps}")
-    if "lowshot" in names and ev.lowshot_readout not in ("linear", "finetune"):
-        raise GenrepError(f"eval.lowshot_readout '{ev.lowshot_readout}' is unknown; choose linear or finetune")
+def settings(name: str, ev: EvalConfig) -> dict:
+    """What protocol ``name`` ran with, recorded beside its numbers."""
+    return {"seed": ev.seed, "weights": ev.weights, **{k: getattr(ev, k) for k in _SHARED.get(name, ())},
+            **asdict(getattr(ev, name))}
 
 
-def evaluate_run(run: Path, ev: EvalConfig | None = None, *, progress: bool = True, say=print) -> dict:
-    """Run the applicable protocols of ``ev`` (default: the run's own ``eval`` section) on RUN's weights."""
+def _ordered(protocols: dict) -> dict:
+    return {k: protocols[k] for k in PROTOCOLS if k in protocols}
+
+
+def evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
+                 say=print) -> dict:
+    """Run the applicable protocols of ``ev`` (default: the run's own ``eval`` section) on RUN's weights;
+    ``options`` changes model keys that change how a trained model is read (``Method.read_options``,
+    e.g. ``sample_steps``, ``nll_terms``, ``feature_t``)."""
+    from ..runs import read_run_config
+
     run = Path(run)
-    cfg = read_run_config(run)
-    ev = ev or cfg.eval
-    device = resolve_device(ev.device)
-    cfg, method, train = load_trained(run, ev.weights, device)
-    test = load_split(cfg, "test")
-    _check_data(train, test)
-    version = weights_version(run, ev.weights)
-    ctx = EvalContext(run=run, cfg=cfg, ev=ev, method=method, train=train, test=test, device=device,
-                      version=version, progress=progress)
+    ev = ev or read_run_config(run).eval
+    ctx = EvalContext.open(run, ev, options=options, progress=progress)
+    method, cfg = ctx.method, ctx.cfg
     names, skipped = plan(method, ev)
-    _preflight(ctx, names)
+    preflight(ctx, names)
 
     old = read_results(run)
-    keep = old.get("protocols", {}) if old.get("weights") == version else {}
+    keep = old.get("protocols", {}) if old.get("weights") == ctx.version else {}
     results = {
         "run": str(run), "recipe": cfg.recipe, "method": cfg.method, "data": cfg.data.name,
-        "image_size": int(train.image_size), "n_train": len(train), "n_test": len(test),
-        "num_classes": train.num_classes, "weights": version,
-        "params": sum(p.numel() for p in method.parameters()),
-        "flops_per_image": int(method.flops_per_image()), "device": str(device),
+        "image_size": int(ctx.train.image_size), "n_train": len(ctx.train), "n_test": len(ctx.test),
+        "num_classes": ctx.train.num_classes, "weights": ctx.version, "params": method.param_counts(),
+        "flops_per_image": int(method.flops_per_image()), "device": str(ctx.device),
         "protocols": {k: v for k, v in keep.items() if k not in names},
     }
     for name, reason in skipped.items():
         results["protocols"][name] = {"skipped": reason}
-    results["protocols"] = {k: results["protocols"][k] for k in PROTOCOLS if k in results["protocols"]}
+    results["protocols"] = _ordered(results["protocols"])
     path = run / RESULTS_DIR / EVAL_FILE
     for name in names:
         say(f"genrep evaluate: {name}")
         t0 = time.perf_counter()
         torch.manual_seed(ev.seed)  # protocols with internal randomness (t-SNE aside) are seeded from here
-        out = PROTOCOLS[name][1](ctx)
+        out = PROTOCOLS[name].run(ctx)
         out["seconds"] = round(time.perf_counter() - t0, 2)
-        out["settings"] = _settings(name, ev)
+        out["settings"] = settings(name, ev)
         results["protocols"][name] = out
-        results["protocols"] = {k: results["protocols"][k] for k in PROTOCOLS if k in results["protocols"]}
+        results["protocols"] = _ordered(results["protocols"])
         atomic_write_json(path, results)
     atomic_write_json(path, results)
     return results
 
 
-_SETTINGS = {
-    "probes": ("sweep_layers", "sweep_pools"),
-    "calibration": ("ece_bins",),
-    "ood": ("ood_sets", "ood_scores", "ood_n", "gaussian_covariance", "bpd_terms"),
-    "likelihood": ("bpd_n", "bpd_terms"),
-    "generation": ("fid_samples", "fid_extractor", "sample_steps"),
-    "robustness": ("pgd_norms", "pgd_linf_eps", "pgd_l2_eps", "pgd_steps", "pgd_n"),
-    "similarity": ("cka_n", "tsne_n", "cka_runs"),
-    "finetune": ("transfer_data", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_layer", "finetune_pool",
-                 "finetune_causal"),
-    "lowshot": ("transfer_data", "lowshot_fractions", "lowshot_seeds", "lowshot_readout"),
-}
+def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
+               options: dict | None = None) -> dict:
+    """`genrep probe RUN`: the probes protocol with ``probe`` (default: the run's own ``probe`` section) at
+    one read-out, no sweep; ``options`` changes model keys that change features (e.g. feature_t).
+    Writes and returns ``RUN/results/probe.json``."""
+    from ..runs import read_run_config
 
-
-def _settings(name: str, ev: EvalConfig) -> dict:
-    d = asdict(ev)
-    return {k: d[k] for k in ("seed", "weights", *_SETTINGS[name])}
+    run = Path(run)
+    cfg = read_run_config(run)
+    p = probe or cfg.probe
+    # the probe's seed is the run's, as the features' batch size is the probe's
+    ev = replace(EvalConfig(), protocols=["probes"], weights=p.weights, device=device, batch_size=p.batch_size,
+                 seed=cfg.train.seed, probes=probes_protocol.from_probe_config(p))
+    t0 = time.perf_counter()
+    ctx = EvalContext.open(run, ev, options=options, progress=progress)
+    probes_protocol.check(ctx)
+    r = probes_protocol.run(ctx)
+    results = {
+        "run": str(run), "recipe": ctx.cfg.recipe, "method": ctx.cfg.method, "weights": ctx.version,
+        "data": ctx.cfg.data.name, "n_train": len(ctx.train), "n_test": len(ctx.test),
+        "num_classes": ctx.train.num_classes, "layer": r["layer"], "pool": r["pool"], **ctx.feature_options,
+        "feature_dim": r["feature_dim"], "linear_probe": r["linear_probe"], "knn": r["knn"],
+    }
+    if "classifier_acc" in r:
+        results["classifier_test_acc"] = r["classifier_acc"]
+    results["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(run / RESULTS_DIR / PROBE_FILE, results)
+    return results

@@ -1,19 +1,25 @@
 """The interface every method implements; the loop and the evaluation see nothing else.
 
 A method is an ``nn.Module`` with
-- ``loss(batch) -> dict``: ``"loss"`` is minimised, other entries are named terms for the logs.
-  The batch holds one float [B, C, H, W] tensor in [0, 1] per view the method asked for
-  (``views``) and ``"label"`` when ``needs_labels``. A view listed in ``view_streams`` is made from
-  an independent mini-batch of its own (HybViT's diffusion stream); labels belong to stream 0.
+- ``views()`` and ``loss(batch) -> dict``: ``"loss"`` is minimised, other entries are named terms for the
+  logs. The batch holds one float [B, C, H, W] tensor in [0, 1] per view the method asked for, ``"label"``
+  when ``needs_labels``, and one tensor per entry of ``random_inputs()``. A view listed in ``view_streams``
+  is made from an independent mini-batch of its own (HybViT's diffusion stream); labels belong to stream 0.
 - ``features(x, layer=None, pool=None) -> [B, D]``: the frozen representation the paper evaluates.
-- optional capabilities, listed in ``capabilities`` so evaluation can tell what applies:
-  ``logits`` (a classifier head), ``sample``, ``complete``, ``nll`` (bits/dim), ``score``
-  (``grad_log_density(x)``: d log p(x) / dx, the score function, for the score-norm OOD test).
+- optional capabilities, listed in ``capabilities`` so evaluation can tell what applies, each one typed
+  call (``CAPABILITY_API``) whose method-specific options (sampler, steps, temperature, terms, ...) are keys
+  of the method's own config, named in ``capability_options`` and reported by ``capability_settings``:
+  ``logits(x)``, ``sample(n)``, ``complete(x, keep)``, ``nll(x)`` (bits/dim), ``score``
+  (``grad_log_density(x)``: d log p(x) / dx).
+- optional data-fitted state (``prepare``), frozen parts (``freeze``) and a causal mask that read-outs may
+  switch (``causal_readout``, ``causal_mask``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -22,7 +28,7 @@ from torch import nn
 from ..errors import GenrepError
 
 CAPABILITIES = ("logits", "sample", "complete", "nll", "score")
-# the function each capability promises
+# the function each capability promises (signatures on Method below)
 CAPABILITY_API = {"logits": "logits", "sample": "sample", "complete": "complete", "nll": "nll",
                   "score": "grad_log_density"}
 
@@ -47,6 +53,10 @@ class ViTConfig:
     drop: float = 0.0
 
 
+# the ViT keys of a model small enough for the registry-wide tests (a couple of CPU seconds)
+TINY_VIT = {"dim": 32, "depth": 2, "num_heads": 2}
+
+
 def check_vit_shape(cfg: ViTConfig, data: DataSpec) -> None:
     """What every ViT-based method's config must satisfy: patches tile the image, heads split the width."""
     if data.image_size % cfg.patch_size:
@@ -56,6 +66,21 @@ def check_vit_shape(cfg: ViTConfig, data: DataSpec) -> None:
         raise GenrepError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FrozenPart:
+    """A module whose weights come from a file outside the run: referenced by path and sha256, never copied."""
+    path: str
+    sha256: str
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type]
@@ -63,13 +88,30 @@ class Method(nn.Module):
     needs_labels: ClassVar[bool] = False
     feature_pools: ClassVar[tuple[str, ...]] = ("mean",)
     view_streams: ClassVar[dict[str, int]] = {}  # view -> independent mini-batch it comes from (default 0)
-    # model config keys that change how features are read, not the weights: `genrep probe` may override them
+    # model config keys that change how features are read, not the weights (GenViT's feature_t)
     feature_options: ClassVar[tuple[str, ...]] = ()
+    # capability -> the model config keys that set its options (GenViT: sample -> sampler, sample_steps, eta)
+    capability_options: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # model keys a trained run may be read with changed (`genrep probe/evaluate/sample RUN --model.KEY V`):
+    # the two above, unless a method says otherwise (set by __init_subclass__)
+    read_options: ClassVar[tuple[str, ...]] = ()
+    # a method trained with a causal attention mask; read-outs may switch it with ``causal_mask``
+    causal_readout: ClassVar[bool] = False
+    # model config overrides that make the registry-wide tests' tiny model (any data set, 8x8 images)
+    tiny_config: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "read_options" not in cls.__dict__:
+            keys = list(cls.feature_options) + [k for keys in cls.capability_options.values() for k in keys]
+            cls.read_options = tuple(dict.fromkeys(keys))
 
     def __init__(self, cfg, data: DataSpec):
         super().__init__()
         self.cfg = cfg
         self.data = data
+        self.causal_mask: bool = self.causal_readout  # what the attention reads at forward time
+        self._frozen: dict[str, FrozenPart] = {}
 
     # ---- what the data pipeline must deliver
     def views(self) -> dict[str, str]:
@@ -86,11 +128,76 @@ class Method(nn.Module):
         return len(self.views())
 
     def random_inputs(self) -> dict[str, tuple[str, object]]:
-        """Per-sample randomness the loop draws with the batch (see ``data.batches.draw_random_inputs``):
-        name -> ("normal", view) or ("steps", T). It then arrives in ``batch[name]``, so a run does not
-        depend on how the global batch is split across processes or accumulation steps, and the
-        compiled objective holds no random op."""
+        """Per-sample randomness the loop draws with the batch: name -> (kind, arg), a kind of
+        ``data.random_inputs.RANDOM_KINDS`` (normal, steps, uniform, beta, permutation, boundaries, ...).
+        It arrives in ``batch[name]``, drawn for the global batch, so a run does not depend on how the batch
+        is split across processes or accumulation steps, and the compiled objective holds no random op."""
         return {}
+
+    # ---- data-fitted state
+    def prepare(self, images: torch.Tensor, *, device: torch.device, generator: torch.Generator
+                ) -> dict[str, torch.Tensor]:
+        """State fitted on the uint8 training images [N, C, H, W] (CPU) before step 0: a k-means palette,
+        normalisation statistics. Called once, on rank 0; the result is broadcast, installed with
+        ``load_prepared``, saved in the run folder and restored from there whenever the run is loaded —
+        never refitted. ``{}``: the method has none."""
+        return {}
+
+    def load_prepared(self, state: dict[str, torch.Tensor]) -> None:
+        """Install fitted state; by default each tensor becomes a non-persistent buffer of its name (so it
+        follows the module to its device but stays out of checkpoints, which reference the run's copy)."""
+        for key, value in state.items():
+            self.register_buffer(key, value, persistent=False)
+
+    @property
+    def has_prepare(self) -> bool:
+        return type(self).prepare is not Method.prepare
+
+    # ---- frozen parts
+    def freeze(self, name: str, module: nn.Module, source: str | Path) -> nn.Module:
+        """Hold ``module`` (its weights already read from ``source``) as the frozen submodule ``name``: no
+        gradients, and out of the optimizer, the EMA, checkpoints and the trainable parameter count. The run
+        records ``source``'s path and sha256 and refuses to load if the file changed."""
+        source = Path(source)
+        module.requires_grad_(False).eval()
+        setattr(self, name, module)
+        self._frozen[name] = FrozenPart(path=str(source.resolve()), sha256=file_sha256(source))
+        return module
+
+    @property
+    def frozen_parts(self) -> dict[str, FrozenPart]:
+        return dict(self._frozen)
+
+    def _is_frozen_key(self, key: str, prefix: str = "") -> bool:
+        return any(key.startswith(f"{prefix}{name}.") for name in self._frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self._frozen:  # frozen parts stay in eval mode (no dropout, no batch-norm updates)
+            getattr(self, name).eval()
+        return self
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The trainable state only: frozen parts are referenced by the run, not copied into checkpoints."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in state if self._is_frozen_key(k, prefix)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not self._is_frozen_key(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                               f"{missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+        return result
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": sum(p.numel() for p in self.trainable_parameters()), "total": total}
 
     # ---- training
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,10 +228,39 @@ class Method(nn.Module):
                               f"choose one of {', '.join(self.feature_pools)}")
         return layer, pool
 
+    def feature_tag(self) -> str:
+        """The feature options' values as a cache-key fragment ("-feature_tNone")."""
+        return "".join(f"-{k}{getattr(self.cfg, k)}" for k in self.feature_options)
+
+    # ---- capabilities: inputs and outputs are images in [0, 1]; options come from the method's config
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> class logits [B, num_classes] (the ``logits`` capability)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """``n`` new images [n, C, H, W] in [0, 1] on the model's device (the ``sample`` capability)."""
+        raise NotImplementedError
+
+    def complete(self, x: torch.Tensor, keep: torch.Tensor, *, generator: torch.Generator | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Fill in the pixels of ``x`` [B, C, H, W] where the bool ``keep`` [B, 1, H, W] is False, conditioned
+        on those where it is True; the kept pixels come back unchanged (the ``complete`` capability)."""
+        raise NotImplementedError
+
+    def nll(self, x: torch.Tensor, *, generator: torch.Generator | None = None, progress: bool = False
+            ) -> torch.Tensor:
+        """-log p(x) (or a bound on it) in bits/dim, [B], for 8-bit images in [0, 1] (the ``nll`` capability)."""
+        raise NotImplementedError
+
     def grad_log_density(self, x: torch.Tensor) -> torch.Tensor:
         """d log p(x) / dx for images in [0, 1] (the ``score`` capability). Models with an explicit
         log-likelihood get it by autograd; diffusion models read it off their denoiser."""
         raise NotImplementedError
+
+    def capability_settings(self, capability: str) -> dict:
+        """The options ``capability`` runs with, JSON-ready, for the results (the config's values by default;
+        a method reports the effective ones where it adjusts them)."""
+        return {k: getattr(self.cfg, k) for k in self.capability_options.get(capability, ())}
 
     # ---- optimisation hints
     def no_weight_decay(self) -> set[str]:
@@ -132,10 +268,44 @@ class Method(nn.Module):
         return set()
 
     def flops_per_image(self) -> int:
-        """Analytic forward model-FLOPs for one training image (all the views one image contributes)."""
-        raise NotImplementedError
+        """Forward model-FLOPs for one training image (all the views one image contributes): analytic where
+        a method has the formula, else counted once by ``torch.utils.flop_counter`` on a one-image batch."""
+        if getattr(self, "_counted_flops", None) is None:
+            self._counted_flops = count_flops_per_image(self)
+        return self._counted_flops
 
     @staticmethod
     def normalize(x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> [-1, 1], inside the model so wrapped models (PGD, OOD) take raw pixels."""
         return x * 2.0 - 1.0
+
+
+def example_batch(method: Method, n: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of ``n`` random images per view, labels and random inputs, as the loop would deliver it."""
+    from ..data.batches import draw_random_inputs
+
+    d = method.data
+    device = next(iter(method.parameters()), torch.empty(0)).device
+    g = torch.Generator().manual_seed(seed)
+    batch = {v: torch.rand(n, d.channels, d.image_size, d.image_size, generator=g).to(device)
+             for v in method.views()}
+    batch.update(draw_random_inputs(method.random_inputs(), batch, seed, 0, 0, n))
+    if method.needs_labels:
+        batch["label"] = torch.randint(0, d.num_classes, (n,), generator=g).to(device)
+    return batch
+
+
+def count_flops_per_image(method: Method) -> int:
+    """Matmul FLOPs of the training forward on one image, counted with attention on the math path (the
+    counter does not see fused attention kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = method.training
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            method.eval()(example_batch(method))
+    finally:
+        method.train(was_training)
+    return int(counter.get_total_flops())

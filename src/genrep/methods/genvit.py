@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import GaussianDiffusion, bits_per_dim, sample
+from ..diffusion import SAMPLERS, GaussianDiffusion, bits_per_dim, sample
 from ..errors import GenrepError
 from ..nn.denoiser import MODULATIONS, DenoiserViT
 from ..nn.flops import linear_flops, transformer_block_flops
-from .base import DataSpec, Method, ViTConfig, check_vit_shape
+from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
 from .registry import register
 
 
@@ -35,6 +35,11 @@ class GenViTConfig(ViTConfig):
     feature_t: int | None = None     # features of x noised to this step; None: the clean image (see features)
     feature_layer: int | None = None  # default probe layer; None: the method's default
     score_t: int = 10                # the step whose denoiser gives the score d log p / dx (OOD score-norm)
+    # how a trained model is read (may be changed on trained weights: genrep evaluate RUN --model.sample_steps 50)
+    sampler: str = "ddim"            # ddim | ddpm (all T steps)
+    sample_steps: int = 100          # DDIM steps, 1..T (capped at T)
+    eta: float = 0.0                 # DDIM's eta: 0 deterministic, 1 DDPM-like
+    nll_terms: int = 0               # terms of the bits/dim bound: 0 all T, k an unbiased stratified subset of k
 
 
 @dataclass
@@ -52,6 +57,9 @@ class GenViT(Method):
     feature_pools = ("cls", "mean")
     default_pool = "mean"
     feature_options = ("feature_t",)
+    capability_options: ClassVar[dict[str, tuple[str, ...]]] = {"sample": ("sampler", "sample_steps", "eta"),
+                                                                 "nll": ("nll_terms",)}
+    tiny_config: ClassVar[dict] = {**TINY_VIT, "sample_steps": 5, "nll_terms": 4}
 
     def __init__(self, cfg: GenViTConfig, data: DataSpec):
         super().__init__(cfg, data)
@@ -66,14 +74,18 @@ class GenViT(Method):
             raise GenrepError(f"model.score_t {cfg.score_t} is not a diffusion step; choose 0..{cfg.timesteps - 1}")
         if cfg.feature_layer is not None and not 1 <= cfg.feature_layer <= cfg.depth:
             raise GenrepError(f"model.feature_layer {cfg.feature_layer} does not exist; choose 1..{cfg.depth}")
+        if cfg.sampler not in SAMPLERS:
+            raise GenrepError(f"model.sampler '{cfg.sampler}' is unknown; choose {' or '.join(SAMPLERS)}")
+        if cfg.sample_steps < 1:
+            raise GenrepError(f"model.sample_steps must be at least 1, got {cfg.sample_steps}")
+        if not cfg.eta >= 0:
+            raise GenrepError(f"model.eta must be >= 0 (0: deterministic DDIM), got {cfg.eta}")
+        if cfg.nll_terms < 0:
+            raise GenrepError(f"model.nll_terms must be >= 0 (0: all {cfg.timesteps} terms of the bound), got "
+                              f"{cfg.nll_terms}")
         self.net = DenoiserViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
                                cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop,
                                modulation=cfg.time_modulation)
-        # the training step's q(x_t | x0) coefficients as float32 buffers: they follow the module to its
-        # device and compile into the graph (the float64 originals stay in self.diffusion)
-        d = self.diffusion
-        self.register_buffer("sqrt_ab", d.sqrt_alphas_cumprod.float(), persistent=False)
-        self.register_buffer("sqrt_1m_ab", d.sqrt_one_minus_alphas_cumprod.float(), persistent=False)
 
     # the middle, where iGPT and the diffusion-features paper find a generative model's best features (the last
     # layers turn them back into pixels); on digits the layers are within a few points (docs/benchmarks.md)
@@ -102,8 +114,7 @@ class GenViT(Method):
         x0 = self.normalize(images)
         t = self.diffusion.sample_t(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        return x0, t, noise, self.sqrt_ab[t].view(shape) * x0 + self.sqrt_1m_ab[t].view(shape) * noise
+        return x0, t, noise, self.diffusion.q_sample_train(x0, t, noise)
 
     def diffusion_loss(self, images: torch.Tensor, t: torch.Tensor | None = None,
                        noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,21 +146,39 @@ class GenViT(Method):
         return self.net.pool(self.net(x_in, layer=layer, t=t), pool)
 
     # ---- generation and likelihood
+    @property
+    def _nll_terms(self) -> int:
+        """0 (all terms) when asked for all of them or more."""
+        return 0 if self.cfg.nll_terms >= self.diffusion.T else self.cfg.nll_terms
+
+    @property
+    def _sample_steps(self) -> int:
+        return self.diffusion.T if self.cfg.sampler == "ddpm" else min(self.cfg.sample_steps, self.diffusion.T)
+
+    def capability_settings(self, capability: str) -> dict:
+        if capability == "sample":
+            out = {"sampler": self.cfg.sampler, "steps": self._sample_steps}
+            return {**out, "eta": self.cfg.eta} if self.cfg.sampler == "ddim" else out
+        if capability == "nll":
+            return {"terms": self._nll_terms or "all", "of": self.diffusion.T}
+        return super().capability_settings(capability)
+
     @torch.no_grad()
-    def sample(self, n: int, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False, bf16: bool | None = None
-               ) -> torch.Tensor:
-        """``n`` images in [0, 1], [n, C, H, W], on the model's device.
+    def sample(self, n: int, *, generator: torch.Generator | None = None, progress: bool = False,
+               bf16: bool | None = None) -> torch.Tensor:
+        """``n`` images in [0, 1], [n, C, H, W], on the model's device, with ``model.sampler``,
+        ``model.sample_steps`` and ``model.eta``.
 
         ``bf16`` (default: on CUDA) runs the network under bf16 autocast; the sampler's own arithmetic
         stays float32 (the network output is cast back before each update).
         """
-        d = self.data
+        d, c = self.data, self.cfg
         device = next(self.parameters()).device
         bf16 = device.type == "cuda" if bf16 is None else bf16
+        steps = None if c.sampler == "ddpm" else self._sample_steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = sample(self.denoise, self.diffusion, (n, d.channels, d.image_size, d.image_size), sampler=sampler,
-                       steps=steps, eta=eta, generator=generator, device=device, progress=progress)
+            x = sample(self.denoise, self.diffusion, (n, d.channels, d.image_size, d.image_size), sampler=c.sampler,
+                       steps=steps, eta=c.eta, generator=generator, device=device, progress=progress)
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def grad_log_density(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,15 +189,16 @@ class GenViT(Method):
         t = torch.full((y.shape[0],), self.cfg.score_t, device=y.device, dtype=torch.long)
         out = self.denoise(y, t).float()
         eps = out if self.diffusion.prediction == "eps" else self.diffusion.eps_from_x0(y, t, out)
-        return -2.0 * eps / self.sqrt_1m_ab[t].view(-1, *([1] * (y.ndim - 1)))
+        return -2.0 * eps / self.diffusion.train_sqrt_1m_ab[t].view(-1, *([1] * (y.ndim - 1)))
 
     @torch.no_grad()
-    def nll(self, x: torch.Tensor, *, num_terms: int | None = None, generator: torch.Generator | None = None,
-            progress: bool = False) -> torch.Tensor:
-        """Variational bound on -log p(x) in bits/dim, [B] (x: 8-bit images in [0, 1])."""
+    def nll(self, x: torch.Tensor, *, generator: torch.Generator | None = None, progress: bool = False
+            ) -> torch.Tensor:
+        """Variational bound on -log p(x) in bits/dim, [B] (x: 8-bit images in [0, 1]), from all T terms or
+        ``model.nll_terms`` of them."""
         x0 = self.normalize((x * 255).round() / 255)
-        out = bits_per_dim(self.denoise, self.diffusion, x0, num_terms=num_terms, generator=generator,
-                           progress=progress)
+        out = bits_per_dim(self.denoise, self.diffusion, x0, num_terms=self._nll_terms or None,
+                           generator=generator, progress=progress)
         return out["bpd"]
 
     # ---- optimisation hints

@@ -1,15 +1,21 @@
-"""Methods by name. A new method is one file in ``methods/`` that calls ``register``."""
+"""Methods by name. A new method is one file in ``methods/`` whose class is decorated with ``register``:
+every module of this package is imported on first lookup, so no list names it. Methods that live outside
+the package (a researcher's own, or a test's) register by being imported, or through the environment
+variable ``GENREP_METHODS`` (comma-separated module names, imported on first lookup)."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import pkgutil
 
 from ..errors import GenrepError
 from .base import DataSpec, Method
 
 _METHODS: dict[str, type[Method]] = {}
-_MODULES = ("supervised", "genvit")  # imported on first lookup so each file registers itself
+_SKIP = {"base", "registry"}
+_loaded = False
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -20,8 +26,21 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(f"{__package__}.{module}")
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _SKIP and not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
+    for module in filter(None, (m.strip() for m in os.environ.get("GENREP_METHODS", "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            _loaded = False
+            raise GenrepError(f"GENREP_METHODS names module '{module}', which cannot be imported ({e}); "
+                              f"fix the name or unset GENREP_METHODS") from None
 
 
 def method_names() -> list[str]:

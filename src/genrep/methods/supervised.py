@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import GenrepError
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
-from .base import DataSpec, Method, ViTConfig, check_vit_shape
+from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
 from .registry import register
 
 
@@ -30,6 +30,7 @@ class SupervisedViT(Method):
     needs_labels = True
     feature_pools = ("cls", "mean")
     default_pool = "cls"
+    tiny_config = TINY_VIT
 
     def __init__(self, cfg: SupervisedConfig, data: DataSpec):
         super().__init__(cfg, data)

@@ -17,11 +17,19 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.warmup = decay, warmup
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._ema = [p for p in self.model.parameters()]
-        self._src = [p for p in model.parameters()]
-        self._ema_buf = [b for b in self.model.buffers() if b.dtype.is_floating_point]
-        self._src_buf = [b for b in model.buffers() if b.dtype.is_floating_point]
+        # frozen parts (``Method.freeze``) are shared with the model, not copied: they never change
+        frozen = getattr(model, "_frozen", {})
+        memo = {id(getattr(model, name)): getattr(model, name) for name in frozen}
+        self.model = copy.deepcopy(model, memo).eval()
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.model.requires_grad_(False)
+        ema, src = dict(self.model.named_parameters()), dict(model.named_parameters())
+        self._ema = [ema[n] for n in src if n in trainable]
+        self._src = [src[n] for n in src if n in trainable]
+        ema_buf, src_buf = dict(self.model.named_buffers()), dict(model.named_buffers())
+        floating = [n for n, b in src_buf.items() if b.dtype.is_floating_point and not _in_frozen(n, frozen)]
+        self._ema_buf = [ema_buf[n] for n in floating]
+        self._src_buf = [src_buf[n] for n in floating]
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
@@ -35,3 +43,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
+
+
+def _in_frozen(name: str, frozen) -> bool:
+    return any(name.startswith(f"{part}.") for part in frozen)

@@ -23,7 +23,8 @@ from ..data.batches import BatchPlan, TrainBatches, draw_random_inputs, make_vie
 from ..data.datasets import ImageSet
 from ..errors import GenrepError
 from ..methods import Method
-from ..runs import CONFIG_FILE, build_for_data, load_train_set
+from ..runs import (CONFIG_FILE, PREPARED_FILE, build_for_data, fit_prepared, install_run_state, load_train_set,
+                    save_prepared, write_frozen)
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
 from .dist import barrier, cleanup, init_distributed
 from .ema import EMA
@@ -87,7 +88,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         if train_set is None:
             train_set = self._load_data()
-        self.method: Method = build_for_data(cfg, train_set).to(self.device)
+        self.train_set = train_set
+        self.method: Method = build_for_data(cfg, train_set)
+        self._prepared = self._prepare(resume)  # before the EMA copies the method: it holds the fitted state
+        self.method.to(self.device)
         self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world,
                               streams=self.method.num_streams)
         self.batches = TrainBatches(train_set.images, train_set.labels, self.plan, self.device,
@@ -98,6 +102,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.method, o.lr, o.weight_decay, o.betas, o.eps,
                                          self.method.no_weight_decay(), fused=self.device.type == "cuda")
         self.ema = EMA(self.method, cfg.train.ema_decay, cfg.train.ema_warmup)
+        self._trainable = self.method.trainable_parameters()
         self.start_step = self._restore() if resume else 0
 
         model = self.method
@@ -108,11 +113,31 @@ class Trainer:
             check_tensorboard()
         self.logger: Logger | None = None  # opened by fit(): a run that fails to build leaves no folder
 
+    def _prepare(self, resume: bool) -> dict[str, torch.Tensor] | None:
+        """The method's data-fitted state: read back from the run on resume (never refitted), else fitted on
+        rank 0 and broadcast. Returns the state still to be written into the run folder (None: nothing)."""
+        m = self.method
+        if not m.has_prepare:
+            if resume:
+                install_run_state(self.run, m, self.train_set)  # frozen parts must be the files trained with
+            return None
+        if resume and ((self.run / PREPARED_FILE).exists() or checkpoint_dirs(self.run)):
+            install_run_state(self.run, m, self.train_set)
+            return None
+        state = [fit_prepared(m, self.train_set, self.device, self.cfg.train.seed) if self.info.main else None]
+        if self.info.enabled:
+            torch.distributed.broadcast_object_list(state, src=0)
+        m.load_prepared(state[0])
+        return state[0]
+
     def _open_run(self) -> None:
         """Create the run folder (everything that could be wrong with the config has been checked)."""
         if self.info.main:
             self.run.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run / CONFIG_FILE)
+            if self._prepared is not None:
+                save_prepared(self.run, self.method, self._prepared, self.train_set)
+            write_frozen(self.run, self.method)
         self.logger = Logger(self.run, self.info.main, self.cfg.train.tensorboard)
 
     def _load_data(self) -> ImageSet:
@@ -182,7 +207,7 @@ class Trainer:
             for k, v in out.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(), max_norm)
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(step)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genrep.errors import GenrepError
+from ...errors import GenrepError
 
 __all__ = ["SOLVERS", "LinearProbeResult", "knn_classify", "knn_predict", "linear_probe", "standardize"]
 

@@ -2,7 +2,7 @@
 
 Protocol (:func:`generation_metrics`)
     The usual setting (HybViT/GenViT, JEM: IS and FID of 50,000 samples against the CIFAR-10 training
-    set; GCRL: FID-10K) with torch-fidelity's Inception v3 (:func:`~genrep.eval.extractors.inception_extractor`).
+    set; GCRL: FID-10K) with torch-fidelity's Inception v3 (:func:`~genrep.eval.metrics.extractors.inception_extractor`).
     Both sets are passed through the extractor in batches; the metric arithmetic is torchmetrics':
 
     * FID (Heusel et al. 2017): ``||mu_f - mu_r||^2 + Tr(S_f + S_r - 2 (S_f S_r)^(1/2))`` with unbiased
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import GenrepError
-from ..io import atomic_save_safetensors
+from ...errors import GenrepError
+from ...io import atomic_save_safetensors
 from .extractors import Extractor, content_digest
 
 __all__ = ["feature_statistics", "frechet_distance", "generation_metrics"]
@@ -176,7 +176,7 @@ def generation_metrics(fake, real, extractor: Extractor, *, kid_subsets: int = 1
     from torchmetrics.image.inception import InceptionScore
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from ..devices import resolve_device
+    from ...devices import resolve_device
 
     t0 = time.perf_counter()
     if not isinstance(extractor, Extractor):

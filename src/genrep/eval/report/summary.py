@@ -20,9 +20,30 @@ def probe_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def params_text(params) -> str:
+    """Parameter counts as people read them; eval.json files before trainable/total held one number."""
+    if isinstance(params, dict):
+        total, trainable = params["total"], params["trainable"]
+        return f"{total / 1e6:.2f}M parameters" + (f", {trainable / 1e6:.2f}M trainable" if trainable != total else
+                                                   " (all trainable)")
+    return f"{params / 1e6:.2f}M parameters"
+
+
+def sampling_text(r: dict) -> str:
+    """How generation sampled: the method's own sample settings (older files: sampler and steps)."""
+    cs = r.get("sample") or {"sampler": r.get("sampler"), "sample_steps": r.get("steps")}
+    steps = cs.get("sample_steps", cs.get("steps"))
+    parts = [str(cs["sampler"])] if cs.get("sampler") else []
+    if steps is not None:
+        parts.append(f"{steps} steps")
+    parts += [f"{k} {v}" for k, v in cs.items() if k not in ("sampler", "sample_steps", "steps")]
+    return ", ".join(parts)
+
+
 def evaluation_summary(results: dict) -> str:
     """Run, weights, then one headline per protocol (or why it was skipped)."""
-    lines = [f"{results['method']} on {results['data']} ({results['weights']} weights):"]
+    size = f", {params_text(results['params'])}" if "params" in results else ""
+    lines = [f"{results['method']} on {results['data']} ({results['weights']} weights{size}):"]
     for name, r in results["protocols"].items():
         lines.append(f"  {name:<12} {headline(name, r)}")
     return "\n".join(lines)
@@ -37,10 +58,11 @@ def headline(name: str, r: dict) -> str:
     if "skipped" in r:
         return f"skipped: {r['skipped']}"
     if name == "probes":
-        b, k = r["best"], min(r["knn"], key=int)
+        k = min(r["knn"], key=int)
         head = f"classifier {pct(r['classifier_acc'])}, " if "classifier_acc" in r else ""
-        return (f"{head}linear {pct(r['linear_acc'])}, kNN k={k} {pct(r['knn'][k])}"
-                f"; best of sweep: layer {b['layer']} {b['pool']} {pct(b['linear_acc'])}")
+        b = r.get("best")
+        sweep = f"; best of sweep: layer {b['layer']} {b['pool']} {pct(b['linear_acc'])}" if b else ""
+        return f"{head}linear {pct(r['linear_acc'])}, kNN k={k} {pct(r['knn'][k])}{sweep}"
     if name == "calibration":
         return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
     if name == "ood":

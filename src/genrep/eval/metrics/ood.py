@@ -1,9 +1,9 @@
-"""Out-of-distribution detection: scores, the threshold-free metrics, and a batched driver.
+"""Out-of-distribution detection: scores and the threshold-free metrics.
 
 Convention: every score is "higher = more in-distribution", and the metrics treat the in-distribution
 set as the positive class.
 
-Scores (``KINDS``; :func:`applicable_scores` says which a method offers)
+Scores (``KINDS``; :func:`genrep.eval.protocols.ood.applicable_scores` says which a method offers)
     ``gaussian``   supervised OOD of GCRL (sec. 4.3, after Lee et al. 2018): class-conditional Gaussians
                    fitted on the training set's frozen features, s(x) = max_c log N(z(x) | mu_c, Sigma_c)
                    (:class:`GaussianOODScore`; the paper's max of densities, reported as a log density).
@@ -26,17 +26,14 @@ Metrics (:func:`ood_metrics`, float64 on the CPU)
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import GenrepError
-from .calibration import methods_with
+from ...errors import GenrepError
 
-__all__ = ["KINDS", "GaussianOODScore", "applicable_scores", "energy_score", "method_scores", "msp_score",
-           "ood_metrics", "score_histogram", "score_norm"]
+__all__ = ["COVARIANCES", "KINDS", "GaussianOODScore", "energy_score", "msp_score", "ood_metrics", "score_norm"]
 
 KINDS = ("gaussian", "msp", "energy", "bpd", "score_norm")
 _NEEDS = {"msp": ("logits", "needs a classifier head (logits)"),
@@ -236,119 +233,3 @@ class GaussianOODScore:
         return z
 
 
-# ----------------------------------------------------------------------------------------------- driver
-def applicable_scores(method) -> dict[str, str | None]:
-    """For each kind in ``KINDS``: None if ``method`` offers it, else the one-line reason it does not."""
-    out: dict[str, str | None] = {"gaussian": None}  # every method has frozen features
-    for kind in KINDS[1:]:
-        cap, reason = _NEEDS[kind]
-        out[kind] = None if cap in method.capabilities else reason
-    return out
-
-
-def _check_kinds(method, kinds, gaussian) -> list[str]:
-    if isinstance(kinds, str):
-        kinds = [kinds]
-    kinds = list(dict.fromkeys(kinds))
-    if not kinds:
-        raise GenrepError(f"no OOD score requested; choose among {', '.join(KINDS)}")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise GenrepError(f"unknown OOD score {unknown[0]!r}; choose among {', '.join(KINDS)}")
-    why = applicable_scores(method)
-    for k in kinds:
-        if why[k] is not None:
-            cap = _NEEDS[k][0]
-            raise GenrepError(f"OOD score {k} {why[k]}, which {method.name} does not have; it applies to "
-                              f"{', '.join(methods_with(cap)) or 'no registered method'}")
-    if "gaussian" in kinds and (gaussian is None or gaussian.means is None):
-        raise GenrepError("the gaussian OOD score needs a GaussianOODScore fitted on the training set's features "
-                          "(pass gaussian=GaussianOODScore().fit(features, labels))")
-    return kinds
-
-
-def method_scores(method, images_uint8: Tensor, kinds: list[str], *, device: torch.device | str = "cpu",
-                  batch_size: int = 256, gaussian: GaussianOODScore | None = None, layer: int | None = None,
-                  pool: str | None = None, nll_terms: int | None = None, seed: int = 0,
-                  progress: bool = False) -> dict[str, Tensor]:
-    """OOD scores of uint8 images [N, C, H, W]: ``{kind: float64 [N]}`` on the CPU, higher = in-distribution.
-
-    ``gaussian`` reads ``method.features(x, layer, pool)`` (use the layer and pooling it was fitted with)
-    and is moved to ``device``;
-    ``bpd`` is minus ``method.nll(x, num_terms=nll_terms)`` with one CPU generator seeded by ``seed`` for the
-    whole pass (the estimate then depends on ``batch_size``, not on the device). The method is put in eval
-    mode.
-    """
-    kinds = _check_kinds(method, kinds, gaussian)
-    if not isinstance(images_uint8, Tensor) or images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-        raise GenrepError(f"OOD scoring needs uint8 images [N, C, H, W], got "
-                          f"{getattr(images_uint8, 'dtype', type(images_uint8).__name__)} "
-                          f"{tuple(getattr(images_uint8, 'shape', ()))}")
-    d = method.data
-    if tuple(images_uint8.shape[1:]) != (d.channels, d.image_size, d.image_size):
-        _, c, h, w = images_uint8.shape
-        raise GenrepError(f"OOD scoring got {h}x{w}x{c} images but {method.name} was built for "
-                          f"{d.image_size}x{d.image_size}x{d.channels}; resize them (ood_sets.make_ood_images does)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise GenrepError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = torch.device(device)
-    if "gaussian" in kinds:
-        method.check_feature_args(layer, pool)
-        gaussian.to(device)
-    method.eval()
-    generator = torch.Generator().manual_seed(seed)
-    out: dict[str, list[Tensor]] = {k: [torch.zeros(0, dtype=torch.float64)] for k in kinds}
-    from .features import image_batches
-
-    for x in image_batches(images_uint8, batch_size, device, progress=progress,
-                           desc=f"OOD scores ({', '.join(kinds)})"):
-        with torch.no_grad():
-            if "gaussian" in kinds:
-                out["gaussian"].append(gaussian.score(method.features(x, layer=layer, pool=pool).float()).cpu())
-            if "msp" in kinds or "energy" in kinds:
-                logits = method.logits(x).float()
-                for k, fn in (("msp", msp_score), ("energy", energy_score)):
-                    if k in kinds:
-                        out[k].append(fn(logits).double().cpu())
-            if "bpd" in kinds:
-                out["bpd"].append(-method.nll(x, num_terms=nll_terms, generator=generator).double().cpu())
-        if "score_norm" in kinds:
-            with torch.no_grad():
-                out["score_norm"].append(-method.grad_log_density(x).flatten(1).double().norm(dim=1).cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-# ----------------------------------------------------------------------------------------------- figure
-def score_histogram(scores: dict[str, Tensor], path, title: str = "", in_name: str | None = None) -> Path:
-    """Overlaid density histograms of each set's scores (PNG), on shared bins; the in-distribution set
-    (``in_name``, default the first entry) is drawn filled and each other set's legend entry carries its
-    AUROC against it. Returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    from ..io import save_figure
-
-    if not scores:
-        raise GenrepError("score_histogram needs at least one set of scores")
-    arrays = {k: _scores(v, k) for k, v in scores.items()}
-    in_name = next(iter(arrays)) if in_name is None else in_name
-    if in_name not in arrays:
-        raise GenrepError(f"in-distribution set {in_name!r} is not among the scores ({', '.join(arrays)})")
-    lo = min(a.min() for a in arrays.values())
-    hi = max(a.max() for a in arrays.values())
-    bins = np.linspace(lo, hi, 41) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, 41)
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    ax.hist(arrays[in_name], bins=bins, density=True, alpha=0.5, color="#4c72b0",
-            label=f"{in_name} (in, n={arrays[in_name].size})")
-    colours = ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974"]
-    for i, (name, a) in enumerate((k, v) for k, v in arrays.items() if k != in_name):
-        auroc = ood_metrics(arrays[in_name], a)["auroc"]
-        ax.hist(a, bins=bins, density=True, histtype="step", lw=1.5, color=colours[i % len(colours)],
-                label=f"{name} (n={a.size}, AUROC {auroc:.3f})")
-    ax.set(xlabel="score (higher = more in-distribution)", ylabel="density", title=title or None)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(path, fig)

@@ -1,4 +1,4 @@
-"""Low-shot transfer: a read-out trained on a small labelled fraction of the train set; test accuracy and ECE.
+"""The low-shot protocol: a read-out trained on a small labelled fraction of the train set; test accuracy and ECE.
 
 Protocol (:func:`low_shot`), after GCRL's Table 8 (CIFAR-10 with 1%, 5% and 10% of the labels, i.e. 500,
 2,500 and 5,000 images, five random seeds 0..4, accuracy and ECE as mean ± std over the seeds):
@@ -8,12 +8,12 @@ Protocol (:func:`low_shot`), after GCRL's Table 8 (CIFAR-10 with 1%, 5% and 10% 
 * ``readout="linear"``: the frozen representation (``method.features`` at ``layer``/``pool``, the method's
   defaults unless given) is extracted once for all train and test images (or passed in as ``features``),
   and a multinomial logistic regression is fitted on the subset's rows with
-  :func:`genrep.eval.probes.linear_probe` (standardised with the subset's statistics, full-batch LBFGS,
+  :func:`genrep.eval.metrics.probes.linear_probe` (standardised with the subset's statistics, full-batch LBFGS,
   fixed ``weight_decay``, default 1e-3: the middle of ``genrep probe``'s sweep grid; a held-out sweep is
   unreliable with one or two labels per class). Seeds change only the subset, since the fit is convex.
-* ``readout="finetune"``: :func:`genrep.eval.finetune.finetune` on the subset, with ``finetune_kwargs``.
+* ``readout="finetune"``: :func:`genrep.eval.protocols.finetune.finetune` on the subset, with ``finetune_kwargs``.
 * ECE: the read-out's softmax probabilities on the test set in ``ece_bins`` equal-width confidence bins
-  (:func:`genrep.eval.calibration.expected_calibration_error`; 15 bins as Guo et al.).
+  (:func:`genrep.eval.metrics.calibration.expected_calibration_error`; 15 bins as Guo et al.).
 * Spread: the sample standard deviation over seeds (ddof=1); with a single seed it is reported as 0.0.
 
 GCRL does not say which read-out its low-shot numbers use; ``"linear"`` is the default because it is cheap
@@ -26,23 +26,34 @@ import inspect
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from ..data.imageset import ImageSet
-from ..errors import GenrepError
-from ..methods import Method
-from .calibration import expected_calibration_error
-from .features import extract_features
-from .finetune import check_image_sets, finetune, method_device
-from .probes import linear_probe
+from ...data.imageset import ImageSet
+from ...errors import GenrepError
+from ...fields import setting
+from ...methods import Method
+from ..features import extract_features
+from ..metrics.calibration import expected_calibration_error
+from ..metrics.probes import linear_probe
+from .context import EvalContext, default_readout
+from .finetune import check_image_sets, finetune, finetune_kwargs, method_device
 
-__all__ = ["LOWSHOT_WEIGHT_DECAY", "READOUTS", "low_shot", "stratified_subset"]
+__all__ = ["LOWSHOT_WEIGHT_DECAY", "READOUTS", "LowshotSettings", "low_shot", "run", "stratified_subset"]
 
 READOUTS = ("linear", "finetune")
 LOWSHOT_WEIGHT_DECAY = 1e-3
 # low_shot sets these for every fine-tune itself
 _OWN_FINETUNE_KEYS = ("layer", "pool", "seed", "device", "ece_bins", "progress")
+
+
+@dataclass
+class LowshotSettings:
+    fractions: list[float] = setting([0.01, 0.05, 0.1], above=0, max=1, nonempty=True, unique=True,
+                                     hint="a fraction of the labels: 0.01 is 1%")
+    seeds: list[int] = setting([0, 1, 2, 3, 4], nonempty=True, unique=True)
+    readout: str = setting("linear", choices=READOUTS)  # linear (frozen features) | finetune (eval.finetune.*)
 
 
 def _check_fraction(fraction) -> float:
@@ -153,7 +164,7 @@ def low_shot(method: Method, train_set: ImageSet, test_set: ImageSet, *,
     unknown = sorted(set(kwargs) - set(inspect.signature(finetune).parameters))
     if unknown:
         raise GenrepError(f"finetune_kwargs has unknown keys {', '.join(unknown)}; the keys are the keyword "
-                          f"arguments of genrep.eval.finetune.finetune")
+                          f"arguments of genrep.eval.protocols.finetune.finetune")
     clash = sorted(set(kwargs) & set(_OWN_FINETUNE_KEYS))
     if clash:
         raise GenrepError(f"finetune_kwargs must not set {', '.join(clash)}; pass them to low_shot itself "
@@ -223,3 +234,22 @@ def low_shot(method: Method, train_set: ImageSet, test_set: ImageSet, *,
     result["fractions"] = out
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def check(ctx: EvalContext) -> None:
+    ctx.transfer_sets()  # a transfer data set missing offline fails before any work
+
+
+def run(ctx: EvalContext) -> dict:
+    s = ctx.ev.lowshot
+    layer, pool = default_readout(ctx.method)
+    train, test = ctx.transfer_sets()
+    own = train is ctx.train
+    features = None
+    if s.readout == "linear":
+        features = (ctx.features("train", layer, pool, None if own else train),
+                    ctx.features("test", layer, pool, None if own else test))
+    kwargs = finetune_kwargs(ctx) if s.readout == "finetune" else None
+    return {"data": train.name, **low_shot(ctx.method, train, test, fractions=tuple(s.fractions), seeds=tuple(s.seeds),
+                                           readout=s.readout, ece_bins=ctx.ev.calibration.bins, device=ctx.device,
+                                           progress=ctx.progress, features=features, finetune_kwargs=kwargs)}

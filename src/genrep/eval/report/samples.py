@@ -1,4 +1,5 @@
-"""`genrep sample RUN`: draw images from a generative run, write PNG grids, rank them by energy.
+"""`genrep sample RUN`: draw images from a generative run, write PNG grids, rank them by energy; the grid
+helpers serve the generation protocol's figure too.
 
 The energy ranking is the HybViT paper's appendix C.1 (after JEM): each sample is assigned the class
 its classifier head prefers, and within a class samples are ordered by E(x) = logsumexp(logits),
@@ -14,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..devices import resolve_device
-from ..errors import GenrepError
-from ..io import atomic_write_bytes, atomic_write_json
-from ..runs import load_trained
+from ...devices import resolve_device
+from ...errors import GenrepError
+from ...io import atomic_write_bytes, atomic_write_json
 
 GAP = 2  # pixels between grid cells
 
@@ -81,30 +81,45 @@ def class_rows(images: torch.Tensor, preds: torch.Tensor, energy: torch.Tensor, 
     return torch.stack(cells)
 
 
-def run_sampling(run: Path, *, n: int = 64, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
-                 seed: int = 0, weights: str = "ema", device: str = "auto", rank_energy: bool = False,
-                 per_class: int = 8, out: Path | None = None, progress: bool = True) -> dict:
+def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: int | None = None,
+                 eta: float | None = None, seed: int = 0, weights: str = "ema", device: str = "auto",
+                 rank_energy: bool = False, per_class: int = 8, out: Path | None = None, progress: bool = True) -> dict:
+    """Draw ``n`` samples from RUN; ``sampler``, ``steps`` and ``eta`` override the method's own options
+    (``model.sampler``, ``model.sample_steps``, ``model.eta``) for this call, None keeps the run's."""
+    from ...methods import get_method
+    from ...runs import load_trained, read_run_config
+
     if n < 1:
         raise GenrepError(f"-n must be at least 1, got {n}")
     if per_class < 1:
         raise GenrepError(f"--per-class must be at least 1, got {per_class}")
-    dev = resolve_device(device)
-    cfg, method, train_set = load_trained(Path(run), weights, dev)
-    if "sample" not in method.capabilities:
-        raise GenrepError(f"{run} holds a {cfg.method} model, which cannot sample; sample from a generative run "
+    run = Path(run)
+    name = read_run_config(run).method
+    caps = get_method(name).capabilities
+    if "sample" not in caps:
+        raise GenrepError(f"{run} holds a {name} model, which cannot sample; sample from a generative run "
                           f"(genvit, hybvit)")
-    if rank_energy and "logits" not in method.capabilities:
-        raise GenrepError(f"--rank-energy needs a classifier head and {cfg.method} has none; use a hybvit run")
-    if steps is None:  # DDPM runs every step; DDIM's default is 100
-        steps = method.diffusion.T if sampler == "ddpm" else min(100, method.diffusion.T)
-    out = Path(out) if out else Path(run) / "samples" / f"{sampler}-{steps}steps-n{n}-seed{seed}.png"
+    if rank_energy and "logits" not in caps:
+        raise GenrepError(f"--rank-energy needs a classifier head and {name} has none; use a hybvit run")
+    options = {k: v for k, v in (("sampler", sampler), ("sample_steps", steps), ("eta", eta)) if v is not None}
+    dev = resolve_device(device)
+    cfg, method, train_set = load_trained(run, weights, dev, options=options)
+    cs = method.capability_settings("sample")
+    if steps is not None and cs.get("steps") != steps:  # the method caps a config's steps; a flag is explicit
+        if cs.get("sampler") == "ddpm":
+            raise GenrepError(f"DDPM runs all T = {cs['steps']} steps, got --steps {steps}; use --sampler ddim "
+                              f"for fewer steps")
+        raise GenrepError(f"asked for {steps} steps but the model was trained with T = {cs['steps']} diffusion "
+                          f"steps; choose --steps 1..{cs['steps']}")
+    sampler, steps, eta = cs.get("sampler"), cs.get("steps"), cs.get("eta", 0.0)
+    out = Path(out) if out else run / "samples" / f"{sampler}-{steps}steps-n{n}-seed{seed}.png"
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    images = method.sample(n, sampler=sampler, steps=steps, eta=eta, generator=g, progress=progress)
+    images = method.sample(n, generator=g, progress=progress)
     seconds = time.perf_counter() - t0
     scale = display_scale(images.shape[-1])
     result = {"run": str(run), "method": cfg.method, "weights": weights, "sampler": sampler, "steps": steps,
-              "eta": eta, "n": n, "seed": seed, "seconds": round(seconds, 2), "grid": str(out)}
+              "eta": eta, "sample": cs, "n": n, "seed": seed, "seconds": round(seconds, 2), "grid": str(out)}
     save_png(grid(images.cpu(), nrow=math.ceil(math.sqrt(n))), out, scale)
     if rank_energy:
         preds, energy = rank_by_energy(method, images)

@@ -12,11 +12,12 @@ import html
 import time
 from pathlib import Path
 
-from ..errors import GenrepError
-from ..io import atomic_write_text
-from .evaluate import EVAL_FILE, read_results
-from .probe_run import RESULTS_DIR
-from .protocols import PROTOCOLS
+from ...errors import GenrepError
+from ...io import atomic_write_text
+from ..evaluate import EVAL_FILE, read_results
+from ..protocols import PROTOCOLS
+from ..protocols.context import RESULTS_DIR
+from .summary import sampling_text
 
 TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood": "Out-of-distribution detection",
           "likelihood": "Likelihood", "generation": "Generation", "robustness": "Adversarial robustness (PGD)",
@@ -72,7 +73,11 @@ def _label(r: dict) -> str:
 
 
 def _size(r: dict) -> str:
-    return f"{r['params'] / 1e6:.2f}M"
+    """Trainable / total parameters (files before the split held the total alone)."""
+    p = r["params"]
+    if isinstance(p, dict):
+        return f"{p['trainable'] / 1e6:.2f}M / {p['total'] / 1e6:.2f}M"
+    return f"{p / 1e6:.2f}M"
 
 
 # ----------------------------------------------------------------------------------------- per protocol
@@ -92,15 +97,20 @@ def _results(runs: list[dict], name: str, table: Table | None = None):
 
 def _probes(runs: list[dict]) -> str:
     knn_ks = sorted({k for r in runs for k in r["protocols"].get("probes", {}).get("knn", {})}, key=int)
-    t = Table(["run", "data", "size", "layer / pool", "classifier", "linear (AdamW)", *[f"kNN k={k}" for k in knn_ks],
-               "best sweep: layer / pool", "best sweep linear"])
+    t = Table(["run", "data", "size (trainable / total)", "layer / pool", "classifier", "linear",
+               *[f"kNN k={k}" for k in knn_ks], "best sweep: layer / pool", "best sweep linear"])
+    linear = set()
     for r, p in _results(runs, "probes"):
-        b = p["best"]
+        b = p.get("best") or {}
+        lin = p.get("linear", {})
+        linear.add(f"{lin.get('solver', 'adamw')}, batch {lin.get('batch_size', 512)}, wd {lin.get('weight_decay', 1e-4):g}")
         t.add([_label(r), _e(r["data"]), _size(r), f"{p['layer']} / {p['pool']}", _pct(p.get("classifier_acc")),
-               _pct(p["linear_acc"]), *[_pct(p["knn"].get(k)) for k in knn_ks], f"{b['layer']} / {b['pool']}",
-               _pct(b["linear_acc"])])
+               _pct(p["linear_acc"]), *[_pct(p["knn"].get(k)) for k in knn_ks],
+               f"{b['layer']} / {b['pool']}" if b else "–", _pct(b.get("linear_acc"))])
     sweeps = []
     for r, p in _results(runs, "probes"):
+        if "sweep" not in p:
+            continue
         s = Table(["layer", "pool", "linear (L-BFGS)", "kNN"])
         best = (p["best"]["layer"], p["best"]["pool"])
         for row in p["sweep"]:
@@ -108,9 +118,10 @@ def _probes(runs: list[dict]) -> str:
             if (row["layer"], row["pool"]) == best:
                 s.rows[-1] = s.rows[-1].replace("<tr>", '<tr class="best">', 1)
         sweeps.append(f"<details><summary>{_label(r)}: layer and pooling sweep</summary>{s.html()}</details>")
-    note = ("<p class='note'>Test accuracy (%). The linear probe is the GCRL protocol (AdamW, batch 512, wd 1e-4) "
-            "at the method's default read-out; the sweep uses the full-batch L-BFGS solver, and its best cell is "
-            "selected on test accuracy, as the papers' layer sweeps report.</p>")
+    note = (f"<p class='note'>Test accuracy (%). The linear probe ({_e('; '.join(sorted(linear)))}; AdamW with "
+            "batch 512 and wd 1e-4 is the GCRL protocol) is at the method's default read-out; the sweep uses the "
+            "full-batch L-BFGS solver, and its best cell is selected on test accuracy, as the papers' layer sweeps "
+            "report.</p>")
     return t.html() + note + "".join(sweeps)
 
 
@@ -156,7 +167,7 @@ def _generation(runs: list[dict]) -> str:
         is_ = (f"{g['inception_score']:.2f} ± {g['inception_score_std']:.2f}" if g.get("inception_score") is not None
                else "–")
         t.add([_label(r), _e(r["data"]), f"{g['fid']:.2f}", f"{g['kid']:.4g} ± {g['kid_std']:.2g}", is_,
-               f"{g['n_fake']} ({g['sampler']}, {g['steps']} steps)", ext])
+               f"{g['n_fake']} ({_e(sampling_text(g))})", ext])
     return t.html() + ("<p class='note'>Against the training set. Numbers from a custom extractor (red) are not "
                        "comparable with Inception-v3 FIDs in the literature.</p>")
 
@@ -262,7 +273,8 @@ def render(runs: list[dict]) -> str:
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>genrep report</title><style>{CSS}</style>"
              f"</head><body><h1>genrep report</h1><p class='note'>{len(runs)} run(s), written "
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>")]
-    t = Table(["run", "recipe", "data", "size", "GFLOPs / image", "weights", "device", "skipped protocols"])
+    t = Table(["run", "recipe", "data", "parameters (trainable / total)", "GFLOPs / image", "weights", "device",
+               "skipped protocols"])
     for r in runs:
         skipped = ", ".join(k for k, v in r["protocols"].items() if "skipped" in v) or "–"
         t.add([_label(r), _e(r["recipe"]), f"{_e(r['data'])} ({r['image_size']}px, {r['n_train']}/{r['n_test']})",

@@ -7,7 +7,7 @@ the model in eval mode; the reported number is the accuracy on the final PGD ite
 Defaults
     * eps lists: the paper's Table 12, as fractions of the [0, 1] range: L-inf eps = 1, 2, 4, 8, 12,
       16, 22, 30 /255 (:data:`LINF_EPS`) and L2 eps = 50, 100, ..., 400 /255 (:data:`L2_EPS`).
-      :func:`robust_accuracy` prepends eps = 0 (the paper's "Clean" column) when no list is given.
+      :func:`genrep.eval.protocols.robustness.robust_accuracy` prepends eps = 0 (the paper's "Clean" column) when no list is given.
     * steps and step size: the paper does not state them, so we use the Madry-lab ``robustness``
       library convention: ``steps = 10`` and ``step_size = 2.5 * eps / steps`` (the iterates can
       travel 2.5 eps in total, enough to cross the ball from any random start and back).
@@ -30,20 +30,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import GenrepError
+from ...errors import GenrepError
 
-__all__ = ["L2_EPS", "LINF_EPS", "NORMS", "pgd_attack", "robust_accuracy", "robustness_figure"]
+__all__ = ["L2_EPS", "LINF_EPS", "NORMS", "pgd_attack"]
 
 NORMS = ("linf", "l2")
 LINF_EPS = tuple(e / 255 for e in (1, 2, 4, 8, 12, 16, 22, 30))
 L2_EPS = tuple(e / 255 for e in (50, 100, 150, 200, 250, 300, 350, 400))
-_NORM_TITLES = {"linf": "$L_\\infty$", "l2": "$L_2$"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,120 +171,3 @@ def pgd_attack(logits_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, n
     return x_adv.detach()
 
 
-# --------------------------------------------------------------------------------------------------
-# accuracy under attack
-
-
-def robust_accuracy(method, images_uint8: Tensor, labels: Tensor, *, norm: str,
-                    eps_list: Sequence[float] | None = None, steps: int = 10, step_size: float | None = None,
-                    batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
-                    bf16: bool = False, progress: bool = False) -> dict[str, float]:
-    """Accuracy of ``method.logits`` on PGD adversarial images, ``{str(float(eps)): accuracy}``.
-
-    ``images_uint8`` is uint8 [N, C, H, W], ``labels`` int [N]; the method must already be on
-    ``device``. ``eps_list`` defaults to ``(0, *LINF_EPS)`` or ``(0, *L2_EPS)``. The method runs in eval
-    mode and gets its previous mode back. The random starts are seeded per eps with ``seed`` (so one
-    eps's number does not depend on which others are in the list) and drawn on the CPU, so a seed gives
-    the same attack on any device for a given ``batch_size``.
-    """
-    if "logits" not in getattr(method, "capabilities", ()):
-        raise GenrepError(f"PGD needs a classifier head, and method {getattr(method, 'name', type(method).__name__)} "
-                          f"has no 'logits' capability; attack a supervised or hybvit model")
-    norm = _check_norm(norm)
-    eps_values = [0.0, *(LINF_EPS if norm == "linf" else L2_EPS)] if eps_list is None else _check_eps_list(eps_list)
-    steps = _check_steps(steps)
-    for e in eps_values:
-        _check_step_size(step_size, e, steps)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise GenrepError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise GenrepError(f"seed must be an integer, got {seed!r}")
-    if not isinstance(images_uint8, Tensor) or images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-        raise GenrepError(f"robust_accuracy needs uint8 images [N, C, H, W], got "
-                          f"{getattr(images_uint8, 'dtype', type(images_uint8).__name__)} "
-                          f"{tuple(getattr(images_uint8, 'shape', ()))}")
-    n = len(images_uint8)
-    if n == 0:
-        raise GenrepError("robust_accuracy got no images; pass at least one")
-    if (not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != n or labels.is_floating_point()
-            or labels.dtype == torch.bool):
-        raise GenrepError(f"robust_accuracy needs integer labels [N] with N = {n}, got "
-                          f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
-    num_classes = getattr(getattr(method, "data", None), "num_classes", None)
-    lo, hi = int(labels.min()), int(labels.max())
-    if num_classes is not None and (lo < 0 or hi >= num_classes):
-        raise GenrepError(f"labels lie in [{lo}, {hi}] but the classifier has {num_classes} classes; "
-                          f"they must lie in [0, {num_classes - 1}]")
-
-    device = torch.device(device)
-    gens = [torch.Generator(device="cpu").manual_seed(seed) for _ in eps_values]
-    correct = [0] * len(eps_values)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=f"PGD {norm}", unit="batch", leave=False, dynamic_ncols=True, disable=None)
-    was_training = method.training
-    method.eval()
-    try:
-        for i in starts:
-            x = images_uint8[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
-            y = labels[i:i + batch_size].to(device, dtype=torch.long)
-            for j, eps in enumerate(eps_values):
-                x_adv = pgd_attack(method.logits, x, y, norm=norm, eps=eps, steps=steps, step_size=step_size,
-                                   generator=gens[j], bf16=bf16)
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                     enabled=bf16 and device.type == "cuda"):
-                    pred = method.logits(x_adv).argmax(dim=1)
-                correct[j] += int((pred == y).sum())
-    finally:
-        method.train(was_training)
-    return {str(float(e)): c / n for e, c in zip(eps_values, correct)}
-
-
-# --------------------------------------------------------------------------------------------------
-# figure
-
-
-def robustness_figure(results: dict[str, dict], path: Path, title: str = "") -> Path:
-    """Accuracy (%) vs eps (in units of 1/255), one panel per norm, from ``{norm: {eps: accuracy}}``.
-
-    ``eps`` keys may be numbers or the strings :func:`robust_accuracy` returns; several curves in one
-    panel: pass ``{norm: {label: {eps: accuracy}}}`` instead (e.g. one curve per model).
-    """
-    if not isinstance(results, dict) or not results:
-        raise GenrepError("robustness_figure needs {norm: {eps: accuracy}} with at least one norm")
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    from ..io import save_figure
-
-    panels = {}
-    for norm, curves in results.items():
-        key = _check_norm(norm)
-        if not isinstance(curves, dict) or not curves:
-            raise GenrepError(f"robustness_figure: the {norm} entry must be a non-empty {{eps: accuracy}} dict")
-        if not any(isinstance(v, dict) for v in curves.values()):
-            curves = {"": curves}
-        parsed = {}
-        for label, accs in curves.items():
-            try:
-                pts = sorted((_check_eps(e), float(a)) for e, a in accs.items())
-            except (TypeError, ValueError, AttributeError) as exc:
-                raise GenrepError(f"robustness_figure: the {norm} entry must map eps to accuracy numbers") from exc
-            parsed[str(label)] = pts
-        panels[key] = parsed
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (norm, curves) in zip(axes[0], panels.items()):
-        for label, pts in curves.items():
-            ax.plot([e * 255 for e, _ in pts], [100 * a for _, a in pts], marker="o", ms=3.5, label=label or None)
-        ax.set(xlabel="$\\epsilon$ (/255)", ylabel="accuracy (%)", ylim=(-2, 102),
-               title=f"PGD {_NORM_TITLES[norm]}")
-        ax.grid(alpha=0.3)
-        if any(curves):
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(path, fig)

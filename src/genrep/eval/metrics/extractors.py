@@ -1,4 +1,4 @@
-"""Feature extractors for the generation metrics (:mod:`genrep.eval.generation`).
+"""Feature extractors for the generation metrics (:mod:`genrep.eval.metrics.generation`).
 
 An :class:`Extractor` maps float images in [0, 1], ``[B, C, H, W]``, to features ``[B, D]`` (its
 ``forward``) and, when it has a classifier head, to class logits ``[B, K]`` for the Inception Score
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import GenrepError
-from ..io import atomic_save_safetensors
+from ...errors import GenrepError
+from ...io import atomic_save_safetensors
 
 __all__ = ["INCEPTION_ENV", "INCEPTION_FILE", "INCEPTION_LABEL", "INCEPTION_URL", "Extractor", "content_digest",
            "custom_extractor", "dataset_classifier_extractor", "inception_extractor", "inception_weights_path"]
@@ -260,8 +260,8 @@ def dataset_classifier_extractor(train_set, test_set=None, *, cache_dir: str | o
     (when given). 8x8 digits (1437 images, 10 epochs): about a second on 2 CPU cores, 97-98% test accuracy;
     16x16 digits ~2 s. On MNIST/CIFAR-sized sets prefer a GPU (``device``).
     """
-    from ..data.imageset import ImageSet
-    from ..devices import resolve_device
+    from ...data.imageset import ImageSet
+    from ...devices import resolve_device
 
     for s, what in ((train_set, "train_set"), (test_set, "test_set")):
         if not (s is None and what == "test_set") and not isinstance(s, ImageSet):

@@ -1,4 +1,4 @@
-"""Fine-tuning: the whole network and a fresh linear read-out, trained end to end on labels.
+"""The fine-tuning protocol: the whole network and a fresh linear read-out, trained end to end on labels.
 
 Protocol (:func:`finetune`)
     The method is deep-copied (the caller's model is never touched) and a linear head, zero-initialised so
@@ -13,7 +13,7 @@ Protocol (:func:`finetune`)
     (:func:`genrep.data.augment.augment`, seeded per step the way the training loop seeds it); ``"weak"``
     is the reflect-padded crop and flip of the supervised ViT. Afterwards the copy is evaluated in eval
     mode without augmentation: test accuracy and ECE (softmax of the head, ``ece_bins`` equal-width bins,
-    :mod:`genrep.eval.calibration`), and accuracy and mean cross-entropy (without label smoothing) on the
+    :mod:`genrep.eval.metrics.calibration`), and accuracy and mean cross-entropy (without label smoothing) on the
     un-augmented train set.
 
     Defaults: GCRL fine-tunes its ImageNet32 models on CIFAR for 15 epochs (section 4.2) and states no other
@@ -23,11 +23,10 @@ Protocol (:func:`finetune`)
 
 Causal methods
     An autoregressive (iGPT-like) method trains with a causal attention mask. Such a method declares it with
-    a boolean attribute ``causal_mask`` (class or instance) that its attention reads at forward time.
-    ``causal=False`` fine-tunes with the mask off (bidirectional attention, as GCRL's encoder),
-    ``causal=True`` with it on, ``causal=None`` leaves it as trained; only the copy is changed. A method
-    without the attribute has no mask, and ``causal`` must be None for it. No registered method is causal
-    today.
+    ``Method.causal_readout = True``, and its attention reads the instance switch ``causal_mask`` at forward
+    time. ``causal=False`` fine-tunes with the mask off (bidirectional attention, as GCRL's encoder),
+    ``causal=True`` with it on, ``causal=None`` leaves it as trained; only the copy is changed. For any
+    other method ``causal`` must be None. No registered method is causal today.
 
 Determinism
     The shuffle, the augmentation and dropout are drawn from ``seed`` (the global RNG is forked, so the
@@ -39,22 +38,35 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import AUGMENTATIONS, augment
-from ..data.batches import mix_seed
-from ..data.imageset import ImageSet
-from ..errors import GenrepError
-from ..methods import Method
-from ..train.optim import build_optimizer, lr_at
-from .calibration import expected_calibration_error
+from ...data.augment import AUGMENTATIONS, augment
+from ...data.batches import mix_seed
+from ...data.imageset import ImageSet
+from ...errors import GenrepError
+from ...fields import setting
+from ...methods import Method
+from ...train.optim import build_optimizer, lr_at
+from ..metrics.calibration import expected_calibration_error
+from .context import check_causal, EvalContext
 
-__all__ = ["finetune"]
+__all__ = ["FinetuneSettings", "finetune", "run"]
 
 _EVAL_BATCH = 512
+
+
+@dataclass
+class FinetuneSettings:
+    epochs: int = setting(15, min=1)         # GCRL fine-tunes its ImageNet32 models for 15 epochs
+    lr: float = setting(1e-4, above=0)
+    batch_size: int = setting(128, min=1)
+    layer: int | None = setting(None, min=1)  # the read-out: None = the method's default layer and pooling
+    pool: str | None = None
+    causal: bool | None = None                # causal methods: fine-tune with (true) or without (false) the mask
 
 
 class _ReadOut(nn.Module):
@@ -123,23 +135,9 @@ def method_device(method: Method, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _causal_methods() -> list[str]:
-    from ..methods import get_method, method_names
-    return [n for n in method_names() if hasattr(get_method(n), "causal_mask")]
-
-
-def _check_causal(method: Method, causal: bool | None) -> None:
-    if causal is not None and not isinstance(causal, bool):
-        raise GenrepError(f"causal must be True, False or None (leave as trained), got {causal!r}")
-    if causal is not None and not hasattr(method, "causal_mask"):
-        known = ", ".join(_causal_methods()) or "none is registered"
-        raise GenrepError(f"{method.name} has no causal mask to switch {'on' if causal else 'off'}; causal "
-                          f"applies to causal methods ({known}); leave causal=None for {method.name}")
-
-
 def _set_causal(model: Method, causal: bool | None) -> bool | None:
     """Apply the (checked) ``causal`` request to the copy; returns the mask state it trains with."""
-    if not hasattr(model, "causal_mask"):
+    if not model.causal_readout:
         return None
     if causal is not None:
         model.causal_mask = causal
@@ -242,7 +240,7 @@ def finetune(method: Method, train_set: ImageSet, test_set: ImageSet, *, layer: 
     if augment not in AUGMENTATIONS:
         raise GenrepError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     layer, pool = method.check_feature_args(layer, pool)
-    _check_causal(method, causal)
+    check_causal(method, causal)
     dev = method_device(method, device)
 
     rng_devices = []  # fork the CUDA generator too: dropout there is seeded without touching the caller's
@@ -278,3 +276,26 @@ def finetune(method: Method, train_set: ImageSet, test_set: ImageSet, *, layer: 
         "n_train": len(train_set), "n_test": len(test_set), "num_classes": train_set.num_classes,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def finetune_kwargs(ctx: EvalContext) -> dict:
+    """The fine-tuning settings of an evaluation, also low-shot's when its read-out is fine-tuning."""
+    s = ctx.ev.finetune
+    # the pretraining augmentation: weak flips and crops help CIFAR and wreck digits (its recipes use none)
+    return dict(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, augment=getattr(ctx.cfg.model, "augment", "none"),
+                layer=s.layer, pool=s.pool, causal=s.causal)
+
+
+def check(ctx: EvalContext) -> None:
+    """The read-out and the causal switch must exist in this method; a transfer set must be available."""
+    s = ctx.ev.finetune
+    ctx.method.check_feature_args(s.layer, s.pool)
+    check_causal(ctx.method, s.causal, "eval.finetune.causal")
+    ctx.transfer_sets()
+
+
+def run(ctx: EvalContext) -> dict:
+    train, test = ctx.transfer_sets()
+    out = finetune(ctx.method, train, test, **finetune_kwargs(ctx), seed=ctx.ev.seed, device=ctx.device,
+                   ece_bins=ctx.ev.calibration.bins, progress=ctx.progress)
+    return {**out, "data": train.name}

@@ -1,0 +1,1 @@
+"""Tensors in, numbers out: probes, ECE, OOD metrics and scores, CKA, Frechet distance, PGD."""

@@ -1,0 +1,151 @@
+"""What a protocol sees: one :class:`EvalContext` per evaluation (the run, its trained method, its data, the
+settings) and the one feature cache every protocol and `genrep probe` read frozen features through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+
+from ...data.imageset import ImageSet
+from ...errors import GenrepError
+from ...methods import Method
+from ..features import cached_features, extract_features
+
+if TYPE_CHECKING:
+    from ...config import Config, EvalConfig
+
+FIGURES_DIR = Path("figures") / "eval"
+RESULTS_DIR = "results"
+
+
+def weights_version(run: Path, weights: str) -> str:
+    """Identifies the weights file a cache entry was computed from (its checkpoint step)."""
+    with safe_open(str(Path(run) / f"{weights}.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    return f"{weights}@{meta.get('step', 'unknown')}"
+
+
+def methods_with(capability: str) -> list[str]:
+    """Registered method names offering ``capability``, for error messages that say what would apply."""
+    from ...methods import get_method, method_names
+
+    return [m for m in method_names() if capability in get_method(m).capabilities]
+
+
+def default_readout(method: Method) -> tuple[int, str]:
+    return method.check_feature_args(None, None)
+
+
+@dataclass
+class EvalContext:
+    run: Path
+    cfg: Config           # the run's config, with the model options of this evaluation applied
+    ev: EvalConfig
+    method: Method
+    train: ImageSet
+    test: ImageSet
+    device: torch.device
+    version: str          # the weights' identity ("ema@660"): cache entries are keyed by it
+    progress: bool = True
+    _transfer: tuple[ImageSet, ImageSet] | None = None
+
+    @classmethod
+    def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True) -> EvalContext:
+        """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data."""
+        from ...devices import resolve_device
+        from ...runs import load_split, load_trained
+
+        run = Path(run)
+        device = resolve_device(ev.device)
+        cfg, method, train = load_trained(run, ev.weights, device, options=options)
+        test = load_split(cfg, "test")
+        for split, s in (("train", train), ("test", test)):
+            if len(s) == 0:
+                raise GenrepError(f"the {split} split of {s.name} is empty; evaluation needs images in both splits")
+        return cls(run=run, cfg=cfg, ev=ev, method=method, train=train, test=test, device=device,
+                   version=weights_version(run, ev.weights), progress=progress)
+
+    @property
+    def bf16(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def feature_options(self) -> dict:
+        """The model options that change features (``Method.feature_options``) and their values in this run."""
+        return {k: getattr(self.cfg.model, k) for k in self.method.feature_options}
+
+    def feature_key(self, split: str, layer: int, pool: str, source: str = "") -> str:
+        """The cache key of frozen features: everything they depend on but the weights' step (checked apart)."""
+        causal = f"-causal{int(self.method.causal_mask)}" if self.method.causal_readout else ""
+        return f"features{source}-{split}-layer{layer}-{pool}{self.method.feature_tag()}{causal}-{self.ev.weights}"
+
+    def features(self, split: str, layer: int, pool: str, data: ImageSet | None = None) -> torch.Tensor:
+        """Frozen features of ``split`` of the run's data (or of ``data``, e.g. a transfer set), cached."""
+        own = data is None
+        images = (self.train if split == "train" else self.test).images if own else data.images
+        source = "" if own else "-" + "".join(c if c.isalnum() else "_" for c in data.name)
+        return cached_features(self.run, self.feature_key(split, layer, pool, source), self.version,
+                               lambda: self.extract(images, layer, pool,
+                                                    desc=f"features {split} layer {layer} {pool}"))
+
+    def extract(self, images: torch.Tensor, layer: int, pool: str, *, method: Method | None = None,
+                desc: str | None = None) -> torch.Tensor:
+        """Uncached features of any images (subsets, OOD sets, another run's ``method``); a bar with ``desc``."""
+        return extract_features(method or self.method, images, layer=layer, pool=pool, batch_size=self.ev.batch_size,
+                                device=self.device, bf16=self.bf16, progress=self.progress and desc is not None,
+                                desc=desc or "features")
+
+    def transfer_sets(self) -> tuple[ImageSet, ImageSet]:
+        """(train, test) of fine-tuning and low-shot: the run's own data, or ``eval.transfer_data`` loaded at
+        the run's image size and channel count."""
+        name = self.ev.transfer_data
+        if not name or name == self.cfg.data.name:
+            return self.train, self.test
+        if self._transfer is None:
+            from ...data.datasets import load_dataset
+            from ..ood_sets import to_channels
+
+            sets = []
+            for split in ("train", "test"):
+                s = load_dataset(name, split, image_size=self.train.image_size, root=self.cfg.data.root,
+                                 download=self.cfg.data.download)
+                sets.append(ImageSet(to_channels(s.images, self.train.channels), s.labels, s.classes, s.name))
+            self._transfer = (sets[0], sets[1])
+        return self._transfer
+
+    def test_subset(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded subset of ``n`` test images (all when n >= the split), with labels."""
+        if n >= len(self.test):
+            return self.test.images, self.test.labels
+        idx = torch.randperm(len(self.test), generator=torch.Generator().manual_seed(self.ev.seed))[:n]
+        return self.test.images[idx], self.test.labels[idx]
+
+    def ood_images(self, name: str, n: int) -> torch.Tensor:
+        from ..ood_sets import make_ood_images
+
+        return make_ood_images(name, self.test, n, seed=self.ev.seed, root=self.cfg.data.root,
+                               download=self.cfg.data.download)
+
+    def figure(self, name: str) -> Path:
+        return self.run / FIGURES_DIR / f"{name}.png"
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.run))
+
+
+def _causal_methods() -> list[str]:
+    from ...methods import get_method, method_names
+    return [n for n in method_names() if get_method(n).causal_readout]
+
+
+def check_causal(method: Method, causal: bool | None, key: str = "causal") -> None:
+    if causal is not None and not isinstance(causal, bool):
+        raise GenrepError(f"{key} must be True, False or None (leave as trained), got {causal!r}")
+    if causal is not None and not method.causal_readout:
+        known = ", ".join(_causal_methods()) or "none is registered"
+        raise GenrepError(f"{method.name} has no causal mask to switch {'on' if causal else 'off'}; {key} "
+                          f"applies to causal methods ({known}); leave {key}=None for {method.name}")

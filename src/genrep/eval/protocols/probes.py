@@ -1,0 +1,130 @@
+"""The probes protocol: a linear probe and kNN on frozen features at one read-out, then (for `genrep evaluate`)
+a full-batch sweep over layers and poolings.
+
+`genrep evaluate` runs it with ``eval.probes`` (the GCRL linear protocol: AdamW, 100 epochs, batch 512,
+weight decay 1e-4, lr 0.01); `genrep probe` runs it with the run's ``probe`` section (:func:`from_probe_config`:
+its read-out and solver, no sweep) and writes ``results/probe.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ...fields import setting
+from ...methods import Method
+from ..metrics.probes import SOLVERS, knn_classify, linear_probe
+from .context import EvalContext, check_causal
+
+# L-BFGS line searches and hundreds of tiny AdamW steps are latency-bound on a GPU (the digits probes took
+# 25 s on an H200 and 5.7 s on 2 CPU cores), so probe problems smaller than this many train-feature
+# elements are solved on the CPU; features are still extracted on the evaluation device
+SMALL_PROBE = 1 << 22
+
+
+@dataclass
+class ProbesSettings:
+    layer: int | None = setting(None, min=1)   # the read-out; None: the method's default layer
+    pool: str | None = None                     # None: the method's default pooling
+    solver: str = setting("adamw", choices=SOLVERS)  # adamw: the GCRL protocol; lbfgs: full batch
+    weight_decay: list[float] = setting([1e-4], min=0, nonempty=True)  # several: chosen on a held-out 10%
+    epochs: int = setting(100, min=1)           # adamw
+    lr: float = setting(0.01, above=0)          # adamw
+    batch_size: int = setting(512, min=1)       # adamw
+    knn_k: list[int] = setting([20, 200], min=1, nonempty=True)
+    knn_temperature: float = setting(0.07, above=0)
+    causal: bool | None = None                  # causal methods: read with (true) or without (false) the mask
+    sweep: bool = True                          # then a full-batch L-BFGS probe at other read-outs
+    sweep_layers: list[int] = setting([], min=1)  # empty: half, last and every k-th block
+    sweep_pools: list[str] = field(default_factory=list)  # empty: every pooling the method offers
+    sweep_weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
+
+
+def from_probe_config(p) -> ProbesSettings:
+    """`genrep probe`'s settings (a run's ``probe`` section) as the protocol's: one read-out, no sweep."""
+    return ProbesSettings(layer=p.layer, pool=p.pool, solver=p.solver, weight_decay=list(p.weight_decay),
+                          epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, knn_k=list(p.knn_k),
+                          knn_temperature=p.knn_temperature, sweep=False)
+
+
+def sweep_layers(method: Method, asked: list[int]) -> list[int]:
+    """Half, last and every k-th block (k = depth // 4, at least 1), unless the settings list layers."""
+    n = method.num_layers
+    if asked:
+        return sorted(set(asked))
+    k = max(1, n // 4)
+    return sorted({math.ceil(n / 2), n, *range(k, n + 1, k)})
+
+
+def sweep_pools(method: Method, asked: list[str]) -> list[str]:
+    return list(asked) or list(method.feature_pools)
+
+
+def check(ctx: EvalContext) -> None:
+    """What the boundary cannot know: the read-outs asked for must exist in this method."""
+    s, m = ctx.ev.probes, ctx.method
+    m.check_feature_args(s.layer, s.pool)
+    check_causal(m, s.causal, "eval.probes.causal")
+    if s.sweep:
+        for layer in s.sweep_layers:
+            m.check_feature_args(layer, None)
+        for pool in s.sweep_pools:
+            m.check_feature_args(None, pool)
+
+
+def classifier_accuracy(ctx: EvalContext) -> float:
+    from .calibration import predict_probs
+
+    probs = predict_probs(ctx.method, ctx.test.images, device=ctx.device, batch_size=ctx.ev.batch_size)
+    return float((probs.argmax(1) == ctx.test.labels).float().mean())
+
+
+def run(ctx: EvalContext) -> dict:
+    """With ``causal`` set, a causal method's mask is switched for the probes and back afterwards (GVP
+    probes with the mask it trained with; its features without the mask are another cache entry)."""
+    s, m = ctx.ev.probes, ctx.method
+    trained = m.causal_mask
+    if s.causal is not None:
+        m.causal_mask = s.causal
+    try:
+        out = _run(ctx, s, m)
+    finally:
+        m.causal_mask = trained
+    if m.causal_readout:
+        out["causal"] = bool(s.causal if s.causal is not None else trained)
+    return out
+
+
+def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
+    n_cls = ctx.train.num_classes
+    layer, pool = m.check_feature_args(s.layer, s.pool)
+    xtr, xte = ctx.features("train", layer, pool), ctx.features("test", layer, pool)
+    dev = ctx.device if xtr.numel() >= SMALL_PROBE else torch.device("cpu")
+    xtr, xte = xtr.to(dev), xte.to(dev)
+    ytr, yte = ctx.train.labels.to(dev), ctx.test.labels.to(dev)
+    lin = linear_probe(xtr, ytr, xte, yte, n_cls, solver=s.solver, weight_decay=s.weight_decay, epochs=s.epochs,
+                       lr=s.lr, batch_size=s.batch_size, seed=ctx.ev.seed)
+    knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature)
+    out = {"layer": layer, "pool": pool, **ctx.feature_options, "feature_dim": int(xtr.shape[1]),
+           "solver_device": str(dev), "linear_acc": lin.test_acc,
+           "linear": {"solver": s.solver, "epochs": s.epochs, "lr": s.lr, "weight_decay": lin.weight_decay,
+                      "batch_size": s.batch_size},
+           "linear_probe": lin.to_dict(), "knn": {str(k): v for k, v in knn.items()}}
+    if s.sweep:
+        sweep = []
+        for ly in sweep_layers(m, s.sweep_layers):
+            for pl in sweep_pools(m, s.sweep_pools):
+                a, b = ctx.features("train", ly, pl).to(dev), ctx.features("test", ly, pl).to(dev)
+                lp = linear_probe(a, ytr, b, yte, n_cls, solver="lbfgs", weight_decay=s.sweep_weight_decay,
+                                  seed=ctx.ev.seed)
+                k_min = knn_classify(a, ytr, b, yte, n_cls, k=[min(s.knn_k)], temperature=s.knn_temperature)
+                sweep.append({"layer": ly, "pool": pl, "linear_acc": lp.test_acc, "weight_decay": lp.weight_decay,
+                              "knn_acc": next(iter(k_min.values()))})
+        best = max(sweep, key=lambda r: r["linear_acc"])
+        out["sweep"] = sweep
+        out["best"] = {**best, "selected_on": "test accuracy of the sweep (as the papers' layer sweeps report)"}
+    if "logits" in m.capabilities:
+        out["classifier_acc"] = classifier_accuracy(ctx)
+    return out

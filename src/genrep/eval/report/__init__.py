@@ -1,0 +1,1 @@
+"""What people read: figures, the text summary, the HTML report, sample grids."""

@@ -1,0 +1,204 @@
+"""The PNG figures of a run and of each protocol (written atomically): the training summary, the
+reliability diagram, OOD score histograms, PGD accuracy curves and CKA heatmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+import numpy as np
+from torch import Tensor
+
+from ...errors import GenrepError
+from ...io import save_figure
+from ...train.logger import read_log
+from ..metrics.calibration import calibration_bins
+from ..metrics.ood import _scores, ood_metrics
+from ..metrics.robustness import _check_eps, _check_norm
+
+__all__ = ["cka_heatmap", "reliability_diagram", "robustness_figure", "score_histogram", "summary_figure"]
+
+_NORM_TITLES = {"linf": "$L_\\infty$", "l2": "$L_2$"}
+
+# logged columns that are not loss terms
+NOT_LOSS_TERMS = {"step", "epoch", "lr", "grad_norm", "images_per_s", "acc"}
+
+
+def summary_figure(run: Path, probe: dict, path: Path) -> Path:
+    """Training loss (and its terms, e.g. HybViT's ce and diff) over steps, and test accuracy of each read-out."""
+    rows = read_log(run)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    if rows:
+        steps = [r["step"] for r in rows]
+        parts = [k for k in rows[-1] if k not in NOT_LOSS_TERMS and k != "loss"]
+        # one term is the loss itself; several are worth seeing apart (HybViT: ce and diff)
+        terms = ["loss"] + (parts if len(parts) > 1 else [])
+        positive = True
+        for k in terms:
+            values = [r.get(k, float("nan")) for r in rows]
+            ax_loss.plot(steps, values, lw=1.5 if k == "loss" else 1.0, label=k)
+            positive &= min(values) > 0
+        if positive:  # the last orders of magnitude are where runs differ
+            ax_loss.set_yscale("log")
+        if len(terms) > 1:
+            ax_loss.legend(fontsize=8)
+    ax_loss.set(xlabel="step", ylabel="training loss", title=f"{probe.get('recipe') or probe['method']}")
+    ax_loss.grid(alpha=0.3)
+    names, accs = [], []
+    if "classifier_test_acc" in probe:
+        names.append("classifier")
+        accs.append(probe["classifier_test_acc"])
+    names.append("linear probe")
+    accs.append(probe["linear_probe"]["test_acc"])
+    for k, acc in probe["knn"].items():
+        names.append(f"kNN k={k}")
+        accs.append(acc)
+    bars = ax_acc.bar(names, [100 * a for a in accs], color="#4c72b0")
+    ax_acc.bar_label(bars, fmt="%.1f")
+    chance = 100 / probe["num_classes"]
+    ax_acc.axhline(chance, color="grey", ls="--", lw=1)
+    ax_acc.annotate("chance", (1.0, chance), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", color="grey", fontsize=8)
+    ax_acc.set(ylabel="test accuracy (%)", ylim=(0, 105),
+               title=f"{probe['data']}: layer {probe['layer']}, {probe['pool']} pool")
+    ax_acc.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def reliability_diagram(probs: Tensor, labels: Tensor, path, n_bins: int = 15, title: str = "") -> Path:
+    """Reliability diagram (Guo et al. 2017) as a PNG: per-bin accuracy bars against the diagonal, the gap
+    to each bin's mean confidence shaded, the ECE in the title, and a panel with the number of
+    predictions per confidence bin below. Returns ``path``."""
+
+    b = calibration_bins(probs, labels, n_bins)
+    count, conf, acc = b["count"].numpy(), b["confidence"].numpy(), b["accuracy"].numpy()
+    ece = float((count / count.sum() * abs(acc - conf)).sum())
+    width = 1.0 / n_bins
+    left = [i * width for i in range(n_bins)]
+    filled = count > 0
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(4.6, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(left, acc, width=width, align="edge", color="#4c72b0", edgecolor="white", lw=0.5, label="accuracy")
+    # the gap is drawn from accuracy to the bin's mean confidence (not its centre): that is what ECE sums
+    ax.bar([x for x, f in zip(left, filled) if f], (conf - acc)[filled], bottom=acc[filled], width=width,
+           align="edge", color="#dd8452", alpha=0.45, edgecolor="#c44e52", hatch="//", lw=0.5, label="gap")
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
+           title=f"{title + ': ' if title else ''}ECE {100 * ece:.2f}% ({n_bins} bins, n={int(count.sum())})")
+    ax.legend(loc="upper left", fontsize=8, title=f"ECE = {100 * ece:.2f}%", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_n.bar(left, count, width=width, align="edge", color="#8c8c8c", edgecolor="white", lw=0.5)
+    ax_n.set(xlabel="confidence (top-class probability)", ylabel="predictions")
+    ax_n.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def score_histogram(scores: dict[str, Tensor], path, title: str = "", in_name: str | None = None) -> Path:
+    """Overlaid density histograms of each set's scores (PNG), on shared bins; the in-distribution set
+    (``in_name``, default the first entry) is drawn filled and each other set's legend entry carries its
+    AUROC against it. Returns ``path``."""
+    if not scores:
+        raise GenrepError("score_histogram needs at least one set of scores")
+    arrays = {k: _scores(v, k) for k, v in scores.items()}
+    in_name = next(iter(arrays)) if in_name is None else in_name
+    if in_name not in arrays:
+        raise GenrepError(f"in-distribution set {in_name!r} is not among the scores ({', '.join(arrays)})")
+    lo = min(a.min() for a in arrays.values())
+    hi = max(a.max() for a in arrays.values())
+    bins = np.linspace(lo, hi, 41) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, 41)
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    ax.hist(arrays[in_name], bins=bins, density=True, alpha=0.5, color="#4c72b0",
+            label=f"{in_name} (in, n={arrays[in_name].size})")
+    colours = ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974"]
+    for i, (name, a) in enumerate((k, v) for k, v in arrays.items() if k != in_name):
+        auroc = ood_metrics(arrays[in_name], a)["auroc"]
+        ax.hist(a, bins=bins, density=True, histtype="step", lw=1.5, color=colours[i % len(colours)],
+                label=f"{name} (n={a.size}, AUROC {auroc:.3f})")
+    ax.set(xlabel="score (higher = more in-distribution)", ylabel="density", title=title or None)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def robustness_figure(results: dict[str, dict], path: Path, title: str = "") -> Path:
+    """Accuracy (%) vs eps (in units of 1/255), one panel per norm, from ``{norm: {eps: accuracy}}``.
+
+    ``eps`` keys may be numbers or the strings :func:`robust_accuracy` returns; several curves in one
+    panel: pass ``{norm: {label: {eps: accuracy}}}`` instead (e.g. one curve per model).
+    """
+    if not isinstance(results, dict) or not results:
+        raise GenrepError("robustness_figure needs {norm: {eps: accuracy}} with at least one norm")
+
+    panels = {}
+    for norm, curves in results.items():
+        key = _check_norm(norm)
+        if not isinstance(curves, dict) or not curves:
+            raise GenrepError(f"robustness_figure: the {norm} entry must be a non-empty {{eps: accuracy}} dict")
+        if not any(isinstance(v, dict) for v in curves.values()):
+            curves = {"": curves}
+        parsed = {}
+        for label, accs in curves.items():
+            try:
+                pts = sorted((_check_eps(e), float(a)) for e, a in accs.items())
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise GenrepError(f"robustness_figure: the {norm} entry must map eps to accuracy numbers") from exc
+            parsed[str(label)] = pts
+        panels[key] = parsed
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (norm, curves) in zip(axes[0], panels.items()):
+        for label, pts in curves.items():
+            ax.plot([e * 255 for e, _ in pts], [100 * a for _, a in pts], marker="o", ms=3.5, label=label or None)
+        ax.set(xlabel="$\\epsilon$ (/255)", ylabel="accuracy (%)", ylim=(-2, 102),
+               title=f"PGD {_NORM_TITLES[norm]}")
+        ax.grid(alpha=0.3)
+        if any(curves):
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def _labels_for(labels, count: int, what: str) -> list[str]:
+    if labels is None:
+        return [str(i + 1) for i in range(count)]
+    labels = [str(v) for v in labels]
+    if len(labels) != count:
+        raise GenrepError(f"cka_heatmap got {len(labels)} {what} labels for a matrix with {count} {what}s; "
+                          f"pass one label per {what}")
+    return labels
+
+
+def cka_heatmap(matrix, path: Path, row_labels: Sequence | None = None, col_labels: Sequence | None = None,
+                title: str = "", xlabel: str = "layer", ylabel: str = "layer") -> Path:
+    """A CKA matrix [La, Lb] as a heatmap PNG (colour scale fixed to [0, 1]; values written in small matrices).
+
+    Row 0 is at the bottom, as in Kornblith et al.; labels default to 1..L.
+    """
+    m = np.asarray(matrix.detach().cpu() if isinstance(matrix, Tensor) else matrix, dtype=np.float64)
+    if m.ndim != 2 or 0 in m.shape:
+        raise GenrepError(f"cka_heatmap needs a 2-D CKA matrix [La, Lb], got shape {m.shape}")
+    rows = _labels_for(row_labels, m.shape[0], "row")
+    cols = _labels_for(col_labels, m.shape[1], "column")
+    side = 0.45
+    fig, ax = plt.subplots(figsize=(max(3.5, 1.6 + side * m.shape[1]), max(3.0, 1.0 + side * m.shape[0])))
+    im = ax.imshow(m, origin="lower", cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="linear CKA")
+    ax.set_xticks(range(m.shape[1]), cols, rotation=90 if max(map(len, cols)) > 3 else 0)
+    ax.set_yticks(range(m.shape[0]), rows)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if max(m.shape) <= 12:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if m[i, j] > 0.6 else "white")
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+

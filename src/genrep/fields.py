@@ -1,0 +1,77 @@
+"""Config fields that declare their valid values next to their default.
+
+``setting(default, choices=..., min=..., ...)`` is a dataclass field whose metadata says what is valid;
+:func:`check_fields` reads it when :func:`genrep.config.build_dataclass` builds a section from YAML or the
+command line, so a bad value fails there, once, naming its dotted key. Code that receives a built
+config trusts it. A list field's rule applies to each item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from .errors import GenrepError
+
+
+def setting(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, min: float | None = None,
+            above: float | None = None, max: float | None = None, nonempty: bool = False,
+            unique: bool = False, hint: str = "") -> Any:
+    """A dataclass field with its valid values: ``choices``, ``min`` (>=), ``above`` (>), ``max`` (<=);
+    a list may be required ``nonempty`` or without repeats (``unique``); ``hint`` ends the error message."""
+    meta = {k: v for k, v in dict(choices=choices, min=min, above=above, max=max, nonempty=nonempty or None,
+                                  unique=unique or None, hint=hint or None).items() if v is not None}
+    if isinstance(default, list):
+        items = list(default)
+        return dataclasses.field(default_factory=lambda: list(items), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _valid(meta: dict) -> str:
+    if "choices" in meta:
+        return "choose " + ", ".join(str(c) for c in meta["choices"])
+    lo = f"at least {meta['min']:g}" if "min" in meta else f"above {meta['above']:g}" if "above" in meta else ""
+    hi = f"at most {meta['max']:g}" if "max" in meta else ""
+    return " and ".join(p for p in (lo, hi) if p)
+
+
+def _check_item(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    ok = True
+    if "choices" in meta:
+        ok = value in meta["choices"]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        ok = math.isfinite(value) and (("min" not in meta or value >= meta["min"])
+                                       and ("above" not in meta or value > meta["above"])
+                                       and ("max" not in meta or value <= meta["max"]))
+    if not ok:
+        hint = f" ({meta['hint']})" if "hint" in meta else ""
+        if "choices" in meta:
+            raise GenrepError(f"{key} '{value}' is unknown; {_valid(meta)}{hint}")
+        raise GenrepError(f"{key} must be {_valid(meta)}, got {value!r}{hint}")
+
+
+def check_fields(obj: Any, section: str) -> None:
+    """Check every field of the dataclass instance ``obj`` against its declared valid values, then its own
+    ``validate(section)`` (rules across fields), if it has one."""
+    for f in dataclasses.fields(obj):
+        meta = f.metadata
+        if not meta:
+            continue
+        key = f"{section}.{f.name}" if section else f.name
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            if meta.get("nonempty") and not value:
+                what = f"; {_valid(meta)}" if _valid(meta) else ""
+                raise GenrepError(f"{key} is empty; list one or more values{what}")
+            if meta.get("unique") and len(set(value)) != len(value):
+                raise GenrepError(f"{key} repeats a value ({value}); list each value once")
+            for i, v in enumerate(value):
+                _check_item(f"{key}[{i}]", v, meta)
+        else:
+            _check_item(key, value, meta)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(section)

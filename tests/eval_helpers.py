@@ -1,0 +1,28 @@
+"""Evaluation settings sized for tiny models, shared by the evaluation tests."""
+
+from __future__ import annotations
+
+from genrep.config import EvalConfig
+from genrep.eval.protocols.finetune import FinetuneSettings
+from genrep.eval.protocols.generation import GenerationSettings
+from genrep.eval.protocols.likelihood import LikelihoodSettings
+from genrep.eval.protocols.lowshot import LowshotSettings
+from genrep.eval.protocols.ood import OODSettings
+from genrep.eval.protocols.robustness import RobustnessSettings
+from genrep.eval.protocols.similarity import SimilaritySettings
+from genrep.methods import get_method
+
+# every protocol at a size that runs in seconds on a tiny model
+FAST = EvalConfig(device="cpu", batch_size=64, ood=OODSettings(n=48), likelihood=LikelihoodSettings(n=8),
+                  generation=GenerationSettings(samples=24, extractor="classifier"),
+                  robustness=RobustnessSettings(n=24, steps=2, linf_eps=[0, 8], l2_eps=[0, 100]),
+                  similarity=SimilaritySettings(cka_n=48, tsne_n=48), finetune=FinetuneSettings(epochs=1, batch_size=64),
+                  lowshot=LowshotSettings(seeds=[0, 1], fractions=[0.05, 0.1]))
+
+# the sampling and likelihood sizes are the method's read options, set on the trained model
+FAST_OPTIONS = {"sample_steps": 3, "nll_terms": 4}
+
+
+def fast_options(method: str) -> dict:
+    """FAST_OPTIONS that ``method`` reads (a supervised ViT neither samples nor has a likelihood)."""
+    return {k: v for k, v in FAST_OPTIONS.items() if k in get_method(method).read_options}
