@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,20 +193,74 @@ def _random_inception_weights(path, monkeypatch):
     torch.save(net.state_dict(), path)
 
 
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory):
-    """inception_extractor over a random-weight file, built with downloading made impossible."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inc
+def _no_download(*a, **k):
+    raise AssertionError("tried to download")
 
+
+@pytest.fixture(scope="module")
+def random_inception_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
     with pytest.MonkeyPatch.context() as m:
         _random_inception_weights(path, m)
+    return path
 
-        def no_download(*a, **k):
-            raise AssertionError("tried to download")
 
-        m.setattr(tf_inc, "load_state_dict_from_url", no_download)
-        return inception_extractor(path)
+@pytest.fixture(scope="module")
+def random_inception(random_inception_file):
+    """inception_extractor over a random-weight file, built with downloading made impossible."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inc
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tf_inc, "load_state_dict_from_url", _no_download)
+        return inception_extractor(random_inception_file)
+
+
+class _Payload:
+    """Unpickled without weights_only, this touches ``marker``: the stand-in for code in a weights file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_inception_weights_file_with_code_is_refused_without_running_it(tmp_path):
+    path, marker = tmp_path / INCEPTION_FILE, tmp_path / "code-ran"
+    torch.save({"fc.weight": _Payload(marker)}, path)
+    with pytest.raises(GenrepError) as e:
+        inception_extractor(path)
+    assert str(path) in one_line(e) and INCEPTION_FILE in one_line(e) and not marker.exists()
+
+
+def test_torch_fidelity_never_loads_the_inception_file_itself(random_inception, random_inception_file, tmp_path,
+                                                             monkeypatch):
+    """The file is swapped for one carrying code right after genrep's safe read: the code must not run, and
+    the network must hold the tensors genrep read (torch-fidelity reloaded the path with weights_only=False)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inc
+
+    path, marker = tmp_path / INCEPTION_FILE, tmp_path / "code-ran"
+    shutil.copyfile(random_inception_file, path)
+    real_load, calls = torch.load, []
+
+    def load(f, *a, **k):
+        calls.append((f, k.get("weights_only")))
+        out = real_load(f, *a, **k)
+        if isinstance(f, (str, os.PathLike)) and Path(f) == path:
+            torch.save({"fc.weight": _Payload(marker)}, path)
+        return out
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(tf_inc, "load_state_dict_from_url", _no_download)
+    ext = inception_extractor(path)
+    assert not marker.exists()
+    assert [(Path(f), w) for f, w in calls if isinstance(f, (str, os.PathLike))] == [(path, True)]
+    assert ext.fingerprint() == random_inception.fingerprint()
+    x = torch.from_numpy(rng_images(2, 3, 8, 8)).float() / 255
+    with torch.no_grad():
+        assert torch.equal(ext(x), random_inception(x))
+    real_load(path, weights_only=False)  # the swapped file really does run code when unpickled freely
+    assert marker.exists()
 
 
 def test_inception_extractor_loads_a_local_file(random_inception):

@@ -21,6 +21,7 @@ Inception network are not comparable with published FID/IS/KID and are labelled 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import time
@@ -124,8 +125,8 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> Extrac
 
     path = inception_weights_path(weights_path)
     expect = f"it must be torch-fidelity's {INCEPTION_FILE} ({INCEPTION_URL})"
-    # a safe (weights_only) load first: a file that is not a tensor state dict fails here with a clear message
-    # before torch-fidelity unpickles it without that restriction
+    # the file is read once, safely; torch-fidelity would unpickle it again without weights_only, so a file
+    # swapped between the two reads could run code. It gets an in-memory copy of the checked tensors instead.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - bad zip, pickle opcode, non-allow-listed global...
@@ -133,11 +134,22 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> Extrac
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if not isinstance(fc, Tensor) or tuple(fc.shape) != (1008, 2048):
         raise GenrepError(f"{path} is not an Inception v3 state dict (no fc.weight of shape 1008x2048); {expect}")
-    del state
+    tensors = {}
+    for k, v in state.items():
+        t = v.detach() if isinstance(v, Tensor) else v
+        # only plain tensors under str keys go into the copy, so what torch-fidelity unpickles is tensors alone
+        if not isinstance(k, str) or type(t) is not Tensor:
+            raise GenrepError(f"{path} holds {type(v).__name__} under {k!r}, not a tensor; {expect}")
+        tensors[k] = t
+    del state, fc
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    del tensors
+    buf.seek(0)
     try:
-        # a path is always given, so torch-fidelity's download branch (weights path None) is never taken
+        # a file object, not None: torch-fidelity's download branch is never taken, the path never reopened
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                                 feature_extractor_weights_path=str(path), antialias=False)
+                                 feature_extractor_weights_path=buf, antialias=False)
     except Exception as e:  # noqa: BLE001 - key/shape mismatches and whatever torch-fidelity raises
         raise GenrepError(f"cannot load Inception weights {path}: {_one_line(e)}; {expect}") from None
     return _InceptionExtractor(net).eval()

@@ -2,13 +2,18 @@
 
 One table per protocol with one row per run (as the papers' tables), then each run's figures. Images
 are inlined as base64 data URIs so the file can be mailed or archived alone. The report only reads
-``RUN/results/eval.json`` (and the figures it names): it never recomputes a number.
+``RUN/results/eval.json`` (and the figures it names): it never recomputes a number. A figure is embedded
+only if it is a PNG inside the run folder; any other entry is shown as "figure not shown: <reason>".
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
+import os
+import stat
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +35,7 @@ table{border-collapse:collapse;margin:.6em 0 1em}th,td{border:1px solid #ccc;pad
 th{background:#f3f3f3}td.l,th.l{text-align:left}td.skip{color:#777;font-style:italic;text-align:left}
 tr.best td{font-weight:600}.note{color:#555;font-size:.92em}figure{display:inline-block;margin:.5em;vertical-align:top}
 figure img{max-width:540px;border:1px solid #ddd}figcaption{font-size:.9em;color:#444;text-align:center}
-.custom{color:#a33}
+.custom{color:#a33}.refused{color:#a33}
 """
 
 
@@ -233,26 +238,92 @@ SECTIONS = {"probes": _probes, "calibration": _calibration, "ood": _ood, "likeli
 
 
 # ----------------------------------------------------------------------------------------------- page
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"data:image/png;base64,{data}"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_FIGURE_BYTES = 64 * 2**20
+
+
+class FigureRefused(Exception):
+    """A figure named in eval.json that the report will not embed; the message says why."""
+
+
+def _read_png(run: Path, rel) -> bytes:
+    """The bytes of figure ``rel`` of ``run``, only if it is a PNG file inside the run folder.
+
+    eval.json is data, possibly from someone else: a figure entry naming /etc/shadow, ../../secret or a
+    symlink out of the run would otherwise be copied, base64-encoded, into a page meant to be mailed around.
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        raise FigureRefused(f"the entry is {type(rel).__name__} {rel!r}, not a path inside the run")
+    shown = rel if rel.isprintable() else repr(rel)  # the warning stays one line whatever the entry holds
+    root = run.resolve()
+    try:
+        # resolve() follows every symlink, so a link inside figures/ that points out of the run lands outside
+        path = (root / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise FigureRefused(f"{shown} cannot be resolved ({type(e).__name__})") from None
+    if not path.is_relative_to(root):
+        raise FigureRefused(f"{shown} resolves outside the run folder {run}")
+    # O_NONBLOCK: a FIFO swapped in after the checks must not hang the report; O_NOFOLLOW: nor a new symlink
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise FigureRefused(f"{shown} cannot be opened ({e.strerror or type(e).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FigureRefused(f"{shown} is not a regular file")
+        if st.st_size > MAX_FIGURE_BYTES:
+            size, limit = st.st_size / 2**20, MAX_FIGURE_BYTES >> 20
+            raise FigureRefused(f"{shown} is {size:.0f} MiB, over the {limit} MiB limit")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_FIGURE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FIGURE_BYTES:
+        raise FigureRefused(f"{shown} is over the {MAX_FIGURE_BYTES >> 20} MiB limit")
+    # the bytes checked are the bytes embedded: nothing is read twice
+    if not (data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR"):
+        raise FigureRefused(f"{shown} is not a PNG image (no PNG signature and IHDR header)")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a damaged file
+        why = ("unrecognised image data" if isinstance(e, UnidentifiedImageError)
+               else " ".join(str(e).split())[:120] or type(e).__name__)
+        raise FigureRefused(f"{shown} does not decode as a PNG ({why})") from None
+    return data
+
+
+def _figure(run: Path, rel, caption: str, alt: str, missing_ok: bool = False) -> str:
+    try:
+        data = _read_png(run, rel)
+    except FileNotFoundError:
+        return "" if missing_ok else f"<p class='note'>missing figure {_e(rel)} ({_e(alt)})</p>"
+    except FigureRefused as e:
+        print(f"genrep report: warning: {run}: figure not shown: {e}", file=sys.stderr)
+        return f"<p class='note refused'>figure not shown: {_e(e)} ({_e(alt)})</p>"
+    src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return f"<figure><img alt='{_e(alt)}' src='{src}'><figcaption>{caption}</figcaption></figure>"
 
 
 def _figures(r: dict, run: Path) -> str:
-    figs = []
+    figs = [_figure(run, str(Path("figures") / "summary.png"), "training loss and probe accuracy",
+                    "training summary", missing_ok=True)]
     for name in PROTOCOLS:
         p = r["protocols"].get(name, {})
-        for caption, rel in p.get("figures", {}).items():
-            path = run / rel
-            if path.is_file():
-                figs.append(f"<figure><img alt='{_e(caption)}' src='{_img(path)}'><figcaption>{_e(TITLES[name])}: "
-                            f"{_e(caption)}</figcaption></figure>")
-            else:
-                figs.append(f"<p class='note'>missing figure {_e(rel)} ({_e(caption)})</p>")
-    summary = run / "figures" / "summary.png"
-    if summary.is_file():
-        figs.insert(0, f"<figure><img alt='training summary' src='{_img(summary)}'><figcaption>training loss and "
-                       f"probe accuracy</figcaption></figure>")
+        named = p.get("figures", {}) if isinstance(p, dict) else {}
+        if not isinstance(named, dict):
+            why = f"the {name} figures are a {type(named).__name__}, not a caption-to-path mapping"
+            print(f"genrep report: warning: {run}: figure not shown: {why}", file=sys.stderr)
+            figs.append(f"<p class='note refused'>figure not shown: {_e(why)}</p>")
+            continue
+        for caption, rel in named.items():
+            figs.append(_figure(run, rel, f"{_e(TITLES[name])}: {_e(caption)}", caption))
     return "".join(figs)
 
 
