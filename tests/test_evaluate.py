@@ -223,11 +223,11 @@ def test_an_empty_test_split_is_a_one_line_error(tmp_path):
     np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
              y_train=np.arange(40) % 2, x_test=np.zeros((0, 8, 8, 1), np.uint8), y_test=np.zeros(0, np.int64))
     run = tmp_path / "run"
-    pretrain(tiny_config("supervised", **{"data.name": f"npz:{tmp_path / 'd.npz'}", "train.steps": 2}), run)
+    # found when training starts (issue 10), not after training at the first evaluation
     with pytest.raises(GenrepError) as e:
-        evaluate_run(run, FAST, progress=False, say=lambda m: None)
-    assert "empty" in one_line(e)
-    assert not (run / "results" / "eval.json").exists()
+        pretrain(tiny_config("supervised", **{"data.name": f"npz:{tmp_path / 'd.npz'}", "train.steps": 2}), run)
+    assert "the test split of" in one_line(e) and "is empty" in one_line(e)
+    assert not run.exists()
 
 
 # ------------------------------------------------------------------------------------------- the report

@@ -126,15 +126,15 @@ def test_score_function_is_the_gaussian_score_for_an_oracle_denoiser(prediction,
 
 @pytest.mark.parametrize("override, fragment", [
     ({"model.score_t": 1000}, "model.score_t 1000"),
-    ({"model.alpha": -1.0}, "model.alpha must be >= 0"),
+    ({"model.alpha": -1.0}, "model.alpha must be at least 0, got -1.0"),
     ({"model.patch_size": 3}, "patch_size 3 does not divide the image size 8"),
     ({"model.feature_t": 5000}, "choose 0..999"),
     ({"model.schedule": "sigmoid"}, "sigmoid"),
-    ({"model.time_modulation": "pixel"}, "choose token or channel"),
+    ({"model.time_modulation": "pixel"}, "model.time_modulation 'pixel' is unknown; choose token, channel"),
     ({"model.sampler": "euler"}, "model.sampler 'euler' is unknown"),
     ({"model.sample_steps": 0}, "model.sample_steps must be at least 1"),
-    ({"model.eta": -0.5}, "model.eta must be >= 0"),
-    ({"model.nll_terms": -1}, "model.nll_terms must be >= 0"),
+    ({"model.eta": -0.5}, "model.eta must be at least 0, got -0.5"),
+    ({"model.nll_terms": -1}, "model.nll_terms must be at least 0, got -1"),
 ])
 def test_bad_settings_are_clear_errors(override, fragment):
     with pytest.raises(GenrepError) as e:

@@ -63,10 +63,50 @@ def test_downsizing_is_antialiased(tmp_path):
 
 def test_npz_without_classes_counts_labels_of_both_splits(tmp_path):
     p = tmp_path / "x.npz"
-    np.savez(p, x_train=rng_images(3, 1, 5, 5)[:, 0], y_train=np.array([0, 1, 1]),
-             x_test=rng_images(2, 1, 5, 5)[:, 0], y_test=np.array([[4], [0]]))   # (N, 1) labels are fine
-    assert load_dataset(f"npz:{p}").classes == ["0", "1", "2", "3", "4"]
-    assert load_dataset(f"npz:{p}", "test").labels.tolist() == [4, 0]
+    np.savez(p, x_train=rng_images(3, 1, 5, 5)[:, 0], y_train=np.array([0, 1, 2]),
+             x_test=rng_images(2, 1, 5, 5)[:, 0], y_test=np.array([[3], [0]]))   # (N, 1) labels are fine
+    assert load_dataset(f"npz:{p}").classes == ["0", "1", "2", "3"]
+    assert load_dataset(f"npz:{p}", "test").labels.tolist() == [3, 0]
+
+
+def test_npz_labels_that_skip_classes_are_refused_unless_declared(tmp_path):
+    """One stray label of 100000 would silently build a 100,001-class head."""
+    p = tmp_path / "x.npz"
+    x = rng_images(3, 1, 5, 5)[:, 0]
+    np.savez(p, x_train=x, y_train=np.array([0, 1, 100000]), x_test=x[:2], y_test=np.array([1, 0]))
+    with pytest.raises(GenrepError) as e:
+        load_dataset(f"npz:{p}")
+    assert "labels run to 100000 but only 3 of the classes" in one_line(e) and "'classes'" in one_line(e)
+    np.savez(p, x_train=x, y_train=np.array([0, 1, 4]), x_test=x[:2], y_test=np.array([1, 0]),
+             classes=np.array(["a", "b", "c", "d", "e"]))
+    assert len(load_dataset(f"npz:{p}").classes) == 5
+    np.savez(p, x_train=x, y_train=np.array([0, 1, 2 ** 64 - 1], dtype=np.uint64), x_test=x[:2],
+             y_test=np.array([1, 0]))
+    with pytest.raises(GenrepError) as e:
+        load_dataset(f"npz:{p}")
+    assert f"has label {2 ** 64 - 1}, not a class index" in one_line(e)
+
+
+def test_a_zero_byte_npz_is_one_line(tmp_path):
+    p = tmp_path / "empty.npz"
+    p.write_bytes(b"")
+    with pytest.raises(GenrepError) as e:
+        load_dataset(f"npz:{p}")
+    assert "cannot read" in one_line(e) and str(p) in one_line(e)
+
+
+def test_a_huge_image_in_a_folder_set_is_refused_from_its_header(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("L", (8, 8)).save(tmp_path / cls / f"{i}.png")
+    for side, fragment in ((15000, "bomb.png"), (10000, "bomb.png is 10000x10000 pixels")):
+        Image.new("1", (side, side)).save(tmp_path / "a" / "bomb.png")  # 1-bit: a small file, 100M+ pixels
+        with pytest.raises(GenrepError) as e:
+            load_dataset(f"folder:{tmp_path}", image_size=8)
+        assert fragment in one_line(e)
 
 
 def test_npz_errors_are_one_line(tmp_path):
@@ -259,3 +299,22 @@ def test_folder_errors(tmp_path):
     err(tmp_path / "tiny", "test split is empty", "test")
     (tmp_path / "tiny" / "b" / "2.png").write_bytes(b"garbage")
     err(tmp_path / "tiny", "cannot read")
+
+
+def test_splits_that_disagree_are_refused_before_training(tmp_path):
+    """1-channel train and 3-channel test arrays used to train, then crash at the first probe."""
+    from genrep.data.datasets import check_splits
+    from genrep.train.loop import pretrain
+
+    p = tmp_path / "mixed.npz"
+    np.savez(p, x_train=rng_images(64, 1, 8, 8)[:, 0], y_train=np.arange(64) % 2,
+             x_test=rng_images(8, 3, 8, 8).transpose(0, 2, 3, 1), y_test=np.arange(8) % 2)
+    with pytest.raises(GenrepError) as e:
+        check_splits(load_dataset(f"npz:{p}"), load_dataset(f"npz:{p}", "test"))
+    assert "1-channel 8x8 images but the test split 3-channel 8x8" in one_line(e)
+    from conftest import tiny_config
+
+    with pytest.raises(GenrepError) as e:
+        pretrain(tiny_config(**{"data.name": f"npz:{p}", "data.image_size": None}), tmp_path / "run")
+    assert "both splits must have the same channels and size" in one_line(e)
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from genrep.errors import GenrepError
 from genrep.methods.supervised import SupervisedViT
+from genrep.runs import mark_run
 from genrep.train.checkpoint import checkpoint_dirs, load_checkpoint, load_state
 from genrep.train.ema import EMA
 from genrep.train.logger import read_log
@@ -162,10 +163,10 @@ def test_compiled_training_matches_eager(tmp_path, method_name):
 
 @pytest.mark.parametrize("override, fragment", [
     ({"train.batch_size": 0}, "train.batch_size must be at least 1"),
-    ({"optim.lr": -1.0}, "optim.lr must be > 0"),
+    ({"optim.lr": -1.0}, "optim.lr must be above 0, got -1.0"),
     ({"optim.betas": [0.9]}, "optim.betas must be two numbers"),
     ({"train.accum_steps": 3}, "divisible by processes x accum_steps"),
-    ({"train.ema_decay": 1.0}, "train.ema_decay must be in [0, 1)"),
+    ({"train.ema_decay": 1.0}, "train.ema_decay must be at least 0 and below 1, got 1.0"),
     ({"train.precision": "fp8"}, "train.precision 'fp8' is unknown"),
     ({"train.device": "tpu"}, "device 'tpu' is unknown"),
 ])
@@ -177,6 +178,7 @@ def test_bad_training_settings_are_clear_errors(tmp_path, override, fragment):
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    mark_run(tmp_path)  # the first thing a new run writes
     (tmp_path / "log.jsonl").write_text('{"step": 5, "loss": 9.0}\n{"step": 6, "lo')  # cut mid-line
     result = pretrain(tiny_config(**{"train.steps": 5}), tmp_path, resume=True)
     assert result.start_step == 0

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="one self-contained HTML page comparing evaluated runs side by side")
     rep.add_argument("runs", type=Path, nargs="+", metavar="RUN")
     rep.add_argument("-o", "--out", type=Path, default=Path("report.html"), help="HTML path (default report.html)")
+    rep.add_argument("--force", action="store_true", help="overwrite -o even if it is not a report genrep wrote")
 
     smp = sub.add_parser("sample", help="draw images from a generative run and write a PNG grid")
     smp.add_argument("run", type=Path, metavar="RUN")
@@ -62,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     smp.add_argument("--rank-energy", action="store_true", help="also a grid of each class's best and worst "
                      "samples by the classifier's energy logsumexp(logits) (needs a classifier head)")
     smp.add_argument("--per-class", type=int, default=8, help="samples per class and end with --rank-energy")
-    smp.add_argument("-o", "--out", type=Path, default=None, help="PNG path (default RUN/samples/...)")
+    smp.add_argument("-o", "--out", type=Path, default=None, help="PNG path ending in .png; the settings go beside "
+                     "it as the same name with .json (default RUN/samples/...)")
+    smp.add_argument("--force", action="store_true", help="overwrite existing files at -o (and its .json and "
+                     "-by-energy.png) even if genrep did not write them as samples")
     smp.add_argument("--device", default="auto")
 
     sub.add_parser("datasets", help="list the data sets genrep knows and which are available offline")
@@ -120,7 +124,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     """Resolve the config and the run folder (chosen by rank 0 and shared under torchrun); the trainer
     creates the folder once the data and the model have been built, so bad input leaves nothing behind."""
     from .config import parse_overrides, resolve_config
-    from .runs import CONFIG_FILE, new_run_dir
+    from .runs import check_new_run_dir, check_resumable, new_run_dir
     from .train.dist import init_distributed
 
     overrides = parse_overrides(rest)
@@ -128,20 +132,20 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     if resume is not None:
         if args.out is not None:
             raise GenrepError("--resume continues RUN in place; drop --out")
+        check_resumable(resume)
         cfg = _config_for_resume(resume, args.recipe, overrides)
         run = resume
     else:
         recipe = args.recipe or default_recipe
         if recipe is None:
             raise GenrepError("genrep pretrain needs --recipe NAME (see genrep recipes) or --resume RUN")
+        if args.out is not None:
+            check_new_run_dir(args.out)
         cfg = resolve_config(recipe, overrides)
         run = None
     info, _ = init_distributed(cfg.train.device)
     if run is None and info.main:
         if args.out is not None:
-            if (args.out / CONFIG_FILE).exists():
-                raise GenrepError(f"{args.out} already holds a run; continue it with --resume {args.out} "
-                                  f"or choose another --out")
             run = args.out
         else:
             run = new_run_dir(args.runs_dir, cfg.recipe)
@@ -227,9 +231,21 @@ def cmd_evaluate(args, rest: list[str]) -> int:
     return 0
 
 
+def _is_genrep_report(path: Path) -> bool:
+    """A page genrep report wrote: its head carries genrep's title (report.py's render)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", "replace").lower()
+    except OSError:
+        return False
+    return head.startswith("<!doctype html>") and "<title>genrep report</title>" in head
+
+
 def cmd_report(args, rest: list[str]) -> int:
     from .eval.report.report import write_report
+    from .io import check_overwrite
 
+    check_overwrite(args.out, _is_genrep_report, "report", args.force)
     out = write_report(args.runs, args.out)
     print(f"report of {len(args.runs)} run(s): {out}")
     return 0
@@ -242,7 +258,7 @@ def cmd_sample(args, rest: list[str]) -> int:
 
     r = run_sampling(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                      weights=args.weights, device=args.device, rank_energy=args.rank_energy,
-                     per_class=args.per_class, out=args.out)
+                     per_class=args.per_class, out=args.out, force=args.force)
     from .eval.report.summary import sampling_text
 
     print(f"{r['n']} samples from {r['method']} ({sampling_text(r)}, seed {r['seed']}) in {r['seconds']:.1f} s: "

@@ -36,45 +36,51 @@ from .fields import check_fields, setting
 # 1: flat eval keys (eval.ood_n, eval.sample_steps...); 2: one eval section per protocol, sampling and
 # likelihood options in the model section (load_config_file migrates 1 to 2)
 CONFIG_VERSION = 2
+MAX_IMAGE_SIZE = 1024  # the largest side any recipe uses is 256 (ADM on ImageNet); 1024 leaves room
 WEIGHTS = ("ema", "model")
 
 
 @dataclass
 class DataConfig:
     name: str = "digits"            # registry name, or npz:PATH / folder:PATH
-    image_size: int | None = None   # resize to this; None keeps the data set's own (digits: 16)
+    # resize to this; None keeps the data set's own (digits: 8). The bound keeps a typo from allocating terabytes
+    image_size: int | None = setting(None, min=1, max=MAX_IMAGE_SIZE)
     root: str | None = None         # cache folder for torchvision data sets ($GENREP_DATA by default)
     download: bool = True
     device_resident: bool | None = None  # None: on the device when the uint8 set fits comfortably
-    num_workers: int = 2            # only for the streaming (not device-resident) path
+    num_workers: int = setting(2, min=0, max=256)  # only for the streaming (not device-resident) path
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05      # never applied to norms, biases, embeddings and tokens
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_epochs: float = 10.0     # linear warm-up, then cosine to min_lr
-    clip_grad: float = 1.0          # max global grad norm; 0 turns clipping off
+    lr: float = setting(1e-3, above=0)
+    min_lr: float = setting(1e-6, min=0)
+    weight_decay: float = setting(0.05, min=0)  # never applied to norms, biases, embeddings and tokens
+    betas: list[float] = setting([0.9, 0.999], min=0, below=1)
+    eps: float = setting(1e-8, above=0)
+    warmup_epochs: float = setting(10.0, min=0)  # linear warm-up, then cosine to min_lr
+    clip_grad: float = setting(1.0, min=0)       # max global grad norm; 0 turns clipping off
+
+    def validate(self, section: str) -> None:
+        if len(self.betas) != 2:
+            raise GenrepError(f"{section}.betas must be two numbers in [0, 1), got {self.betas}")
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 100.0
-    steps: int = 0                  # > 0 overrides epochs
-    batch_size: int = 128           # global: summed over processes and accumulation steps
-    accum_steps: int = 1
-    ema_decay: float = 0.999
+    epochs: float = setting(100.0, min=0)
+    steps: int = setting(0, min=0)               # > 0 overrides epochs
+    batch_size: int = setting(128, min=1)        # global: summed over processes and accumulation steps
+    accum_steps: int = setting(1, min=1)
+    ema_decay: float = setting(0.999, min=0, below=1)
     ema_warmup: bool = True         # decay min(ema_decay, (1+n)/(10+n)) at update n, so short runs work
-    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = setting("auto", choices=("auto", "bf16", "fp32"))  # auto: bf16 on CUDA, fp32 on the CPU
     compile: bool = False
-    seed: int = 0
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
+    seed: int = setting(0, min=0)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N (checked against the machine when resolved)
+    log_every: int = setting(10, min=1)
+    ckpt_every: int = setting(500, min=1)
+    keep_checkpoints: int = setting(2, min=0)    # 0 keeps them all
     tensorboard: bool = False
     progress: bool = True
 
@@ -108,7 +114,7 @@ class EvalConfig:
     weights: str = setting("ema", choices=WEIGHTS)
     device: str = "auto"
     batch_size: int = setting(256, min=1)
-    seed: int = 0
+    seed: int = setting(0, min=0)
     # the labelled data of fine-tuning and low-shot: "" = the run's own; or a data set name, loaded at the
     # run's image size and channel count (GCRL fine-tunes and low-shot-transfers ImageNet32 models to CIFAR-10)
     transfer_data: str = ""
@@ -278,9 +284,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = args[i + 1]
             i += 1
         try:
-            out[key] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            out[key] = value
+            parsed = value
+        # "npz:" or "a: b" is YAML for a mapping; on the command line it is text unless written as {...}
+        out[key] = value if isinstance(parsed, dict) and not value.lstrip().startswith("{") else parsed
         i += 1
     return out
 

@@ -3,7 +3,8 @@
 ``setting(default, choices=..., min=..., ...)`` is a dataclass field whose metadata says what is valid;
 :func:`check_fields` reads it when :func:`genrep.config.build_dataclass` builds a section from YAML or the
 command line, so a bad value fails there, once, naming its dotted key. Code that receives a built
-config trusts it. A list field's rule applies to each item.
+config trusts it. A list field's rule applies to each item. Every numeric value, declared or not, must be
+finite and an integer must fit in int64: no key of genrep means anything at inf, NaN or 2**70.
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ from typing import Any
 from .errors import GenrepError
 
 
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
 def setting(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, min: float | None = None,
-            above: float | None = None, max: float | None = None, nonempty: bool = False,
-            unique: bool = False, hint: str = "") -> Any:
-    """A dataclass field with its valid values: ``choices``, ``min`` (>=), ``above`` (>), ``max`` (<=);
-    a list may be required ``nonempty`` or without repeats (``unique``); ``hint`` ends the error message."""
-    meta = {k: v for k, v in dict(choices=choices, min=min, above=above, max=max, nonempty=nonempty or None,
-                                  unique=unique or None, hint=hint or None).items() if v is not None}
+            above: float | None = None, max: float | None = None, below: float | None = None,
+            nonempty: bool = False, unique: bool = False, hint: str = "") -> Any:
+    """A dataclass field with its valid values: ``choices``, ``min`` (>=), ``above`` (>), ``max`` (<=),
+    ``below`` (<); a list may be required ``nonempty`` or without repeats (``unique``); ``hint`` ends the
+    error message."""
+    meta = {k: v for k, v in dict(choices=choices, min=min, above=above, max=max, below=below,
+                                  nonempty=nonempty or None, unique=unique or None,
+                                  hint=hint or None).items() if v is not None}
     if isinstance(default, list):
         items = list(default)
         return dataclasses.field(default_factory=lambda: list(items), metadata=meta)
@@ -32,20 +38,31 @@ def _valid(meta: dict) -> str:
     if "choices" in meta:
         return "choose " + ", ".join(str(c) for c in meta["choices"])
     lo = f"at least {meta['min']:g}" if "min" in meta else f"above {meta['above']:g}" if "above" in meta else ""
-    hi = f"at most {meta['max']:g}" if "max" in meta else ""
+    hi = f"at most {meta['max']:g}" if "max" in meta else f"below {meta['below']:g}" if "below" in meta else ""
     return " and ".join(p for p in (lo, hi) if p)
+
+
+def _check_number(key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise GenrepError(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise GenrepError(f"{key} must be an integer from -2**63 to 2**63-1, got {value}")
 
 
 def _check_item(key: str, value: Any, meta: dict) -> None:
     if value is None:
         return
+    _check_number(key, value)
     ok = True
     if "choices" in meta:
         ok = value in meta["choices"]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         ok = math.isfinite(value) and (("min" not in meta or value >= meta["min"])
                                        and ("above" not in meta or value > meta["above"])
-                                       and ("max" not in meta or value <= meta["max"]))
+                                       and ("max" not in meta or value <= meta["max"])
+                                       and ("below" not in meta or value < meta["below"]))
     if not ok:
         hint = f" ({meta['hint']})" if "hint" in meta else ""
         if "choices" in meta:
@@ -58,10 +75,10 @@ def check_fields(obj: Any, section: str) -> None:
     ``validate(section)`` (rules across fields), if it has one."""
     for f in dataclasses.fields(obj):
         meta = f.metadata
-        if not meta:
-            continue
         key = f"{section}.{f.name}" if section else f.name
         value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            continue  # a nested section, checked when it was built
         if isinstance(value, list):
             if meta.get("nonempty") and not value:
                 what = f"; {_valid(meta)}" if _valid(meta) else ""

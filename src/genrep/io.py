@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
-A reader (or a resumed run) sees either the old file or the complete new one, never half of one.
+A reader (or a resumed run) sees either the old file or the complete new one, never half of one. The rename
+replaces a symbolic link at the path rather than writing through it, so a link in a run folder never lets
+genrep write outside the run.
 """
 
 from __future__ import annotations
@@ -52,7 +54,29 @@ def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] 
     from safetensors.torch import save_file
 
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+
+    def write(tmp) -> None:
+        save_file(contiguous, tmp, metadata=metadata)
+        _sort_safetensors_metadata(tmp)
+
+    _atomic(path, write)
+
+
+def _sort_safetensors_metadata(path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted: safetensors keeps them in a hash map, whose
+    order changes from process to process, so the same tensors would give files with different sha256."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # never longer in practice (same keys and values); keep the original then
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))  # safetensors pads its header with spaces
 
 
 def atomic_torch_save(path: Path, obj) -> None:
@@ -75,3 +99,17 @@ def save_figure(path: Path, fig) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def check_overwrite(path: Path, ours: Callable[[Path], bool], what: str, force: bool) -> None:
+    """Refuse to replace a file that genrep did not write as ``what`` (``ours`` recognises one), unless forced."""
+    path = Path(path)
+    if force or not (path.exists() or path.is_symlink()):
+        return
+    from .errors import GenrepError
+
+    if path.is_dir():
+        raise GenrepError(f"{path} is a folder; name a file for the {what}")
+    if not ours(path):
+        raise GenrepError(f"{path} exists and is not a {what} genrep wrote; choose another -o, or add --force to "
+                          f"overwrite it")

@@ -4,6 +4,11 @@ Besides the config and the weights, a run folder holds what a method's weights n
 ``prepared.safetensors``, the state the method fitted on the training set before step 0 (``Method.prepare``,
 checked against the data set it was fitted on whenever it is read back), and ``frozen.json``, the path and
 sha256 of each frozen part's source file (``Method.freeze``; the weights are referenced, not copied).
+
+Ownership: genrep writes only into run folders it made. Creating one writes ``.genrep-run`` (a small JSON,
+``{"format": "genrep-run-1", ...}``) before anything else; a new run refuses an existing folder unless it is
+empty, and a resume needs the marker, or, for folders written before the marker existed, genrep's
+``config.yaml`` and ``checkpoints/step_*`` of genrep's layout (the folder is then adopted: marked).
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from .config import Config, load_config_file
 from .data.datasets import ImageSet, load_dataset
 from .errors import GenrepError
 from .methods import DataSpec, Method, build_method
-from .train.checkpoint import load_safetensors
+from .train.checkpoint import CKPT_DIR, checkpoint_dirs, is_genrep_checkpoint, load_safetensors
 
 CONFIG_FILE = "config.yaml"
 PREPARED_FILE = "prepared.safetensors"
 FROZEN_FILE = "frozen.json"
 _PREPARED_FORMAT = "genrep-prepared-1"
+RUN_MARKER = ".genrep-run"
+_RUN_FORMAT = "genrep-run-1"
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 
 def load_split(cfg: Config, split: str) -> ImageSet:
@@ -32,7 +40,13 @@ def load_split(cfg: Config, split: str) -> ImageSet:
 
 
 def load_train_set(cfg: Config) -> ImageSet:
-    return load_split(cfg, "train")
+    """The training split, checked against the test split so that a run never trains on data its evaluation
+    will refuse (channels, size, labels, an empty or missing test split)."""
+    from .data.datasets import check_splits
+
+    train = load_split(cfg, "train")
+    check_splits(train, load_split(cfg, "test"))
+    return train
 
 
 def data_spec(images: ImageSet) -> DataSpec:
@@ -50,9 +64,92 @@ def build_for_data(cfg: Config, images: ImageSet) -> Method:
 def new_run_dir(base: Path, name: str) -> Path:
     """``base/name``, or ``base/name-2``, ``-3``... if taken: a new run never overwrites an old one."""
     path, i = Path(base) / name, 2
-    while path.exists():
+    while path.exists() or path.is_symlink():
         path, i = Path(base) / f"{name}-{i}", i + 1
     return path
+
+
+# ---------------------------------------------------------------- ownership of run folders
+
+def is_marked_run(run: Path) -> bool:
+    marker = Path(run) / RUN_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        d = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") == _RUN_FORMAT
+
+
+def is_unmarked_old_run(run: Path) -> bool:
+    """A run folder written before the marker existed: genrep's config.yaml and only checkpoints of genrep's
+    layout (an arbitrary folder has neither, so it is never taken for one)."""
+    run = Path(run)
+    ckpts = checkpoint_dirs(run)
+    if not (run / CONFIG_FILE).is_file() or not ckpts or not all(is_genrep_checkpoint(c) for c in ckpts):
+        return False
+    try:
+        load_config_file(run / CONFIG_FILE)
+    except GenrepError:
+        return False
+    return True
+
+
+def mark_run(run: Path, adopted: bool = False) -> None:
+    import datetime
+
+    from . import __version__
+    from .io import atomic_write_json
+
+    atomic_write_json(Path(run) / RUN_MARKER, {
+        "format": _RUN_FORMAT, "genrep": __version__, "adopted": adopted,
+        "marked": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+
+
+def check_new_run_dir(run: Path) -> None:
+    """A new run goes only where it cannot damage anything: a path that does not exist, or an empty folder."""
+    run = Path(run)
+    if not run.exists() and not run.is_symlink():
+        return
+    if not run.is_dir():
+        raise GenrepError(f"{run} exists and is not a folder; choose another --out")
+    if is_marked_run(run) or is_unmarked_old_run(run):
+        raise GenrepError(f"{run} already holds a genrep run; continue it with --resume {run} or choose another "
+                          f"--out")
+    if any(run.iterdir()):
+        raise GenrepError(f"{run} exists and was not made by genrep; choose another --out or remove it")
+
+
+def create_run_dir(run: Path) -> list[Path]:
+    """Make the run folder and mark it as genrep's; returns the folders this call created, deepest first, so a
+    failed start can remove exactly those."""
+    run = Path(run)
+    check_new_run_dir(run)  # again: the folder may have appeared since the command line was checked
+    made, p = [], run
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    run.mkdir(parents=True, exist_ok=True)
+    mark_run(run)
+    return made
+
+
+def check_resumable(run: Path) -> None:
+    """Resuming rewrites the run's weights and log from its last checkpoint: refuse when there is none to
+    continue from but trained weights would be replaced, and refuse folders genrep did not make."""
+    run = Path(run)
+    if not checkpoint_dirs(run) and any((run / name).exists() for name in WEIGHT_FILES):
+        raise GenrepError(f"{run} has trained weights but no complete checkpoint in {run / CKPT_DIR} (the "
+                          f"optimizer state and step a resume continues from); restore {CKPT_DIR}/, or use the "
+                          f"weights as they are (genrep evaluate {run}) or start a new run with --out")
+    if is_marked_run(run) or is_unmarked_old_run(run):
+        return
+    if not (run / CONFIG_FILE).is_file():
+        raise GenrepError(f"{run} is not a genrep run folder (no {CONFIG_FILE}); pass a folder written by "
+                          f"genrep pretrain")
+    raise GenrepError(f"{run} was not made by genrep (no {RUN_MARKER} marker and no genrep checkpoints); resume "
+                      f"only a folder written by genrep pretrain, or start a new run with --out")
 
 
 def read_run_config(run: Path) -> Config:

@@ -90,6 +90,18 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
     return _finish(_resize(images, size), labels, classes, reg.name, split)
 
 
+def check_splits(train: ImageSet, test: ImageSet) -> None:
+    """What training needs of both splits, checked when a run starts rather than found by the first probe: a
+    test split with images, of the train split's shape, labelled within its classes."""
+    if train.images.shape[1:] != test.images.shape[1:]:
+        c1, s1, c2, s2 = train.channels, train.image_size, test.channels, test.image_size
+        raise GenrepError(f"{train.name}: the train split has {c1}-channel {s1}x{s1} images but the test split "
+                          f"{c2}-channel {s2}x{s2}; both splits must have the same channels and size")
+    if len(test.labels) and int(test.labels.max()) >= train.num_classes:
+        raise GenrepError(f"{test.name}: the test split has label {int(test.labels.max())} but the train split "
+                          f"declares {train.num_classes} classes; labels must be 0..{train.num_classes - 1}")
+
+
 def describe_datasets(root: str | os.PathLike | None = None) -> list[dict]:
     """One dict per registered data set, for ``genrep datasets``: ``name``, ``description``, ``splits``,
     ``native_size`` (int), ``size`` (e.g. "32x32"), ``channels``, ``num_classes``, ``available``

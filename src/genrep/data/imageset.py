@@ -130,6 +130,10 @@ def _pil_decode(data: bytes | str | os.PathLike, mode: str, what: str) -> torch.
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
+# a classifier head over more classes than this is a mislabelled file, not a data set (ImageNet-21k has 21,841)
+MAX_CLASSES = 1_000_000
+
+
 def _check_labels(y: np.ndarray, n_images: int, what: str, key: str) -> torch.Tensor:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -141,6 +145,9 @@ def _check_labels(y: np.ndarray, n_images: int, what: str, key: str) -> torch.Te
                           f"to one")
     if len(y) and y.min() < 0:
         raise GenrepError(f"{what}: {key} has negative labels (min {int(y.min())}); labels must be 0..K-1")
+    if len(y) and int(y.max()) > MAX_CLASSES:
+        raise GenrepError(f"{what}: {key} has label {int(y.max())}, not a class index genrep can train on "
+                          f"(at most {MAX_CLASSES}); labels must be 0..K-1")
     return torch.from_numpy(y.astype(np.int64))
 
 

@@ -100,7 +100,7 @@ def _load_npz(path_text: str, split: str, size: int | None) -> _Loaded:
                           f"x_test, y_test (or the JPEG layout train_jpeg, train_offsets, ...)")
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise GenrepError(f"{name}: cannot read {path} as a NumPy .npz archive ({_one_line(e)}); write it "
                           f"with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
     if not isinstance(z, np.lib.npyio.NpzFile):
@@ -152,18 +152,28 @@ def _load_npz(path_text: str, split: str, size: int | None) -> _Loaded:
         if "classes" in keys:
             raw = get("classes").reshape(-1)
             classes = [c.decode() if isinstance(c, bytes) else str(c) for c in raw.tolist()]
-        else:   # as many classes as the largest label of either split says
+        else:   # the classes are the labels that occur in either split: each must have images
             other = "test" if split == "train" else "train"
-            top = int(y.max()) if len(y) else -1
+            seen = set(np.unique(y.numpy()).tolist())
             if f"y_{other}" in keys:
-                y_other = get(f"y_{other}")
+                y_other = get(f"y_{other}").reshape(-1)
                 if y_other.size and np.issubdtype(y_other.dtype, np.integer):
-                    top = max(top, int(y_other.max()))
+                    seen |= set(np.unique(y_other).tolist())
+            top = max(seen, default=-1)
+            if len(seen) < top + 1:
+                gaps = [c for c in range(top + 1) if c not in seen][:3]
+                raise GenrepError(f"{name}: labels run to {top} but only {len(seen)} of the classes 0..{top} have "
+                                  f"images (none of {', '.join(map(str, gaps))}, ...); relabel to 0..K-1, or store "
+                                  f"all class names as 'classes' in the .npz to declare them")
             classes = [str(i) for i in range(top + 1)]
     return images, y, classes, f"npz:{os.path.abspath(path)}"
 
 
 # ----------------------------------------------------------------------------------------------- folder
+# genrep's models take images up to 1024 pixels a side (data.image_size); a source image above this many pixels
+# is refused from its header, so a decompression bomb never allocates
+MAX_FOLDER_PIXELS = 4096 * 4096
+
 def _image_extensions() -> frozenset[str]:
     from PIL import Image
 
@@ -227,11 +237,15 @@ def _load_folder(path_text: str, split: str, size: int | None) -> _Loaded:
     modes, sizes = set(), set()
     for f, _ in files_of["train"] + files_of["test"]:
         try:
-            with Image.open(f) as im:
+            with warnings.catch_warnings(), Image.open(f) as im:  # our own pixel limit below says it in one line
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 modes.add(im.mode)
                 sizes.add(im.size)
-        except (OSError, ValueError, SyntaxError) as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise GenrepError(f"{name}: cannot read {f} as an image ({_one_line(e)}); remove or replace it")
+        if im.size[0] * im.size[1] > MAX_FOLDER_PIXELS:  # checked from the header, before any decoding
+            raise GenrepError(f"{name}: {f} is {im.size[0]}x{im.size[1]} pixels, more than genrep decodes "
+                              f"({MAX_FOLDER_PIXELS:,} pixels); shrink it, or remove it from the data set")
     mode = "L" if modes <= _GRAY_MODES else "RGB"
     if len(sizes) > 1 and size is None:
         (w1, h1), (w2, h2) = sorted(sizes)[:2]

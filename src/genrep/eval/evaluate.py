@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import EvalConfig, ProbeConfig
+from ..errors import GenrepError
 from ..io import atomic_write_json
 from .protocols import NEEDS, PROTOCOLS
 from .protocols import probes as probes_protocol
@@ -57,13 +58,23 @@ def plan(method, ev: EvalConfig) -> tuple[list[str], dict[str, str]]:
 
 
 def read_results(run: Path, file: str = EVAL_FILE) -> dict:
+    """RUN's evaluation results ({} when there are none yet), checked: a file that is not genrep's results is a
+    one-line error, never silently rebuilt over (it may hold results the user wants back)."""
     path = Path(run) / RESULTS_DIR / file
     if not path.exists():
         return {}
+    again = f"move it away and run genrep evaluate {run} again"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}  # a damaged file is rebuilt, never trusted
+        d = json.loads(path.read_bytes())
+    except OSError as e:
+        raise GenrepError(f"cannot read {path} ({e.strerror or e}); {again}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GenrepError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {again}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("protocols"), dict):
+        got = type(d).__name__ if not isinstance(d, dict) else "an object without a 'protocols' object"
+        raise GenrepError(f"{path} is not a genrep results file (expected an object with 'protocols', got {got}); "
+                          f"{again}")
+    return d
 
 
 def preflight(ctx: EvalContext, names: list[str]) -> None:

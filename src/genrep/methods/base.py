@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import GenrepError
+from ..fields import setting
 
 CAPABILITIES = ("logits", "sample", "complete", "nll", "score")
 # the function each capability promises (signatures on Method below)
@@ -44,13 +45,17 @@ class DataSpec:
 @dataclass
 class ViTConfig:
     """The backbone keys every ViT-based method shares (defaults: the HybViT paper's CIFAR ViT)."""
-    dim: int = 384
-    depth: int = 9
-    num_heads: int = 12
-    mlp_ratio: float = 2.0
-    patch_size: int = 4              # 4 on 32x32, 8 on larger images (the HybViT paper)
-    pos_embed: str = "learned"       # learned | sincos
-    drop: float = 0.0
+    dim: int = setting(384, min=1, max=65536)
+    depth: int = setting(9, min=1, max=1024)
+    num_heads: int = setting(12, min=1)
+    mlp_ratio: float = setting(2.0, above=0, max=64)
+    patch_size: int = setting(4, min=1)  # 4 on 32x32, 8 on larger images (the HybViT paper)
+    pos_embed: str = setting("learned", choices=("learned", "sincos"))
+    drop: float = setting(0.0, min=0, below=1)
+
+    def validate(self, section: str) -> None:
+        if self.dim % self.num_heads:
+            raise GenrepError(f"{section}.dim {self.dim} is not divisible by {section}.num_heads {self.num_heads}")
 
 
 # the ViT keys of a model small enough for the registry-wide tests (a couple of CPU seconds)
@@ -58,12 +63,11 @@ TINY_VIT = {"dim": 32, "depth": 2, "num_heads": 2}
 
 
 def check_vit_shape(cfg: ViTConfig, data: DataSpec) -> None:
-    """What every ViT-based method's config must satisfy: patches tile the image, heads split the width."""
+    """What a ViT-based method's config must satisfy on its data: patches tile the image (the config's own
+    ranges were checked when it was built)."""
     if data.image_size % cfg.patch_size:
         raise GenrepError(f"model.patch_size {cfg.patch_size} does not divide the image size "
                           f"{data.image_size}; choose a divisor of {data.image_size}")
-    if cfg.dim % cfg.num_heads:
-        raise GenrepError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
 
 
 def file_sha256(path: str | Path) -> str:

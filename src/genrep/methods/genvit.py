@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import SAMPLERS, GaussianDiffusion, bits_per_dim, sample
+from ..data.augment import AUGMENTATIONS
+from ..diffusion import LOSSES, PREDICTIONS, SAMPLERS, SCHEDULES, VARIANCES, GaussianDiffusion, bits_per_dim, sample
 from ..errors import GenrepError
+from ..fields import setting
 from ..nn.denoiser import MODULATIONS, DenoiserViT
 from ..nn.flops import linear_flops, transformer_block_flops
 from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
@@ -26,27 +28,38 @@ from .registry import register
 
 @dataclass
 class GenViTConfig(ViTConfig):
-    time_modulation: str = "token"   # token: one scalar scale/shift per token (the paper's code) | channel
-    timesteps: int = 1000            # T
-    schedule: str = "cosine"         # cosine | linear
-    prediction: str = "eps"          # eps | x0
-    loss: str = "l1"                 # l1 (the paper's code) | l2
-    variance: str = "small"          # the fixed reverse variance: small (posterior) | large (beta)
-    feature_t: int | None = None     # features of x noised to this step; None: the clean image (see features)
-    feature_layer: int | None = None  # default probe layer; None: the method's default
-    score_t: int = 10                # the step whose denoiser gives the score d log p / dx (OOD score-norm)
+    # token: one scalar scale/shift per token (the paper's code) | channel
+    time_modulation: str = setting("token", choices=MODULATIONS)
+    timesteps: int = setting(1000, min=2, max=100000)  # T
+    schedule: str = setting("cosine", choices=SCHEDULES)
+    prediction: str = setting("eps", choices=PREDICTIONS)
+    loss: str = setting("l1", choices=LOSSES)          # l1: the paper's code
+    variance: str = setting("small", choices=VARIANCES)  # the fixed reverse variance: small (posterior) | large
+    feature_t: int | None = setting(None, min=0)      # features of x noised to this step; None: the clean image
+    feature_layer: int | None = setting(None, min=1)  # default probe layer; None: the method's default
+    score_t: int = setting(10, min=0)  # the step whose denoiser gives the score d log p / dx (OOD score-norm)
     # how a trained model is read (may be changed on trained weights: genrep evaluate RUN --model.sample_steps 50)
-    sampler: str = "ddim"            # ddim | ddpm (all T steps)
-    sample_steps: int = 100          # DDIM steps, 1..T (capped at T)
-    eta: float = 0.0                 # DDIM's eta: 0 deterministic, 1 DDPM-like
-    nll_terms: int = 0               # terms of the bits/dim bound: 0 all T, k an unbiased stratified subset of k
+    sampler: str = setting("ddim", choices=SAMPLERS)  # ddpm runs all T steps
+    sample_steps: int = setting(100, min=1)           # DDIM steps (capped at T)
+    eta: float = setting(0.0, min=0)                  # DDIM's eta: 0 deterministic, 1 DDPM-like
+    nll_terms: int = setting(0, min=0)  # terms of the bits/dim bound: 0 all T, k a stratified subset (capped at T)
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        for key in ("feature_t", "score_t"):
+            step = getattr(self, key)
+            if step is not None and step >= self.timesteps:
+                raise GenrepError(f"{section}.{key} {step} is not a diffusion step; choose 0..{self.timesteps - 1}")
+        if self.feature_layer is not None and self.feature_layer > self.depth:
+            raise GenrepError(f"{section}.feature_layer {self.feature_layer} does not exist; choose 1..{self.depth}")
 
 
 @dataclass
 class HybViTConfig(GenViTConfig):
-    alpha: float = 100.0             # weight of the diffusion loss (1, 10, 100 in the paper's ablation)
-    augment: str = "strong"          # the classification stream's augmentation; the diffusion stream has none
-    label_smoothing: float = 0.0
+    alpha: float = setting(100.0, min=0)  # weight of the diffusion loss (1, 10, 100 in the paper's ablation)
+    # the classification stream's augmentation; the diffusion stream has none
+    augment: str = setting("strong", choices=AUGMENTATIONS)
+    label_smoothing: float = setting(0.0, min=0, max=1)
 
 
 @register
@@ -64,25 +77,7 @@ class GenViT(Method):
     def __init__(self, cfg: GenViTConfig, data: DataSpec):
         super().__init__(cfg, data)
         check_vit_shape(cfg, data)
-        if cfg.time_modulation not in MODULATIONS:
-            raise GenrepError(f"model.time_modulation '{cfg.time_modulation}' is unknown; choose token or channel")
         self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.prediction, cfg.loss, cfg.variance)
-        if cfg.feature_t is not None and not 0 <= cfg.feature_t < cfg.timesteps:
-            raise GenrepError(f"model.feature_t {cfg.feature_t} is not a diffusion step; choose 0..{cfg.timesteps - 1}"
-                              f" or null")
-        if not 0 <= cfg.score_t < cfg.timesteps:
-            raise GenrepError(f"model.score_t {cfg.score_t} is not a diffusion step; choose 0..{cfg.timesteps - 1}")
-        if cfg.feature_layer is not None and not 1 <= cfg.feature_layer <= cfg.depth:
-            raise GenrepError(f"model.feature_layer {cfg.feature_layer} does not exist; choose 1..{cfg.depth}")
-        if cfg.sampler not in SAMPLERS:
-            raise GenrepError(f"model.sampler '{cfg.sampler}' is unknown; choose {' or '.join(SAMPLERS)}")
-        if cfg.sample_steps < 1:
-            raise GenrepError(f"model.sample_steps must be at least 1, got {cfg.sample_steps}")
-        if not cfg.eta >= 0:
-            raise GenrepError(f"model.eta must be >= 0 (0: deterministic DDIM), got {cfg.eta}")
-        if cfg.nll_terms < 0:
-            raise GenrepError(f"model.nll_terms must be >= 0 (0: all {cfg.timesteps} terms of the bound), got "
-                              f"{cfg.nll_terms}")
         self.net = DenoiserViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
                                cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop,
                                modulation=cfg.time_modulation)
@@ -229,8 +224,6 @@ class HybViT(GenViT):
     view_streams: ClassVar[dict[str, int]] = {"diffusion": 1}
 
     def __init__(self, cfg: HybViTConfig, data: DataSpec):
-        if not cfg.alpha >= 0:
-            raise GenrepError(f"model.alpha must be >= 0 (the weight of the diffusion loss), got {cfg.alpha}")
         super().__init__(cfg, data)
         self.head = nn.Linear(cfg.dim, data.num_classes)
         nn.init.zeros_(self.head.weight)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GenrepError
+from ..data.augment import AUGMENTATIONS
+from ..fields import setting
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
 from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
@@ -17,9 +18,9 @@ from .registry import register
 
 @dataclass
 class SupervisedConfig(ViTConfig):
-    label_smoothing: float = 0.0
-    augment: str = "weak"           # none | weak | strong
-    head_pool: str = "cls"          # the token the classifier reads: cls | mean
+    label_smoothing: float = setting(0.0, min=0, max=1)
+    augment: str = setting("weak", choices=AUGMENTATIONS)
+    head_pool: str = setting("cls", choices=("cls", "mean"))  # the token the classifier reads
 
 
 @register
@@ -35,8 +36,6 @@ class SupervisedViT(Method):
     def __init__(self, cfg: SupervisedConfig, data: DataSpec):
         super().__init__(cfg, data)
         check_vit_shape(cfg, data)
-        if cfg.head_pool not in self.feature_pools:
-            raise GenrepError(f"model.head_pool '{cfg.head_pool}' is unknown; choose cls or mean")
         self.encoder = ViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
                            cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop)
         self.head = nn.Linear(cfg.dim, data.num_classes)

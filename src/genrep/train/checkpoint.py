@@ -11,6 +11,9 @@ A checkpoint folder is written as ``.tmp-step_N`` and renamed when complete, so 
 ``step_*`` folder is always whole; a kill mid-write leaves only a ``.tmp-`` folder, removed at the
 next save. ``state.pt`` holds only tensors and plain containers, loadable with
 ``torch.load(weights_only=True)``; nothing is unpickled.
+
+Pruning deletes only folders that hold exactly genrep's three files: a ``step_*`` folder with anything else in
+it (or that is a link) was not written by genrep and is never deleted.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from ..errors import GenrepError
 from ..io import atomic_save_safetensors, atomic_torch_save
 
 CKPT_DIR = "checkpoints"
+MAX_STEP = 99_999_999  # step folders have 8 digits: a larger step is a damaged file, not a long run
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+CKPT_FILES = frozenset({"model.safetensors", "ema.safetensors", "state.pt"})
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -37,6 +42,16 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def is_genrep_checkpoint(path: Path) -> bool:
+    """A folder genrep's save_checkpoint wrote: exactly its three files, as regular files, and no link."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return ({e.name for e in entries} == CKPT_FILES
+            and all(e.is_file() and not e.is_symlink() for e in entries))
 
 
 def checkpoint_step(path: Path) -> int:
@@ -59,9 +74,12 @@ def save_checkpoint(run: Path, step: int, model: dict, ema: dict, state: dict, m
                     keep: int = 2) -> Path:
     root = Path(run) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:08d}"
+    if final.exists() and not is_genrep_checkpoint(final):
+        raise GenrepError(f"{final} holds files genrep did not write; move it out of {root} (genrep writes and "
+                          f"deletes only its own checkpoints there)")
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     meta = {**metadata, "step": str(step)}
@@ -75,7 +93,8 @@ def save_checkpoint(run: Path, step: int, model: dict, ema: dict, state: dict, m
     for name in ("model.safetensors", "ema.safetensors"):
         _link_or_copy(final / name, Path(run) / name)
     for old in checkpoint_dirs(run)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if is_genrep_checkpoint(old):  # a folder with someone else's files in it is never deleted
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -112,6 +131,16 @@ def load_state(path: Path) -> dict:
                           f"delete that checkpoint folder to resume from an older one") from None
     if not isinstance(state, dict) or "step" not in state:
         raise GenrepError(f"training state {path} holds no step counter; it is not a genrep state file")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= MAX_STEP:
+        raise GenrepError(f"training state {path} has step {step!r}, not a step genrep writes (an integer in "
+                          f"1..{MAX_STEP}); delete that checkpoint folder to resume from an older one")
+    if _STEP_RE.match(path.parent.name) and checkpoint_step(path.parent) != step:
+        raise GenrepError(f"training state {path} says step {step} but its folder is {path.parent.name}; delete "
+                          f"that checkpoint folder to resume from an older one")
+    if not isinstance(state.get("optimizer"), dict):
+        raise GenrepError(f"training state {path} holds no optimizer state; delete that checkpoint folder to "
+                          f"resume from an older one")
     return state
 
 

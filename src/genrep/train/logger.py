@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..errors import GenrepError
@@ -38,10 +39,22 @@ def check_tensorboard() -> None:
                           "pip install 'genrep[tensorboard]' or set --train.tensorboard false") from None
 
 
+def _open_for_append(path: Path):
+    """Append to the log, never through a link: rows written through one would land outside the run."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if path.is_symlink():
+            raise GenrepError(f"{path} is a symbolic link (to {os.readlink(path)}); genrep does not write through "
+                              f"links in a run folder: replace it with a regular file") from None
+        raise GenrepError(f"cannot open {path} to append the training log ({e.strerror})") from None
+    return os.fdopen(fd, "a")
+
+
 class Logger:
     def __init__(self, run: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
-        self.file = open(Path(run) / LOG_FILE, "a") if enabled else None  # noqa: SIM115 - open for the run's life
+        self.file = _open_for_append(Path(run) / LOG_FILE) if enabled else None
         self.tb = None
         if enabled and tensorboard:
             check_tensorboard()

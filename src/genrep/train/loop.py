@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,13 @@ from ..data.batches import BatchPlan, TrainBatches, draw_random_inputs, make_vie
 from ..data.datasets import ImageSet
 from ..errors import GenrepError
 from ..methods import Method
-from ..runs import (CONFIG_FILE, PREPARED_FILE, build_for_data, fit_prepared, install_run_state, load_train_set,
-                    save_prepared, write_frozen)
-from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
+from ..runs import (CONFIG_FILE, FROZEN_FILE, PREPARED_FILE, RUN_MARKER, build_for_data, check_new_run_dir,
+                    check_resumable, create_run_dir, fit_prepared, install_run_state, is_marked_run, load_train_set,
+                    mark_run, save_prepared, write_frozen)
+from .checkpoint import CKPT_DIR, checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
 from .dist import barrier, cleanup, init_distributed
 from .ema import EMA
-from .logger import Logger, check_tensorboard, truncate_log
+from .logger import LOG_FILE, Logger, check_tensorboard, truncate_log
 from .optim import build_optimizer, lr_at
 
 
@@ -58,31 +60,23 @@ def schedule(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def check_train_config(cfg: Config, world: int) -> None:
-    t, o = cfg.train, cfg.optim
-    if t.batch_size < 1:
-        raise GenrepError(f"train.batch_size must be at least 1, got {t.batch_size}")
-    if not (o.lr > 0 and o.min_lr >= 0 and o.weight_decay >= 0 and o.warmup_epochs >= 0 and o.clip_grad >= 0):
-        raise GenrepError(f"optim.lr must be > 0 and optim.min_lr, weight_decay, warmup_epochs, clip_grad >= 0; "
-                          f"got lr={o.lr}, min_lr={o.min_lr}, weight_decay={o.weight_decay}, "
-                          f"warmup_epochs={o.warmup_epochs}, clip_grad={o.clip_grad}")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        raise GenrepError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-    if t.accum_steps < 1:
-        raise GenrepError(f"train.accum_steps must be at least 1, got {t.accum_steps}")
+    """What the config cannot know alone: the split of the batch over this run's processes (every key's own
+    range was checked when the config was built)."""
+    t = cfg.train
     if t.batch_size % (world * t.accum_steps):
         raise GenrepError(f"train.batch_size {t.batch_size} must be divisible by processes x accum_steps "
                           f"= {world} x {t.accum_steps}")
-    if t.log_every < 1 or t.ckpt_every < 1:
-        raise GenrepError("train.log_every and train.ckpt_every must be at least 1")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise GenrepError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
 
 
 class Trainer:
     def __init__(self, cfg: Config, run: Path, resume: bool = False, train_set: ImageSet | None = None):
-        self.cfg, self.run = cfg, Path(run)
+        self.cfg, self.run, self.resume = cfg, Path(run), resume
         self.info, self.device = init_distributed(cfg.train.device)
         check_train_config(cfg, self.info.world)
+        # every rank checks before _load_data's barrier, so before rank 0 can have made the folder
+        (check_resumable if resume else check_new_run_dir)(self.run)
+        self._made: list[Path] | None = None  # folders this run created, once it has claimed its folder
+        self._stepped = False
         self.bf16 = use_bf16(cfg.train.precision, self.device)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -133,12 +127,33 @@ class Trainer:
     def _open_run(self) -> None:
         """Create the run folder (everything that could be wrong with the config has been checked)."""
         if self.info.main:
-            self.run.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                self._made = create_run_dir(self.run)
+            elif not is_marked_run(self.run):
+                mark_run(self.run, adopted=True)  # a run from before the marker, recognised by check_resumable
             save_config(self.cfg, self.run / CONFIG_FILE)
             if self._prepared is not None:
                 save_prepared(self.run, self.method, self._prepared, self.train_set)
             write_frozen(self.run, self.method)
         self.logger = Logger(self.run, self.info.main, self.cfg.train.tensorboard)
+
+    def _discard_run(self) -> None:
+        """Undo a new run that failed before its first step: remove the files genrep writes at the start and
+        the folders it created, never anything else (an empty folder given as --out is kept)."""
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if not self.info.main or self._made is None:  # not claimed: the folder may be someone else's
+            return
+        for name in (LOG_FILE, CONFIG_FILE, PREPARED_FILE, FROZEN_FILE, "tensorboard", CKPT_DIR, RUN_MARKER):
+            path = self.run / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+        for folder in self._made:
+            with contextlib.suppress(OSError):  # not empty: something else is in it, so it stays
+                folder.rmdir()
 
     def _load_data(self) -> ImageSet:
         """Rank 0 first, so that a download happens once, not once per process into the same folder."""
@@ -152,7 +167,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _restore(self) -> int:
         ckpts = checkpoint_dirs(self.run)
-        if not ckpts:  # killed before the first checkpoint: start over, forgetting what it logged
+        if not ckpts:  # killed before the first checkpoint (check_resumable: no weights): start over
             if self.info.main:
                 truncate_log(self.run, 0)
             return 0
@@ -215,6 +230,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        except Exception:
+            # a start that fails before one step (a loss that raises, bad labels) leaves nothing behind; once a
+            # step ran (a NaN), the run is kept, to resume from its checkpoint or from step 0 with other settings
+            if not self.resume and not self._stepped:
+                self._discard_run()
+            raise
+
+    def _fit(self) -> TrainResult:
         cfg, info = self.cfg, self.info
         start, total = self.start_step, self.total_steps
         self._open_run()
@@ -231,6 +256,7 @@ class Trainer:
         self.method.train()
         for step, images, labels in self.batches(start, total):
             terms = self._train_step(step, images, labels)
+            self._stepped = True
             bad |= ~torch.isfinite(terms["loss"]) | ~torch.isfinite(terms["grad_norm"])
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v

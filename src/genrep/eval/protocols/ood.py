@@ -121,7 +121,14 @@ def score_kinds(ctx: EvalContext) -> tuple[list[str], dict[str, str]]:
 
 
 def check(ctx: EvalContext) -> None:
-    """Every OOD set must be one genrep can make (a registry set must be available) before any work."""
+    """Every OOD set must be one genrep can make (a registry set must be available), and at least one asked-for
+    score must apply to the method, before any work."""
+    kinds, skipped = score_kinds(ctx)
+    if not kinds:
+        offered = [k for k, why in applicable_scores(ctx.method).items() if why is None]
+        reasons = "; ".join(f"{k} {why}" for k, why in skipped.items())
+        raise GenrepError(f"eval.ood.scores asks only for scores {ctx.method.name} does not offer ({reasons}); "
+                          f"choose among {', '.join(offered)}")
     for name in ctx.ev.ood.sets:
         ctx.ood_images(name, 1)
 

@@ -17,9 +17,12 @@ import torch
 
 from ...devices import resolve_device
 from ...errors import GenrepError
-from ...io import atomic_write_bytes, atomic_write_json
+from ...io import atomic_write_bytes, atomic_write_json, check_overwrite
 
 GAP = 2  # pixels between grid cells
+# Written into every grid PNG and sample JSON, so that a later call recognises its own files and may replace them
+PNG_MARK = ("genrep", "samples")
+SAMPLES_FORMAT = "genrep-samples-1"
 
 
 def grid(images: torch.Tensor, nrow: int, pad_value: float = 1.0) -> torch.Tensor:
@@ -35,18 +38,56 @@ def grid(images: torch.Tensor, nrow: int, pad_value: float = 1.0) -> torch.Tenso
     return out
 
 
-def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> Path:
-    """[3, H, W] in [0, 1] -> PNG written atomically; ``scale`` enlarges small images (nearest neighbour)."""
+def save_png(image: torch.Tensor, path: Path, scale: int = 1, mark: bool = False) -> Path:
+    """[3, H, W] in [0, 1] -> PNG written atomically; ``scale`` enlarges small images (nearest neighbour);
+    ``mark`` tags it as genrep sample's own output (``PNG_MARK``), which a later call may replace."""
     from PIL import Image
 
     arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    from PIL.PngImagePlugin import PngInfo
+
     img = Image.fromarray(arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    info = PngInfo()
+    if mark:
+        info.add_text(*PNG_MARK)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def is_sample_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.text.get(PNG_MARK[0]) == PNG_MARK[1]
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def is_sample_json(path: Path) -> bool:
+    import json
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") == SAMPLES_FORMAT
+
+
+def sample_outputs(out: Path, rank_energy: bool) -> dict[str, Path]:
+    """Every file a sampling call writes for ``out``: the grid, its settings beside it, the energy grid."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise GenrepError(f"-o names the PNG grid and must end in .png (the settings go beside it as the same name "
+                          f"with .json), got {out}")
+    files = {"grid": out, "settings": out.with_suffix(".json")}
+    if rank_energy:
+        files["ranked_grid"] = out.with_name(out.stem + "-by-energy.png")
+    return files
 
 
 def display_scale(size: int) -> int:
@@ -83,16 +124,22 @@ def class_rows(images: torch.Tensor, preds: torch.Tensor, energy: torch.Tensor, 
 
 def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: int | None = None,
                  eta: float | None = None, seed: int = 0, weights: str = "ema", device: str = "auto",
-                 rank_energy: bool = False, per_class: int = 8, out: Path | None = None, progress: bool = True) -> dict:
+                 rank_energy: bool = False, per_class: int = 8, out: Path | None = None, progress: bool = True,
+                 force: bool = False) -> dict:
     """Draw ``n`` samples from RUN; ``sampler``, ``steps`` and ``eta`` override the method's own options
-    (``model.sampler``, ``model.sample_steps``, ``model.eta``) for this call, None keeps the run's."""
+    (``model.sampler``, ``model.sample_steps``, ``model.eta``) for this call, None keeps the run's. Files
+    already at the outputs are replaced only if an earlier sampling call wrote them, or with ``force``."""
     from ...methods import get_method
     from ...runs import load_trained, read_run_config
 
     if n < 1:
         raise GenrepError(f"-n must be at least 1, got {n}")
+    if not 0 <= seed < 2 ** 63:
+        raise GenrepError(f"--seed must be an integer from 0 to 2**63-1, got {seed}")
     if per_class < 1:
         raise GenrepError(f"--per-class must be at least 1, got {per_class}")
+    if out is not None:
+        sample_outputs(out, rank_energy)  # a bad -o is refused before the model is loaded
     run = Path(run)
     name = read_run_config(run).method
     caps = get_method(name).capabilities
@@ -113,6 +160,9 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
                           f"steps; choose --steps 1..{cs['steps']}")
     sampler, steps, eta = cs.get("sampler"), cs.get("steps"), cs.get("eta", 0.0)
     out = Path(out) if out else run / "samples" / f"{sampler}-{steps}steps-n{n}-seed{seed}.png"
+    files = sample_outputs(out, rank_energy)
+    for key, path in files.items():  # all before sampling, which is the slow part
+        check_overwrite(path, is_sample_json if key == "settings" else is_sample_png, "sample file", force)
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     images = method.sample(n, generator=g, progress=progress)
@@ -120,17 +170,17 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
     scale = display_scale(images.shape[-1])
     result = {"run": str(run), "method": cfg.method, "weights": weights, "sampler": sampler, "steps": steps,
               "eta": eta, "sample": cs, "n": n, "seed": seed, "seconds": round(seconds, 2), "grid": str(out)}
-    save_png(grid(images.cpu(), nrow=math.ceil(math.sqrt(n))), out, scale)
+    save_png(grid(images.cpu(), nrow=math.ceil(math.sqrt(n))), out, scale, mark=True)
     if rank_energy:
         preds, energy = rank_by_energy(method, images)
-        ranked = out.with_name(out.stem + "-by-energy.png")
+        ranked = files["ranked_grid"]
         k = len(train_set.classes)
         save_png(grid(class_rows(images, preds, energy, k, per_class).cpu(), nrow=2 * per_class + 1), ranked,
-                 scale)
+                 scale, mark=True)
         result["ranked_grid"] = str(ranked)
         result["per_class"] = {train_set.classes[y]: {"count": int((preds == y).sum()),
                                                       "mean_energy": float(energy[preds == y].mean())
                                                       if (preds == y).any() else None}
                                for y in range(k)}
-    atomic_write_json(out.with_suffix(".json"), result)
+    atomic_write_json(files["settings"], {"format": SAMPLES_FORMAT, **result})
     return result
