@@ -124,7 +124,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     """Resolve the config and the run folder (chosen by rank 0 and shared under torchrun); the trainer
     creates the folder once the data and the model have been built, so bad input leaves nothing behind."""
     from .config import parse_overrides, resolve_config
-    from .runs import check_new_run_dir, check_resumable, new_run_dir
+    from .runs import check_new_run_dir, check_resumable, claim_new_run_dir
     from .train.dist import init_distributed
 
     overrides = parse_overrides(rest)
@@ -148,7 +148,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
         if args.out is not None:
             run = args.out
         else:
-            run = new_run_dir(args.runs_dir, cfg.recipe)
+            run = claim_new_run_dir(args.runs_dir, cfg.recipe)  # made empty here; released if the start fails
     if info.enabled:
         import torch.distributed as dist
         box = [str(run) if info.main else None]
@@ -157,12 +157,25 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     return cfg, Path(run), resume is not None
 
 
-def cmd_pretrain(args, rest: list[str]) -> int:
+def _pretrain(cfg, run: Path, resume: bool, claimed: bool):
+    """Train; a default-named folder that ``claim_new_run_dir`` made is given back if the start fails."""
     from .train.loop import pretrain
 
+    try:
+        return pretrain(cfg, run, resume=resume)
+    except BaseException:
+        if claimed:
+            try:
+                run.rmdir()  # only succeeds while empty: a run that trained keeps its folder
+            except OSError:
+                pass
+        raise
+
+
+def cmd_pretrain(args, rest: list[str]) -> int:
     cfg, run, resume = _prepare_run(args, rest)
     _say(f"genrep: {'resuming' if resume else 'training'} {cfg.method} ({cfg.recipe}) in {run}")
-    result = pretrain(cfg, run, resume=resume)
+    result = _pretrain(cfg, run, resume, claimed=not resume and args.out is None)
     loss = result.last_log.get("loss")
     _say(f"genrep: done: {result.steps} steps ({result.steps - result.start_step} this time) in "
          f"{result.seconds:.1f} s, {result.images_per_s:.0f} images/s"
@@ -280,12 +293,11 @@ def cmd_run(args, rest: list[str]) -> int:
     from .eval.report.report import write_report
     from .eval.report.summary import evaluation_summary, probe_table
     from .methods import get_method
-    from .train.loop import pretrain
 
     t0 = time.perf_counter()
     cfg, run, _ = _prepare_run(args, rest, default_recipe=args.recipe)
     _say(f"genrep run: 1/4 pretraining {cfg.method} ({cfg.recipe}) on {cfg.data.name} in {run}")
-    result = pretrain(cfg, run)
+    result = _pretrain(cfg, run, False, claimed=args.out is None)
     if not _is_main_process():
         return 0
     _say(f"genrep run: 2/4 probing frozen features ({result.steps} steps took {result.seconds:.1f} s)")

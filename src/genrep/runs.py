@@ -22,6 +22,7 @@ import torch
 from .config import Config, load_config_file
 from .data.datasets import ImageSet, load_dataset
 from .errors import GenrepError
+from .locks import LOCK_FILE, RunLock
 from .methods import DataSpec, Method, build_method
 from .train.checkpoint import CKPT_DIR, checkpoint_dirs, is_genrep_checkpoint, load_safetensors
 
@@ -67,6 +68,25 @@ def new_run_dir(base: Path, name: str) -> Path:
     while path.exists() or path.is_symlink():
         path, i = Path(base) / f"{name}-{i}", i + 1
     return path
+
+
+def claim_new_run_dir(base: Path, name: str) -> Path:
+    """Like :func:`new_run_dir`, but the folder is made here, with one atomic ``mkdir`` per candidate, so two
+    commands started together never pick the same default name. It is left empty: the trainer marks it."""
+    base = Path(base)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenrepError(f"cannot make the runs folder {base} ({e.strerror}); choose another --runs-dir") from None
+    while True:
+        path = new_run_dir(base, name)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue  # another command claimed it between the look and the mkdir
+        except OSError as e:
+            raise GenrepError(f"cannot make the run folder {path} ({e.strerror}); choose another --runs-dir") from None
 
 
 # ---------------------------------------------------------------- ownership of run folders
@@ -117,20 +137,23 @@ def check_new_run_dir(run: Path) -> None:
     if is_marked_run(run) or is_unmarked_old_run(run):
         raise GenrepError(f"{run} already holds a genrep run; continue it with --resume {run} or choose another "
                           f"--out")
-    if any(run.iterdir()):
+    if any(p.name != LOCK_FILE for p in run.iterdir()):
         raise GenrepError(f"{run} exists and was not made by genrep; choose another --out or remove it")
 
 
-def create_run_dir(run: Path) -> list[Path]:
-    """Make the run folder and mark it as genrep's; returns the folders this call created, deepest first, so a
-    failed start can remove exactly those."""
+def create_run_dir(run: Path, lock: RunLock) -> list[Path]:
+    """Make the run folder, take its lock and mark it as genrep's; returns the folders this call created,
+    deepest first, so a failed start can remove exactly those. Under the lock the folder is checked again: of
+    two commands racing for one --out, the second stops in one line instead of writing into the first's run."""
     run = Path(run)
-    check_new_run_dir(run)  # again: the folder may have appeared since the command line was checked
+    check_new_run_dir(run)
     made, p = [], run
     while not p.exists():
         made.append(p)
         p = p.parent
     run.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    check_new_run_dir(run)  # again, now that no other genrep command can write into it
     mark_run(run)
     return made
 

@@ -24,6 +24,7 @@ import torch
 from ..config import EvalConfig, ProbeConfig
 from ..errors import GenrepError
 from ..io import atomic_write_json
+from ..locks import RunLock
 from .protocols import NEEDS, PROTOCOLS
 from .protocols import probes as probes_protocol
 from .protocols.context import RESULTS_DIR, EvalContext
@@ -70,9 +71,9 @@ def read_results(run: Path, file: str = EVAL_FILE) -> dict:
         raise GenrepError(f"cannot read {path} ({e.strerror or e}); {again}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GenrepError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {again}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("protocols"), dict):
-        got = type(d).__name__ if not isinstance(d, dict) else "an object without a 'protocols' object"
-        raise GenrepError(f"{path} is not a genrep results file (expected an object with 'protocols', got {got}); "
+    if not isinstance(d, dict) or not isinstance(d.get("protocols"), dict) or not isinstance(d.get("method"), str):
+        got = type(d).__name__ if not isinstance(d, dict) else "an object without 'protocols' and 'method'"
+        raise GenrepError(f"{path} is not a genrep results file (expected an object with 'protocols' and 'method', got {got}); "
                           f"{again}")
     return d
 
@@ -97,6 +98,16 @@ def _ordered(protocols: dict) -> dict:
 
 def evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
                  say=print) -> dict:
+    """See :func:`_evaluate_run`; it holds the run's lock, so two evaluations never interleave eval.json."""
+    from ..runs import read_run_config
+
+    read_run_config(Path(run))  # a folder that is not a run gets no lock file
+    with RunLock(run, "evaluate"):
+        return _evaluate_run(run, ev, options=options, progress=progress, say=say)
+
+
+def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
+                  say=print) -> dict:
     """Run the applicable protocols of ``ev`` (default: the run's own ``eval`` section) on RUN's weights;
     ``options`` changes model keys that change how a trained model is read (``Method.read_options``,
     e.g. ``sample_steps``, ``nll_terms``, ``feature_t``)."""
@@ -138,6 +149,16 @@ def evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | Non
 
 def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
                options: dict | None = None) -> dict:
+    """See :func:`_run_probes`, under the run's lock."""
+    from ..runs import read_run_config
+
+    read_run_config(Path(run))
+    with RunLock(run, "probe"):
+        return _run_probes(run, probe, device, progress, options)
+
+
+def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
+                options: dict | None = None) -> dict:
     """`genrep probe RUN`: the probes protocol with ``probe`` (default: the run's own ``probe`` section) at
     one read-out, no sweep; ``options`` changes model keys that change features (e.g. feature_t).
     Writes and returns ``RUN/results/probe.json``."""

@@ -23,6 +23,7 @@ from ..config import Config, save_config
 from ..data.batches import BatchPlan, TrainBatches, draw_random_inputs, make_views, mix_seed
 from ..data.datasets import ImageSet
 from ..errors import GenrepError
+from ..locks import LOCK_FILE, RunLock
 from ..methods import Method
 from ..runs import (CONFIG_FILE, FROZEN_FILE, PREPARED_FILE, RUN_MARKER, build_for_data, check_new_run_dir,
                     check_resumable, create_run_dir, fit_prepared, install_run_state, is_marked_run, load_train_set,
@@ -73,7 +74,21 @@ class Trainer:
         self.cfg, self.run, self.resume = cfg, Path(run), resume
         self.info, self.device = init_distributed(cfg.train.device)
         check_train_config(cfg, self.info.world)
-        # every rank checks before _load_data's barrier, so before rank 0 can have made the folder
+        # one writer per run (rank 0 holds the lock for all ranks); a resumed run is locked before it is read
+        self._lock = RunLock(self.run, "resume" if resume else "train into")
+        if resume:
+            check_resumable(self.run)  # read-only: a folder genrep did not make gets no lock file either
+            if self.info.main:
+                self._lock.acquire()
+        try:
+            self._build(cfg, resume, train_set)
+        except BaseException:
+            self._lock.release()  # a failed start must not keep the run locked for the rest of the process
+            raise
+
+    def _build(self, cfg: Config, resume: bool, train_set: ImageSet | None) -> None:
+        # every rank checks before _load_data's barrier, so before rank 0 can have made the folder; a resumed
+        # run is checked again now that it is locked
         (check_resumable if resume else check_new_run_dir)(self.run)
         self._made: list[Path] | None = None  # folders this run created, once it has claimed its folder
         self._stepped = False
@@ -128,7 +143,7 @@ class Trainer:
         """Create the run folder (everything that could be wrong with the config has been checked)."""
         if self.info.main:
             if not self.resume:
-                self._made = create_run_dir(self.run)
+                self._made = create_run_dir(self.run, self._lock)
             elif not is_marked_run(self.run):
                 mark_run(self.run, adopted=True)  # a run from before the marker, recognised by check_resumable
             save_config(self.cfg, self.run / CONFIG_FILE)
@@ -145,7 +160,7 @@ class Trainer:
             self.logger = None
         if not self.info.main or self._made is None:  # not claimed: the folder may be someone else's
             return
-        for name in (LOG_FILE, CONFIG_FILE, PREPARED_FILE, FROZEN_FILE, "tensorboard", CKPT_DIR, RUN_MARKER):
+        for name in (LOG_FILE, CONFIG_FILE, PREPARED_FILE, FROZEN_FILE, "tensorboard", CKPT_DIR, RUN_MARKER, LOCK_FILE):
             path = self.run / name
             if path.is_symlink() or path.is_file():
                 path.unlink()
@@ -302,6 +317,7 @@ class Trainer:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        self._lock.release()
         cleanup(self.info)
 
 
