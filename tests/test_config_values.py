@@ -94,7 +94,7 @@ def test_a_bad_value_on_the_command_line_leaves_no_run_folder(tmp_path):
 
 
 @pytest.mark.parametrize("content, fault", [
-    (b"[1, 2]", "got list"), (b"null", "got NoneType"), (b'{"run": "x"}', "without a 'protocols' object"),
+    (b"[1, 2]", "got list"), (b"null", "got NoneType"), (b'{"run": "x"}', "without 'protocols' and 'method'"), (b'{"protocols": {}}', "without 'protocols' and 'method'"),
     (b'{"protocols": ', "is not valid JSON"), (b"\xff\xfe\x00garbage", "is not valid JSON"),
 ])
 def test_a_results_file_that_is_not_genreps_is_one_line_and_kept(tmp_path, content, fault):

@@ -31,7 +31,7 @@ from .eval.protocols.ood import OODSettings
 from .eval.protocols.probes import ProbesSettings
 from .eval.protocols.robustness import RobustnessSettings
 from .eval.protocols.similarity import SimilaritySettings
-from .fields import check_fields, setting
+from .fields import check_fields, one_line, setting, show
 
 # 1: flat eval keys (eval.ood_n, eval.sample_steps...); 2: one eval section per protocol, sampling and
 # likelihood options in the model section (load_config_file migrates 1 to 2)
@@ -165,18 +165,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except GenrepError:
                 pass
-        raise GenrepError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        raise GenrepError(f"config key '{key}' must be {_type_name(tp)}, got {show(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str) and "," in value:  # `--eval.protocols ood,calibration`: no shell quoting
-            value = [yaml.safe_load(v.strip()) for v in value.split(",")]
+            value = [_yaml_scalar(v.strip()) for v in value.split(",")]
         elif not isinstance(value, (list, tuple)):
             value = [value]  # `--probe.knn_k 20` means [20]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range (10**400)
+            raise GenrepError(f"{key} must be a finite number, got {show(value)}") from None
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
             return float(value)
@@ -184,11 +187,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp in (int, bool, str) and type(value) is tp:
         return value
-    raise GenrepError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise GenrepError(f"config key '{key}' must be {_type_name(tp)}, got {show(value)} ({type(value).__name__})")
 
 
 def _unknown_key(section: str, key: str, valid: list[str]) -> GenrepError:
-    where = f"'{section}.{key}'" if section else f"'{key}'"
+    where = show(f"{section}.{key}" if section else key)
     if section == "eval" and key in V1_EVAL_KEYS:
         return GenrepError(f"config key 'eval.{key}' is now '{V1_EVAL_KEYS[key]}' (config version 2)")
     close = difflib.get_close_matches(key, valid, n=1)
@@ -201,11 +204,14 @@ def build_dataclass(cls: type, values: dict | None, section: str = "") -> Any:
     """Instantiate ``cls`` from a dict, checking every key and type."""
     values = values or {}
     if not isinstance(values, dict):
-        raise GenrepError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
+        raise GenrepError(f"config section '{section}' must be a mapping of keys to values, got {show(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise GenrepError(f"config section '{section or 'top level'}' has a key {show(key)} that is not text; "
+                              f"valid keys: {', '.join(names)}")
         if key not in names:
             raise _unknown_key(section, key, names)
         full = f"{section}.{key}" if section else key
@@ -230,7 +236,7 @@ def config_from_dict(d: dict, source: str = "the config") -> Config:
                 source)
     method = d.get("method", Config.method)
     if not isinstance(method, str):
-        raise GenrepError(f"config key 'method' must be a method name, got {method!r}")
+        raise GenrepError(f"config key 'method' must be a method name, got {show(method)}")
     model = d.pop("model", None)
     cfg = build_dataclass(Config, d)
     cfg.model = build_dataclass(model_config_class(method), model, "model")
@@ -257,8 +263,8 @@ def load_recipe(name: str) -> dict:
         text = resources.files("genrep.recipes").joinpath(f"{name}.yaml").read_text()
     try:
         d = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise GenrepError(f"recipe '{name}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
+        raise GenrepError(f"recipe '{name}' is not valid YAML: {one_line(e)}") from None
     if not isinstance(d, dict):
         raise GenrepError(f"recipe '{name}' must be a YAML mapping, got {type(d).__name__}")
     d.setdefault("recipe", path.stem if path.suffix in (".yaml", ".yml") else name)
@@ -283,14 +289,20 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise GenrepError(f"override '{arg}' needs a value, e.g. {arg} VALUE")
             value = args[i + 1]
             i += 1
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
+        parsed = _yaml_scalar(value)
         # "npz:" or "a: b" is YAML for a mapping; on the command line it is text unless written as {...}
         out[key] = value if isinstance(parsed, dict) and not value.lstrip().startswith("{") else parsed
         i += 1
     return out
+
+
+def _yaml_scalar(text: str) -> Any:
+    """``text`` read as YAML (``1e-3``, ``true``, ``[20,200]``), or the text itself where it is not valid YAML
+    (or YAML that Python cannot hold: a 5000-digit integer, a date like 2024-13-45, 10k nested brackets)."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        return text
 
 
 def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
@@ -321,8 +333,9 @@ def save_config(cfg: Config, path: Path) -> None:
 def load_config_file(path: Path) -> Config:
     try:
         d = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise GenrepError(f"cannot read run config {path}: {e}") from None
+    except (OSError, ValueError, OverflowError, RecursionError, yaml.YAMLError) as e:
+        # ValueError: not UTF-8 text, or YAML Python cannot hold (a 5000-digit integer, the date 2024-13-45)
+        raise GenrepError(f"cannot read run config {path}: {one_line(e)}") from None
     if not isinstance(d, dict):
         raise GenrepError(f"run config {path} must be a YAML mapping, got {type(d).__name__}")
     # files written before versions existed have none: version 1
@@ -355,10 +368,11 @@ V1_PROBE_KEYS = {"epochs": "epochs", "lr": "lr", "knn_k": "knn_k", "knn_temperat
 
 
 def _migrate_1_to_2(d: dict) -> dict:
-    ev = dict(d.get("eval") or {})
-    model = dict(d.get("model") or {})
+    sections = [d.get(s) or {} for s in ("eval", "model", "probe")]
+    if not all(isinstance(s, dict) for s in sections) or not isinstance(d.get("method", Config.method), str):
+        return {**d, "config_version": 2}  # nothing to move; building it names the key that is not a section
+    ev, model, probe = dict(sections[0]), dict(sections[1]), sections[2]
     new_eval = {k: v for k, v in ev.items() if k not in V1_EVAL_KEYS}
-    probe = d.get("probe") or {}
     probes = {new: probe[old] for old, new in V1_PROBE_KEYS.items() if old in probe}
     if probes:
         new_eval["probes"] = probes

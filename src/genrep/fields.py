@@ -17,6 +17,28 @@ from .errors import GenrepError
 
 
 INT64 = (-(2 ** 63), 2 ** 63 - 1)
+SHOW_CHARS = 80  # a value quoted in an error message is cut to this many characters
+
+
+def show(value: Any, limit: int = SHOW_CHARS) -> str:
+    """``repr(value)`` for a one-line error message: escaped (a newline in a string stays ``\\n``), and cut
+    to ``limit`` characters, so a 10k-character value or a 5000-digit integer keeps the message readable."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's int-to-text digit limit, or a list holding one
+        text = (f"<a {value.bit_length()}-bit integer>" if isinstance(value, int)
+                else f"<a {type(value).__name__} holding a huge integer>")
+    except RecursionError:
+        text = f"<a deeply nested {type(value).__name__}>"
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return " ".join(text.split()) if not text.isprintable() else text
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` (e.g. a parser's multi-line message) as one stripped line of at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def setting(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, min: float | None = None,
@@ -46,9 +68,9 @@ def _check_number(key: str, value: Any) -> None:
     if isinstance(value, bool):
         return
     if isinstance(value, float) and not math.isfinite(value):
-        raise GenrepError(f"{key} must be a finite number, got {value!r}")
+        raise GenrepError(f"{key} must be a finite number, got {show(value)}")
     if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
-        raise GenrepError(f"{key} must be an integer from -2**63 to 2**63-1, got {value}")
+        raise GenrepError(f"{key} must be an integer from -2**63 to 2**63-1, got {show(value)}")
 
 
 def _check_item(key: str, value: Any, meta: dict) -> None:
@@ -66,8 +88,8 @@ def _check_item(key: str, value: Any, meta: dict) -> None:
     if not ok:
         hint = f" ({meta['hint']})" if "hint" in meta else ""
         if "choices" in meta:
-            raise GenrepError(f"{key} '{value}' is unknown; {_valid(meta)}{hint}")
-        raise GenrepError(f"{key} must be {_valid(meta)}, got {value!r}{hint}")
+            raise GenrepError(f"{key} {show(value)} is unknown; {_valid(meta)}{hint}")
+        raise GenrepError(f"{key} must be {_valid(meta)}, got {show(value)}{hint}")
 
 
 def check_fields(obj: Any, section: str) -> None:
@@ -84,7 +106,7 @@ def check_fields(obj: Any, section: str) -> None:
                 what = f"; {_valid(meta)}" if _valid(meta) else ""
                 raise GenrepError(f"{key} is empty; list one or more values{what}")
             if meta.get("unique") and len(set(value)) != len(value):
-                raise GenrepError(f"{key} repeats a value ({value}); list each value once")
+                raise GenrepError(f"{key} repeats a value ({show(value)}); list each value once")
             for i, v in enumerate(value):
                 _check_item(f"{key}[{i}]", v, meta)
         else:

@@ -49,9 +49,11 @@ class GenViTConfig(ViTConfig):
         for key in ("feature_t", "score_t"):
             step = getattr(self, key)
             if step is not None and step >= self.timesteps:
-                raise GenrepError(f"{section}.{key} {step} is not a diffusion step; choose 0..{self.timesteps - 1}")
+                raise GenrepError(f"{section}.{key} {step} is not a diffusion step; choose 0..{self.timesteps - 1} "
+                                  f"({section}.timesteps {self.timesteps})")
         if self.feature_layer is not None and self.feature_layer > self.depth:
-            raise GenrepError(f"{section}.feature_layer {self.feature_layer} does not exist; choose 1..{self.depth}")
+            raise GenrepError(f"{section}.feature_layer {self.feature_layer} does not exist; choose 1..{self.depth} "
+                              f"({section}.depth {self.depth})")
 
 
 @dataclass

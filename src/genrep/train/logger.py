@@ -13,21 +13,34 @@ LOG_FILE = "log.jsonl"
 
 
 def read_log(run: Path) -> list[dict]:
+    """The logged rows, checked: a line cut by a kill ends the log (what follows is unreliable); any other line
+    that is not a row genrep writes is a one-line error naming the file and the line, and the file is kept."""
     path = Path(run) / LOG_FILE
     if not path.exists():
         return []
+    fix = f"move {path} away to resume without the earlier log"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise GenrepError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    except UnicodeDecodeError:
+        raise GenrepError(f"{path} is not a genrep log (not UTF-8 text); {fix}") from None
     rows = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(text.splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is unreliable
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            break
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise GenrepError(f"{path} line {i} is not a genrep log row (an object with an integer step); {fix}")
+        rows.append(row)
     return rows
 
 
 def truncate_log(run: Path, step: int) -> None:
     """Drop what a killed run logged after the checkpoint it resumes from."""
-    rows = [r for r in read_log(run) if r.get("step", -1) <= step]
+    rows = [r for r in read_log(run) if r["step"] <= step]
     atomic_write_text(Path(run) / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
