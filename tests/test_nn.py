@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_nn_attention import _reference  # the one textbook attention of the nn tests
 
 from genrep.nn.attention import Attention
 from genrep.nn.denoiser import DenoiserViT
@@ -31,23 +32,13 @@ def test_patch_embed_is_a_linear_map_of_each_patch():
         PatchEmbed(10, 4, 3, 16)
 
 
-def _reference_attention(attn: Attention, x, mask=None):
-    B, N, D = x.shape
-    h = attn.num_heads
-    q, k, v = attn.qkv(x).view(B, N, 3, h, D // h).permute(2, 0, 3, 1, 4)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(D // h)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, D))
-
-
 def test_attention_matches_the_textbook_formula():
     torch.manual_seed(0)
     attn = Attention(16, 4).eval()
     x = torch.randn(2, 5, 16)
-    torch.testing.assert_close(attn(x), _reference_attention(attn, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn(x), _reference(attn, x), rtol=1e-5, atol=1e-5)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
-    torch.testing.assert_close(attn(x, is_causal=True), _reference_attention(attn, x, causal), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn(x, is_causal=True), _reference(attn, x, mask=causal), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(attn(x, mask=causal), attn(x, is_causal=True), rtol=1e-5, atol=1e-5)
 
 
