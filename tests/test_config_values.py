@@ -188,3 +188,38 @@ def test_sample_flags_out_of_range_are_one_line(tmp_path):
     with pytest.raises(GenrepError) as e:
         run_sampling(tmp_path, seed=2 ** 70)
     assert f"--seed must be an integer from 0 to 2**63-1, got {2 ** 70}" in one_line(e)
+
+
+@pytest.mark.parametrize("method", ["supervised", "hybvit"])
+def test_a_model_too_big_for_memory_is_refused_before_it_is_allocated(tmp_path, method):
+    """Each key valid, together far past this machine's memory: refused from the meta-device parameter count,
+    in about a second, before a byte of the model (or the run folder) exists."""
+    import time
+
+    out = tmp_path / "run"
+    args = [f"--{k}={v}" for k, v in TINY.items()]
+    t0 = time.perf_counter()
+    proc = run_cli("pretrain", "--recipe", f"{method}-digits", "--out", str(out), *args, "--model.dim", "65536",
+                   "--model.depth", "1024", "--model.num_heads", "1")
+    assert_one_line_error(proc, "parameters and needs about", "GiB to train on cpu", "choose smaller model sizes")
+    assert time.perf_counter() - t0 < 60 and not out.exists()
+
+
+def test_the_memory_check_leaves_the_initial_weights_as_they_were():
+    """Building on the meta device first must not consume the seeded generator: the weights stay bit-identical."""
+    import torch
+    from conftest import tiny_config
+
+    from genrep.data.datasets import load_dataset
+    from genrep.methods import build_method, method_names
+    from genrep.runs import build_for_data, data_spec
+
+    train = load_dataset("digits", "train", image_size=8)
+    for name in method_names():
+        cfg = tiny_config(name)
+        torch.manual_seed(0)
+        plain = build_method(cfg.method, cfg.model, data_spec(train)).state_dict()
+        torch.manual_seed(0)
+        checked = build_for_data(cfg, train, "cpu", training=True).state_dict()
+        assert plain.keys() == checked.keys(), name
+        assert all(torch.equal(plain[k], checked[k]) for k in plain), name

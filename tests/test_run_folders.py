@@ -163,21 +163,48 @@ def test_the_log_is_never_appended_through_a_link(tmp_path):
     assert outside.read_text() == "outside\n"
 
 
-def test_a_resumed_run_replaces_links_instead_of_writing_through_them(tmp_path):
+@pytest.mark.parametrize("linked", [LOG_FILE, "config.yaml", "results", "checkpoints"])
+def test_a_run_holding_a_link_is_refused_by_every_writer(tmp_path, linked):
+    """A link anywhere in a run (a file or a folder) would lead genrep's writes, or its checkpoint pruning,
+    outside the run: resume, evaluate and probe refuse such a run in one line and change nothing outside."""
+    from genrep.eval.evaluate import evaluate_run, run_probes
+
     run = tmp_path / "run"
     pretrain(tiny_config(**{"train.steps": 10}), run)
-    outside = {}
-    for name in (LOG_FILE, "config.yaml"):
-        outside[name] = tmp_path / f"outside-{name}"
-        outside[name].write_bytes((run / name).read_bytes())
-        (run / name).unlink()
-        (run / name).symlink_to(outside[name])
-    before = {name: p.read_bytes() for name, p in outside.items()}
-    pretrain(tiny_config(**{"train.steps": 20}), run, resume=True)
-    for name, p in outside.items():
-        assert p.read_bytes() == before[name], name
-        assert not (run / name).is_symlink(), name
-    assert [r["step"] for r in read_log(run)] == [5, 10, 15, 20]
+    (run / "results").mkdir(exist_ok=True)
+    outside = tmp_path / f"outside-{linked}"
+    shutil.move(run / linked, outside)
+    (run / linked).symlink_to(outside)
+    before = _snapshot(outside) if outside.is_dir() else outside.read_bytes()
+    for call in (lambda: pretrain(tiny_config(**{"train.steps": 20}), run, resume=True),
+                 lambda: evaluate_run(run, progress=False), lambda: run_probes(run, progress=False)):
+        with pytest.raises(GenrepError) as e:
+            call()
+        assert f"{run / linked} is a symbolic link" in one_line(e) and "replace it with a real" in one_line(e)
+    assert (_snapshot(outside) if outside.is_dir() else outside.read_bytes()) == before
+
+
+def test_sample_into_a_run_holding_a_link_is_refused(generative_run, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (generative_run / "samples").symlink_to(outside)
+    try:
+        with pytest.raises(GenrepError, match="samples is a symbolic link"):
+            _sample(generative_run, None)
+    finally:
+        (generative_run / "samples").unlink()
+    assert list(outside.iterdir()) == []
+
+
+def test_evaluate_and_probe_refuse_a_folder_genrep_did_not_train(tmp_path):
+    """A copied config.yaml does not make a folder a run: results are written only into genrep's runs."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(FIXTURE / "config.yaml", folder / "config.yaml")
+    for command in ("evaluate", "probe"):
+        proc = run_cli(command, str(folder))
+        assert_one_line_error(proc, str(folder), "was not made by genrep")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
 
 
 def test_an_atomic_write_replaces_a_link_to_a_file_outside(tmp_path):
@@ -244,3 +271,60 @@ def test_report_never_overwrites_a_file_it_did_not_write(tmp_path):
     assert "my notes" not in page.read_text()
     again = run_cli("report", str(run), "-o", str(page))  # genrep's own report is replaced without --force
     assert again.returncode == 0, again.stderr
+
+
+# ------------------------------------------------------------------ outputs the file system would refuse
+
+def _unwritable_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {"under a file": (a_file / "out", "is a file, not a folder"),
+            "under /proc": (Path("/proc/genrep-out/x"), "is not writable"),
+            "a name too long": (tmp_path / ("n" * 300), "longer than"),
+            "a path too long": (tmp_path.joinpath(*["d" * 200] * 25), "longer than")}
+
+
+@pytest.mark.parametrize("case", ["under a file", "under /proc", "a name too long", "a path too long"])
+def test_outputs_the_file_system_refuses_are_one_line_before_any_work(tmp_path, capsys, case):
+    from genrep.cli import main
+
+    path, fragment = _unwritable_paths(tmp_path)[case]
+    calls = {"--out": ["pretrain", "--recipe", "supervised-digits", "--out", str(path)],
+             "--runs-dir": ["pretrain", "--recipe", "supervised-digits", "--runs-dir", str(path)],
+             "report -o": ["report", str(FIXTURE), "-o", str(path) + ".html"],
+             "sample -o": ["sample", str(FIXTURE), "-n", "1", "--steps", "1", "-o", str(path) + ".png"]}
+    for what, argv in calls.items():
+        assert main(argv) == 2, what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("genrep: error: cannot write"), (what, err)
+        assert fragment in err[0], (what, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_system_error_at_run_time_is_one_line_naming_the_path(monkeypatch, capsys):
+    import errno
+
+    from genrep import cli
+
+    def disk_full(args, rest):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors")
+
+    monkeypatch.setitem(cli.COMMANDS, "recipes", disk_full)
+    assert cli.main(["recipes"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/runs/x/model.safetensors" in err[0] and "No space left" in err[0]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "evaluate", "probe", "sample", "report"])
+def test_ctrl_c_says_what_the_interrupted_command_left(monkeypatch, capsys, command):
+    from genrep import cli
+
+    def interrupted(args, rest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    argv = {"pretrain": ["pretrain"], "report": ["report", "R"]}.get(command, [command, "R"])
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert ("pretrain --resume" in err) == (command == "pretrain")
+    assert f"genrep {command}" in err

@@ -89,9 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genrep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("genrep: interrupted; a run resumes from its last checkpoint with genrep pretrain --resume RUN",
-              file=sys.stderr)
+        print(f"genrep: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused a write or read the checks could not foresee (disk full)
+        where = f" {e.filename}" if e.filename else ""
+        print(f"genrep: error: file-system error on{where}: {e.strerror or e}; nothing genrep had written "
+              f"complete is lost (files are replaced atomically)", file=sys.stderr)
+        return 1
+
+
+# what an interrupted command leaves behind, and how to go on
+_RESUME = "training resumes from the last checkpoint with genrep pretrain --resume RUN"
+INTERRUPTED = {
+    "run": _RESUME, "pretrain": _RESUME,
+    "evaluate": "the protocols that finished are in RUN/results/eval.json; run genrep evaluate RUN again for the "
+                "rest (--eval.protocols NAME,... picks them)",
+    "probe": "RUN/results/probe.json was not written; run genrep probe RUN again",
+    "sample": "no samples were written; run genrep sample again",
+    "report": "the report was not written; run genrep report again",
+}
 
 
 def _is_main_process() -> bool:
@@ -124,6 +140,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     """Resolve the config and the run folder (chosen by rank 0 and shared under torchrun); the trainer
     creates the folder once the data and the model have been built, so bad input leaves nothing behind."""
     from .config import parse_overrides, resolve_config
+    from .io import check_can_write
     from .runs import check_new_run_dir, check_resumable, claim_new_run_dir
     from .train.dist import init_distributed
 
@@ -133,6 +150,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
         if args.out is not None:
             raise GenrepError("--resume continues RUN in place; drop --out")
         check_resumable(resume)
+        check_can_write(resume, "resumed run folder")
         cfg = _config_for_resume(resume, args.recipe, overrides)
         run = resume
     else:
@@ -140,7 +158,10 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
         if recipe is None:
             raise GenrepError("genrep pretrain needs --recipe NAME (see genrep recipes) or --resume RUN")
         if args.out is not None:
+            check_can_write(args.out, "run folder --out")
             check_new_run_dir(args.out)
+        else:
+            check_can_write(args.runs_dir, "runs folder --runs-dir")
         cfg = resolve_config(recipe, overrides)
         run = None
     info, _ = init_distributed(cfg.train.device)
@@ -256,8 +277,9 @@ def _is_genrep_report(path: Path) -> bool:
 
 def cmd_report(args, rest: list[str]) -> int:
     from .eval.report.report import write_report
-    from .io import check_overwrite
+    from .io import check_can_write, check_overwrite
 
+    check_can_write(args.out, "report")
     check_overwrite(args.out, _is_genrep_report, "report", args.force)
     out = write_report(args.runs, args.out)
     print(f"report of {len(args.runs)} run(s): {out}")

@@ -113,3 +113,38 @@ def check_overwrite(path: Path, ours: Callable[[Path], bool], what: str, force: 
     if not ours(path):
         raise GenrepError(f"{path} exists and is not a {what} genrep wrote; choose another -o, or add --force to "
                           f"overwrite it")
+
+
+def check_can_write(path: Path, what: str) -> None:
+    """Refuse, in one line and before any expensive work, an output path the file system would refuse later:
+    a name longer than the OS allows, a parent that is a file, a read-only or pseudo file system (/proc).
+    Writability is tried for real (a probe file made and removed in the deepest existing folder): as root,
+    permission bits say nothing, and only the kernel knows a read-only mount."""
+    from .errors import GenrepError
+
+    path = Path(path)
+    full = Path(os.path.abspath(path))
+    missing, here = ([], full) if os.path.isdir(full) else ([full.name], full.parent)
+    while not os.path.lexists(here):
+        missing.append(here.name)
+        here = here.parent
+    if not os.path.isdir(here):
+        raise GenrepError(f"cannot write the {what} {path}: {here} is a file, not a folder; choose another path")
+    try:
+        name_max, path_max = os.pathconf(here, "PC_NAME_MAX"), os.pathconf(here, "PC_PATH_MAX")
+    except OSError:
+        name_max, path_max = 255, 4096
+    for name in missing:
+        if len(os.fsencode(name)) > name_max:
+            raise GenrepError(f"cannot write the {what} {path}: the name '{name[:40]}...' is longer than the "
+                              f"{name_max} bytes this file system allows; choose a shorter one")
+    if len(os.fsencode(str(full))) >= path_max:
+        raise GenrepError(f"cannot write the {what}: its path is longer than the {path_max} bytes the OS allows; "
+                          f"choose a shorter one")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".genrep-write-test-", dir=here)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise GenrepError(f"cannot write the {what} {path}: {here} is not writable ({e.strerror}); choose another "
+                          f"path") from None

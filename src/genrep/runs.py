@@ -13,6 +13,7 @@ empty, and a resume needs the marker, or, for folders written before the marker 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -40,14 +41,18 @@ def load_split(cfg: Config, split: str) -> ImageSet:
     return load_dataset(d.name, split, image_size=d.image_size, root=d.root, download=d.download)
 
 
-def load_train_set(cfg: Config) -> ImageSet:
-    """The training split, checked against the test split so that a run never trains on data its evaluation
-    will refuse (channels, size, labels, an empty or missing test split)."""
+def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
+    """The training and test splits, checked against each other so that a run never trains on data its
+    evaluation will refuse (channels, size, labels, an empty or missing test split)."""
     from .data.datasets import check_splits
 
-    train = load_split(cfg, "train")
-    check_splits(train, load_split(cfg, "test"))
-    return train
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    check_splits(train, test)
+    return train, test
+
+
+def load_train_set(cfg: Config) -> ImageSet:
+    return load_splits(cfg)[0]
 
 
 def data_spec(images: ImageSet) -> DataSpec:
@@ -58,8 +63,58 @@ def data_spec(images: ImageSet) -> DataSpec:
     return DataSpec(image_size=h, channels=c, num_classes=len(images.classes))
 
 
-def build_for_data(cfg: Config, images: ImageSet) -> Method:
-    return build_method(cfg.method, cfg.model, data_spec(images))
+def build_for_data(cfg: Config, images: ImageSet, device: str | torch.device = "cpu", training: bool = False) -> Method:
+    """The config's method for this data, once it is known to fit in memory on ``device``."""
+    spec = data_spec(images)
+    check_model_fits(cfg, spec, torch.device(device), training)
+    return build_method(cfg.method, cfg.model, spec)
+
+
+# bytes per trainable parameter in training: fp32 weights, gradients, AdamW's two moments and the EMA copy
+_TRAIN_BYTES, _WEIGHT_BYTES = 20, 4
+
+
+def check_model_fits(cfg: Config, spec: DataSpec, device: torch.device, training: bool) -> None:
+    """Refuse in one line a model every key of which is valid but which together cannot fit (model.dim 65536
+    with depth 1024): the method is built on the meta device, which allocates nothing, and its parameter count
+    is weighed against the memory free on ``device`` (and on the CPU, where every model is built first)."""
+    with torch.device("meta"):
+        probe = build_method(cfg.method, cfg.model, spec)
+    counts = probe.param_counts()
+    weights = _WEIGHT_BYTES * (counts["total"] + sum(b.numel() for b in probe.buffers()))
+    del probe
+    need = {torch.device("cpu"): weights}
+    target = weights + (_TRAIN_BYTES - _WEIGHT_BYTES) * counts["trainable"] if training else weights
+    need[device] = max(need.get(device, 0), target)
+    for where, n in need.items():
+        free = free_memory(where)
+        if free is not None and n > free:
+            gib = 2 ** 30
+            raise GenrepError(f"the {cfg.method} model of this config has {counts['total']:,} parameters and needs "
+                              f"about {n / gib:,.1f} GiB {'to train' if training and where == device else 'to hold'} "
+                              f"on {where}, which has {free / gib:,.1f} GiB free; choose smaller model sizes "
+                              f"(model.dim, model.depth, ...)")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def new_run_dir(base: Path, name: str) -> Path:
@@ -156,6 +211,57 @@ def create_run_dir(run: Path, lock: RunLock) -> list[Path]:
     check_new_run_dir(run)  # again, now that no other genrep command can write into it
     mark_run(run)
     return made
+
+
+def check_no_links(run: Path) -> None:
+    """Refuse a run folder holding a symbolic link: genrep never makes one, and writing through one (a linked
+    ``results/``, ``figures/`` or ``checkpoints/``) would put genrep's files, or its pruning, outside the run."""
+    import os
+
+    for root, dirs, files in os.walk(run):  # followlinks=False: a linked folder is listed, not entered
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise GenrepError(f"{path} is a symbolic link (to {os.readlink(path)}); genrep writes only inside "
+                                  f"its run folders and never through links: replace it with a real "
+                                  f"{'folder' if path.is_dir() else 'file'}")
+
+
+def is_inside(path: Path, run: Path) -> bool:
+    """Whether ``path`` is in the folder ``run`` (both resolved, so ``RUN/../RUN/x`` counts)."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(run).resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def is_genrep_run(run: Path) -> bool:
+    """A folder genrep trained into: marked, or from before the marker (genrep's config.yaml with genrep's
+    checkpoints or weights), so evaluation results never land in a folder that merely holds a config."""
+    run = Path(run)
+    if is_marked_run(run) or is_unmarked_old_run(run):
+        return True
+    if not (run / CONFIG_FILE).is_file() or not any((run / w).is_file() for w in WEIGHT_FILES):
+        return False
+    try:
+        load_config_file(run / CONFIG_FILE)
+    except GenrepError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def lock_trained_run(run: Path, what: str):
+    """Hold the lock of a trained run that a command writes results into, once genrep is known to have made
+    the folder and the folder holds no link."""
+    run = Path(run)
+    read_run_config(run)  # a folder that is not a run says so, and gets no lock file
+    if not is_genrep_run(run):
+        raise GenrepError(f"{run} was not made by genrep (no {RUN_MARKER} marker and no genrep weights); pass a "
+                          f"run folder written by genrep pretrain")
+    with RunLock(run, what):
+        check_no_links(run)
+        yield
 
 
 def check_resumable(run: Path) -> None:
@@ -296,11 +402,17 @@ def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "
                  options: dict | None = None) -> tuple[Config, Method, ImageSet]:
     """The run's config, its method with trained weights (eval mode), and its training set. ``options``
     changes model keys that only affect how the trained model is read (``Method.read_options``)."""
+    return load_trained_with_test(run, weights, device, options)[:3]
+
+
+def load_trained_with_test(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
+                           options: dict | None = None) -> tuple[Config, Method, ImageSet, ImageSet]:
+    """:func:`load_trained` and the test split, which the check of the splits has loaded anyway."""
     if weights not in ("ema", "model"):
         raise GenrepError(f"weights '{weights}' is unknown; choose ema or model")
     cfg = with_read_options(read_run_config(run), options)
-    train_set = load_train_set(cfg)
-    method = build_for_data(cfg, train_set)
+    train_set, test_set = load_splits(cfg)
+    method = build_for_data(cfg, train_set, device)
     install_run_state(run, method, train_set)
     state = load_safetensors(Path(run) / f"{weights}.safetensors")
     try:
@@ -308,4 +420,4 @@ def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "
     except RuntimeError as e:
         raise GenrepError(f"{run}/{weights}.safetensors does not fit the model in {run}/{CONFIG_FILE} "
                           f"({str(e).splitlines()[0][:160]})") from None
-    return cfg, method.to(device).eval(), train_set
+    return cfg, method.to(device).eval(), train_set, test_set

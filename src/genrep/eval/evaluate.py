@@ -24,7 +24,6 @@ import torch
 from ..config import EvalConfig, ProbeConfig
 from ..errors import GenrepError
 from ..io import atomic_write_json
-from ..locks import RunLock
 from .protocols import NEEDS, PROTOCOLS
 from .protocols import probes as probes_protocol
 from .protocols.context import RESULTS_DIR, EvalContext
@@ -99,10 +98,9 @@ def _ordered(protocols: dict) -> dict:
 def evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
                  say=print) -> dict:
     """See :func:`_evaluate_run`; it holds the run's lock, so two evaluations never interleave eval.json."""
-    from ..runs import read_run_config
+    from ..runs import lock_trained_run
 
-    read_run_config(Path(run))  # a folder that is not a run gets no lock file
-    with RunLock(run, "evaluate"):
+    with lock_trained_run(run, "evaluate"):
         return _evaluate_run(run, ev, options=options, progress=progress, say=say)
 
 
@@ -150,10 +148,9 @@ def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | No
 def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
                options: dict | None = None) -> dict:
     """See :func:`_run_probes`, under the run's lock."""
-    from ..runs import read_run_config
+    from ..runs import lock_trained_run
 
-    read_run_config(Path(run))
-    with RunLock(run, "probe"):
+    with lock_trained_run(run, "probe"):
         return _run_probes(run, probe, device, progress, options)
 
 

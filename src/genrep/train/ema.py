@@ -27,7 +27,8 @@ class EMA:
         self._ema = [ema[n] for n in src if n in trainable]
         self._src = [src[n] for n in src if n in trainable]
         ema_buf, src_buf = dict(self.model.named_buffers()), dict(model.named_buffers())
-        floating = [n for n, b in src_buf.items() if b.dtype.is_floating_point and not _in_frozen(n, frozen)]
+        is_frozen = getattr(model, "_is_frozen_key", lambda key: False)
+        floating = [n for n, b in src_buf.items() if b.dtype.is_floating_point and not is_frozen(n)]
         self._ema_buf = [ema_buf[n] for n in floating]
         self._src_buf = [src_buf[n] for n in floating]
 
@@ -43,7 +44,3 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
-
-
-def _in_frozen(name: str, frozen) -> bool:
-    return any(name.startswith(f"{part}.") for part in frozen)

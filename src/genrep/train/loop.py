@@ -26,6 +26,7 @@ from ..errors import GenrepError
 from ..locks import LOCK_FILE, RunLock
 from ..methods import Method
 from ..runs import (CONFIG_FILE, FROZEN_FILE, PREPARED_FILE, RUN_MARKER, build_for_data, check_new_run_dir,
+                    check_no_links,
                     check_resumable, create_run_dir, fit_prepared, install_run_state, is_marked_run, load_train_set,
                     mark_run, save_prepared, write_frozen)
 from .checkpoint import CKPT_DIR, checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
@@ -81,6 +82,8 @@ class Trainer:
             if self.info.main:
                 self._lock.acquire()
         try:
+            if resume:
+                check_no_links(self.run)
             self._build(cfg, resume, train_set)
         except BaseException:
             self._lock.release()  # a failed start must not keep the run locked for the rest of the process
@@ -98,7 +101,7 @@ class Trainer:
         if train_set is None:
             train_set = self._load_data()
         self.train_set = train_set
-        self.method: Method = build_for_data(cfg, train_set)
+        self.method: Method = build_for_data(cfg, train_set, self.device, training=True)
         self._prepared = self._prepare(resume)  # before the EMA copies the method: it holds the fitted state
         self.method.to(self.device)
         self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world,

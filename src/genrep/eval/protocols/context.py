@@ -57,12 +57,11 @@ class EvalContext:
     def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True) -> EvalContext:
         """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data."""
         from ...devices import resolve_device
-        from ...runs import load_split, load_trained
+        from ...runs import load_trained_with_test
 
         run = Path(run)
         device = resolve_device(ev.device)
-        cfg, method, train = load_trained(run, ev.weights, device, options=options)
-        test = load_split(cfg, "test")
+        cfg, method, train, test = load_trained_with_test(run, ev.weights, device, options=options)
         for split, s in (("train", train), ("test", test)):
             if len(s) == 0:
                 raise GenrepError(f"the {split} split of {s.name} is empty; evaluation needs images in both splits")

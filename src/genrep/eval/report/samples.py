@@ -17,7 +17,7 @@ import torch
 
 from ...devices import resolve_device
 from ...errors import GenrepError
-from ...io import atomic_write_bytes, atomic_write_json, check_overwrite
+from ...io import atomic_write_bytes, atomic_write_json, check_can_write, check_overwrite
 
 GAP = 2  # pixels between grid cells
 # Written into every grid PNG and sample JSON, so that a later call recognises its own files and may replace them
@@ -130,7 +130,7 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
     (``model.sampler``, ``model.sample_steps``, ``model.eta``) for this call, None keeps the run's. Files
     already at the outputs are replaced only if an earlier sampling call wrote them, or with ``force``."""
     from ...methods import get_method
-    from ...runs import load_trained, read_run_config
+    from ...runs import check_no_links, is_inside, load_trained, read_run_config
 
     if n < 1:
         raise GenrepError(f"-n must be at least 1, got {n}")
@@ -159,9 +159,12 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
         raise GenrepError(f"asked for {steps} steps but the model was trained with T = {cs['steps']} diffusion "
                           f"steps; choose --steps 1..{cs['steps']}")
     sampler, steps, eta = cs.get("sampler"), cs.get("steps"), cs.get("eta", 0.0)
+    if out is None or is_inside(out, run):
+        check_no_links(run)
     out = Path(out) if out else run / "samples" / f"{sampler}-{steps}steps-n{n}-seed{seed}.png"
     files = sample_outputs(out, rank_energy)
     for key, path in files.items():  # all before sampling, which is the slow part
+        check_can_write(path, "sample file")
         check_overwrite(path, is_sample_json if key == "settings" else is_sample_png, "sample file", force)
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
