@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from genrep.config import EvalConfig
+from genrep.eval.protocols.energy import EnergySettings
 from genrep.eval.protocols.finetune import FinetuneSettings
 from genrep.eval.protocols.generation import GenerationSettings
 from genrep.eval.protocols.likelihood import LikelihoodSettings
@@ -15,6 +16,7 @@ from genrep.methods import get_method
 # every protocol at a size that runs in seconds on a tiny model
 FAST = EvalConfig(device="cpu", batch_size=64, ood=OODSettings(n=48), likelihood=LikelihoodSettings(n=8),
                   generation=GenerationSettings(samples=24, extractor="classifier"),
+                  energy=EnergySettings(n=24, bins=8, classes_shown=4, per_class=2),
                   robustness=RobustnessSettings(n=24, steps=2, linf_eps=[0, 8], l2_eps=[0, 100]),
                   similarity=SimilaritySettings(cka_n=48, tsne_n=48), finetune=FinetuneSettings(epochs=1, batch_size=64),
                   lowshot=LowshotSettings(seeds=[0, 1], fractions=[0.05, 0.1]))

@@ -10,6 +10,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from genrep.data import augment as A
+from genrep.data import autoaugment as AA
 from genrep.data.augment import AUGMENTATIONS, augment
 from genrep.errors import GenrepError
 
@@ -57,7 +58,7 @@ def test_none_is_exact():
     assert torch.equal(augment(x, "none", _gen()), x.float() / 255)
 
 
-@pytest.mark.parametrize("kind", ["weak", "strong"])
+@pytest.mark.parametrize("kind", ["weak", "strong", "classifier"])
 def test_random_kinds_change_images(kind):
     x = _images(16)
     y = augment(x, kind, _gen())
@@ -125,10 +126,13 @@ _OPS = [
     (A.adjust_contrast, TF.adjust_contrast, (0.0, 2.0)),
     (A.adjust_saturation, TF.adjust_saturation, (0.0, 2.0)),
     (A.adjust_hue, TF.adjust_hue, (-0.5, 0.5)),
+    (AA.adjust_sharpness, TF.adjust_sharpness, (0.0, 2.0)),  # AutoAugment's (tests/test_classifier_augment.py)
+    (AA.solarize, TF.solarize, (0.0, 1.0)),
 ]
 
 
-@pytest.mark.parametrize("ours,theirs,span", _OPS, ids=["brightness", "contrast", "saturation", "hue"])
+@pytest.mark.parametrize("ours,theirs,span", _OPS,
+                         ids=["brightness", "contrast", "saturation", "hue", "sharpness", "solarize"])
 @pytest.mark.parametrize("c", [1, 3])
 def test_colour_op_matches_torchvision(ours, theirs, span, c):
     x = torch.rand(32, c, 7, 9, generator=_gen(2))

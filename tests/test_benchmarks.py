@@ -43,3 +43,20 @@ def test_paper_size_flops_match_the_known_cost():
 def test_bad_mode_is_a_clear_error():
     proc = _run("--recipe", "supervised-digits", "--modes", "warp")
     assert proc.returncode == 2 and "unknown mode 'warp'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+AUGMENT_SCRIPT = SCRIPT.parent / "augment_throughput.py"
+
+
+def test_augment_throughput_reports_images_per_second(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(AUGMENT_SCRIPT), "--data", "digits", "--kinds",
+                           "weak,classifier,classifier+mix", "--batch-sizes", "32", "--steps", "2", "--warmup", "1",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["kind"], r["batch"]) for r in rows] == [("weak", 32), ("classifier", 32), ("classifier+mix", 32)]
+    assert all(r["images_per_s"] > 0 and r["threads"] == 1 for r in rows) and "images/s" in proc.stdout
+    bad = subprocess.run([sys.executable, str(AUGMENT_SCRIPT), "--kinds", "heavy"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and "unknown kind 'heavy'" in bad.stderr and "Traceback" not in bad.stderr

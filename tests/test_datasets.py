@@ -1,5 +1,5 @@
 """genrep.data.datasets: the registry, digits and the torchvision sets (the npz and folder forms are in
-test_local_sets.py).
+test_local_sets.py; celeba, tinyimagenet and imagenet32 in test_file_sets.py).
 
 The torchvision sets are exercised for real on tiny files written in their exact on-disk formats;
 nothing here touches the network or the user's cache.
@@ -92,17 +92,18 @@ def test_unknown_name_lists_valid_names_and_forms():
     with pytest.raises(GenrepError) as e:
         load_dataset("cifar-ten")
     msg = one_line(e)
-    for n in ("digits", "mnist", "cifar10", "cifar100", "svhn", "stl10", "npz:PATH", "folder:PATH"):
+    for n in ("digits", "mnist", "cifar10", "cifar100", "svhn", "stl10", "celeba", "tinyimagenet", "imagenet32",
+              "npz:PATH", "folder:PATH"):
         assert n in msg
     assert load_dataset("DIGITS", "test").name == "digits"   # names are case-insensitive
 
 
 def test_dataset_names_and_describe(tmp_path, monkeypatch):
     names = dataset_names()
-    assert names[:6] == ["digits", "mnist", "cifar10", "cifar100", "svhn", "stl10"]
-    assert "npz:PATH" in names and "folder:PATH" in names
+    registered = ["digits", "mnist", "cifar10", "cifar100", "svhn", "stl10", "celeba", "tinyimagenet", "imagenet32"]
+    assert names == registered + ["npz:PATH", "folder:PATH"]
     rows = {r["name"]: r for r in describe_datasets(tmp_path)}
-    assert list(rows) == names[:6]
+    assert list(rows) == registered
     for r in rows.values():
         keys = {"name", "description", "splits", "native_size", "size", "channels", "available", "where"}
         assert keys <= set(r)

@@ -63,15 +63,15 @@ def test_every_applicable_protocol_runs_and_the_others_say_why(evaluated, traine
     results = evaluated[method_name]
     method = get_method(method_name)
     for name, p in PROTOCOLS.items():
-        need = p.needs
+        missing = [c for c in p.needs if c not in method.capabilities]
         r = results["protocols"][name]
-        if need is None or need in method.capabilities:
+        if not missing:
             assert "skipped" not in r, (name, r)
             assert r["seconds"] >= 0 and r["settings"]["seed"] == 0
             for rel in r.get("figures", {}).values():
                 assert (trained_runs[method_name] / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         else:
-            assert need in r["skipped"] and method_name in r["skipped"]
+            assert all(c in r["skipped"] for c in missing) and method_name in r["skipped"]
     on_disk = read_results(trained_runs[method_name])
     assert on_disk["protocols"].keys() == results["protocols"].keys()
     probes = results["protocols"]["probes"]
@@ -87,6 +87,9 @@ def test_every_applicable_protocol_runs_and_the_others_say_why(evaluated, traine
         clean = results["protocols"]["calibration"]["accuracy"]
         assert rob["linf"]["0.0"] >= rob["linf"][str(8 / 255)]
         assert 0 <= clean <= 1
+        attack = results["protocols"]["robustness"]
+        assert (attack["steps"], attack["step_size"], attack["start"], attack["criterion"]) == (
+            2, "2.5*eps/steps", "uniform", "final")
     if "sample" in method.capabilities:
         gen = results["protocols"]["generation"]
         assert gen["custom_extractor"] and gen["extractor"].startswith("custom:") and gen["fid"] >= 0
@@ -129,7 +132,8 @@ def test_plan_skips_with_reasons_and_rejects_unknown_protocols():
     method = build_for_data(cfg, load_dataset("digits", "train", image_size=8))
     run, skipped = plan(method, EvalConfig())
     assert "generation" in run and "likelihood" in run
-    assert set(skipped) == {"calibration", "robustness"} and "classifier head" in skipped["calibration"]
+    assert set(skipped) == {"calibration", "energy", "robustness"} and "classifier head" in skipped["calibration"]
+    assert "classifier head" in skipped["energy"] and "sampler" not in skipped["energy"]
     # the protocol list is checked where the config is built, once
     with pytest.raises(GenrepError) as e:
         build_dataclass(EvalConfig, {"protocols": ["calibraton"]}, "eval")
@@ -165,6 +169,9 @@ def test_bad_input_is_one_line_before_any_work(evaluated, trained_runs, tmp_path
         (["--eval.protocols", "[ood]", "--eval.ood.sets", "[nosuchset]"], "nosuchset"),
         (["--eval.protocols", "[ood]", "--eval.ood.scores", "[energyy]"], "eval.ood.scores[0] 'energyy' is unknown"),
         (["--eval.protocols", "[calibration]", "--eval.calibration.bins", "0"], "eval.calibration.bins must be at least 1, got 0"),
+        (["--eval.protocols", "[robustness]", "--eval.robustness.criterion", "best"], "choose final, every_iterate"),
+        (["--eval.protocols", "[robustness]", "--eval.robustness.step_size", "0"], "eval.robustness.step_size must be above 0"),
+        (["--eval.protocols", "[energy]", "--eval.energy.n", "0"], "eval.energy.n must be at least 1, got 0"),
         (["--eval.protocols", "[lowshot]", "--eval.lowshot.fractions", "[0]"], "fraction"),
         (["--eval.protocols", "[ood]", "--eval.ood.n", "0"], "eval.ood.n must be at least 1, got 0"),
         (["--eval.protocols", "[ood]", "--eval.ood.gaussian_covariance", "full"], "choose shared, class"),
@@ -192,6 +199,75 @@ def test_a_classifier_protocol_on_a_run_without_one_is_a_skip_not_a_number(tmp_p
                            say=lambda m: None)
     for name in ("calibration", "robustness"):
         assert set(results["protocols"][name]) == {"skipped"}
+
+
+def test_energy_runs_where_a_method_samples_and_classifies_and_is_skipped_elsewhere(method_name, tmp_path):
+    run = tmp_path / method_name
+    options = {f"model.{k}": v for k, v in fast_options(method_name).items()}
+    pretrain(tiny_config(method_name, **{"train.steps": 2, **options}), run)
+    r = evaluate_run(run, replace(FAST, protocols=["energy"]), progress=False, say=lambda m: None)["protocols"]["energy"]
+    caps = get_method(method_name).capabilities
+    if not {"sample", "logits"} <= caps:
+        assert set(r) == {"skipped"} and method_name in r["skipped"]
+        assert ("sampler" in r["skipped"]) == ("sample" not in caps)
+        assert ("classifier head" in r["skipped"]) == ("logits" not in caps)
+        return
+    s = FAST.energy
+    assert r["n"] == s.n and sum(c["count"] for c in r["per_class"].values()) == s.n
+    for name, c in r["per_class"].items():
+        assert sum(r["histogram"]["counts"][name]) == c["count"]
+        assert len(r["histogram"]["counts"][name]) == s.bins
+        if c["count"]:
+            assert r["energy"]["min"] - 1e-9 <= c["energy_mean"] <= r["energy"]["max"] + 1e-9
+            assert c["energy_std"] >= 0 and 0 < c["confidence_mean"] <= 1
+    assert r["settings"] == {"seed": 0, "weights": "ema", "n": s.n, "bins": s.bins, "classes_shown": s.classes_shown,
+                             "per_class": s.per_class}
+    assert set(r["figures"]) == {"energy by class", "best and worst samples by energy"}
+    for rel in r["figures"].values():
+        assert (run / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the numbers are E(x) = logsumexp(logits) of the method's own sample(), drawn from the evaluation's seed
+    import torch
+
+    from genrep.runs import load_trained
+
+    _, method, _ = load_trained(run, "ema")
+    assert r["sample"] == method.capability_settings("sample")
+    with torch.no_grad():
+        x = method.sample(s.n, generator=torch.Generator().manual_seed(0))  # one batch: n <= eval.batch_size
+        energy = torch.logsumexp(method.logits(x).double(), dim=1)
+    assert abs(float(energy.mean()) - r["energy"]["mean"]) < 1e-5
+
+
+def test_energy_statistics_match_an_independent_count(tmp_path):
+    import torch
+    from scipy.special import logsumexp, softmax
+
+    from genrep.eval.protocols.energy import class_statistics
+    from genrep.eval.report.figures import energy_histograms
+
+    logits = torch.randn(500, 4, generator=torch.Generator().manual_seed(0)) * 3
+    logits[:, 3] -= 20  # a class no sample is assigned to
+    classes = ["a", "b", "c", "d"]
+    stats = class_statistics(logits, classes, bins=7)
+    ref = logsumexp(logits.double().numpy(), axis=1)
+    pred = logits.argmax(1).numpy()
+    edges = np.linspace(ref.min(), ref.max(), 8)
+    assert np.allclose(stats["histogram"]["edges"], edges)
+    for y, name in enumerate(classes):
+        c = stats["per_class"][name]
+        assert c["count"] == int((pred == y).sum())
+        assert stats["histogram"]["counts"][name] == np.histogram(ref[pred == y], bins=edges)[0].tolist()
+        if c["count"]:
+            assert abs(c["energy_mean"] - ref[pred == y].mean()) < 1e-9
+            assert abs(c["energy_std"] - ref[pred == y].std()) < 1e-9
+            assert abs(c["confidence_mean"] - softmax(logits.double().numpy(), axis=1).max(1)[pred == y].mean()) < 1e-9
+    assert stats["per_class"]["d"] == {"count": 0, "energy_mean": None, "energy_std": None, "confidence_mean": None}
+    assert abs(stats["energy"]["mean"] - ref.mean()) < 1e-9
+    path = energy_histograms(stats["histogram"], tmp_path / "e.png", classes=classes, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(GenrepError) as e:
+        energy_histograms(stats["histogram"], tmp_path / "bad.png", classes=["a", "zebra"])
+    assert "zebra" in one_line(e)
 
 
 @pytest.mark.slow

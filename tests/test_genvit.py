@@ -5,9 +5,11 @@ import torch
 from conftest import assert_one_line_error, one_line, run_cli, tiny_config
 
 from genrep.data.batches import BatchPlan, TrainBatches, make_views
+from genrep.data.datasets import load_dataset
 from genrep.errors import GenrepError
 from genrep.methods import DataSpec, build_method
 from genrep.nn.denoiser import DenoiserViT
+from genrep.runs import build_for_data
 from genrep.train.loop import Trainer
 
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
@@ -77,10 +79,10 @@ def test_sampling_is_seeded_and_in_range():
     a = method.sample(3, generator=torch.Generator().manual_seed(1))
     b = method.sample(3, generator=torch.Generator().manual_seed(1))
     assert a.shape == (3, 1, 8, 8) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
-    assert method.capability_settings("sample") == {"sampler": "ddim", "steps": 5, "eta": 0.0}
+    assert method.capability_settings("sample") == {"sampler": "ddim", "steps": 5, "eta": 0.0, "precision": "fp32"}
     ddpm = _build("genvit", **{"model.sampler": "ddpm", "model.timesteps": 20}).eval()
     assert ddpm.sample(2, generator=torch.Generator().manual_seed(1)).shape == (2, 1, 8, 8)
-    assert ddpm.capability_settings("sample") == {"sampler": "ddpm", "steps": 20}
+    assert ddpm.capability_settings("sample") == {"sampler": "ddpm", "steps": 20, "precision": "fp32"}
     capped = _build("genvit", **{"model.sample_steps": 5000, "model.timesteps": 20}).eval()
     assert capped.capability_settings("sample")["steps"] == 20
 
@@ -199,3 +201,19 @@ def test_probes_read_features_at_a_chosen_step_without_retraining(tmp_path):
     with pytest.raises(GenrepError) as e:
         run_probes(run, progress=False, options={"dim": 64})
     assert "cannot change model.dim of a trained genvit run" in one_line(e) and "model.feature_t" in one_line(e)
+
+
+def test_sample_precision_is_the_models_option_and_recorded():
+    """bf16 sampling (autocast of the network only) is chosen by model.sample_precision and reported by
+    capability_settings; the images come back float32 in [0, 1] either way."""
+    train = load_dataset("digits", "train", image_size=8)
+    fp32 = build_for_data(tiny_config("genvit", **{"model.sample_precision": "fp32"}), train).eval()
+    bf16 = build_for_data(tiny_config("genvit", **{"model.sample_precision": "bf16"}), train).eval()
+    assert bf16.capability_settings("sample")["precision"] == "bf16"
+    for method, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
+        seen = set()
+        linear = next(m for m in method.net.modules() if isinstance(m, torch.nn.Linear))
+        hook = linear.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+        x = method.sample(4, generator=torch.Generator().manual_seed(3))
+        hook.remove()
+        assert seen == {dtype} and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

@@ -8,7 +8,7 @@ from conftest import tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from genrep.data.augment import AUGMENTATIONS
+from genrep.data.augment import AUGMENTATIONS, augmentation_kind
 from genrep.errors import GenrepError
 from genrep.methods import CAPABILITIES, DataSpec, Method, build_method, get_method
 from genrep.data.random_inputs import check_random_spec
@@ -33,7 +33,7 @@ def test_declarations(method_name):
     assert cls.name == method_name
     assert set(cls.capabilities) <= set(CAPABILITIES)
     method = _build(method_name)
-    assert method.views() and set(method.views().values()) <= set(AUGMENTATIONS)
+    assert method.views() and {augmentation_kind(v) for v in method.views().values()} <= set(AUGMENTATIONS)
     assert method.flops_per_image() > 0
     check_random_spec(method.random_inputs(), list(method.views()))
     assert set(cls.read_options) >= set(cls.feature_options)

@@ -325,9 +325,9 @@ def test_noise_and_constant_content(digits8):
     assert len({tuple(c) for c in flat[:, :, 0].tolist()}) > 40        # colours differ between images
 
 
-def test_interp_mixes_two_images_of_different_classes(digits8):
+def test_interp_different_class_pairs(digits8):
     small = ImageSet(digits8.images[:40], digits8.labels[:40], digits8.classes, "digits")
-    out = make_ood_images("interp", small, 25, seed=1).flatten(1).to(torch.int32)
+    out = make_ood_images("interp", small, 25, seed=1, interp_pairs="different_class").flatten(1).to(torch.int32)
     a = small.images.flatten(1).to(torch.int32)
     sums = a[:, None, :] + a[None, :, :]                              # [40, 40, D]: every pair
     for img in out:
@@ -335,10 +335,57 @@ def test_interp_mixes_two_images_of_different_classes(digits8):
         ok = ((sums == 2 * img) | (sums == 2 * img - 1)).all(-1).nonzero()
         assert len(ok), "an interp image is not the average of two in-distribution images"
         assert all(small.labels[i] != small.labels[j] for i, j in ok.tolist())
+    assert len(make_ood_images("interp", small, None, interp_pairs="different_class")) == 40
     one_class = ImageSet(digits8.images[:5], torch.zeros(5, dtype=torch.long), ["0"], "one")
     with pytest.raises(GenrepError) as e:
-        make_ood_images("interp", one_class, 3)
-    assert "one class" in one_line(e)
+        make_ood_images("interp", one_class, 3, interp_pairs="different_class")
+    assert "one class" in one_line(e) and "random" in one_line(e)
+    assert len(make_ood_images("interp", one_class, 3)) == 3     # random pairs need no second class
+
+
+def hybvit_code_interp(images: torch.Tensor, seed: int, batch: int = 100) -> torch.Tensor:
+    """The HybViT code's "cifar_interp" (Task/eval_tasks.py, OODAUC), written out independently: a shuffled
+    loader of batches of 100, each batch after the first averaged with the one before it (here on uint8,
+    rounded half up, as genrep's OOD sets are uint8)."""
+    p = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    out, last = [], None
+    for i in range(0, len(p), batch):
+        x = images[p[i:i + batch]].to(torch.int16)
+        if last is not None:
+            out.append((x + last + 1) // 2)
+        last = x
+    return torch.cat(out).to(torch.uint8)
+
+
+def test_interp_random_pairs_follow_the_hybvit_code():
+    x = torch.from_numpy(rng_images(300, 3, 6, 6, seed=4))
+    labels = torch.arange(300) % 3
+    in_set = ImageSet(x, labels, ["a", "b", "c"], "rgb")
+    whole = make_ood_images("interp", in_set, None, seed=7)
+    assert whole.shape == (200, 3, 6, 6)                     # N - 100, as the code's 9,900 of CIFAR-10's 10,000
+    assert torch.equal(whole, hybvit_code_interp(x, seed=7))
+    # any two images, of the same class too: the pairs are (p[k], p[k + 100])
+    p = torch.randperm(300, generator=torch.Generator().manual_seed(7))
+    assert (labels[p[:200]] == labels[p[100:]]).any() and (labels[p[:200]] != labels[p[100:]]).any()
+    assert torch.equal(make_ood_images("interp", in_set, 50, seed=7), whole[:50])
+    more = make_ood_images("interp", in_set, 450, seed=7)   # past one shuffle: the next, as the code's next epoch
+    assert more.shape == (450, 3, 6, 6) and torch.equal(more[:200], whole)
+    assert not torch.equal(more[200:400], whole)
+    # a set under 200 images pairs at half its size
+    small = ImageSet(x[:40], labels[:40], ["a", "b", "c"], "rgb")
+    assert torch.equal(make_ood_images("interp", small, None, seed=2), hybvit_code_interp(x[:40], seed=2, batch=20))
+    with pytest.raises(GenrepError) as e:
+        make_ood_images("interp", ImageSet(x[:1], labels[:1], ["a"], "one"), 3)
+    assert "only 1" in one_line(e)
+
+
+def test_whole_sets(digits8):
+    """n=None: every image of a registry set's test split, N of noise and constant."""
+    for name in ("noise", "constant"):
+        assert make_ood_images(name, digits8, None).shape == (len(digits8), 1, 8, 8)
+    rgb_in = ImageSet(torch.from_numpy(rng_images(500, 3, 8, 8)), torch.zeros(500, dtype=torch.long), ["a"], "rgb")
+    full = load_dataset("digits", "test", image_size=8).images
+    assert torch.equal(make_ood_images("digits", rgb_in, None), full.expand(-1, 3, -1, -1))
 
 
 def test_registry_set_is_resized_subsampled_and_seeded():
@@ -380,6 +427,9 @@ def test_make_ood_images_errors(digits8):
             make_ood_images("noise", digits8, n)
         one_line(e)
     with pytest.raises(GenrepError) as e:
+        make_ood_images("interp", digits8, 5, interp_pairs="pairs")
+    assert "random, different_class" in one_line(e)
+    with pytest.raises(GenrepError) as e:
         make_ood_images("", digits8, 5)
     one_line(e)
 
@@ -396,3 +446,69 @@ def test_check_ood_images(digits8):
     with pytest.raises(GenrepError) as e:
         check_ood_images(torch.zeros(2, 1, 8, 8), digits8, "floats")
     assert "uint8" in one_line(e)
+
+
+# ----------------------------------------------------------------------------------------------- the protocol
+def test_ood_settings_declare_all_and_the_pairing():
+    from genrep.config import EvalConfig, build_dataclass
+
+    ev = build_dataclass(EvalConfig, {"ood": {"n": None, "interp_pairs": "different_class"}}, "eval")
+    assert ev.ood.n is None and ev.ood.interp_pairs == "different_class"
+    assert EvalConfig().ood.n == 1000 and EvalConfig().ood.interp_pairs == "random"
+    for bad, fragment in (({"n": 0}, "eval.ood.n must be at least 1, got 0 (null: the whole test split"),
+                          ({"n": "all"}, "eval.ood.n"),
+                          ({"interp_pairs": "mixed"}, "eval.ood.interp_pairs 'mixed' is unknown; choose random, "
+                                                      "different_class")):
+        with pytest.raises(GenrepError) as e:
+            build_dataclass(EvalConfig, {"ood": bad}, "eval")
+        assert fragment in one_line(e)
+
+
+@pytest.mark.parametrize("n, expect_in, expect_out", [
+    (None, 360, {"interp": 260, "digits": 360, "noise": 360}),     # everything, as the paper
+    (50, 50, {"interp": 50, "digits": 50, "noise": 50}),
+])
+def test_ood_protocol_scores_whole_sets_when_n_is_null(digits8, tmp_path, n, expect_in, expect_out):
+    from genrep.config import EvalConfig
+    from genrep.eval.protocols import ood
+    from genrep.eval.protocols.context import EvalContext
+    from genrep.eval.protocols.ood import OODSettings
+
+    ev = EvalConfig(device="cpu", ood=OODSettings(sets=["interp", "digits", "noise"], scores=["msp"], n=n))
+    ctx = EvalContext(run=tmp_path, cfg=tiny_config("supervised"), ev=ev, method=perturbed("supervised", digits8),
+                      train=load_dataset("digits", "train", image_size=8), test=digits8, device=torch.device("cpu"),
+                      version="ema@0", progress=False)
+    ood.check(ctx)
+    out = ood.run(ctx)
+    assert out["n_in"] == expect_in and out["n_out"] == expect_out and out["interp_pairs"] == "random"
+    assert set(out["scores"]["msp"]) == set(expect_out)
+
+
+@pytest.mark.parametrize("missing", ["celeba", "tinyimagenet", "imagenet32"])
+def test_an_ood_set_missing_offline_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, missing):
+    """Through the CLI: exit 2, one `genrep: error:` line naming the set and its folder, nothing extracted
+    or scored (the probes, planned first, would extract features) and no results file."""
+    from genrep.cli import main
+    from genrep.eval.protocols import context, ood
+    from genrep.train.loop import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config("supervised", **{"train.steps": 2, "data.download": False}), run)
+    capsys.readouterr()
+    monkeypatch.setenv("GENREP_DATA", str(tmp_path / "data"))
+    work = []
+
+    def no_work(*args, **kwargs):
+        work.append(args)
+        raise AssertionError("features extracted or scores computed before the preflight failed")
+
+    for module, fn in ((context, "cached_features"), (context, "extract_features"), (ood, "method_scores")):
+        monkeypatch.setattr(module, fn, no_work)
+    # the OOD protocol's sets; the similarity protocol's t-SNE, which draws its OOD points from the first set
+    for protocols, sets in (("probes,ood,similarity", f"noise,{missing}"), ("probes,similarity", missing)):
+        rc = main(["evaluate", str(run), "--eval.device", "cpu", "--eval.protocols", protocols,
+                   "--eval.ood.sets", sets, "--eval.ood.n", "null"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("genrep: error: "), lines
+        assert f"{missing} is not available" in lines[0] and str(tmp_path / "data" / missing) in lines[0]
+        assert work == [] and not (run / "results" / "eval.json").exists()

@@ -17,7 +17,8 @@ DEFAULT_RECIPE = "hybvit-digits"  # the product's point is the hybrid
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.progress",
                   "train.tensorboard", "train.device", "train.compile", "train.keep_checkpoints",
                   "data.num_workers", "data.device_resident", "data.root", "data.download",
-                  "optim.lr", "optim.min_lr", "optim.clip_grad")
+                  "optim.lr", "optim.min_lr", "optim.clip_grad",
+                  "train.eval_every", "train.eval_metrics", "train.eval_n", "train.eval_samples")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,7 +123,7 @@ def _say(*lines: str) -> None:
 # ------------------------------------------------------------------ pretrain
 
 def _config_for_resume(run: Path, recipe: str | None, overrides: dict):
-    from .config import apply_overrides, config_from_dict
+    from .config import apply_overrides, check_budget_override, config_from_dict
     from .runs import read_run_config
 
     cfg = read_run_config(run)
@@ -133,7 +134,9 @@ def _config_for_resume(run: Path, recipe: str | None, overrides: dict):
     if bad:
         raise GenrepError(f"cannot change {', '.join(bad)} when resuming (the checkpoint was trained with the "
                           f"old value); resumable keys: {', '.join(RESUMABLE_KEYS)}, probe.*")
-    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+    d = apply_overrides(cfg.to_dict(), overrides)
+    check_budget_override(d, overrides, str(run))
+    return config_from_dict(d)
 
 
 def _prepare_run(args, rest: list[str], default_recipe: str | None = None):

@@ -22,7 +22,9 @@ import yaml
 
 from .errors import GenrepError
 from .eval.metrics.probes import SOLVERS
+from .eval.periodic import PERIODIC_METRICS
 from .eval.protocols.calibration import CalibrationSettings
+from .eval.protocols.energy import EnergySettings
 from .eval.protocols.finetune import FinetuneSettings
 from .eval.protocols.generation import GenerationSettings
 from .eval.protocols.likelihood import LikelihoodSettings
@@ -59,6 +61,10 @@ class OptimConfig:
     betas: list[float] = setting([0.9, 0.999], min=0, below=1)
     eps: float = setting(1e-8, above=0)
     warmup_epochs: float = setting(10.0, min=0)  # linear warm-up, then cosine to min_lr
+    warmup_steps: int = setting(0, min=0)        # > 0 overrides warmup_epochs (the paper recipes count steps)
+    # False decays every parameter, as the HybViT code's AdamW(model.parameters()); True spares norms, biases,
+    # embeddings and tokens (timm's and DiT's habit)
+    decay_exclusions: bool = True
     clip_grad: float = setting(1.0, min=0)       # max global grad norm; 0 turns clipping off
 
     def validate(self, section: str) -> None:
@@ -68,8 +74,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = setting(100.0, min=0)
-    steps: int = setting(0, min=0)               # > 0 overrides epochs
+    # the budget, in passes over the training set or in optimizer steps; steps > 0 wins, and then epochs is
+    # written null in the run's config.yaml, so a run says in one unit how long it trained
+    epochs: float | None = setting(100.0, min=0)
+    steps: int = setting(0, min=0)
     batch_size: int = setting(128, min=1)        # global: summed over processes and accumulation steps
     accum_steps: int = setting(1, min=1)
     ema_decay: float = setting(0.999, min=0, below=1)
@@ -83,6 +91,18 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, min=0)    # 0 keeps them all
     tensorboard: bool = False
     progress: bool = True
+    # evaluation during training (eval/periodic.py): every eval_every steps (None: never), logged to log.jsonl
+    eval_every: int | None = setting(None, min=1)
+    eval_metrics: list[str] = setting(["knn"], choices=PERIODIC_METRICS, nonempty=True, unique=True)
+    eval_n: int | None = setting(None, min=1)       # train and test images for knn/accuracy; None: all
+    eval_samples: int = setting(1000, min=2)        # samples for fid
+
+    def validate(self, section: str) -> None:
+        if self.steps > 0:
+            self.epochs = None
+        elif self.epochs is None:
+            raise GenrepError(f"{section}.epochs is null and {section}.steps is 0: set one of them to a positive "
+                              f"value (passes over the data, or optimizer steps)")
 
 
 @dataclass
@@ -101,7 +121,7 @@ class ProbeConfig:
     batch_size: int = setting(512, min=1)
 
 
-PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "robustness", "similarity",
+PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "energy", "robustness", "similarity",
              "finetune", "lowshot")
 
 
@@ -123,6 +143,7 @@ class EvalConfig:
     ood: OODSettings = field(default_factory=OODSettings)
     likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    energy: EnergySettings = field(default_factory=EnergySettings)
     robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
@@ -321,7 +342,17 @@ def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
 
 
 def resolve_config(recipe: str, overrides: dict[str, Any] | None = None) -> Config:
-    return config_from_dict(apply_overrides(load_recipe(recipe), overrides or {}))
+    d = apply_overrides(load_recipe(recipe), overrides or {})
+    check_budget_override(d, overrides or {}, f"recipe {recipe}")
+    return config_from_dict(d)
+
+
+def check_budget_override(d: dict, overrides: dict[str, Any], source: str) -> None:
+    """``--train.epochs`` on a config that counts steps would be ignored (steps win): say so instead."""
+    steps = (d.get("train") or {}).get("steps", 0) if isinstance(d.get("train"), dict) else 0
+    if "train.epochs" in overrides and "train.steps" not in overrides and isinstance(steps, int) and steps > 0:
+        raise GenrepError(f"{source} counts its budget in steps (train.steps {steps}); set --train.steps N, or "
+                          f"--train.steps 0 to count --train.epochs {show(overrides['train.epochs'])} instead")
 
 
 def save_config(cfg: Config, path: Path) -> None:

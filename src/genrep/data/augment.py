@@ -10,6 +10,7 @@ the augmentation it would get in one process, and the parameters do not depend o
 """
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -17,7 +18,25 @@ import torch.nn.functional as F
 
 from genrep.errors import GenrepError
 
-AUGMENTATIONS = ("none", "weak", "strong")
+AUGMENTATIONS = ("none", "weak", "strong", "classifier")
+
+# The classifier kind's options as the HybViT paper's code sets them (see classifier_augment.py).
+CLASSIFIER_POLICY = "cifar10"
+CLASSIFIER_ERASE_PROB = 0.25
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A view's augmentation with its options, for ``Method.views()`` where the kind's defaults do not do:
+    the classifier kind's AutoAugment policy and random-erasing probability, from the method's config."""
+
+    kind: str
+    policy: str = CLASSIFIER_POLICY
+    erase_prob: float = CLASSIFIER_ERASE_PROB
+
+
+def augmentation_kind(aug: str | Augmentation) -> str:
+    return aug.kind if isinstance(aug, Augmentation) else aug
 
 # torchvision's grayscale weights (rgb_to_grayscale, v1 and v2). ITU-R 601-2 and PIL say 0.299 for red,
 # torchvision says 0.2989; we follow torchvision, so contrast, saturation and grayscale match it to 1e-6.
@@ -37,7 +56,7 @@ STRONG_COLUMNS = 2 * CROP_TRIES + 13
 
 def augment(
     x: torch.Tensor,
-    kind: str,
+    kind: str | Augmentation,
     generator: torch.Generator,
     *,
     start: int = 0,
@@ -46,17 +65,29 @@ def augment(
 ) -> torch.Tensor:
     """x: uint8 [B, C, H, W] (C = 1 or 3) on any device. Returns float32 in [0, 1], same shape, same device.
 
-    kind: "none" (x / 255), "weak" (reflect-padded random crop + horizontal flip) or "strong" (SimCLR CIFAR:
-    random resized crop, flip, colour jitter, random grayscale). Random parameters are drawn on the CPU from
-    `generator` (a CPU torch.Generator) for `total` samples (default B) and rows [start : start + B] of them
-    are used, so that a global batch split across processes gets exactly the augmentation it would get in one
-    process. Then moved to x.device.
+    kind: "none" (x / 255), "weak" (reflect-padded random crop + horizontal flip), "strong" (SimCLR CIFAR:
+    random resized crop, flip, colour jitter, random grayscale) or "classifier" (the HybViT code's classifier
+    training: flip, zero-padded crop, AutoAugment, random erasing; an ``Augmentation`` sets its policy and
+    erasing probability). Random parameters are drawn on the CPU from `generator` (a CPU torch.Generator) for
+    `total` samples (default B) and rows [start : start + B] of them are used, so that a global batch split
+    across processes gets exactly the augmentation it would get in one process. Then moved to x.device.
     """
+    options = kind if isinstance(kind, Augmentation) else Augmentation(str(kind))
+    kind = options.kind
     if kind not in AUGMENTATIONS:
         raise GenrepError(f"unknown augmentation {kind!r}; expected one of {', '.join(AUGMENTATIONS)}")
     total = _check_inputs(x, generator, start, total)
     if kind == "none":
         return x.float() / 255
+    if kind == "classifier":
+        # imported here because it builds on this module's colour ops and parameter transfer
+        from .classifier_augment import COLUMNS, check_options, classifier
+
+        check_options(options.policy, options.erase_prob)
+        if pad < 0:
+            raise GenrepError(f"classifier augmentation pad={pad} must be >= 0")
+        return classifier(x, _draw(generator, total, start, x.shape[0], COLUMNS), options.policy,
+                          options.erase_prob, pad)
     if kind == "weak":
         _, _, h, w = x.shape
         if not 0 <= pad < min(h, w):

@@ -8,6 +8,9 @@ Names (see ``docs/data.md``):
 - ``mnist``, ``cifar10``, ``cifar100``, ``svhn``, ``stl10``: torchvision data sets kept under
   ``<root>/<name>`` (``root`` defaults to :func:`default_data_root`), downloaded on first use when
   ``download`` is true. STL-10 gives its labelled train/test splits.
+- ``celeba`` (torchvision's CelebA: the aligned 178x218 faces, one class), ``tinyimagenet`` (its folder
+  layout; val is the test split) and ``imagenet32`` (the published npz batches; val is the test split, never
+  downloaded: it needs an ImageNet account), kept under ``<root>/<name>`` too.
 - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test`` (+ optional ``classes``), or the
   JPEG-bytes layout ``train_jpeg, train_offsets, y_train, test_jpeg, test_offsets, y_test``.
 - ``folder:PATH``: ``PATH/<class>/<image>``, or ``PATH/train/<class>/...`` and ``PATH/test/...``;
@@ -81,12 +84,12 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
         close = difflib.get_close_matches(text.lower(), list(_REGISTRY), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise GenrepError(f"unknown data set {text!r}; {hint}valid: {_valid_names_text()}")
+    size = image_size if image_size is not None else reg.default_size
     if reg.name == "digits":
         images, labels, classes = _load_digits(split)
     else:
         data_root = Path(root).expanduser() if root is not None else default_data_root()
-        images, labels, classes = _load_torchvision(reg, split, data_root, download)
-    size = image_size if image_size is not None else reg.default_size
+        images, labels, classes = _load_torchvision(reg, split, data_root, download, size)
     return _finish(_resize(images, size), labels, classes, reg.name, split)
 
 
@@ -104,7 +107,7 @@ def check_splits(train: ImageSet, test: ImageSet) -> None:
 
 def describe_datasets(root: str | os.PathLike | None = None) -> list[dict]:
     """One dict per registered data set, for ``genrep datasets``: ``name``, ``description``, ``splits``,
-    ``native_size`` (int), ``size`` (e.g. "32x32"), ``channels``, ``num_classes``, ``available``
+    ``native_size`` (int: the height), ``size`` (HxW, e.g. "32x32"), ``channels``, ``num_classes``, ``available``
     (usable offline right now: embedded, or every file present under ``where``; presence only, no
     checksum), ``where`` (the folder it looks in) and ``files`` (what it looks for there). The
     ``npz:PATH`` / ``folder:PATH`` forms read the user's own files and are not listed."""
@@ -112,7 +115,7 @@ def describe_datasets(root: str | os.PathLike | None = None) -> list[dict]:
     rows = []
     for reg in _REGISTRY.values():
         row = {"name": reg.name, "description": reg.description, "splits": list(SPLITS),
-               "native_size": reg.native_size, "size": f"{reg.native_size}x{reg.native_size}",
+               "native_size": reg.native_size, "size": f"{reg.native_size}x{reg.native_width or reg.native_size}",
                "channels": reg.channels, "num_classes": reg.num_classes}
         if reg.files is None:
             row.update(available=True, where="embedded (scikit-learn)", files=[])

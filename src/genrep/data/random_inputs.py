@@ -15,6 +15,8 @@ Kinds (``arg`` in brackets), each drawn as ``[total, ...]``:
   DARL's random orders).
 - ``boundaries`` [(n, k)]: k distinct cut points in 1..n-1 per sample, sorted, long ``[total, k]`` (GVP's
   random-length group segmentation, appendix B: the first k of a random permutation of 1..n-1, sorted).
+- ``shared`` [(kind, arg)]: one draw of another kind, the same in every row (Mixup's lambda and CutMix's box,
+  drawn once per batch), so every process and micro-batch of a step reads the same value from its rows.
 
 A new kind is one function registered with :func:`random_kind`.
 """
@@ -113,6 +115,14 @@ def _boundaries(arg, total, like, g):
         raise ValueError(f"cannot cut a sequence of {n} into {k + 1} non-empty groups; choose k in 0..{n - 1}")
     cuts = _permutation(n - 1, total, like, g)[:, :k] + 1
     return cuts.sort(dim=1).values
+
+
+@random_kind("shared")
+def _shared(arg, total, like, g):
+    if not (isinstance(arg, tuple) and len(arg) == 2 and arg[0] in RANDOM_KINDS):
+        raise ValueError(f"a shared random input takes a (kind, arg) pair of a known kind, got {arg!r}")
+    one = RANDOM_KINDS[arg[0]](arg[1], 1, like, g)
+    return one.expand(total, *one.shape[1:])
 
 
 def check_random_spec(spec: dict[str, tuple[str, object]], views: list[str]) -> None:

@@ -1,6 +1,7 @@
-"""The registered data sets: the embedded ``digits`` and the torchvision-backed ``mnist``, ``cifar10``,
-``cifar100``, ``svhn`` and ``stl10`` (file lists, converters, download under a socket timeout, and the
-error that says how to get the files when they are missing offline).
+"""The registered data sets: the embedded ``digits``, the torchvision-backed ``mnist``, ``cifar10``,
+``cifar100``, ``svhn`` and ``stl10``, and the sets read from their published files, ``celeba``, ``tinyimagenet``
+and ``imagenet32`` (:mod:`.file_sets`): file lists, converters, download under a socket timeout, and the
+error that says how to get the files when they are missing offline.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import GenrepError
+from . import file_sets as fs
 from .imageset import _one_line
 
 DIGITS_TEST_FRACTION = 0.2
@@ -46,14 +48,19 @@ def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 class _Registered:
     name: str
     description: str
-    native_size: int
+    native_size: int                                         # the height (and width, unless native_width)
     channels: int
     num_classes: int = 10
     default_size: int | None = None
-    # torchvision data sets only:
-    files: Callable[[str], list[str]] | None = None         # split -> files (relative to <root>/<name>)
+    native_width: int | None = None                          # non-square sets only (CelebA's faces)
+    # sets kept under <root>/<name> only:
+    files: Callable[[str], list[str]] | None = None         # split -> files (a trailing / names a folder)
     make: Callable[[Path, str, bool], Any] | None = None     # (folder, split, download) -> torchvision set
-    convert: Callable[[Any], tuple[torch.Tensor, torch.Tensor, list[str]]] | None = None
+    # (made, size) -> images, labels, classes; a converter that decodes image files resizes as it decodes (to
+    # hold 162,770 CelebA faces at 32x32, not at 218x178); the others give native images, resized afterwards
+    convert: Callable[[Any, int | None], tuple[torch.Tensor, torch.Tensor, list[str]]] | None = None
+    fetch: bool = True   # False: genrep cannot download it (an account is needed); ``source`` says where
+    source: str = ""     # how to get the files, said when they are missing
 
 
 def _tv():
@@ -102,6 +109,11 @@ def _convert_svhn(ds) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return torch.from_numpy(np.ascontiguousarray(ds.data)), _labels(ds.labels), [str(i) for i in range(10)]
 
 
+def _native(convert: Callable[[Any], tuple[torch.Tensor, torch.Tensor, list[str]]]):
+    """A converter of a torchvision set's in-memory arrays: native images, which load_dataset resizes."""
+    return lambda ds, size: convert(ds)
+
+
 _STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
 
@@ -118,23 +130,37 @@ _REGISTRY: dict[str, _Registered] = {
         _Registered("mnist", "MNIST handwritten digits, 60,000 train / 10,000 test, 10 classes", 28, 1,
                     files=_mnist_files,
                     make=lambda f, s, d: _tv().MNIST(str(f), train=s == "train", download=d),
-                    convert=_convert_mnist),
+                    convert=_native(_convert_mnist)),
         _Registered("cifar10", "CIFAR-10, 50,000 train / 10,000 test, 10 classes", 32, 3,
                     files=_cifar_files("CIFAR10"),
                     make=lambda f, s, d: _tv().CIFAR10(str(f), train=s == "train", download=d),
-                    convert=_convert_cifar),
+                    convert=_native(_convert_cifar)),
         _Registered("cifar100", "CIFAR-100 (fine labels), 50,000 train / 10,000 test, 100 classes", 32, 3, 100,
                     files=_cifar_files("CIFAR100"),
                     make=lambda f, s, d: _tv().CIFAR100(str(f), train=s == "train", download=d),
-                    convert=_convert_cifar),
+                    convert=_native(_convert_cifar)),
         _Registered("svhn", "SVHN cropped digits, 73,257 train / 26,032 test, 10 classes (no 'extra')", 32, 3,
                     files=_svhn_files,
                     make=lambda f, s, d: _tv().SVHN(str(f), split=s, download=d),
-                    convert=_convert_svhn),
+                    convert=_native(_convert_svhn)),
         _Registered("stl10", "STL-10 labelled splits, 5,000 train / 8,000 test, 10 classes, 96x96", 96, 3,
                     files=_stl10_files,
                     make=lambda f, s, d: _tv().STL10(str(f), split=s, download=d),
-                    convert=_convert_stl10),
+                    convert=_native(_convert_stl10)),
+        _Registered("celeba", "CelebA aligned faces (178 wide, 218 high), 162,770 train / 19,962 test, one "
+                    "class 'face' (an OOD set: resized to NxN without cropping, as the HybViT code)", 218, 3, 1,
+                    native_width=178, files=fs.celeba_files, make=fs.make_celeba, convert=fs.convert_celeba,
+                    source="torchvision fetches it from Google Drive and needs gdown (pip install gdown); or "
+                           "download img_align_celeba.zip (unzip it there) and the five list files from "
+                           "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into its celeba/ sub-folder"),
+        _Registered("tinyimagenet", "Tiny-ImageNet, 100,000 train / 10,000 val as test, 200 classes, 64x64", 64, 3,
+                    200, files=fs.tiny_files, make=fs.make_tiny, convert=fs.convert_tiny,
+                    source=f"or download {fs.TINY_URL} and unzip it there"),
+        _Registered("imagenet32", "Downsampled ImageNet 32x32 (Chrabaszcz et al. 2017), 1,281,167 train / 50,000 "
+                    "val as test, 1,000 classes", 32, 3, fs.IMAGENET32_CLASSES,
+                    files=fs.imagenet32_files, make=fs.make_imagenet32, convert=fs.convert_imagenet32, fetch=False,
+                    source=f"download Imagenet32_train_npz.zip and Imagenet32_val_npz.zip from {fs.IMAGENET32_URL} "
+                           f"(an ImageNet account) and unzip both there"),
     ]
 }
 
@@ -150,20 +176,22 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 
 def _missing(folder: Path, files: list[str]) -> list[str]:
-    return [f for f in files if not (folder / f).is_file()]
+    return [f for f in files if not ((folder / f).is_dir() if f.endswith("/") else (folder / f).is_file())]
 
 
-def _load_torchvision(reg: _Registered, split: str, data_root: Path,
-                      download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _load_torchvision(reg: _Registered, split: str, data_root: Path, download: bool,
+                      size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     assert reg.files is not None and reg.make is not None and reg.convert is not None
     folder = data_root / reg.name
     files = reg.files(split)
     missing = _missing(folder, files)
     failure = None
-    if missing and download:
+    if missing and download and reg.fetch:
         try:
             with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-                return reg.convert(reg.make(folder, split, True))
+                return reg.convert(reg.make(folder, split, True), size)
+        except GenrepError:
+            raise
         except Exception as e:  # noqa: BLE001 - network failures come as many types; reported below
             failure = _one_line(e)
         missing = _missing(folder, files)
@@ -171,12 +199,19 @@ def _load_torchvision(reg: _Registered, split: str, data_root: Path,
         lacks = f"{folder} lacks {', '.join(missing)}"
         if failure is not None:
             raise GenrepError(f"{reg.name} is not available: downloading it to {folder} failed ({failure}) "
-                              f"and {lacks}; run once with network access, {_OFFLINE_FIXES}")
+                              f"and {lacks}; run once with network access, {_OFFLINE_FIXES}"
+                              f"{'; ' + reg.source if reg.source else ''}")
+        if not reg.fetch:
+            raise GenrepError(f"{reg.name} is not available: {lacks}; genrep cannot download it: {reg.source}, "
+                              f"{_OFFLINE_FIXES}")
         raise GenrepError(f"{reg.name} is not available offline: {lacks}; run once with network access and "
-                          f"download=True (it downloads there), {_OFFLINE_FIXES}")
+                          f"download=True (it downloads there), {_OFFLINE_FIXES}"
+                          f"{'; ' + reg.source if reg.source else ''}")
     try:
-        ds = reg.make(folder, split, False)
-    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, pickle/scipy errors on bad files
-        raise GenrepError(f"{reg.name} files in {folder} are corrupted or incomplete ({_one_line(e)}); "
-                          f"delete them and run once with network access, or copy intact originals there")
-    return reg.convert(ds)
+        return reg.convert(reg.make(folder, split, False), size)
+    except GenrepError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, pickle/scipy/PIL errors on bad files
+        fix = ("delete them and run once with network access, or copy intact originals there" if reg.fetch
+               else f"replace them with intact originals: {reg.source}")
+        raise GenrepError(f"{reg.name} files in {folder} are corrupted or incomplete ({_one_line(e)}); {fix}")

@@ -24,7 +24,7 @@ import torch
 from ..config import EvalConfig, ProbeConfig
 from ..errors import GenrepError
 from ..io import atomic_write_json
-from .protocols import NEEDS, PROTOCOLS
+from .protocols import PROTOCOLS, skip_reason
 from .protocols import probes as probes_protocol
 from .protocols.context import RESULTS_DIR, EvalContext
 
@@ -32,15 +32,6 @@ EVAL_FILE = "eval.json"
 PROBE_FILE = "probe.json"
 # settings shared by all protocols that a protocol also depends on
 _SHARED = {"finetune": ("transfer_data",), "lowshot": ("transfer_data",)}
-
-
-def skip_reason(name: str, method) -> str | None:
-    """Why protocol ``name`` does not apply to ``method`` (None when it does)."""
-    need = PROTOCOLS[name].needs
-    if need is None or need in method.capabilities:
-        return None
-    caps = ", ".join(sorted(method.capabilities)) or "none"
-    return f"needs {NEEDS[need]}; {method.name} offers: {caps}"
 
 
 def plan(method, ev: EvalConfig) -> tuple[list[str], dict[str, str]]:

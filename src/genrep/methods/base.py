@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..data.augment import Augmentation
 from ..errors import GenrepError
 from ..fields import setting
 
@@ -52,6 +53,9 @@ class ViTConfig:
     patch_size: int = setting(4, min=1)  # 4 on 32x32, 8 on larger images (the HybViT paper)
     pos_embed: str = setting("learned", choices=("learned", "sincos"))
     drop: float = setting(0.0, min=0, below=1)
+    # stochastic depth, the same rate in every block (nn.vit.drop_path_rates); the paper's code trains its
+    # supervised ViT with 0.1 (gevit_main.py --sd) and HybViT's network with 0
+    drop_path: float = setting(0.0, min=0, below=1)
 
     def validate(self, section: str) -> None:
         if self.dim % self.num_heads:
@@ -118,8 +122,9 @@ class Method(nn.Module):
         self._frozen: dict[str, FrozenPart] = {}
 
     # ---- what the data pipeline must deliver
-    def views(self) -> dict[str, str]:
-        """View name -> augmentation kind (none | weak | strong)."""
+    def views(self) -> dict[str, str | Augmentation]:
+        """View name -> augmentation kind (none | weak | strong | classifier), or an ``Augmentation`` where
+        the kind takes options from the method's config (the classifier kind's policy and erasing)."""
         raise NotImplementedError
 
     @property

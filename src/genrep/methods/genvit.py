@@ -1,8 +1,8 @@
 """GenViT and HybViT (Yang et al.): a ViT as the DDPM denoiser, alone and with a classifier head.
 
 GenViT trains ``DenoiserViT`` with the simple diffusion loss (L1 on eps by default, the paper's code).
-HybViT adds a CLS classification head: loss = CE(head(CLS)) on the strongly augmented image, without
-time input, + alpha * L_diff on a separate, unaugmented mini-batch (``view_streams``). The two
+HybViT adds a CLS classification head: loss = CE(head(CLS)) on the augmented (and, with ``mix_prob``, mixed)
+image, without time input, + alpha * L_diff on a separate, unaugmented mini-batch (``view_streams``). The two
 mini-batches go through the network as one batch, the classification half untimed.
 """
 
@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import AUGMENTATIONS
+from ..data.augment import AUGMENTATIONS, Augmentation
 from ..diffusion import LOSSES, PREDICTIONS, SAMPLERS, SCHEDULES, VARIANCES, GaussianDiffusion, bits_per_dim, sample
 from ..errors import GenrepError
 from ..fields import setting
 from ..nn.denoiser import MODULATIONS, DenoiserViT
 from ..nn.flops import linear_flops, transformer_block_flops
 from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
+from .classification import (ClassifierTrainingConfig, classification_inputs, classification_loss, image_view,
+                             mixing_inputs)
 from .registry import register
 
 
@@ -42,6 +43,9 @@ class GenViTConfig(ViTConfig):
     sampler: str = setting("ddim", choices=SAMPLERS)  # ddpm runs all T steps
     sample_steps: int = setting(100, min=1)           # DDIM steps (capped at T)
     eta: float = setting(0.0, min=0)                  # DDIM's eta: 0 deterministic, 1 DDPM-like
+    # the network's precision while sampling: auto is bf16 autocast on CUDA, float32 elsewhere (the sampler's
+    # own arithmetic is float32 either way); docs/benchmarks.md has what bf16 does to FID
+    sample_precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
     nll_terms: int = setting(0, min=0)  # terms of the bits/dim bound: 0 all T, k a stratified subset (capped at T)
 
     def validate(self, section: str) -> None:
@@ -57,7 +61,7 @@ class GenViTConfig(ViTConfig):
 
 
 @dataclass
-class HybViTConfig(GenViTConfig):
+class HybViTConfig(GenViTConfig, ClassifierTrainingConfig):
     alpha: float = setting(100.0, min=0)  # weight of the diffusion loss (1, 10, 100 in the paper's ablation)
     # the classification stream's augmentation; the diffusion stream has none
     augment: str = setting("strong", choices=AUGMENTATIONS)
@@ -72,7 +76,8 @@ class GenViT(Method):
     feature_pools = ("cls", "mean")
     default_pool = "mean"
     feature_options = ("feature_t",)
-    capability_options: ClassVar[dict[str, tuple[str, ...]]] = {"sample": ("sampler", "sample_steps", "eta"),
+    capability_options: ClassVar[dict[str, tuple[str, ...]]] = {"sample": ("sampler", "sample_steps", "eta",
+                                                                            "sample_precision"),
                                                                  "nll": ("nll_terms",)}
     tiny_config: ClassVar[dict] = {**TINY_VIT, "sample_steps": 5, "nll_terms": 4}
 
@@ -82,7 +87,7 @@ class GenViT(Method):
         self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.prediction, cfg.loss, cfg.variance)
         self.net = DenoiserViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
                                cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop,
-                               modulation=cfg.time_modulation)
+                               modulation=cfg.time_modulation, drop_path=cfg.drop_path)
 
     # the middle, where iGPT and the diffusion-features paper find a generative model's best features (the last
     # layers turn them back into pixels); on digits the layers are within a few points (docs/benchmarks.md)
@@ -155,23 +160,26 @@ class GenViT(Method):
     def capability_settings(self, capability: str) -> dict:
         if capability == "sample":
             out = {"sampler": self.cfg.sampler, "steps": self._sample_steps}
-            return {**out, "eta": self.cfg.eta} if self.cfg.sampler == "ddim" else out
+            if self.cfg.sampler == "ddim":
+                out["eta"] = self.cfg.eta
+            return {**out, "precision": "bf16" if self._sample_bf16 else "fp32"}
         if capability == "nll":
             return {"terms": self._nll_terms or "all", "of": self.diffusion.T}
         return super().capability_settings(capability)
 
-    @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, progress: bool = False,
-               bf16: bool | None = None) -> torch.Tensor:
-        """``n`` images in [0, 1], [n, C, H, W], on the model's device, with ``model.sampler``,
-        ``model.sample_steps`` and ``model.eta``.
+    @property
+    def _sample_bf16(self) -> bool:
+        p = self.cfg.sample_precision
+        return p == "bf16" or (p == "auto" and next(self.parameters()).device.type == "cuda")
 
-        ``bf16`` (default: on CUDA) runs the network under bf16 autocast; the sampler's own arithmetic
-        stays float32 (the network output is cast back before each update).
-        """
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """``n`` images in [0, 1], [n, C, H, W], on the model's device, with ``model.sampler``,
+        ``model.sample_steps``, ``model.eta`` and ``model.sample_precision`` (bf16 autocast of the network; the
+        sampler's own arithmetic stays float32, the network output cast back before each update)."""
         d, c = self.data, self.cfg
         device = next(self.parameters()).device
-        bf16 = device.type == "cuda" if bf16 is None else bf16
+        bf16 = self._sample_bf16
         steps = None if c.sampler == "ddpm" else self._sample_steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = sample(self.denoise, self.diffusion, (n, d.channels, d.image_size, d.image_size), sampler=c.sampler,
@@ -235,8 +243,12 @@ class HybViT(GenViT):
     def default_layer(self) -> int:
         return self.cfg.feature_layer or self.cfg.depth  # the CLS token the head reads
 
-    def views(self) -> dict[str, str]:
-        return {"image": self.cfg.augment, "diffusion": "none"}
+    def views(self) -> dict[str, str | Augmentation]:
+        return {"image": image_view(self.cfg.augment, self.cfg), "diffusion": "none"}
+
+    def random_inputs(self) -> dict[str, tuple[str, object]]:
+        # appended after the diffusion stream's entries, whose draws (by place) stay what they were
+        return {**super().random_inputs(), **mixing_inputs(self.cfg)}
 
     def _clean_t(self, x0: torch.Tensor) -> torch.Tensor | None:
         return None  # the classification pass: no time input
@@ -251,12 +263,13 @@ class HybViT(GenViT):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # one forward for both mini-batches: the classification images first, untimed (see DenoiserViT)
-        x_cls = self.normalize(batch["image"])
+        images, target = classification_inputs(batch, self.cfg, self.data.num_classes)
+        x_cls = self.normalize(images)
         x0, t, noise, x_t = self.noised(batch["diffusion"], batch.get("t"), batch.get("noise"))
         h = self.net(torch.cat([x_cls, x_t]), t=t)
         n = x_cls.shape[0]
         logits = self.head(h[:n, 0])
-        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.label_smoothing)
+        ce = classification_loss(logits, target, self.cfg.label_smoothing)
         diff = self.diffusion.loss(self.net.to_image(h[n:]).float(), x0, noise).mean()
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
         return {"loss": ce + self.cfg.alpha * diff, "ce": ce.detach(), "diff": diff.detach(), "acc": acc.detach()}

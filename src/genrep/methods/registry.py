@@ -14,7 +14,7 @@ from ..errors import GenrepError
 from .base import DataSpec, Method
 
 _METHODS: dict[str, type[Method]] = {}
-_SKIP = {"base", "registry"}
+HELPER_MODULES = {"base", "registry", "classification"}  # modules of methods/ that define no method
 _loaded = False
 
 
@@ -32,7 +32,7 @@ def _load_all() -> None:
     _loaded = True
     package = importlib.import_module(__package__)
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in _SKIP and not info.name.startswith("_"):
+        if info.name not in HELPER_MODULES and not info.name.startswith("_"):
             importlib.import_module(f"{__package__}.{info.name}")
     for module in filter(None, (m.strip() for m in os.environ.get("GENREP_METHODS", "").split(","))):
         try:

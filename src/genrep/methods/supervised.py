@@ -1,23 +1,25 @@
-"""Supervised ViT classifier: the baseline of the HybViT paper (CE on weakly augmented images)."""
+"""Supervised ViT classifier: the baseline of the HybViT paper (CE on augmented images; its code trains it like
+HybViT's classification stream: ``augment: classifier``, Mixup/CutMix, label smoothing, see classification.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import AUGMENTATIONS
+from ..data.augment import AUGMENTATIONS, Augmentation
 from ..fields import setting
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
 from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
+from .classification import (ClassifierTrainingConfig, classification_inputs, classification_loss, image_view,
+                             mixing_inputs)
 from .registry import register
 
 
 @dataclass
-class SupervisedConfig(ViTConfig):
+class SupervisedConfig(ViTConfig, ClassifierTrainingConfig):
     label_smoothing: float = setting(0.0, min=0, max=1)
     augment: str = setting("weak", choices=AUGMENTATIONS)
     head_pool: str = setting("cls", choices=("cls", "mean"))  # the token the classifier reads
@@ -37,13 +39,17 @@ class SupervisedViT(Method):
         super().__init__(cfg, data)
         check_vit_shape(cfg, data)
         self.encoder = ViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
-                           cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop)
+                           cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop,
+                           drop_path=cfg.drop_path)
         self.head = nn.Linear(cfg.dim, data.num_classes)
         nn.init.zeros_(self.head.weight)  # a zero head starts at the uniform prediction (timm/DeiT)
         nn.init.zeros_(self.head.bias)
 
-    def views(self) -> dict[str, str]:
-        return {"image": self.cfg.augment}
+    def views(self) -> dict[str, str | Augmentation]:
+        return {"image": image_view(self.cfg.augment, self.cfg)}
+
+    def random_inputs(self) -> dict[str, tuple[str, object]]:
+        return mixing_inputs(self.cfg)
 
     @property
     def num_layers(self) -> int:
@@ -54,8 +60,9 @@ class SupervisedViT(Method):
         return self.head(self.encoder.pool(h, self.cfg.head_pool))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch["image"])
-        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.label_smoothing)
+        images, target = classification_inputs(batch, self.cfg, self.data.num_classes)
+        logits = self.logits(images)
+        ce = classification_loss(logits, target, self.cfg.label_smoothing)
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
         return {"loss": ce, "ce": ce.detach(), "acc": acc.detach()}
 

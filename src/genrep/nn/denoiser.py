@@ -26,11 +26,12 @@ __all__ = ["MODULATIONS", "DenoiserViT", "TimeModulation"]
 class DenoiserViT(ViT):
     def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, cls_token: bool = True, pos_embed: str = "learned", drop: float = 0.0,
-                 modulation: str = "token"):
+                 modulation: str = "token", drop_path: float = 0.0):
         if modulation not in MODULATIONS:
             raise ValueError(f"unknown time modulation {modulation!r}; choose one of {', '.join(MODULATIONS)}")
+        # drop_path: 0 by default, as the paper's code builds HybViT's network ('difvit', stochastic_depth=0)
         super().__init__(image_size, patch_size, in_chans, dim, depth, num_heads, mlp_ratio, cls_token, pos_embed,
-                         drop)
+                         drop, drop_path=drop_path)
         tokens = self.patch_embed.num_patches + self.num_prefix
         self.time_embed = TimestepEmbedder(dim)
         self.time_embed.apply(_init_weights)

@@ -26,6 +26,35 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability ``rate`` and
+    the kept ones are scaled by 1 / (1 - rate), so the expected branch is unchanged; identity in eval mode.
+
+    The HybViT paper's code (sndnyang/Diffusion_ViT models/vit.py) imports ``DropPath`` from its
+    utils/drop_path.py, the per-sample drop path of timm that SPT_LSA_ViT (whose ViT it copies) ships:
+    keep = floor(keep_prob + U[0, 1)) of shape [B, 1, ..., 1], out = x / keep_prob * keep. This is that.
+    The draw comes from torch's global generator, like nn.Dropout, so the loop's per-step reseed covers it.
+    ``rate`` is a Python float, so under torch.compile the branch below is a guard, not a host sync.
+    """
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        if not 0 <= rate < 1:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:  # draws nothing, so rate 0 leaves every other draw unchanged
+            return x
+        keep_prob = 1 - self.rate
+        # the mask in float32 whatever x's dtype: a bf16 U[0, 1) is too coarse for the keep probability
+        keep = (keep_prob + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device)).floor_()
+        return x.div(keep_prob) * keep.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:g}"
+
+
 class TimeModulation(nn.Module):
     """Conditioning embedding [B, E] -> (scale, shift), each [B, tokens, 1] (token) or [B, 1, dim] (channel)."""
 
@@ -67,6 +96,9 @@ class Block(nn.Module):
     of the batch; the rows before them get scale = shift = 0, the unconditioned block (HybViT runs its
     untimed classification images in front of the timed ones in one batch).
 
+    ``drop_path``: stochastic depth (``DropPath``) on both residual branches, an independent draw for each,
+    as the paper's code applies its one DropPath to the attention and the MLP output of every block.
+
     ``context`` (the other stream's residual, [B, M, D]) gives the keys and values: it goes through
     the same modulation and ``norm1`` as x would, so the query stream reads exactly the keys and
     values the content stream computes for itself (XLNet's two streams). The other keywords go to
@@ -74,13 +106,15 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, modulation: nn.Module | None = None):
+                 drop: float = 0.0, attn_drop: float = 0.0, modulation: nn.Module | None = None,
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio, drop)
         self.modulation = modulation
+        self.drop_path = DropPath(drop_path)  # no parameters or buffers: the state dict is unchanged
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None, rope: nn.Module | None = None,
@@ -91,10 +125,11 @@ class Block(nn.Module):
         x = modulate(x, scale_shift)
         if context is not None:
             context = self.norm1(modulate(context, scale_shift))
-        x = x + self.attn(self.norm1(x), mask=mask, is_causal=is_causal, context=context, rope=rope,
-                          positions=positions, context_positions=context_positions, cache=cache)
+        attn = self.attn(self.norm1(x), mask=mask, is_causal=is_causal, context=context, rope=rope,
+                         positions=positions, context_positions=context_positions, cache=cache)
+        x = x + self.drop_path(attn)
         x = modulate(x, scale_shift)
-        return x + self.mlp(self.norm2(x))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _scale_shift(self, cond: torch.Tensor, modulation: nn.Module | None, batch: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:

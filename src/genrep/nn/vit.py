@@ -22,13 +22,14 @@ POOLS = ("cls", "mean", "last")
 class ViT(nn.Module):
     def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, cls_token: bool = True, pos_embed: str = "learned", drop: float = 0.0,
-                 rope: str | None = None, rope_base: float = 10000.0):
+                 rope: str | None = None, rope_base: float = 10000.0, drop_path: float = 0.0):
         super().__init__()
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
         self.num_prefix = 1 if cls_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = PositionEmbedding(self.patch_embed.num_patches, dim, pos_embed)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, drop=drop) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, drop=drop, drop_path=rate)
+                                    for rate in drop_path_rates(drop_path, depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.dim, self.depth = dim, depth
         self.rope = make_rope(rope, dim // num_heads, rope_base)  # no state: the state dict is unchanged
@@ -105,6 +106,13 @@ class ViT(nn.Module):
         if pool == "last":
             return h[:, -1]
         raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """The stochastic-depth rate of each block: ``rate`` in every one. The HybViT paper's code
+    (sndnyang/Diffusion_ViT, models/vit.py) builds a single ``DropPath(stochastic_depth)`` in its Transformer
+    and applies it in all ``depth`` blocks, not timm/DeiT's linear ramp ``torch.linspace(0, rate, depth)``."""
+    return [rate] * depth
 
 
 def _init_weights(m: nn.Module) -> None:

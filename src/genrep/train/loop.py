@@ -23,12 +23,12 @@ from ..config import Config, save_config
 from ..data.batches import BatchPlan, TrainBatches, draw_random_inputs, make_views, mix_seed
 from ..data.datasets import ImageSet
 from ..errors import GenrepError
+from ..eval.periodic import PeriodicEval, check_periodic
 from ..locks import LOCK_FILE, RunLock
 from ..methods import Method
 from ..runs import (CONFIG_FILE, FROZEN_FILE, PREPARED_FILE, RUN_MARKER, build_for_data, check_new_run_dir,
-                    check_no_links,
-                    check_resumable, create_run_dir, fit_prepared, install_run_state, is_marked_run, load_train_set,
-                    mark_run, save_prepared, write_frozen)
+                    check_no_links, check_resumable, create_run_dir, fit_prepared, install_run_state, is_marked_run,
+                    load_split, load_splits, mark_run, save_prepared, write_frozen)
 from .checkpoint import CKPT_DIR, checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
 from .dist import barrier, cleanup, init_distributed
 from .ema import EMA
@@ -57,7 +57,9 @@ def schedule(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:
     total = cfg.train.steps if cfg.train.steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
     if total <= 0:
         raise GenrepError("training would run 0 steps; set --train.epochs or --train.steps to a positive value")
-    warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    o = cfg.optim
+    warmup = o.warmup_steps if o.warmup_steps > 0 else round(o.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, max(total - 1, 0))
     return total, warmup
 
 
@@ -102,6 +104,7 @@ class Trainer:
             train_set = self._load_data()
         self.train_set = train_set
         self.method: Method = build_for_data(cfg, train_set, self.device, training=True)
+        self.periodic = self._periodic_eval()
         self._prepared = self._prepare(resume)  # before the EMA copies the method: it holds the fitted state
         self.method.to(self.device)
         self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world,
@@ -112,7 +115,8 @@ class Trainer:
 
         o = cfg.optim
         self.optimizer = build_optimizer(self.method, o.lr, o.weight_decay, o.betas, o.eps,
-                                         self.method.no_weight_decay(), fused=self.device.type == "cuda")
+                                         self.method.no_weight_decay(), fused=self.device.type == "cuda",
+                                         exclusions=o.decay_exclusions)
         self.ema = EMA(self.method, cfg.train.ema_decay, cfg.train.ema_warmup)
         self._trainable = self.method.trainable_parameters()
         self.start_step = self._restore() if resume else 0
@@ -177,10 +181,28 @@ class Trainer:
         """Rank 0 first, so that a download happens once, not once per process into the same folder."""
         if not self.info.main:
             barrier(self.info)
-        train_set = load_train_set(self.cfg)
+        train_set, self._test_set = load_splits(self.cfg)
         if self.info.main:
             barrier(self.info)
         return train_set
+
+    def _periodic_eval(self) -> PeriodicEval | None:
+        """The evaluation during training (``train.eval_every``), checked before the run folder exists."""
+        if self.cfg.train.eval_every is None:
+            return None
+        check_periodic(self.cfg, self.method)
+        test_set = getattr(self, "_test_set", None) or load_split(self.cfg, "test")
+        return PeriodicEval(self.cfg, self.train_set, test_set, self.device)
+
+    def _evaluate(self, done: int) -> None:
+        """Evaluate the EMA weights after step ``done`` (rank 0; the others wait) and log the row."""
+        if self.info.main:
+            row = {"step": done, **self.periodic(self.ema.model, done)}
+            self.logger.log(row)
+            if self.cfg.train.progress:
+                shown = ", ".join(f"{k[5:]} {v:.4g}" for k, v in row.items() if k.startswith("eval_"))
+                print(f"genrep: step {done}: {shown}", flush=True)
+        barrier(self.info)
 
     # ------------------------------------------------------------------ checkpoints
     def _restore(self) -> int:
@@ -286,6 +308,9 @@ class Trainer:
                 sums, count, t_log = {}, 0, time.perf_counter()
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_log['loss']:.4f}", refresh=False)
+            if self.periodic is not None and self.periodic.due(done):
+                self._evaluate(done)  # before the checkpoint: a resume from it never misses this row
+                t_log = time.perf_counter()  # images/s counts training only
             if done % cfg.train.ckpt_every == 0 or is_last:
                 self._save(done)
             if bar is not None:

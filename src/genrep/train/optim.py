@@ -8,20 +8,24 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: set[str] = frozenset()) -> list[dict]:
-    """Norm weights, biases (every 0/1-D tensor) and the named embeddings/tokens get no decay."""
+def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: set[str] = frozenset(),
+                 exclusions: bool = True) -> list[dict]:
+    """Norm weights, biases (every 0/1-D tensor) and the named embeddings/tokens get no decay, unless
+    ``exclusions`` is off (every trainable parameter decays, as a plain ``AdamW(model.parameters())``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in extra_no_decay else decay).append(p)
+        spared = exclusions and (p.ndim <= 1 or name in extra_no_decay)
+        (no_decay if spared else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
-                    extra_no_decay: set[str] = frozenset(), fused: bool = False) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay, extra_no_decay), lr=lr, betas=tuple(betas),
-                             eps=eps, fused=fused or None)
+                    extra_no_decay: set[str] = frozenset(), fused: bool = False,
+                    exclusions: bool = True) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay, extra_no_decay, exclusions), lr=lr,
+                             betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:

@@ -123,11 +123,12 @@ class EvalContext:
         idx = torch.randperm(len(self.test), generator=torch.Generator().manual_seed(self.ev.seed))[:n]
         return self.test.images[idx], self.test.labels[idx]
 
-    def ood_images(self, name: str, n: int) -> torch.Tensor:
+    def ood_images(self, name: str, n: int | None) -> torch.Tensor:
+        """``n`` images of the OOD set ``name`` (None: all of it) at the run's size and channels."""
         from ..ood_sets import make_ood_images
 
         return make_ood_images(name, self.test, n, seed=self.ev.seed, root=self.cfg.data.root,
-                               download=self.cfg.data.download)
+                               download=self.cfg.data.download, interp_pairs=self.ev.ood.interp_pairs)
 
     def figure(self, name: str) -> Path:
         return self.run / FIGURES_DIR / f"{name}.png"

@@ -16,6 +16,7 @@ from ...errors import GenrepError
 from ...fields import setting
 from ..features import image_batches
 from ..metrics.ood import COVARIANCES, KINDS, GaussianOODScore, energy_score, msp_score, ood_metrics
+from ..ood_sets import INTERP_PAIRS
 from .context import EvalContext, default_readout, methods_with
 
 __all__ = ["OODSettings", "applicable_scores", "method_scores", "run"]
@@ -31,8 +32,11 @@ class OODSettings:
     # generated sets (noise, constant, interp) or any data set name of the registry (svhn, npz:PATH), resized
     sets: list[str] = setting(["noise", "constant", "interp"])
     scores: list[str] = setting([], choices=KINDS)  # empty: every score the method offers
-    n: int = setting(1000, min=1)                   # in-distribution test images and images per OOD set
+    # in-distribution test images, and images per OOD set; null: all of both, as the HybViT paper scores them
+    n: int | None = setting(1000, min=1, hint="null: the whole test split and every OOD set whole")
     gaussian_covariance: str = setting("shared", choices=COVARIANCES)
+    # random: the HybViT code's pairs of any two test images; different_class: only pairs of two classes
+    interp_pairs: str = setting("random", choices=INTERP_PAIRS)
 
 
 def applicable_scores(method) -> dict[str, str | None]:
@@ -121,8 +125,9 @@ def score_kinds(ctx: EvalContext) -> tuple[list[str], dict[str, str]]:
 
 
 def check(ctx: EvalContext) -> None:
-    """Every OOD set must be one genrep can make (a registry set must be available), and at least one asked-for
-    score must apply to the method, before any work."""
+    """Every OOD set must be one genrep can make (a registry set must be available: one missing offline fails
+    here, not after the features are extracted), and at least one asked-for score must apply to the method,
+    before any work. A registry set is loaded whole once; the run reuses it."""
     kinds, skipped = score_kinds(ctx)
     if not kinds:
         offered = [k for k, why in applicable_scores(ctx.method).items() if why is None]
@@ -143,7 +148,7 @@ def run(ctx: EvalContext) -> dict:
     if "gaussian" in kinds:
         gaussian = GaussianOODScore().fit(ctx.features("train", layer, pool), ctx.train.labels,
                                           covariance=s.gaussian_covariance)
-    in_images, _ = ctx.test_subset(s.n)
+    in_images, _ = ctx.test_subset(len(ctx.test) if s.n is None else s.n)
     n = len(in_images)
 
     def scores(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,9 +157,11 @@ def run(ctx: EvalContext) -> dict:
 
     s_in = scores(in_images)
     results = {k: {} for k in kinds}
-    s_out_all = {}
+    s_out_all, n_out = {}, {}
     for name in s.sets:
-        s_out_all[name] = scores(ctx.ood_images(name, n))
+        images = ctx.ood_images(name, None if s.n is None else n)
+        n_out[name] = len(images)
+        s_out_all[name] = scores(images)
         for k in kinds:
             results[k][name] = ood_metrics(s_in[k], s_out_all[name][k])
     figures = {}
@@ -163,8 +170,9 @@ def run(ctx: EvalContext) -> dict:
         fig = score_histogram({in_name: s_in[k], **{nm: sc[k] for nm, sc in s_out_all.items()}},
                               ctx.figure(f"ood-{k}"), title=f"OOD score: {k}", in_name=in_name)
         figures[f"OOD scores: {k}"] = ctx.rel(fig)
-    out = {"scores": results, "n_in": n, "sets": list(s.sets), "layer": layer, "pool": pool,
-           "gaussian_covariance": s.gaussian_covariance, "not_applicable": skipped, "figures": figures}
+    out = {"scores": results, "n_in": n, "n_out": n_out, "sets": list(s.sets), "layer": layer, "pool": pool,
+           "gaussian_covariance": s.gaussian_covariance, "interp_pairs": s.interp_pairs, "not_applicable": skipped,
+           "figures": figures}
     if "bpd" in kinds:
         out["nll"] = ctx.method.capability_settings("nll")
     return out

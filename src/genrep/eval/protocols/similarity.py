@@ -22,11 +22,13 @@ class SimilaritySettings:
 
 
 def check(ctx: EvalContext) -> None:
-    """A folder that is not a run fails here, not after the other protocols."""
+    """A folder that is not a run, or a t-SNE OOD set missing offline, fails here, not after the other protocols."""
     from ...runs import read_run_config
 
     for other in ctx.ev.similarity.cka_runs:
         read_run_config(Path(other))
+    if ctx.ev.ood.sets:
+        ctx.ood_images(ctx.ev.ood.sets[0], 1)
 
 
 def other_run_features(ctx: EvalContext, other: Path, images: torch.Tensor):

@@ -1,5 +1,5 @@
 """The PNG figures of a run and of each protocol (written atomically): the training summary, the
-reliability diagram, OOD score histograms, PGD accuracy curves and CKA heatmaps."""
+reliability diagram, OOD score histograms, per-class energy histograms, PGD accuracy curves and CKA heatmaps."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from ..metrics.calibration import calibration_bins
 from ..metrics.ood import _scores, ood_metrics
 from ..metrics.robustness import _check_eps, _check_norm
 
-__all__ = ["cka_heatmap", "reliability_diagram", "robustness_figure", "score_histogram", "summary_figure"]
+__all__ = ["cka_heatmap", "energy_histograms", "reliability_diagram", "robustness_figure", "score_histogram",
+           "summary_figure"]
 
 _NORM_TITLES = {"linf": "$L_\\infty$", "l2": "$L_2$"}
 
@@ -29,8 +30,13 @@ NOT_LOSS_TERMS = {"step", "epoch", "lr", "grad_norm", "images_per_s", "acc"}
 
 def summary_figure(run: Path, probe: dict, path: Path) -> Path:
     """Training loss (and its terms, e.g. HybViT's ce and diff) over steps, and test accuracy of each read-out."""
-    rows = read_log(run)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    logged = read_log(run)
+    rows = [r for r in logged if "loss" in r]
+    evals = [r for r in logged if "eval_seconds" in r]  # train.eval_every (eval/periodic.py)
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(13.5 if evals else 9, 3.4))
+    ax_loss, ax_acc = axes[0], axes[-1]
+    if evals:
+        _periodic_panel(axes[1], evals)
     if rows:
         steps = [r["step"] for r in rows]
         parts = [k for k in rows[-1] if k not in NOT_LOSS_TERMS and k != "loss"]
@@ -67,6 +73,26 @@ def summary_figure(run: Path, probe: dict, path: Path) -> Path:
     ax_acc.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     return save_figure(path, fig)
+
+
+def _periodic_panel(ax, rows: list[dict]) -> None:
+    """The evaluations during training: accuracies (%) on the left axis, FID on a right one."""
+    steps = [r["step"] for r in rows]
+    labels = {"eval_knn": "kNN accuracy", "eval_accuracy": "classifier accuracy"}
+    for key, label in labels.items():
+        if key in rows[-1]:
+            ax.plot(steps, [100 * r.get(key, float("nan")) for r in rows], marker="o", ms=3, label=label)
+    ax.set(xlabel="step", ylabel="test accuracy (%)", title="during training (EMA weights)")
+    ax.grid(alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    if "eval_fid" in rows[-1]:
+        ax_fid = ax.twinx()
+        line, = ax_fid.plot(steps, [r.get("eval_fid", float("nan")) for r in rows], color="#c44e52", marker="s",
+                            ms=3, label="FID")
+        ax_fid.set_ylabel("FID", color="#c44e52")
+        handles, names = handles + [line], names + ["FID"]
+    if handles:
+        ax.legend(handles, names, fontsize=8)
 
 
 def reliability_diagram(probs: Tensor, labels: Tensor, path, n_bins: int = 15, title: str = "") -> Path:
@@ -121,6 +147,37 @@ def score_histogram(scores: dict[str, Tensor], path, title: str = "", in_name: s
     ax.set(xlabel="score (higher = more in-distribution)", ylabel="density", title=title or None)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def energy_histograms(histogram: dict, path: Path, classes: Sequence[str], title: str = "") -> Path:
+    """One panel per class of ``classes``: the counts ``histogram["counts"][class]`` over the shared
+    ``histogram["edges"]``, drawn horizontally with shared axes as the HybViT paper's figure 11 (energy up,
+    count across), five panels a row. Returns ``path``."""
+    if not classes:
+        raise GenrepError("energy_histograms needs at least one class to draw")
+    edges = np.asarray(histogram["edges"], dtype=float)
+    missing = [c for c in classes if c not in histogram["counts"]]
+    if edges.ndim != 1 or len(edges) < 2 or missing:
+        raise GenrepError(f"energy_histograms needs bin edges and counts for every class drawn; missing: "
+                          f"{', '.join(missing) or 'edges'}")
+    cols = min(5, len(classes))
+    rows = -(-len(classes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, name in zip(axes.flat, classes):
+        counts = np.asarray(histogram["counts"][name])
+        ax.barh(edges[:-1], counts, height=np.diff(edges), align="edge", color="#4c72b0")
+        ax.set_title(f"{name} (n={int(counts.sum())})", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("E(x) = logsumexp")
+    for ax in axes[-1]:
+        ax.set_xlabel("samples")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(path, fig)
 

@@ -22,10 +22,11 @@ from ...io import atomic_write_text
 from ..evaluate import EVAL_FILE, read_results
 from ..protocols import PROTOCOLS
 from ..protocols.context import RESULTS_DIR
-from .summary import sampling_text
+from .summary import attack_text, sampling_text
 
 TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood": "Out-of-distribution detection",
-          "likelihood": "Likelihood", "generation": "Generation", "robustness": "Adversarial robustness (PGD)",
+          "likelihood": "Likelihood", "generation": "Generation", "energy": "Energy of samples by class",
+          "robustness": "Adversarial robustness (PGD)",
           "similarity": "Representation similarity", "finetune": "Fine-tuning", "lowshot": "Low-shot transfer"}
 
 CSS = """
@@ -177,6 +178,18 @@ def _generation(runs: list[dict]) -> str:
                        "comparable with Inception-v3 FIDs in the literature.</p>")
 
 
+def _energy(runs: list[dict]) -> str:
+    t = Table(["run", "samples", "E(x) mean ± std", "classes shown: count, mean E(x)"])
+    for r, en in _results(runs, "energy", t):
+        shown = list(en["per_class"].items())[:en["classes_shown"]]  # 1000 ImageNet classes would swamp the table
+        per = "; ".join(f"{_e(c)}: {v['count']}" + (f", {v['energy_mean']:.2f}" if v["count"] else "")
+                        for c, v in shown)
+        e = en["energy"]
+        t.add([_label(r), f"{en['n']} ({_e(sampling_text(en))})", f"{e['mean']:.3f} ± {e['std']:.3f}", per])
+    return t.html() + ("<p class='note'>E(x) = logsumexp of the classifier's logits on the method's own samples, "
+                       "each assigned the class its head prefers (the HybViT paper's figures 10 and 11).</p>")
+
+
 def _robustness(runs: list[dict]) -> str:
     out = []
     for norm in ("linf", "l2"):
@@ -184,21 +197,23 @@ def _robustness(runs: list[dict]) -> str:
                                  .get(norm, [])))
         if not eps:
             continue
-        t = Table(["run", "steps"] + [f"ε={e:g}/255" for e in eps])
+        t = Table(["run", "attack"] + [f"ε={e:g}/255" for e in eps])
         for r in runs:
             rb = r["protocols"].get("robustness")
             if rb is None or norm not in rb.get("accuracy", {}):
                 continue
             acc = rb["accuracy"][norm]
             vals = list(acc.values())
-            t.add([_label(r), str(rb["steps"]), *[_pct(vals[rb["eps"][norm].index(e)]) if e in rb["eps"][norm]
+            t.add([_label(r), _e(attack_text(rb)), *[_pct(vals[rb["eps"][norm].index(e)]) if e in rb["eps"][norm]
                                                   else "–" for e in eps]])
         out.append(f"<h3>{'L∞' if norm == 'linf' else 'L2'}</h3>" + t.html())
     for r in runs:
         rb = r["protocols"].get("robustness")
         if rb and "skipped" in rb:
             out.append(f"<p class='note'>{_label(r)}: not applicable: {_e(rb['skipped'])}</p>")
-    return "".join(out) + "<p class='note'>Test accuracy (%) under PGD with random start; ε=0 is clean accuracy.</p>"
+    return "".join(out) + ("<p class='note'>Test accuracy (%) under PGD; ε=0 is clean accuracy. Robust on every "
+                           "iterate: the clean image and every PGD iterate are classified correctly (the HybViT "
+                           "paper's code).</p>")
 
 
 def _similarity(runs: list[dict]) -> str:
@@ -233,7 +248,7 @@ def _lowshot(runs: list[dict]) -> str:
 
 
 SECTIONS = {"probes": _probes, "calibration": _calibration, "ood": _ood, "likelihood": _likelihood,
-            "generation": _generation, "robustness": _robustness, "similarity": _similarity,
+            "generation": _generation, "energy": _energy, "robustness": _robustness, "similarity": _similarity,
             "finetune": _finetune, "lowshot": _lowshot}
 
 

@@ -40,6 +40,15 @@ def sampling_text(r: dict) -> str:
     return ", ".join(parts)
 
 
+def attack_text(r: dict) -> str:
+    """The PGD attack of an eval.json robustness entry in words (entries before issue 11 hold only its steps);
+    its step_size is in units of 1/255, or a rule that follows eps."""
+    size = r.get("step_size")
+    size = f"{size:g}/255" if isinstance(size, (int, float)) else "2.5 eps/steps"
+    judged = "every iterate" if r.get("criterion") == "every_iterate" else "the final iterate"
+    return f"{r['steps']} steps of {size}, {r.get('start', 'uniform')} start, robust on {judged}"
+
+
 def evaluation_summary(results: dict) -> str:
     """Run, weights, then one headline per protocol (or why it was skipped)."""
     size = f", {params_text(results['params'])}" if "params" in results else ""
@@ -73,9 +82,12 @@ def headline(name: str, r: dict) -> str:
     if name == "generation":
         label = " [CUSTOM extractor]" if r["custom_extractor"] else ""
         return f"FID {r['fid']:.2f}, KID {r['kid']:.4f}, {r['n_fake']} samples; {r['extractor']}{label}"
+    if name == "energy":
+        e = r["energy"]
+        return f"E(x) {e['mean']:.3f} ± {e['std']:.3f} over {r['n']} samples; per-class histograms in the figures"
     if name == "robustness":
         return "; ".join(f"{norm} eps={r['eps'][norm][-1]:g}/255: {pct(list(acc.values())[-1])}"
-                         for norm, acc in r["accuracy"].items())
+                         for norm, acc in r["accuracy"].items()) + f" ({attack_text(r)})"
     if name == "similarity":
         return f"mean CKA of adjacent layers {r['cka_adjacent_mean']:.3f}"
     if name == "finetune":
