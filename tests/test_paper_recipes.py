@@ -84,3 +84,12 @@ def test_an_epoch_override_of_a_recipe_counting_steps_is_refused_not_ignored(tmp
     cfg = resolve_config("hybvit-cifar10", {"train.steps": 0, "train.epochs": 10.0})
     assert (cfg.train.steps, cfg.train.epochs) == (0, 10.0)
     assert resolve_config("hybvit-cifar10").train.epochs is None  # one unit in the saved config
+
+
+def test_a_warmup_epochs_override_of_a_recipe_counting_warmup_steps_is_refused():
+    from genrep.errors import GenrepError
+
+    with pytest.raises(GenrepError, match=r"counts its warm-up in steps \(optim.warmup_steps 11710\)"):
+        resolve_config("supervised-cifar10", {"optim.warmup_epochs": 0.2})
+    cfg = resolve_config("supervised-cifar10", {"optim.warmup_steps": 0, "optim.warmup_epochs": 0.2})
+    assert cfg.optim.warmup_epochs == 0.2 and cfg.optim.warmup_steps == 0

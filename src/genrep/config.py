@@ -348,11 +348,17 @@ def resolve_config(recipe: str, overrides: dict[str, Any] | None = None) -> Conf
 
 
 def check_budget_override(d: dict, overrides: dict[str, Any], source: str) -> None:
-    """``--train.epochs`` on a config that counts steps would be ignored (steps win): say so instead."""
-    steps = (d.get("train") or {}).get("steps", 0) if isinstance(d.get("train"), dict) else 0
-    if "train.epochs" in overrides and "train.steps" not in overrides and isinstance(steps, int) and steps > 0:
-        raise GenrepError(f"{source} counts its budget in steps (train.steps {steps}); set --train.steps N, or "
-                          f"--train.steps 0 to count --train.epochs {show(overrides['train.epochs'])} instead")
+    """An epoch override of a config that counts steps would be ignored (steps win): say so instead."""
+    for section, key in (("train", "steps"), ("optim", "warmup_steps")):
+        epochs = "epochs" if section == "train" else "warmup_epochs"
+        values = d.get(section) if isinstance(d.get(section), dict) else {}
+        steps = values.get(key, 0)
+        if f"{section}.{epochs}" in overrides and f"{section}.{key}" not in overrides and isinstance(steps, int) \
+                and steps > 0:
+            what = "its budget" if section == "train" else "its warm-up"
+            raise GenrepError(f"{source} counts {what} in steps ({section}.{key} {steps}); set --{section}.{key} N, "
+                              f"or --{section}.{key} 0 "
+                              f"to count --{section}.{epochs} {show(overrides[f'{section}.{epochs}'])} instead")
 
 
 def save_config(cfg: Config, path: Path) -> None:
