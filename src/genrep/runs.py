@@ -162,7 +162,12 @@ def is_unmarked_old_run(run: Path) -> bool:
     layout (an arbitrary folder has neither, so it is never taken for one)."""
     run = Path(run)
     ckpts = checkpoint_dirs(run)
-    if not (run / CONFIG_FILE).is_file() or not ckpts or not all(is_genrep_checkpoint(c) for c in ckpts):
+    return bool(ckpts) and all(is_genrep_checkpoint(c) for c in ckpts) and _holds_genrep_config(run)
+
+
+def _holds_genrep_config(run: Path) -> bool:
+    """Whether ``run/config.yaml`` is a config genrep can read (any version)."""
+    if not (run / CONFIG_FILE).is_file():
         return False
     try:
         load_config_file(run / CONFIG_FILE)
@@ -241,13 +246,7 @@ def is_genrep_run(run: Path) -> bool:
     run = Path(run)
     if is_marked_run(run) or is_unmarked_old_run(run):
         return True
-    if not (run / CONFIG_FILE).is_file() or not any((run / w).is_file() for w in WEIGHT_FILES):
-        return False
-    try:
-        load_config_file(run / CONFIG_FILE)
-    except GenrepError:
-        return False
-    return True
+    return any((run / w).is_file() for w in WEIGHT_FILES) and _holds_genrep_config(run)
 
 
 @contextlib.contextmanager

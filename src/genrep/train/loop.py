@@ -100,6 +100,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg.train.precision, self.device)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self._test_set: ImageSet | None = None  # loaded with the training set, for the evaluation during training
         if train_set is None:
             train_set = self._load_data()
         self.train_set = train_set
@@ -191,7 +192,7 @@ class Trainer:
         if self.cfg.train.eval_every is None:
             return None
         check_periodic(self.cfg, self.method)
-        test_set = getattr(self, "_test_set", None) or load_split(self.cfg, "test")
+        test_set = self._test_set if self._test_set is not None else load_split(self.cfg, "test")
         return PeriodicEval(self.cfg, self.train_set, test_set, self.device)
 
     def _evaluate(self, done: int) -> None:
