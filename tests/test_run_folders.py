@@ -315,7 +315,7 @@ def test_a_file_system_error_at_run_time_is_one_line_naming_the_path(monkeypatch
     assert len(err) == 1 and "/runs/x/model.safetensors" in err[0] and "No space left" in err[0]
 
 
-@pytest.mark.parametrize("command", ["pretrain", "evaluate", "probe", "sample", "report"])
+@pytest.mark.parametrize("command", ["pretrain", "evaluate", "probe", "sample", "report", "datasets"])
 def test_ctrl_c_says_what_the_interrupted_command_left(monkeypatch, capsys, command):
     from genrep import cli
 
@@ -323,8 +323,9 @@ def test_ctrl_c_says_what_the_interrupted_command_left(monkeypatch, capsys, comm
         raise KeyboardInterrupt
 
     monkeypatch.setitem(cli.COMMANDS, command, interrupted)
-    argv = {"pretrain": ["pretrain"], "report": ["report", "R"]}.get(command, [command, "R"])
+    argv = {"pretrain": ["pretrain"], "report": ["report", "R"], "datasets": ["datasets"]}.get(command,
+                                                                                           [command, "R"])
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
     assert ("pretrain --resume" in err) == (command == "pretrain")
-    assert f"genrep {command}" in err
+    assert f"genrep {command}" in err if command != "datasets" else "nothing was written" in err

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genrep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"genrep: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
+        print(f"genrep: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
     except OSError as e:  # the file system refused a write or read the checks could not foresee (disk full)
         where = f" {e.filename}" if e.filename else ""
