@@ -132,7 +132,8 @@ def test_plan_skips_with_reasons_and_rejects_unknown_protocols():
     method = build_for_data(cfg, load_dataset("digits", "train", image_size=8))
     run, skipped = plan(method, EvalConfig())
     assert "generation" in run and "likelihood" in run
-    assert set(skipped) == {"calibration", "energy", "robustness"} and "classifier head" in skipped["calibration"]
+    assert set(skipped) == {"calibration", "completion", "energy", "robustness"}
+    assert "classifier head" in skipped["calibration"] and "completion" in skipped["completion"]
     assert "classifier head" in skipped["energy"] and "sampler" not in skipped["energy"]
     # the protocol list is checked where the config is built, once
     with pytest.raises(GenrepError) as e:

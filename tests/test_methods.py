@@ -90,7 +90,8 @@ def test_capabilities_are_callable(method_name):
         assert getattr(type(method), api) is not getattr(Method, api, None), f"{cap}: {api} is not implemented"
     if "score" in method.capabilities:
         g = method.grad_log_density(x)
-        assert g.shape == x.shape and torch.isfinite(g).all()
+        shape_ok = g.shape == x.shape if method.score_wrt == "pixels" else g.shape[0] == x.shape[0]
+        assert shape_ok and torch.isfinite(g).all()
     gen = torch.Generator().manual_seed(0)
     if "sample" in method.capabilities:
         s = method.sample(2, generator=gen)
@@ -146,6 +147,9 @@ def test_weights_round_trip_through_safetensors(method_name, tmp_path):
 def test_a_few_steps_reduce_the_loss_on_one_batch(method_name):
     method = _build(method_name).train()
     batch = _batch(method, n=16)
+    # rows of one colour: an autoregressive model has something to learn besides memorising i.i.d. noise, whose
+    # entropy is a floor no few steps get below
+    batch.update({v: batch[v][..., :1].expand_as(batch[v]).contiguous() for v in method.views()})
     opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
     torch.manual_seed(0)
     first = method(batch)["loss"].item()

@@ -24,6 +24,7 @@ from .errors import GenrepError
 from .eval.metrics.probes import SOLVERS
 from .eval.periodic import PERIODIC_METRICS
 from .eval.protocols.calibration import CalibrationSettings
+from .eval.protocols.completion import CompletionSettings
 from .eval.protocols.energy import EnergySettings
 from .eval.protocols.finetune import FinetuneSettings
 from .eval.protocols.generation import GenerationSettings
@@ -66,10 +67,17 @@ class OptimConfig:
     # embeddings and tokens (timm's and DiT's habit)
     decay_exclusions: bool = True
     clip_grad: float = setting(1.0, min=0)       # max global grad norm; 0 turns clipping off
+    # a second phase of the schedule (GCRL's generative-only first half at one peak, the hybrid second half at
+    # another): at this fraction of the steps the schedule restarts, warm-up then cosine from second_phase_lr
+    second_phase_at: float | None = setting(None, above=0, below=1)
+    second_phase_lr: float | None = setting(None, above=0)
 
     def validate(self, section: str) -> None:
         if len(self.betas) != 2:
             raise GenrepError(f"{section}.betas must be two numbers in [0, 1), got {self.betas}")
+        if (self.second_phase_at is None) != (self.second_phase_lr is None):
+            raise GenrepError(f"{section}.second_phase_at and {section}.second_phase_lr go together: set both "
+                              f"(a fraction of the steps in (0, 1) and a peak learning rate) or neither")
 
 
 @dataclass
@@ -121,8 +129,8 @@ class ProbeConfig:
     batch_size: int = setting(512, min=1)
 
 
-PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "energy", "robustness", "similarity",
-             "finetune", "lowshot")
+PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "completion", "energy", "robustness",
+             "similarity", "finetune", "lowshot")
 
 
 @dataclass
@@ -143,6 +151,7 @@ class EvalConfig:
     ood: OODSettings = field(default_factory=OODSettings)
     likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    completion: CompletionSettings = field(default_factory=CompletionSettings)
     energy: EnergySettings = field(default_factory=EnergySettings)
     robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)

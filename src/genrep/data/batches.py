@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import GenrepError
 from .augment import augment
-from .random_inputs import RANDOM_KINDS
+from .random_inputs import PROGRESS_KIND, RANDOM_KINDS
 
 # Keep a data set on the GPU while it uses at most this fraction of free memory.
 RESIDENT_FRACTION = 0.25
@@ -165,19 +165,24 @@ def make_views(images: torch.Tensor, views: dict[str, str], seed: int, step: int
 
 
 def draw_random_inputs(spec: dict[str, tuple[str, object]], views: dict[str, torch.Tensor], seed: int, step: int,
-                       start: int, total: int) -> dict[str, torch.Tensor]:
+                       start: int, total: int, *, progress: float = 0.0) -> dict[str, torch.Tensor]:
     """Per-sample random inputs of a method (``spec``: name -> (kind, arg), see ``random_inputs``), drawn for
     the whole global batch of ``total`` and sliced to this process's [start, start+b).
 
     Like the augmentations, the draw depends on (seed, step, the entry's place in ``spec``) only, so a step's
     randomness does not depend on the number of processes or on gradient accumulation. It is drawn on the
-    batch's device with a generator of that device: no copy.
+    batch's device with a generator of that device: no copy. The ``progress`` kind is not drawn: every row holds
+    ``progress``, the fraction of training done at this step (a loss term's schedule, as a tensor so that the
+    compiled objective does not recompile when it changes).
     """
     out = {}
     for i, (name, (kind, arg)) in enumerate(spec.items()):
+        like = views[arg] if kind == "normal" else next(iter(views.values()))
+        if kind == PROGRESS_KIND:
+            out[name] = torch.full((like.shape[0],), float(progress), device=like.device)
+            continue
         if kind not in RANDOM_KINDS:
             raise ValueError(f"unknown random input kind {kind!r}; expected one of {', '.join(RANDOM_KINDS)}")
-        like = views[arg] if kind == "normal" else next(iter(views.values()))
         g = torch.Generator(device=like.device).manual_seed(mix_seed(seed, step, i, 0x401))
         out[name] = RANDOM_KINDS[kind](arg, total, like, g)[start:start + like.shape[0]]
     return out

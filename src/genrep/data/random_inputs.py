@@ -19,6 +19,10 @@ Kinds (``arg`` in brackets), each drawn as ``[total, ...]``:
   drawn once per batch), so every process and micro-batch of a step reads the same value from its rows.
 
 A new kind is one function registered with :func:`random_kind`.
+
+One more kind is not random: ``progress`` [None], float ``[total]``, every row the fraction of training done at
+this step (the loop's ``step / total_steps``; 0 outside training). A loss term with a schedule reads it, e.g.
+GCRL's contrastive term, off for the first half of training.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+PROGRESS_KIND = "progress"
 Drawer = Callable[[object, int, torch.Tensor, torch.Generator], torch.Tensor]
 RANDOM_KINDS: dict[str, Drawer] = {}
 
@@ -131,7 +136,7 @@ def check_random_spec(spec: dict[str, tuple[str, object]], views: list[str]) -> 
         if not (isinstance(entry, tuple) and len(entry) == 2):
             raise ValueError(f"random input {name!r} must be a (kind, arg) pair, got {entry!r}")
         kind, arg = entry
-        if kind not in RANDOM_KINDS:
+        if kind not in RANDOM_KINDS and kind != PROGRESS_KIND:
             raise ValueError(f"random input {name!r} has unknown kind {kind!r}; known kinds: "
                              f"{', '.join(RANDOM_KINDS)}")
         if kind == "normal" and arg not in views:

@@ -105,6 +105,12 @@ class Method(nn.Module):
     read_options: ClassVar[tuple[str, ...]] = ()
     # a method trained with a causal attention mask; read-outs may switch it with ``causal_mask``
     causal_readout: ClassVar[bool] = False
+    # what ``grad_log_density`` differentiates by: the pixels, or (models of quantized inputs, which have no pixel
+    # gradient: iGPT, GCRL) their input embeddings, [B, ...] of the method's own shape
+    score_wrt: ClassVar[str] = "pixels"
+    # the loss couples the samples of a batch (NT-Xent's negatives): gradient accumulation is refused, and under
+    # torchrun the method gathers across processes itself
+    batch_coupled: ClassVar[bool] = False
     # model config overrides that make the registry-wide tests' tiny model (any data set, 8x8 images)
     tiny_config: ClassVar[dict] = {}
 
@@ -241,6 +247,11 @@ class Method(nn.Module):
         """The feature options' values as a cache-key fragment ("-feature_tNone")."""
         return "".join(f"-{k}{getattr(self.cfg, k)}" for k in self.feature_options)
 
+    def readout_refusal(self, causal: bool) -> str | None:
+        """Why the features cannot be read with the causal mask switched to ``causal`` (None: they can); the
+        probes' and fine-tuning's preflight asks before any work."""
+        return None
+
     # ---- capabilities: inputs and outputs are images in [0, 1]; options come from the method's config
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> class logits [B, num_classes] (the ``logits`` capability)."""
@@ -263,7 +274,8 @@ class Method(nn.Module):
 
     def grad_log_density(self, x: torch.Tensor) -> torch.Tensor:
         """d log p(x) / dx for images in [0, 1] (the ``score`` capability). Models with an explicit
-        log-likelihood get it by autograd; diffusion models read it off their denoiser."""
+        log-likelihood get it by autograd; diffusion models read it off their denoiser. A model of quantized
+        inputs returns the gradient with respect to its input embeddings instead (``score_wrt``), [B, ...]."""
         raise NotImplementedError
 
     def capability_settings(self, capability: str) -> dict:
@@ -296,8 +308,10 @@ def example_batch(method: Method, n: int = 1, seed: int = 0) -> dict[str, torch.
     d = method.data
     device = next(iter(method.parameters()), torch.empty(0)).device
     g = torch.Generator().manual_seed(seed)
-    batch = {v: torch.rand(n, d.channels, d.image_size, d.image_size, generator=g).to(device)
-             for v in method.views()}
+    # views of one stream are views of the same images (here unaugmented), as the loop makes them
+    base = [torch.rand(n, d.channels, d.image_size, d.image_size, generator=g).to(device)
+            for _ in range(method.num_streams)]
+    batch = {v: base[method.view_streams.get(v, 0)].clone() for v in method.views()}
     batch.update(draw_random_inputs(method.random_inputs(), batch, seed, 0, 0, n))
     if method.needs_labels:
         batch["label"] = torch.randint(0, d.num_classes, (n,), generator=g).to(device)

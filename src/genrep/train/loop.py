@@ -33,7 +33,7 @@ from .checkpoint import CKPT_DIR, checkpoint_dirs, checkpoint_step, load_checkpo
 from .dist import barrier, cleanup, init_distributed
 from .ema import EMA
 from .logger import LOG_FILE, Logger, check_tensorboard, truncate_log
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, phase_start, phased_lr_at
 
 
 @dataclass
@@ -72,6 +72,16 @@ def check_train_config(cfg: Config, world: int) -> None:
                           f"= {world} x {t.accum_steps}")
 
 
+def check_accumulation(cfg: Config, method: Method) -> None:
+    """Accumulation splits a batch into micro-batches; a loss that couples the samples of a batch (NT-Xent's
+    negatives) would then optimise another objective, so it is refused rather than silently changed."""
+    if method.batch_coupled and cfg.train.accum_steps > 1:
+        raise GenrepError(f"train.accum_steps {cfg.train.accum_steps}: {method.name}'s loss couples the samples "
+                          f"of a batch (the contrastive negatives), so accumulating micro-batches would change the "
+                          f"objective; use --train.accum_steps 1 (more processes give a bigger batch: their "
+                          f"negatives are gathered)")
+
+
 class Trainer:
     def __init__(self, cfg: Config, run: Path, resume: bool = False, train_set: ImageSet | None = None):
         self.cfg, self.run, self.resume = cfg, Path(run), resume
@@ -105,6 +115,7 @@ class Trainer:
             train_set = self._load_data()
         self.train_set = train_set
         self.method: Method = build_for_data(cfg, train_set, self.device, training=True)
+        check_accumulation(cfg, self.method)
         self.periodic = self._periodic_eval()
         self._prepared = self._prepare(resume)  # before the EMA copies the method: it holds the fitted state
         self.method.to(self.device)
@@ -239,16 +250,22 @@ class Trainer:
             else "no checkpoint had been written yet"
 
     # ------------------------------------------------------------------ one step
+    def _lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        return phased_lr_at(step, self.total_steps, self.warmup_steps, o.lr, o.min_lr,
+                            phase_start(self.total_steps, o.second_phase_at), o.second_phase_lr)
+
     def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         torch.manual_seed(mix_seed(cfg.train.seed, step, self.info.rank, 0xD809))
-        lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+        lr = self._lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         start, total = self.info.rank * self.plan.local_batch, self.plan.global_batch
         views = make_views(images, self.method.views(), cfg.train.seed, step, start=start, total=total,
                            streams=self.method.view_streams)
-        views.update(draw_random_inputs(self.method.random_inputs(), views, cfg.train.seed, step, start, total))
+        views.update(draw_random_inputs(self.method.random_inputs(), views, cfg.train.seed, step, start, total,
+                                        progress=step / self.total_steps))
         if self.method.needs_labels:
             views["label"] = labels[:self.plan.local_batch]  # the labels of stream 0
         accum = cfg.train.accum_steps
@@ -337,8 +354,7 @@ class Trainer:
                               f"pretrain --resume {self.run} --optim.lr {self.cfg.optim.lr / 2:g}")
         row = {"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4)}
         row.update({k: round(v, 6) for k, v in zip(names, values[:-1])})
-        cfg = self.cfg
-        row["lr"] = lr_at(done - 1, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+        row["lr"] = self._lr_at(done - 1)
         row["images_per_s"] = round(count * self.cfg.train.batch_size / max(seconds, 1e-9), 1)
         self.logger.log(row)
         return row

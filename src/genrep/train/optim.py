@@ -34,3 +34,21 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def phase_start(total_steps: int, second_phase_at: float | None) -> int | None:
+    """The step at which the schedule's second phase starts (None: one phase)."""
+    return None if second_phase_at is None else max(1, min(total_steps - 1, round(second_phase_at * total_steps)))
+
+
+def phased_lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float,
+                 second_start: int | None = None, second_lr: float | None = None) -> float:
+    """``lr_at`` over one phase, or two: the first warms up and decays to ``min_lr`` at ``second_start``, then
+    the second warms up again and decays from ``second_lr`` to ``min_lr`` at ``total_steps`` (GCRL, table 3 and
+    10: 1.6e-3 for the generative-only half, 9.6e-4 or 4.8e-4 for the hybrid half, each with its warm-up)."""
+    if second_start is None or second_lr is None:
+        return lr_at(step, total_steps, warmup_steps, lr, min_lr)
+    if step < second_start:
+        return lr_at(step, second_start, min(warmup_steps, second_start - 1), lr, min_lr)
+    rest = total_steps - second_start
+    return lr_at(step - second_start, rest, min(warmup_steps, max(rest - 1, 0)), second_lr, min_lr)

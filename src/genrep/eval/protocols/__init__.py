@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import calibration, energy, finetune, generation, likelihood, lowshot, ood, probes, robustness, similarity
+from . import (calibration, completion, energy, finetune, generation, likelihood, lowshot, ood, probes, robustness,
+               similarity)
 from .context import EvalContext
 
 
@@ -31,6 +32,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "ood": Protocol((), ood.OODSettings, ood.run, ood.check, False),
     "likelihood": Protocol(("nll",), likelihood.LikelihoodSettings, likelihood.run, None, False),
     "generation": Protocol(("sample",), generation.GenerationSettings, generation.run, generation.check, True),
+    "completion": Protocol(("complete",), completion.CompletionSettings, completion.run, completion.check, True),
     "energy": Protocol(("sample", "logits"), energy.EnergySettings, energy.run, None, True),
     "robustness": Protocol(("logits",), robustness.RobustnessSettings, robustness.run, None, True),
     "similarity": Protocol((), similarity.SimilaritySettings, similarity.run, similarity.check, False),
@@ -39,7 +41,8 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 NEEDS = {"logits": "a classifier head (the 'logits' capability)", "nll": "a likelihood (the 'nll' capability)",
-         "sample": "a sampler (the 'sample' capability)"}
+         "sample": "a sampler (the 'sample' capability)",
+         "complete": "image completion (the 'complete' capability)"}
 
 
 def skip_reason(name: str, method) -> str | None:

@@ -149,3 +149,6 @@ def check_causal(method: Method, causal: bool | None, key: str = "causal") -> No
         known = ", ".join(_causal_methods()) or "none is registered"
         raise GenrepError(f"{method.name} has no causal mask to switch {'on' if causal else 'off'}; {key} "
                           f"applies to causal methods ({known}); leave {key}=None for {method.name}")
+    why = method.readout_refusal(causal) if causal is not None else None
+    if why:
+        raise GenrepError(f"{key}={causal}: {why}")

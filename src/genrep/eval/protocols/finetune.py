@@ -26,7 +26,8 @@ Causal methods
     ``Method.causal_readout = True``, and its attention reads the instance switch ``causal_mask`` at forward
     time. ``causal=False`` fine-tunes with the mask off (bidirectional attention, as GCRL's encoder),
     ``causal=True`` with it on, ``causal=None`` leaves it as trained; only the copy is changed. For any
-    other method ``causal`` must be None. No registered method is causal today.
+    other method ``causal`` must be None. iGPT and GCRL are causal; with axial attention they refuse
+    ``causal=False`` (the axial block has no unmasked form).
 
 Determinism
     The shuffle, the augmentation and dropout are drawn from ``seed`` (the global RNG is forked, so the

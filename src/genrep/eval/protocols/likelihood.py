@@ -1,5 +1,6 @@
 """The likelihood protocol: bits/dim of test images under the method's ``nll`` (a diffusion model's bound,
-over the terms its option ``model.nll_terms`` says)."""
+over the terms its option ``model.nll_terms`` says; a colour-token model's exact likelihood of the quantized
+image, whose unit the method names and the result records)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 from ...fields import setting
 from ..features import image_batches
 from .context import EvalContext
+
+
+UNIT = "bits/dim"
 
 
 @dataclass
@@ -33,5 +37,8 @@ def run(ctx: EvalContext) -> dict:
                      for x in image_batches(images, ctx.ev.batch_size, ctx.device, progress=ctx.progress,
                                             desc="bits/dim")])
     cs = ctx.method.capability_settings("nll")
-    return {"bpd": float(bpd.mean()), "bpd_sem": float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else 0.0,
-            "n": len(bpd), "terms": nll_terms(cs), "nll": cs}
+    out = {"bpd": float(bpd.mean()), "bpd_sem": float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else 0.0,
+           "n": len(bpd), "terms": nll_terms(cs), "unit": cs.get("unit", UNIT), "nll": cs}
+    if "bits_per_token_factor" in cs:  # a model of quantized tokens: bits per token beside bits per sub-pixel
+        out["bits_per_token"] = out["bpd"] * cs["bits_per_token_factor"]
+    return out

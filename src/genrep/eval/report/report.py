@@ -25,7 +25,8 @@ from ..protocols.context import RESULTS_DIR
 from .summary import attack_text, sampling_text
 
 TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood": "Out-of-distribution detection",
-          "likelihood": "Likelihood", "generation": "Generation", "energy": "Energy of samples by class",
+          "likelihood": "Likelihood", "generation": "Generation", "completion": "Image completion",
+          "energy": "Energy of samples by class",
           "robustness": "Adversarial robustness (PGD)",
           "similarity": "Representation similarity", "finetune": "Fine-tuning", "lowshot": "Low-shot transfer"}
 
@@ -160,9 +161,10 @@ def _ood(runs: list[dict]) -> str:
 
 
 def _likelihood(runs: list[dict]) -> str:
-    t = Table(["run", "data", "bits/dim", "images", "terms of the bound"])
+    t = Table(["run", "data", "bits", "unit", "images", "terms of the bound"])
     for r, lk in _results(runs, "likelihood", t):
-        t.add([_label(r), _e(r["data"]), f"{lk['bpd']:.3f} ± {lk['bpd_sem']:.3f}", str(lk["n"]), _e(lk["terms"])])
+        t.add([_label(r), _e(r["data"]), f"{lk['bpd']:.3f} ± {lk['bpd_sem']:.3f}", _e(lk.get("unit", "bits/dim")),
+               str(lk["n"]), _e(lk["terms"])])
     return t.html()
 
 
@@ -176,6 +178,21 @@ def _generation(runs: list[dict]) -> str:
                f"{g['n_fake']} ({_e(sampling_text(g))})", ext])
     return t.html() + ("<p class='note'>Against the training set. Numbers from a custom extractor (red) are not "
                        "comparable with Inception-v3 FIDs in the literature.</p>")
+
+
+def _completion(runs: list[dict]) -> str:
+    t = Table(["run", "data", "mask", "images x samples", "PSNR (dB)", "MSE", "best of samples: PSNR / MSE"])
+    for r, c in _results(runs, "completion", t):
+        how = sampling_text({"sample": c["complete"]})
+        b = c["best_of_samples"]
+        t.add([_label(r), _e(r["data"]), _e(c["mask_text"]),
+               f"{c['n']} x {c['samples']}" + (f" ({_e(how)})" if how else ""),
+               f"{c['psnr']:.2f} ± {c['psnr_sem']:.2f}", f"{c['mse']:.4g} ± {c['mse_sem']:.2g}",
+               f"{b['psnr']:.2f} / {b['mse']:.4g}"])
+    return t.html() + ("<p class='note'>Held-out test images with part hidden, filled in by the method's own "
+                       "completion; errors on the filled-in pixels only, images in [0, 1], mean ± standard error over "
+                       "completions (best of samples: each image's closest completion). Completions are samples, so "
+                       "their error measures plausibility as much as recall.</p>")
 
 
 def _energy(runs: list[dict]) -> str:
@@ -248,8 +265,8 @@ def _lowshot(runs: list[dict]) -> str:
 
 
 SECTIONS = {"probes": _probes, "calibration": _calibration, "ood": _ood, "likelihood": _likelihood,
-            "generation": _generation, "energy": _energy, "robustness": _robustness, "similarity": _similarity,
-            "finetune": _finetune, "lowshot": _lowshot}
+            "generation": _generation, "completion": _completion, "energy": _energy, "robustness": _robustness,
+            "similarity": _similarity, "finetune": _finetune, "lowshot": _lowshot}
 
 
 # ----------------------------------------------------------------------------------------------- page

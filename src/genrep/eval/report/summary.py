@@ -78,10 +78,16 @@ def headline(name: str, r: dict) -> str:
         parts = [f"{score} " + "/".join(f"{m['auroc']:.3f}" for m in sets.values()) for score, sets in r["scores"].items()]
         return f"AUROC on {'/'.join(r['sets'])}: " + "; ".join(parts)
     if name == "likelihood":
+        if "bits_per_token" in r:
+            return (f"{r['bpd']:.3f} bits per sub-pixel, {r['bits_per_token']:.3f} bits per token, of the "
+                    f"colour-quantized images (not pixel bits/dim; {r['n']} images)")
         return f"{r['bpd']:.3f} bits/dim ({r['n']} images, {r['terms']} terms)"
     if name == "generation":
         label = " [CUSTOM extractor]" if r["custom_extractor"] else ""
         return f"FID {r['fid']:.2f}, KID {r['kid']:.4f}, {r['n_fake']} samples; {r['extractor']}{label}"
+    if name == "completion":
+        return (f"PSNR {r['psnr']:.2f} dB, MSE {r['mse']:.4f} on the filled-in pixels ({r['mask_text']}; "
+                f"{r['n']} images x {r['samples']} samples)")
     if name == "energy":
         e = r["energy"]
         return f"E(x) {e['mean']:.3f} ± {e['std']:.3f} over {r['n']} samples; per-class histograms in the figures"
