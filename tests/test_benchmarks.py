@@ -60,3 +60,30 @@ def test_augment_throughput_reports_images_per_second(tmp_path):
     bad = subprocess.run([sys.executable, str(AUGMENT_SCRIPT), "--kinds", "heavy"], capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode == 2 and "unknown kind 'heavy'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_token_sampling_reports_tokens_per_second_with_and_without_the_cache(tmp_path):
+    out = tmp_path / "rows.json"
+    script = SCRIPT.parent / "token_sampling.py"
+    proc = subprocess.run([sys.executable, str(script), "--recipe", "gcrl-digits", "--batch", "4", "--tokens", "6",
+                           "--json", str(out), "--model.dim", "32", "--model.num_heads", "2", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["cache", "recompute"]
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] == 6 for r in rows)
+    assert "tokens/s" in proc.stdout
+    axial = subprocess.run([sys.executable, str(script), "--recipe", "gcrl-digits", "--modes", "cache",
+                            "--model.attention", "axial", "--device", "cpu"], capture_output=True, text=True,
+                           timeout=600)
+    assert axial.returncode == 2 and "needs dense attention" in axial.stderr
+
+
+def test_throughput_runs_a_colour_token_method_with_axial_attention(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run("--recipe", "gcrl-digits", "--batch-sizes", "16", "--steps", "2", "--warmup", "1", "--json",
+                str(out), "--model.dim", "32", "--model.num_heads", "2", "--model.attention", "axial",
+                "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["images_per_s"] > 0 and row["passes_per_image"] == 2

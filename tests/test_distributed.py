@@ -11,10 +11,13 @@ import torch
 from conftest import TINY, run_cli
 from safetensors.torch import load_file
 
-ARGS = [f"--{k}={v}" for k, v in {**TINY, "train.steps": 4, "train.ckpt_every": 2, "model.augment": "weak"}.items()]
+ARGS = [f"--{k}={v}" for k, v in {**TINY, "train.steps": 4, "train.ckpt_every": 2}.items()]
 # supervised: all randomness in the data path; hybvit: two mini-batch streams and the diffusion t and noise,
-# which the loop draws for the global batch like the augmentations
-RECIPES = ["supervised-digits", "hybvit-digits"]
+# which the loop draws for the global batch like the augmentations; gcrl: NT-Xent's negatives gathered across the
+# processes, the palette fitted on rank 0 and broadcast, and the contrastive term switched on half-way (no dropout:
+# nn.Dropout draws per process)
+RECIPES = {"supervised-digits": {"model.augment": "weak"}, "hybvit-digits": {"model.augment": "weak"},
+           "gcrl-digits": {"model.encoder_depth": 1, "model.drop": 0.0, "model.colours": 8}}
 
 
 def _free_port() -> int:
@@ -26,13 +29,14 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_two_processes_match_one(tmp_path, recipe):
-    single = run_cli("pretrain", "--recipe", recipe, "--out", str(tmp_path / "one"), *ARGS)
+    args = ARGS + [f"--{k}={v}" for k, v in RECIPES[recipe].items()]
+    single = run_cli("pretrain", "--recipe", recipe, "--out", str(tmp_path / "one"), *args)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
          f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
-         "-m", "genrep.cli", "pretrain", "--recipe", recipe, "--out", str(tmp_path / "two"), *ARGS],
+         "-m", "genrep.cli", "pretrain", "--recipe", recipe, "--out", str(tmp_path / "two"), *args],
         capture_output=True, text=True, timeout=600, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("genrep: done") == 1  # only rank 0 talks
