@@ -191,3 +191,13 @@ def test_axial_models_refuse_an_unmasked_read_out_before_any_work():
     with pytest.raises(GenrepError, match="eval.probes.causal=False: igpt with axial attention has no unmasked"):
         check_causal(method, False, "eval.probes.causal")
     check_causal(_model("igpt"), False, "eval.probes.causal")  # dense attention reads either way
+
+
+@pytest.mark.parametrize("name", ["igpt", "simclr", "gcrl"])
+@pytest.mark.parametrize("attention", ["dense", "axial"])
+def test_analytic_flops_match_the_counter(name, attention):
+    from genrep.methods.base import count_flops_per_image
+
+    extra = {"causal": True} if name == "simclr" and attention == "axial" else {}
+    method = _model(name, attention=attention, **extra).float()
+    assert count_flops_per_image(method) == pytest.approx(method.flops_per_image(), rel=0.01)

@@ -64,6 +64,12 @@ class GCRL(AutoregressiveTokens):
     def views(self):
         return {"weak": self.cfg.augment, "strong": self.cfg.contrastive_augment}
 
+    def flops_per_image(self) -> int:
+        # both views through the encoder and the projection head, the weak one through the decoder and the head
+        blocks = self.net.block_flops()
+        encoder = 2 * (self.encoder_depth * blocks + self.contrastive.proj.flops())
+        return encoder + (self.cfg.depth - self.encoder_depth) * blocks + self.net.head_flops()
+
     def random_inputs(self):
         return {"progress": ("progress", None)}
 

@@ -40,6 +40,9 @@ class IGPT(AutoregressiveTokens):
     def views(self):
         return {"image": self.cfg.augment}
 
+    def flops_per_image(self) -> int:
+        return self.cfg.depth * self.net.block_flops() + self.net.head_flops()
+
     def loss(self, batch):
         tokens = self.tokens(batch["image"])
         h = self.net.run(self.net.embed(tokens, shift=True), causal=True)

@@ -81,6 +81,11 @@ class SimCLR(ColourTokenMethod):
     def views(self):
         return {"view1": self.cfg.contrastive_augment, "view2": self.cfg.contrastive_augment}
 
+    def flops_per_image(self) -> int:
+        # two views through the whole stack and the projection head (NT-Xent's similarities are left out: they
+        # grow with the batch, not the image)
+        return 2 * (self.cfg.depth * self.net.block_flops() + self.contrastive.proj.flops())
+
     def loss(self, batch):
         x = torch.cat([batch["view1"], batch["view2"]])
         h = self.net.run(self.net.embed(self.tokens(x), self.reads_shifted), causal=self.cfg.causal)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .axial import AxialBlock
+from .axial import AxialBlock, axial_attention_flops
+from .flops import linear_flops, transformer_block_flops
 from .kv_cache import KVCache
 from .transformer import Block
 
@@ -28,6 +29,7 @@ class TokenTransformer(nn.Module):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTIONS)}")
         self.vocab, self.height, self.width, self.dim, self.depth = vocab, height, width, dim, depth
+        self.mlp_ratio = mlp_ratio
         self.attention = attention
         self.tok_embed = nn.Embedding(vocab, dim)
         self.row_embed = nn.Parameter(torch.zeros(height, dim))
@@ -83,6 +85,19 @@ class TokenTransformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The last block's output [B, n, D] -> logits over the vocabulary [B, n, V]."""
         return self.head(self.norm(h))
+
+    def block_flops(self) -> int:
+        """Forward matmul FLOPs of one block on one image's H*W tokens (causal attention counted at its full
+        square, as the FLOP counter and the nanoGPT/PaLM convention do)."""
+        n = self.length
+        if self.attention == "dense":
+            return transformer_block_flops(n, self.dim, self.mlp_ratio)
+        hidden = int(self.dim * self.mlp_ratio)
+        mlp = linear_flops(n, self.dim, hidden) + linear_flops(n, hidden, self.dim)
+        return axial_attention_flops(self.dim, self.height, self.width) + mlp
+
+    def head_flops(self) -> int:
+        return linear_flops(self.length, self.dim, self.vocab) if self.head is not None else 0
 
     def new_cache(self) -> list[KVCache]:
         if self.attention != "dense":
