@@ -201,3 +201,23 @@ def test_analytic_flops_match_the_counter(name, attention):
     extra = {"causal": True} if name == "simclr" and attention == "axial" else {}
     method = _model(name, attention=attention, **extra).float()
     assert count_flops_per_image(method) == pytest.approx(method.flops_per_image(), rel=0.01)
+
+
+def test_likelihood_and_score_norm_results_say_what_they_measure(tmp_path):
+    """Bits per sub-pixel of the quantized image and a gradient by the token embeddings are not pixel bits/dim
+    and a pixel score: the results say so."""
+    from genrep.config import EvalConfig
+    from genrep.eval.evaluate import evaluate_run
+    from genrep.eval.protocols.likelihood import LikelihoodSettings
+    from genrep.eval.protocols.ood import OODSettings
+    from genrep.train.loop import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config("gcrl", **{"train.steps": 2}), run)
+    ev = EvalConfig(device="cpu", protocols=["likelihood", "ood"], likelihood=LikelihoodSettings(n=8),
+                    ood=OODSettings(n=16, sets=["noise"], scores=["score_norm"]))
+    out = evaluate_run(run, ev, progress=False, say=lambda m: None)["protocols"]
+    assert "not pixel bits/dim" in out["likelihood"]["unit"]
+    assert out["likelihood"]["bits_per_token"] == pytest.approx(out["likelihood"]["bpd"])  # one grey channel
+    assert out["ood"]["score_wrt"] == "token embeddings"
+    assert 0 <= out["ood"]["scores"]["score_norm"]["noise"]["auroc"] <= 1

@@ -175,4 +175,6 @@ def run(ctx: EvalContext) -> dict:
            "figures": figures}
     if "bpd" in kinds:
         out["nll"] = ctx.method.capability_settings("nll")
+    if "score_norm" in kinds:  # what the gradient is taken by: the pixels, or a token model's input embeddings
+        out["score_wrt"] = ctx.method.score_wrt
     return out

@@ -155,8 +155,10 @@ def _ood(runs: list[dict]) -> str:
             t.skip(f"{_label(r)} · {_e(score)}", reason)
     note = ("<p class='note'>In-distribution: the test split; scores are higher for more typical inputs "
             "(gaussian: class-conditional Gaussian log-density of the features; msp: maximum softmax probability; "
-            "energy: logsumexp of the logits; bpd: minus bits/dim; score_norm: minus the norm of the gradient of "
-            "log p(x)). AUPRC takes the in-distribution set as positive.</p>")
+            "energy: logsumexp of the logits; bpd: minus bits/dim, or minus bits per sub-pixel of the colour-quantized "
+            "image for token models; score_norm: minus the norm of the gradient of log p(x) by the pixels, or by "
+            "the token embeddings for token models, whose inputs are quantized). AUPRC takes the in-distribution "
+            "set as positive.</p>")
     return t.html() + note
 
 
