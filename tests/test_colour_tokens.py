@@ -221,3 +221,18 @@ def test_likelihood_and_score_norm_results_say_what_they_measure(tmp_path):
     assert out["likelihood"]["bits_per_token"] == pytest.approx(out["likelihood"]["bpd"])  # one grey channel
     assert out["ood"]["score_wrt"] == "token embeddings"
     assert 0 <= out["ood"]["scores"]["score_norm"]["noise"]["auroc"] <= 1
+
+
+def test_sampling_a_token_run_takes_its_temperature_and_refuses_diffusion_flags(tmp_path):
+    from genrep.eval.report.samples import run_sampling
+    from genrep.train.loop import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config("igpt", **{"train.steps": 2}), run)
+    r = run_sampling(run, n=4, temperature=0.98, device="cpu", progress=False)
+    assert r["sample"]["temperature"] == 0.98 and r["grid"].endswith("temperature0.98-n4-seed0.png")
+    for flags in ({"steps": 10}, {"sampler": "ddim", "eta": 0.5}):
+        with pytest.raises(GenrepError, match="do not apply to igpt runs; their sampling flags: --temperature"):
+            run_sampling(run, n=4, device="cpu", progress=False, **flags)
+    with pytest.raises(GenrepError, match="model.temperature"):
+        run_sampling(run, n=4, temperature=0.0, device="cpu", progress=False)

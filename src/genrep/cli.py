@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                      "100; at most the run's T)")
     smp.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 like DDPM (default: "
                      "the run's model.eta, 0)")
+    smp.add_argument("--temperature", type=float, default=None, help="softmax temperature of a token model (iGPT, "
+                     "GCRL; default: the run's model.temperature, 1.0)")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--weights", default="ema", help="ema or model")
     smp.add_argument("--rank-energy", action="store_true", help="also a grid of each class's best and worst "
@@ -294,7 +296,8 @@ def cmd_report(args, rest: list[str]) -> int:
 def cmd_sample(args, rest: list[str]) -> int:
     from .eval.report.samples import run_sampling
 
-    r = run_sampling(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+    r = run_sampling(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                     temperature=args.temperature, seed=args.seed,
                      weights=args.weights, device=args.device, rank_energy=args.rank_energy,
                      per_class=args.per_class, out=args.out, force=args.force)
     from .eval.report.summary import sampling_text
@@ -331,8 +334,11 @@ def cmd_run(args, rest: list[str]) -> int:
     lines = []
     if "sample" in get_method(cfg.method).capabilities:
         from .eval.report.samples import run_sampling
-        _say("genrep run: drawing 64 samples (DDIM, 100 steps)")
-        s = run_sampling(run, n=64, sampler="ddim", steps=100, device=cfg.train.device, out=run / "figures" / "samples.png",
+        diffusion = "sampler" in get_method(cfg.method).capability_options.get("sample", ())
+        how = "DDIM, 100 steps" if diffusion else f"model.temperature {getattr(cfg.model, 'temperature', None)}"
+        _say(f"genrep run: drawing 64 samples ({how})")
+        s = run_sampling(run, n=64, sampler="ddim" if diffusion else None, steps=100 if diffusion else None,
+                         device=cfg.train.device, out=run / "figures" / "samples.png",
                          rank_energy="logits" in get_method(cfg.method).capabilities, per_class=4)
         lines.append(f"samples: {s['grid']} ({s['seconds']:.1f} s)"
                      + (f", ranked by energy per class: {s['ranked_grid']}" if "ranked_grid" in s else ""))

@@ -122,13 +122,18 @@ def class_rows(images: torch.Tensor, preds: torch.Tensor, energy: torch.Tensor, 
     return torch.stack(cells)
 
 
+# the sampling flags of `genrep sample` and the model options they set
+SAMPLE_FLAGS = {"sampler": "sampler", "steps": "sample_steps", "eta": "eta", "temperature": "temperature"}
+
+
 def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: int | None = None,
-                 eta: float | None = None, seed: int = 0, weights: str = "ema", device: str = "auto",
-                 rank_energy: bool = False, per_class: int = 8, out: Path | None = None, progress: bool = True,
-                 force: bool = False) -> dict:
-    """Draw ``n`` samples from RUN; ``sampler``, ``steps`` and ``eta`` override the method's own options
-    (``model.sampler``, ``model.sample_steps``, ``model.eta``) for this call, None keeps the run's. Files
-    already at the outputs are replaced only if an earlier sampling call wrote them, or with ``force``."""
+                 eta: float | None = None, temperature: float | None = None, seed: int = 0, weights: str = "ema",
+                 device: str = "auto", rank_energy: bool = False, per_class: int = 8, out: Path | None = None,
+                 progress: bool = True, force: bool = False) -> dict:
+    """Draw ``n`` samples from RUN; ``sampler``, ``steps`` and ``eta`` (a diffusion model's) or ``temperature``
+    (a token model's) override the method's own options (``model.sampler``, ``model.sample_steps``,
+    ``model.eta``, ``model.temperature``) for this call, None keeps the run's. Files already at the outputs are
+    replaced only if an earlier sampling call wrote them, or with ``force``."""
     from ...methods import get_method
     from ...runs import check_no_links, is_inside, load_trained, read_run_config
 
@@ -148,7 +153,13 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
                           f"(genvit, hybvit)")
     if rank_energy and "logits" not in caps:
         raise GenrepError(f"--rank-energy needs a classifier head and {name} has none; use a hybvit run")
-    options = {k: v for k, v in (("sampler", sampler), ("sample_steps", steps), ("eta", eta)) if v is not None}
+    given = {"sampler": sampler, "steps": steps, "eta": eta, "temperature": temperature}
+    own = get_method(name).capability_options.get("sample", ())
+    foreign = [f"--{flag}" for flag, v in given.items() if v is not None and SAMPLE_FLAGS[flag] not in own]
+    if foreign:
+        offered = ", ".join(f"--{f}" for f, key in SAMPLE_FLAGS.items() if key in own) or "none"
+        raise GenrepError(f"{' and '.join(foreign)} do not apply to {name} runs; their sampling flags: {offered}")
+    options = {SAMPLE_FLAGS[flag]: v for flag, v in given.items() if v is not None}
     dev = resolve_device(device)
     cfg, method, train_set = load_trained(run, weights, dev, options=options)
     cs = method.capability_settings("sample")
@@ -161,7 +172,8 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
     sampler, steps, eta = cs.get("sampler"), cs.get("steps"), cs.get("eta", 0.0)
     if out is None or is_inside(out, run):
         check_no_links(run)
-    out = Path(out) if out else run / "samples" / f"{sampler}-{steps}steps-n{n}-seed{seed}.png"
+    tag = f"{sampler}-{steps}steps" if sampler else "-".join(f"{k}{cs[k]}" for k in own if k in cs) or "samples"
+    out = Path(out) if out else run / "samples" / f"{tag}-n{n}-seed{seed}.png"
     files = sample_outputs(out, rank_energy)
     for key, path in files.items():  # all before sampling, which is the slow part
         check_can_write(path, "sample file")
