@@ -58,8 +58,13 @@ class ViTConfig:
     drop_path: float = setting(0.0, min=0, below=1)
 
     def validate(self, section: str) -> None:
-        if self.dim % self.num_heads:
-            raise GenrepError(f"{section}.dim {self.dim} is not divisible by {section}.num_heads {self.num_heads}")
+        check_heads(self.dim, self.num_heads, section)
+
+
+def check_heads(dim: int, num_heads: int, section: str) -> None:
+    """A transformer config's width must split into its heads (every method's model section)."""
+    if dim % num_heads:
+        raise GenrepError(f"{section}.dim {dim} is not divisible by {section}.num_heads {num_heads}")
 
 
 # the ViT keys of a model small enough for the registry-wide tests (a couple of CPU seconds)

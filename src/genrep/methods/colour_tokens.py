@@ -20,7 +20,7 @@ from ..data.palette import DEFAULT_COLOURS, cached_palette, decode, encode, pale
 from ..errors import GenrepError
 from ..fields import setting
 from ..nn.token_transformer import ATTENTIONS, TokenTransformer
-from .base import DataSpec, Method
+from .base import DataSpec, Method, check_heads
 
 NLL_UNIT = "bits per sub-pixel of the colour-quantized image (bits per token / channels; not pixel bits/dim)"
 
@@ -47,8 +47,7 @@ class ColourTokenConfig:
     feature_layer: int | None = setting(None, min=1)  # the default probe layer; None: the method's default
 
     def validate(self, section: str) -> None:
-        if self.dim % self.num_heads:
-            raise GenrepError(f"{section}.dim {self.dim} is not divisible by {section}.num_heads {self.num_heads}")
+        check_heads(self.dim, self.num_heads, section)
         if self.feature_layer is not None and self.feature_layer > self.depth:
             raise GenrepError(f"{section}.feature_layer {self.feature_layer} does not exist; choose 1..{self.depth} "
                               f"({section}.depth {self.depth})")
@@ -149,6 +148,10 @@ class AutoregressiveTokens(ColourTokenMethod):
     causal_readout = True
     score_wrt = "token embeddings"
 
+    def autoregressive_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last block's output [B, n, D] on tokens behind the start token, under the causal mask."""
+        return self.net.run(self.net.embed(tokens, shift=True), causal=True)
+
     def generative_nll(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood in nats [B, n] from the last block's output h."""
         logits = self.net.logits(h).float()
@@ -158,8 +161,7 @@ class AutoregressiveTokens(ColourTokenMethod):
     @torch.no_grad()
     def nll(self, x, *, generator=None, progress=False):
         tokens = self.tokens(x)
-        h = self.net.run(self.net.embed(tokens, shift=True), causal=True)
-        return bits(self.generative_nll(tokens, h).mean(dim=1)) / self.data.channels
+        return bits(self.generative_nll(tokens, self.autoregressive_hidden(tokens)).mean(dim=1)) / self.data.channels
 
     def capability_settings(self, capability):
         out = super().capability_settings(capability)
@@ -220,8 +222,7 @@ class AutoregressiveTokens(ColourTokenMethod):
 
     def _recomputed_step(self, tokens, k, _):
         """Logits for token k from the whole sequence (later tokens cannot reach position k: causal)."""
-        h = self.net.run(self.net.embed(tokens, shift=True), causal=True)
-        return self.net.logits(h[:, k]).float()
+        return self.net.logits(self.autoregressive_hidden(tokens)[:, k]).float()
 
     def _draw(self, logits, generator):
         # Gumbel-max with uniforms from the caller's (CPU) generator: the same draw on every device

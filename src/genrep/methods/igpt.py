@@ -45,6 +45,5 @@ class IGPT(AutoregressiveTokens):
 
     def loss(self, batch):
         tokens = self.tokens(batch["image"])
-        h = self.net.run(self.net.embed(tokens, shift=True), causal=True)
-        nll = self.generative_nll(tokens, h).mean()
+        nll = self.generative_nll(tokens, self.autoregressive_hidden(tokens)).mean()
         return {"loss": nll, "bits_per_token": bits(nll).detach()}

@@ -55,9 +55,10 @@ class TokenTransformer(nn.Module):
         return self.height * self.width
 
     def positions(self, start: int = 0, n: int | None = None) -> torch.Tensor:
-        """The 2D positional embeddings of raster positions start .. start + n - 1, [n, D]."""
-        pos = (self.row_embed[:, None, :] + self.col_embed[None, :, :]).reshape(self.length, self.dim)
-        return pos[start:start + (self.length - start if n is None else n)]
+        """The 2D positional embeddings of raster positions start .. start + n - 1, [n, D] (only those rows: a
+        decoding step asks for one)."""
+        k = torch.arange(start, start + (self.length - start if n is None else n), device=self.row_embed.device)
+        return self.row_embed[k // self.width] + self.col_embed[k % self.width]
 
     def embed(self, tokens: torch.Tensor, shift: bool) -> torch.Tensor:
         """Long tokens [B, n] (n <= H*W, raster order from position 0) -> inputs [B, n, D]. ``shift``: input k

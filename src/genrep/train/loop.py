@@ -124,6 +124,7 @@ class Trainer:
         self.batches = TrainBatches(train_set.images, train_set.labels, self.plan, self.device,
                                     cfg.data.device_resident, cfg.data.num_workers)
         self.total_steps, self.warmup_steps = schedule(cfg, self.plan.steps_per_epoch)
+        self.second_phase_start = phase_start(self.total_steps, cfg.optim.second_phase_at)
 
         o = cfg.optim
         self.optimizer = build_optimizer(self.method, o.lr, o.weight_decay, o.betas, o.eps,
@@ -252,8 +253,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _lr_at(self, step: int) -> float:
         o = self.cfg.optim
-        return phased_lr_at(step, self.total_steps, self.warmup_steps, o.lr, o.min_lr,
-                            phase_start(self.total_steps, o.second_phase_at), o.second_phase_lr)
+        return phased_lr_at(step, self.total_steps, self.warmup_steps, o.lr, o.min_lr, self.second_phase_start,
+                            o.second_phase_lr)
 
     def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
