@@ -1,0 +1,231 @@
+"""Tests for genrep.eval.metrics.heads: the linear / MLP / CNN / attention heads of "Diffusion Models Beat
+GANs on Image Classification" (tables 7-9) trained on cached frozen features."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import one_line
+
+from genrep.errors import GenrepError
+from genrep.eval.metrics import heads
+from genrep.eval.metrics.heads import (
+    HEADS,
+    MAP_HEADS,
+    HeadResult,
+    HeadSpec,
+    _feature_stats,
+    build_head,
+    head_params,
+    train_head,
+)
+from genrep.eval.metrics.probes import standardize
+
+# tiny problems: on a shared 2-core machine intra-op threads mostly wait on each other
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MAP = (1024, 16, 16)  # the paper's block-24 feature maps
+
+
+def maps(n_train=256, n_test=128, shape=(16, 4, 4), num_classes=4, spread=0.4, seed=0):
+    """Class-dependent mean maps plus unit noise, with a per-channel offset and scale for the standardisation.
+
+    Each class mean has a part constant over the map as well as one per position: the attention head has no
+    positional embedding (as the authors'), so it reads the tokens as a set."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_classes, shape[0], 1, 1, generator=g)  # constant over the map
+    means = (means + torch.randn(num_classes, *shape, generator=g)) * spread
+    scale = (torch.rand(shape[0], 1, 1, generator=g) * 4 + 0.5)
+    offset = torch.randn(shape[0], 1, 1, generator=g) * 5
+
+    def draw(n):
+        y = torch.arange(n) % num_classes
+        return (means[y] + torch.randn(n, *shape, generator=g)) * scale + offset, y
+
+    return (*draw(n_train), *draw(n_test))
+
+
+# --------------------------------------------------------------------------------------------------
+# architecture
+
+
+@pytest.mark.parametrize("name, spec, in_shape, paper", [
+    ("Linear-1k", HeadSpec("linear"), (1024,), 1e6),
+    ("Linear-4k", HeadSpec("linear"), (4096,), 4e6),
+    ("MLP-1k-2k", HeadSpec("mlp", hidden=(2048,)), (1024,), 4e6),
+    ("MLP-4k-2k", HeadSpec("mlp", hidden=(2048,)), (4096,), 10e6),
+    ("MLP-4k-2k-2k", HeadSpec("mlp", hidden=(2048, 2048)), (4096,), 14e6),
+    ("CNN-1k-256-256", HeadSpec("cnn", channels=(256, 256)), MAP, 2.4e6),  # table 8: 2.5M; brief: ~2.3-2.5M
+    ("CNN-1k-512-256", HeadSpec("cnn", channels=(512, 256)), MAP, 3.5e6),
+    ("CNN-1k-1k-1k", HeadSpec("cnn", channels=(1024, 1024)), MAP, 12e6),
+    ("CNN-1k-2k-2k", HeadSpec("cnn", channels=(2048, 2048)), MAP, 32e6),
+    ("Attention-1K-1", HeadSpec("attention", blocks=1), MAP, 13.7e6),
+    ("Attention-1K-2", HeadSpec("attention", blocks=2), MAP, 26.2e6),
+    ("Attention-1K-5", HeadSpec("attention", blocks=5), MAP, 64.0e6),
+])
+def test_param_counts_match_the_paper(name, spec, in_shape, paper):
+    # the tables round to 1-2 significant digits, so 10%
+    assert head_params(spec, in_shape, 1000) == pytest.approx(paper, rel=0.1), name
+
+
+def test_exact_param_counts():
+    # Linear 1024 -> 1000; attention: CLS 1024 + blocks of 2 LN, qkv without bias, proj, MLP 4x + the Linear
+    assert head_params(HeadSpec("linear"), (1024,), 1000) == 1024 * 1000 + 1000
+    block = 2 * 2048 + 1024 * 3072 + (1024 * 1024 + 1024) + (1024 * 4096 + 4096) + (4096 * 1024 + 1024)
+    assert head_params(HeadSpec("attention", blocks=2), MAP, 1000) == 1024 + 2 * block + 1024 * 1000 + 1000
+    conv = (1024 * 256 * 4 + 256) + (256 * 256 * 4 + 256)
+    assert head_params(HeadSpec("cnn"), MAP, 1000) == conv + 4 * 256 * 1000 + 1000
+    # parameter counts do not depend on the map size
+    assert head_params(HeadSpec("cnn"), (1024, 2, 2), 1000) == head_params(HeadSpec("cnn"), MAP, 1000)
+
+
+@pytest.mark.parametrize("kind", MAP_HEADS)
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (8, 8), (16, 16)])
+def test_map_heads_take_small_and_large_maps(kind, hw):
+    head = build_head(HeadSpec(kind, channels=(8, 8)), (16, *hw), 5)
+    out = head(torch.randn(3, 16, *hw))
+    assert out.shape == (3, 5) and torch.isfinite(out).all()
+
+
+def test_attention_pools_large_maps_to_8x8_tokens():
+    head = build_head(HeadSpec("attention"), (16, 20, 20), 4)
+    assert head.tokens(torch.randn(2, 16, 20, 20)).shape == (2, 65, 16)  # CLS + 8 * 8
+    assert head.tokens(torch.randn(2, 16, 3, 12)).shape == (2, 1 + 3 * 8, 16)
+    # on 16x16, the adaptive pool is the authors' 2x2 average pool
+    x = torch.randn(2, 16, 16, 16)
+    ref = torch.nn.functional.avg_pool2d(x, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(head.tokens(x)[:, 1:], ref)
+
+
+def test_no_batchnorm_and_linear_last():
+    for kind in HEADS:
+        in_shape = (16, 4, 4) if kind in MAP_HEADS else (64,)
+        head = build_head(HeadSpec(kind), in_shape, 7)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in head.modules())
+        last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        assert last.out_features == 7
+
+
+def test_misuse_is_a_one_line_error():
+    with pytest.raises(GenrepError) as e:
+        build_head(HeadSpec("cnn"), (1024,), 10)
+    assert "feature maps" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        build_head(HeadSpec("linear"), (16, 4, 4), 10)
+    assert "feature vectors" in one_line(e)
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    with pytest.raises(GenrepError) as e:
+        train_head(HeadSpec("attention"), x.flatten(1), y, tx.flatten(1), ty, 4, epochs=1)
+    assert "attention head needs feature maps" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        train_head(HeadSpec("mlp"), x, y, tx, ty, 4, epochs=1)
+    assert "mlp head needs feature vectors" in one_line(e)
+    for bad, needle in [(HeadSpec("svm"), "unknown head"), (HeadSpec("cnn", channels=(8,)), "channels"),
+                        (HeadSpec("mlp", hidden=()), "hidden"), (HeadSpec("attention", blocks=0), "blocks")]:
+        with pytest.raises(GenrepError) as e:
+            build_head(bad, (16, 4, 4) if bad.kind != "mlp" else (16,), 4)
+        assert needle in one_line(e)
+
+
+def test_bad_data_is_a_one_line_error():
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    spec = HeadSpec("cnn", channels=(4, 4))
+    cases = [
+        ((x, y, tx[:, :, :2], ty, 4), "per-sample shape"),
+        ((x, y, tx, ty, 3), "labels in [0, 3]"),
+        ((x, y[:-1], tx, ty, 4), "same length"),
+        ((x.clone().index_fill_(0, torch.tensor([2]), float("nan")), y, tx, ty, 4), "non-finite"),
+        ((x, y.float(), tx, ty, 4), "integer class indices"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(GenrepError) as e:
+            train_head(spec, *args, epochs=1)
+        assert needle in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        train_head(spec, x, y, tx, ty, 4, epochs=0)
+    assert "epochs" in one_line(e)
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def test_vector_statistics_are_probes_standardize():
+    x = torch.randn(300, 9) * torch.arange(1, 10) + 4
+    mean, scale = _feature_stats(x)
+    torch.testing.assert_close((x - mean) * scale, standardize(x)[0])
+    m = torch.randn(50, 3, 5, 5) * torch.tensor([1.0, 3.0, 0.2]).view(3, 1, 1) + 2
+    mean, scale = _feature_stats(m)
+    z = (m - mean) * scale
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [HeadSpec("linear"), HeadSpec("mlp", hidden=(64,)),
+                                  HeadSpec("cnn", channels=(32, 32)), HeadSpec("attention")],
+                         ids=lambda s: s.kind)
+def test_each_head_learns_a_separable_problem(spec):
+    x, y, tx, ty = maps()
+    if spec.kind not in MAP_HEADS:
+        x, tx = x.flatten(1), tx.flatten(1)
+    r = train_head(spec, x, y, tx, ty, 4, epochs=4, batch_size=32, lr=3e-3)
+    assert r.test_acc > 0.9 and r.train_acc > 0.9, r
+    assert r.head == spec.kind and r.epochs == 4 and r.params == head_params(spec, x.shape[1:], 4)
+    assert json.loads(json.dumps(r.to_dict()))["spec"]["kind"] == spec.kind
+
+
+@pytest.mark.parametrize("kind", MAP_HEADS)
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2)])
+def test_float16_cache_and_tiny_maps_train(kind, hw):
+    # a 1x1 map holds 16 numbers: a wider class separation than the 4x4 problem's
+    x, y, tx, ty = maps(shape=(16, *hw), spread=1.5)
+    r = train_head(HeadSpec(kind, channels=(32, 32)), x.half(), y, tx.half(), ty, 4, epochs=4, batch_size=32,
+                   lr=3e-3)
+    assert r.test_acc > 0.9, r
+
+
+def test_deterministic_and_global_rng_untouched(monkeypatch):
+    built = []
+    real_build = heads.build_head
+    monkeypatch.setattr(heads, "build_head", lambda *a: built.append(real_build(*a)) or built[-1])
+    x, y, tx, ty = maps(n_train=64, n_test=32)
+    spec = HeadSpec("attention")
+    state = torch.random.get_rng_state()
+    a = train_head(spec, x, y, tx, ty, 4, epochs=2, batch_size=16, seed=3)
+    b = train_head(spec, x, y, tx, ty, 4, epochs=2, batch_size=16, seed=3)
+    c = train_head(spec, x, y, tx, ty, 4, epochs=2, batch_size=16, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert {**a.to_dict(), "seconds": 0} == {**b.to_dict(), "seconds": 0}
+    for (k, va), vb, vc in zip(built[0].state_dict().items(), built[1].state_dict().values(),
+                               built[2].state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(built[0].fc.weight, built[2].fc.weight)
+
+
+def test_step_lr_schedule_per_epoch(monkeypatch):
+    seen = []
+
+    class Recording(heads.StepLR):
+        def step(self, *args, **kwargs):  # StepLR's own first call (in __init__), then one per epoch
+            super().step(*args, **kwargs)
+            seen.append(self.optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(heads, "StepLR", Recording)
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    train_head(HeadSpec("linear"), x.flatten(1), y, tx.flatten(1), ty, 4, epochs=10, lr=1e-2)
+    # seen[e]: the lr epoch e trains with (seen[10]: after the last); epochs 0-7 at lr, from epoch 8 at 0.1 lr
+    assert seen == pytest.approx([1e-2] * 8 + [1e-3] * 3)
+
+
+def test_result_fields():
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    r = train_head(HeadSpec("mlp", hidden=(8, 8)), x.flatten(1), y, tx.flatten(1), ty, 4, epochs=1,
+                   batch_size=5)
+    assert isinstance(r, HeadResult)
+    d = r.to_dict()
+    assert set(d) == {"head", "test_acc", "train_acc", "params", "epochs", "lr", "batch_size", "seconds",
+                      "spec"}
+    assert d["spec"] == {"kind": "mlp", "hidden": [8, 8], "channels": [256, 256], "blocks": 1}
+    assert d["batch_size"] == 5 and d["lr"] == 1e-3 and d["seconds"] > 0
