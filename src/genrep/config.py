@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import GenrepError
+from .eval.metrics.heads import HEADS
 from .eval.metrics.probes import SOLVERS
 from .eval.periodic import PERIODIC_METRICS
 from .eval.protocols.calibration import CalibrationSettings
@@ -29,11 +30,13 @@ from .eval.protocols.energy import EnergySettings
 from .eval.protocols.finetune import FinetuneSettings
 from .eval.protocols.generation import GenerationSettings
 from .eval.protocols.likelihood import LikelihoodSettings
+from .eval.protocols.head_training import HeadSettings
 from .eval.protocols.lowshot import LowshotSettings
 from .eval.protocols.ood import OODSettings
 from .eval.protocols.probes import ProbesSettings
 from .eval.protocols.robustness import RobustnessSettings
 from .eval.protocols.similarity import SimilaritySettings
+from .eval.protocols.sweep import SweepSettings
 from .fields import check_fields, one_line, setting, show
 
 # 1: flat eval keys (eval.ood_n, eval.sample_steps...); 2: one eval section per protocol, sampling and
@@ -127,10 +130,16 @@ class ProbeConfig:
     knn_k: list[int] = setting([20, 200], min=1, nonempty=True)
     knn_temperature: float = setting(0.07, above=0)
     batch_size: int = setting(512, min=1)
+    # heads of the diffusion-features paper trained at the read-out's layer besides the linear probe (mlp on the
+    # pooled vector; cnn and attention on the layer's map)
+    heads: list[str] = setting([], choices=HEADS, unique=True)
+    head: HeadSettings = field(default_factory=HeadSettings)
 
 
 PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "completion", "energy", "robustness",
-             "similarity", "finetune", "lowshot")
+             "similarity", "finetune", "lowshot", "sweep")
+# run only when named (`genrep sweep`, or --eval.protocols sweep): a grid of read-outs is minutes to hours
+ON_DEMAND = ("sweep",)
 
 
 @dataclass
@@ -138,7 +147,8 @@ class EvalConfig:
     """`genrep evaluate`: which protocols run, what they share, and one section of settings per protocol
     (its dataclass lives beside the protocol in genrep.eval.protocols); where a paper fixes a setting it is
     the default."""
-    protocols: list[str] = setting(list(PROTOCOLS), choices=PROTOCOLS, nonempty=True)  # those that apply run
+    protocols: list[str] = setting([p for p in PROTOCOLS if p not in ON_DEMAND], choices=PROTOCOLS,
+                                   nonempty=True)  # those that apply run
     weights: str = setting("ema", choices=WEIGHTS)
     device: str = "auto"
     batch_size: int = setting(256, min=1)
@@ -157,6 +167,7 @@ class EvalConfig:
     similarity: SimilaritySettings = field(default_factory=SimilaritySettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     lowshot: LowshotSettings = field(default_factory=LowshotSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
 
 
 @dataclass
@@ -217,6 +228,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp in (int, bool, str) and type(value) is tp:
         return value
+    if tp is str and type(value) is int:  # `--probe.pool 2` and YAML's `pool: 2` name the pool "2"
+        return str(value)
     raise GenrepError(f"config key '{key}' must be {_type_name(tp)}, got {show(value)} ({type(value).__name__})")
 
 

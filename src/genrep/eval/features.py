@@ -31,7 +31,7 @@ def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | 
 def extract_features(method: Method, images: torch.Tensor, *, layer: int | None = None, pool: str | None = None,
                      batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False,
                      progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32 [N, D] on the CPU, with the method in eval mode."""
+    """uint8 [N, C, H, W] -> float32 [N, D] (or maps [N, C, h, w]) on the CPU, with the method in eval mode."""
     method.eval()
     device = torch.device(device)
     chunks = []
@@ -42,8 +42,25 @@ def extract_features(method: Method, images: torch.Tensor, *, layer: int | None 
     return torch.cat(chunks)
 
 
-def cached_features(run: Path, key: str, version: str, compute) -> torch.Tensor:
-    """Load ``RUN/cache/<key>.safetensors`` if it was made from weights ``version``, else compute and store."""
+@torch.no_grad()
+def extract_feature_sets(method: Method, images: torch.Tensor, reads: list[tuple[int, str]], *, batch_size: int = 512,
+                         device: torch.device | str = "cpu", bf16: bool = False, progress: bool = False,
+                         desc: str = "features") -> list[torch.Tensor]:
+    """Several (layer, pool) read-outs of uint8 [N, C, H, W] images from one pass per batch
+    (``Method.feature_sets``), each float32 [N, ...] on the CPU."""
+    method.eval()
+    device = torch.device(device)
+    chunks: list[list[torch.Tensor]] = [[] for _ in reads]
+    for x in image_batches(images, batch_size, device, progress=progress, desc=desc):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outs = method.feature_sets(x, reads)
+        for chunk, f in zip(chunks, outs):
+            chunk.append(f.float().cpu())
+    return [torch.cat(c) for c in chunks]
+
+
+def read_cache(run: Path, key: str, version: str) -> torch.Tensor | None:
+    """``RUN/cache/<key>.safetensors`` if it was made from weights ``version`` (None: absent, stale or damaged)."""
     path = Path(run) / "cache" / f"{key}.safetensors"
     if path.exists():
         try:
@@ -52,6 +69,18 @@ def cached_features(run: Path, key: str, version: str, compute) -> torch.Tensor:
                     return f.get_tensor("features")
         except (SafetensorError, OSError):
             pass  # a damaged cache is recomputed, never trusted
-    feats = compute()
-    atomic_save_safetensors(path, {"features": feats}, {"version": version})
+    return None
+
+
+def write_cache(run: Path, key: str, version: str, feats: torch.Tensor) -> None:
+    atomic_save_safetensors(Path(run) / "cache" / f"{key}.safetensors", {"features": feats.contiguous()},
+                            {"version": version})
+
+
+def cached_features(run: Path, key: str, version: str, compute) -> torch.Tensor:
+    """Load ``RUN/cache/<key>.safetensors`` if it was made from weights ``version``, else compute and store."""
+    feats = read_cache(run, key, version)
+    if feats is None:
+        feats = compute()
+        write_cache(run, key, version, feats)
     return feats

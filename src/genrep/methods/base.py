@@ -5,7 +5,8 @@ A method is an ``nn.Module`` with
   logs. The batch holds one float [B, C, H, W] tensor in [0, 1] per view the method asked for, ``"label"``
   when ``needs_labels``, and one tensor per entry of ``random_inputs()``. A view listed in ``view_streams``
   is made from an independent mini-batch of its own (HybViT's diffusion stream); labels belong to stream 0.
-- ``features(x, layer=None, pool=None) -> [B, D]``: the frozen representation the paper evaluates.
+- ``features(x, layer=None, pool=None) -> [B, D]``: the frozen representation the paper evaluates; a method
+  with ``feature_maps`` also gives its layers' maps (pool "map": [B, C, h, w]) and their p x p average pools.
 - optional capabilities, listed in ``capabilities`` so evaluation can tell what applies, each one typed
   call (``CAPABILITY_API``) whose method-specific options (sampler, steps, temperature, terms, ...) are keys
   of the method's own config, named in ``capability_options`` and reported by ``capability_settings``:
@@ -240,13 +241,33 @@ class Method(nn.Module):
 
     def check_feature_args(self, layer: int | None, pool: str | None) -> tuple[int, str]:
         layer = (self.default_layer or self.num_layers) if layer is None else layer
-        pool = pool or self.default_pool
+        pool = self.default_pool if pool is None or pool == "" else str(pool)
         if not 1 <= layer <= self.num_layers:
             raise GenrepError(f"layer {layer} does not exist in {self.name}; choose 1..{self.num_layers}")
+        if self.feature_maps and is_map_pool(pool):
+            size = self.feature_map_size(layer)
+            if pool != MAP_POOL and not 1 <= int(pool) <= size:
+                raise GenrepError(f"pool {pool} is larger than the {size}x{size} map of layer {layer} in {self.name}; "
+                                  f"choose 1..{size}, or '{MAP_POOL}' for the whole map")
+            return layer, pool
         if pool not in self.feature_pools:
+            maps = f", a size p (p x p average pool of the map) or '{MAP_POOL}'" if self.feature_maps else ""
             raise GenrepError(f"pooling '{pool}' is not offered by {self.name}; "
-                              f"choose one of {', '.join(self.feature_pools)}")
+                              f"choose one of {', '.join(self.feature_pools)}{maps}")
         return layer, pool
+
+    # methods whose layers are spatial maps [B, C, h, w] (a U-Net's blocks, a ViT's patch grid) also read them
+    # with pool "map" (the CNN and attention heads) or "p" (adaptive average pool to p x p, flattened)
+    feature_maps: ClassVar[bool] = False
+
+    def feature_map_size(self, layer: int) -> int:
+        """The side of layer ``layer``'s square map (methods with ``feature_maps``)."""
+        raise NotImplementedError
+
+    def feature_sets(self, x: torch.Tensor, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
+        """Features of ``x`` at several (layer, pool) read-outs; a method whose layers come from one pass
+        overrides it so a sweep pays one forward per batch, not one per read-out."""
+        return [self.features(x, layer=layer, pool=pool) for layer, pool in reads]
 
     def feature_tag(self) -> str:
         """The feature options' values as a cache-key fragment ("-feature_tNone")."""
@@ -304,6 +325,21 @@ class Method(nn.Module):
     def normalize(x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> [-1, 1], inside the model so wrapped models (PGD, OOD) take raw pixels."""
         return x * 2.0 - 1.0
+
+
+MAP_POOL = "map"
+
+
+def is_map_pool(pool: str) -> bool:
+    """'map', or a size p: the pools of a method with ``feature_maps``."""
+    return pool == MAP_POOL or pool.isdigit()
+
+
+def pool_feature_map(fmap: torch.Tensor, pool: str) -> torch.Tensor:
+    """[B, C, h, w] -> the map itself ('map') or its adaptive average pool to p x p, flattened [B, C*p*p]."""
+    if pool == MAP_POOL:
+        return fmap
+    return torch.nn.functional.adaptive_avg_pool2d(fmap, int(pool)).flatten(1)
 
 
 def example_batch(method: Method, n: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:

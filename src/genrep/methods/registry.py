@@ -14,7 +14,7 @@ from ..errors import GenrepError
 from .base import DataSpec, Method
 
 _METHODS: dict[str, type[Method]] = {}
-HELPER_MODULES = {"base", "registry", "classification", "colour_tokens"}  # modules of methods/ that define no method
+HELPER_MODULES = {"base", "registry", "classification", "colour_tokens", "diffusion_model"}  # modules of methods/ that define no method
 _loaded = False
 
 

@@ -51,6 +51,10 @@ class DenoiserViT(ViT):
         layer = self.check_layer(layer)
         return super().forward(x, layer, cond=None if t is None else self.time_embed(t))
 
+    def hidden_states(self, x: torch.Tensor, upto: int, t: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Tokens after each block 1..``upto`` (``t`` as in ``forward``)."""
+        return super().hidden_states(x, upto, cond=None if t is None else self.time_embed(t))
+
     def to_image(self, h: torch.Tensor) -> torch.Tensor:
         """Final tokens [B, prefix + N, D] -> the image-shaped prediction [B, C, H, W]."""
         return unpatchify(self.to_patches(h[:, self.num_prefix:]), self.patch_embed.patch_size, self.in_chans)

@@ -85,6 +85,19 @@ class ViT(nn.Module):
                       modulation=None if self.modulations is None else self.modulations[i])
         return self.norm(h) if layer == self.depth else h
 
+    def hidden_states(self, x: torch.Tensor, upto: int, *, cond: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Tokens after each block 1..``upto`` of one pass (the last block's after the final norm, as ``forward``
+        gives it): every read-out of a layer sweep for the price of the deepest."""
+        upto = self.check_layer(upto)
+        h = self.tokens(x)
+        positions = None if self.rope is None else self._rope_positions(h.shape[1], 0, h.device)
+        out = []
+        for i, block in enumerate(self.blocks[:upto]):
+            h = block(h, rope=self.rope, positions=positions, cond=cond,
+                      modulation=None if self.modulations is None else self.modulations[i])
+            out.append(self.norm(h) if i + 1 == self.depth else h)
+        return out
+
     def _rope_positions(self, n: int, offset: int, device: torch.device) -> torch.Tensor:
         layout = self.rope.token_positions(self.patch_embed.grid, self.num_prefix, device)
         if offset + n > layout.shape[0]:

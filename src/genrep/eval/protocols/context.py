@@ -13,7 +13,7 @@ from safetensors import safe_open
 from ...data.imageset import ImageSet
 from ...errors import GenrepError
 from ...methods import Method
-from ..features import cached_features, extract_features
+from ..features import cached_features, extract_feature_sets, extract_features, read_cache, write_cache
 
 if TYPE_CHECKING:
     from ...config import Config, EvalConfig
@@ -90,6 +90,22 @@ class EvalContext:
         return cached_features(self.run, self.feature_key(split, layer, pool, source), self.version,
                                lambda: self.extract(images, layer, pool,
                                                     desc=f"features {split} layer {layer} {pool}"))
+
+    def feature_sets(self, split: str, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
+        """Several read-outs of ``split``, cached like ``features``; those missing come from one pass per batch."""
+        keys = [self.feature_key(split, layer, pool) for layer, pool in reads]
+        out = [read_cache(self.run, key, self.version) for key in keys]
+        todo = [i for i, f in enumerate(out) if f is None]
+        if todo:
+            images = (self.train if split == "train" else self.test).images
+            what = ", ".join(f"{reads[i][0]}/{reads[i][1]}" for i in todo[:4]) + (" ..." if len(todo) > 4 else "")
+            feats = extract_feature_sets(self.method, images, [reads[i] for i in todo],
+                                         batch_size=self.ev.batch_size, device=self.device, bf16=self.bf16,
+                                         progress=self.progress, desc=f"features {split} {what}")
+            for i, f in zip(todo, feats):
+                write_cache(self.run, keys[i], self.version, f)
+                out[i] = f
+        return out
 
     def extract(self, images: torch.Tensor, layer: int, pool: str, *, method: Method | None = None,
                 desc: str | None = None) -> torch.Tensor:
