@@ -45,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
                         "--eval.PROTOCOL.KEY VALUE, or a model option such as --model.sample_steps 50)")
     ev.add_argument("run", type=Path, metavar="RUN")
 
+    sw = sub.add_parser("sweep", help="accuracy over a grid of blocks x noise steps x poolings x heads on cached "
+                        "features, with heatmaps, into RUN/results/eval.json (the diffusion-features paper's figure 2)")
+    sw.add_argument("run", type=Path, metavar="RUN")
+    sw.add_argument("--blocks", help="comma-separated blocks (default: about 10 spread over the network)")
+    sw.add_argument("--t", help="comma-separated noise steps (default: the run's model.feature_t)")
+    sw.add_argument("--pool", help="comma-separated poolings: p for a p x p average pool (default 1)")
+    sw.add_argument("--head", help="comma-separated heads: linear (the fast solver), mlp, cnn, attention "
+                    "(default linear)")
+    sw.add_argument("--device", default=None, help="default: the run's eval.device")
+
     rep = sub.add_parser("report", help="one self-contained HTML page comparing evaluated runs side by side")
     rep.add_argument("runs", type=Path, nargs="+", metavar="RUN")
     rep.add_argument("-o", "--out", type=Path, default=Path("report.html"), help="HTML path (default report.html)")
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if rest and args.command not in ("run", "pretrain", "probe", "evaluate"):
+        if rest and args.command not in ("run", "pretrain", "probe", "evaluate", "sweep"):
             raise GenrepError(f"'genrep {args.command}' takes no arguments, got {' '.join(rest)}")
         return COMMANDS[args.command](args, rest)
     except GenrepError as e:
@@ -203,6 +213,10 @@ def cmd_pretrain(args, rest: list[str]) -> int:
     _say(f"genrep: {'resuming' if resume else 'training'} {cfg.method} ({cfg.recipe}) in {run}")
     result = _pretrain(cfg, run, resume, claimed=not resume and args.out is None)
     loss = result.last_log.get("loss")
+    if result.steps == 0:
+        _say(f"genrep: nothing to train: every parameter of {cfg.method} is frozen (model.pretrained); {run} records "
+             f"the frozen file and its config: read it with genrep probe, sweep or evaluate {run}")
+        return 0
     _say(f"genrep: done: {result.steps} steps ({result.steps - result.start_step} this time) in "
          f"{result.seconds:.1f} s, {result.images_per_s:.0f} images/s"
          + (f", final loss {loss:.4f}" if loss is not None else "") + f"; weights in {run}")
@@ -267,6 +281,22 @@ def cmd_evaluate(args, rest: list[str]) -> int:
     print(evaluation_summary(results))
     print(f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
           f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
+    return 0
+
+
+def cmd_sweep(args, rest: list[str]) -> int:
+    from .eval.evaluate import EVAL_FILE, evaluate_run
+    from .eval.report.summary import sweep_table
+
+    flags = {"sweep.blocks": args.blocks, "sweep.t": args.t, "sweep.pools": args.pool, "sweep.heads": args.head,
+             "device": args.device}
+    extra = [a for key, value in flags.items() if value is not None for a in (f"--eval.{key}", value)]
+    ev, options = _eval_config(args.run, [*rest, *extra, "--eval.protocols", "sweep"])
+    t0 = time.perf_counter()
+    results = evaluate_run(args.run, ev, options=options)
+    print(sweep_table(results["protocols"]["sweep"]))
+    print(f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); heatmaps in "
+          f"{args.run / 'figures' / 'eval'}")
     return 0
 
 
@@ -394,7 +424,7 @@ def cmd_methods(args, rest) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "evaluate": cmd_evaluate,
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
             "report": cmd_report, "sample": cmd_sample,
             "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
 

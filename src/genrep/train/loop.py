@@ -302,6 +302,12 @@ class Trainer:
         cfg, info = self.cfg, self.info
         start, total = self.start_step, self.total_steps
         self._open_run()
+        if not self._trainable:
+            # all frozen parts (a pretrained U-Net read for its features): nothing to optimise; the run holds the
+            # config, the frozen parts' record and the (empty) weights of step 0 the evaluation loads
+            if not checkpoint_dirs(self.run):
+                self._save(0)
+            return TrainResult(0, 0, 0.0, 0.0, {})
         bar = None
         if info.main and cfg.train.progress and start < total:
             from tqdm.auto import tqdm

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import (calibration, completion, energy, finetune, generation, likelihood, lowshot, ood, probes, robustness,
-               similarity)
+               similarity, sweep)
 from .context import EvalContext
 
 
@@ -38,6 +38,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "similarity": Protocol((), similarity.SimilaritySettings, similarity.run, similarity.check, False),
     "finetune": Protocol((), finetune.FinetuneSettings, finetune.run, finetune.check, True),
     "lowshot": Protocol((), lowshot.LowshotSettings, lowshot.run, lowshot.check, False),
+    "sweep": Protocol((), sweep.SweepSettings, sweep.run, sweep.check, True),
 }
 
 NEEDS = {"logits": "a classifier head (the 'logits' capability)", "nll": "a likelihood (the 'nll' capability)",

@@ -15,8 +15,10 @@ import torch
 
 from ...fields import setting
 from ...methods import Method
+from ..metrics.heads import HEADS
 from ..metrics.probes import SOLVERS, knn_classify, linear_probe
 from .context import EvalContext, check_causal
+from .head_training import HeadSettings, check_head_features, fit_head, head_pool
 
 # L-BFGS line searches and hundreds of tiny AdamW steps are latency-bound on a GPU (the digits probes took
 # 25 s on an H200 and 5.7 s on 2 CPU cores), so probe problems smaller than this many train-feature
@@ -40,13 +42,17 @@ class ProbesSettings:
     sweep_layers: list[int] = setting([], min=1)  # empty: half, last and every k-th block
     sweep_pools: list[str] = field(default_factory=list)  # empty: every pooling the method offers
     sweep_weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
+    # heads of the diffusion-features paper trained at the read-out's layer besides the linear probe (mlp on the
+    # pooled vector; cnn and attention on the layer's map)
+    heads: list[str] = setting([], choices=HEADS, unique=True)
+    head: HeadSettings = field(default_factory=HeadSettings)
 
 
 def from_probe_config(p) -> ProbesSettings:
     """`genrep probe`'s settings (a run's ``probe`` section) as the protocol's: one read-out, no sweep."""
     return ProbesSettings(layer=p.layer, pool=p.pool, solver=p.solver, weight_decay=list(p.weight_decay),
                           epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, knn_k=list(p.knn_k),
-                          knn_temperature=p.knn_temperature, sweep=False)
+                          knn_temperature=p.knn_temperature, sweep=False, heads=list(p.heads), head=p.head)
 
 
 def sweep_layers(method: Method, asked: list[int]) -> list[int]:
@@ -67,6 +73,8 @@ def check(ctx: EvalContext) -> None:
     s, m = ctx.ev.probes, ctx.method
     m.check_feature_args(s.layer, s.pool)
     check_causal(m, s.causal, "eval.probes.causal")
+    for kind in s.heads:
+        check_head_features(m, kind, "probes.heads")
     if s.sweep:
         for layer in s.sweep_layers:
             m.check_feature_args(layer, None)
@@ -112,6 +120,12 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
            "linear": {"solver": s.solver, "epochs": s.epochs, "lr": s.lr, "weight_decay": lin.weight_decay,
                       "batch_size": s.batch_size},
            "linear_probe": lin.to_dict(), "knn": {str(k): v for k, v in knn.items()}}
+    if s.heads:
+        out["heads"] = {}
+        for kind in s.heads:
+            hp = head_pool(kind, pool)
+            a, b = ctx.features("train", layer, hp), ctx.features("test", layer, hp)
+            out["heads"][kind] = {"pool": hp, **fit_head(ctx, kind, s.head, a, b)}
     if s.sweep:
         sweep = []
         for ly in sweep_layers(m, s.sweep_layers):

@@ -259,3 +259,56 @@ def cka_heatmap(matrix, path: Path, row_labels: Sequence | None = None, col_labe
     return save_figure(path, fig)
 
 
+
+def _panels(cells: list[dict]) -> list[tuple[str, str]]:
+    """(head, pool) pairs of a sweep, in the order met."""
+    return list(dict.fromkeys((c["head"], c["pool"]) for c in cells))
+
+
+def sweep_heatmaps(cells: list[dict], path: Path, title: str = "") -> Path:
+    """One heatmap of test accuracy over block x t per (head, pool) of a read-out sweep (the paper's figure 2),
+    the best cell of each panel outlined."""
+    panels = _panels(cells)
+    blocks = sorted({c["block"] for c in cells})
+    steps = sorted({c["t"] for c in cells}, key=lambda t: -1 if t is None else t)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * max(3.2, 1.2 + 0.42 * len(blocks)),
+                                                  rows * max(2.6, 1.2 + 0.4 * len(steps))), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (head, pool) in zip(axes.flat, panels):
+        m = np.full((len(steps), len(blocks)), np.nan)
+        for c in cells:
+            if (c["head"], c["pool"]) == (head, pool):
+                m[steps.index(c["t"]), blocks.index(c["block"])] = 100 * c["acc"]
+        im = ax.imshow(m, origin="lower", cmap="viridis", aspect="auto", interpolation="nearest")
+        i, j = np.unravel_index(np.nanargmax(m), m.shape)
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        if m.size <= 80:
+            for (r, k), v in np.ndenumerate(m):
+                if not np.isnan(v):
+                    ax.text(k, r, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+        ax.set_yticks(range(len(steps)), ["clean" if t is None else str(t) for t in steps], fontsize=7)
+        ax.set(xlabel="block", ylabel="t", title=f"{head}, pool {pool}")
+        fig.colorbar(im, ax=ax, label="accuracy (%)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def sweep_pool_lines(cells: list[dict], path: Path, title: str = "") -> Path:
+    """Best accuracy over t per block, one line per (head, pool): what the pooling size does (figure 2, right)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for head, pool in _panels(cells):
+        mine = [c for c in cells if (c["head"], c["pool"]) == (head, pool)]
+        blocks = sorted({c["block"] for c in mine})
+        best = [100 * max(c["acc"] for c in mine if c["block"] == b) for b in blocks]
+        ax.plot(blocks, best, marker="o", label=f"{head}, pool {pool}")
+    ax.set(xlabel="block", ylabel="best accuracy over t (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(path, fig)

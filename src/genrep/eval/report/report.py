@@ -28,7 +28,8 @@ TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood"
           "likelihood": "Likelihood", "generation": "Generation", "completion": "Image completion",
           "energy": "Energy of samples by class",
           "robustness": "Adversarial robustness (PGD)",
-          "similarity": "Representation similarity", "finetune": "Fine-tuning", "lowshot": "Low-shot transfer"}
+          "similarity": "Representation similarity", "finetune": "Fine-tuning", "lowshot": "Low-shot transfer",
+          "sweep": "Read-out sweep (block x t x pool x head)"}
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -246,6 +247,18 @@ def _similarity(runs: list[dict]) -> str:
                        "representation up to rotation and scale. Heatmaps are among the figures.</p>")
 
 
+def _sweep(runs: list[dict]) -> str:
+    t = Table(["run", "head", "best block", "best t", "best pool", "accuracy", "cells", "noise"])
+    for r, s in _results(runs, "sweep"):
+        for head, b in s["best"].items():
+            cells = sum(1 for c in s["cells"] if c["head"] == head)
+            t.add([_label(r), _e(head), str(b["block"]), "clean" if b["t"] is None else str(b["t"]), _e(b["pool"]),
+                   _pct(b["acc"]), str(cells), _e(s.get("noise") or "–")])
+    return t.html() + ("<p class='note'>Test accuracy of each head on frozen features over the grid of blocks, noise "
+                       "steps and poolings; the best cell is selected on the test split, as the paper's ablations "
+                       "report. Heatmaps are among the figures.</p>")
+
+
 def _finetune(runs: list[dict]) -> str:
     t = Table(["run", "data", "accuracy", "ECE (%)", "epochs", "lr", "layer / pool"])
     for r, f in _results(runs, "finetune"):
@@ -268,7 +281,7 @@ def _lowshot(runs: list[dict]) -> str:
 
 SECTIONS = {"probes": _probes, "calibration": _calibration, "ood": _ood, "likelihood": _likelihood,
             "generation": _generation, "completion": _completion, "energy": _energy, "robustness": _robustness,
-            "similarity": _similarity, "finetune": _finetune, "lowshot": _lowshot}
+            "similarity": _similarity, "finetune": _finetune, "lowshot": _lowshot, "sweep": _sweep}
 
 
 # ----------------------------------------------------------------------------------------------- page

@@ -49,6 +49,25 @@ def attack_text(r: dict) -> str:
     return f"{r['steps']} steps of {size}, {r.get('start', 'uniform')} start, robust on {judged}"
 
 
+def _t(t) -> str:
+    return "clean" if t is None else str(t)
+
+
+def sweep_table(r: dict) -> str:
+    """The sweep's grid as text: one row per (head, pool, t), one column per block; the best cell per head."""
+    blocks = sorted({c["block"] for c in r["cells"]})
+    acc = {(c["head"], c["pool"], c["t"], c["block"]): c["acc"] for c in r["cells"]}
+    rows = list(dict.fromkeys((c["head"], c["pool"], c["t"]) for c in r["cells"]))
+    width = max(len(f"{h} pool {p} t={_t(t)}") for h, p, t in rows)
+    lines = [f"{'head, pool, t':<{width}}  " + " ".join(f"{'b' + str(b):>6}" for b in blocks)]
+    for h, p, t in rows:
+        cells = [f"{100 * acc[(h, p, t, b)]:6.1f}" if (h, p, t, b) in acc else f"{'-':>6}" for b in blocks]
+        lines.append(f"{f'{h} pool {p} t={_t(t)}':<{width}}  " + " ".join(cells))
+    for head, b in r["best"].items():
+        lines.append(f"best {head}: block {b['block']}, t={_t(b['t'])}, pool {b['pool']}: {pct(b['acc'])}")
+    return "\n".join(lines)
+
+
 def evaluation_summary(results: dict) -> str:
     """Run, weights, then one headline per protocol (or why it was skipped)."""
     size = f", {params_text(results['params'])}" if "params" in results else ""
@@ -98,6 +117,10 @@ def headline(name: str, r: dict) -> str:
         return f"mean CKA of adjacent layers {r['cka_adjacent_mean']:.3f}"
     if name == "finetune":
         return f"accuracy {pct(r['test_acc'])}, ECE {pct(r['test_ece'])} ({r['epochs']} epochs)"
+    if name == "sweep":
+        b = r["best_overall"]
+        return (f"best {b['head']} at block {b['block']}, t={_t(b['t'])}, pool {b['pool']}: {pct(b['acc'])} "
+                f"({len(r['cells'])} cells)")
     if name == "lowshot":
         return ", ".join(f"{100 * float(f):g}%: {pct(v['acc_mean'])} ± {100 * v['acc_std']:.2f}"
                          for f, v in r["fractions"].items()) + f" ({r['readout']} read-out)"

@@ -1,0 +1,132 @@
+"""The read-out sweep of the diffusion-features paper (figures 2 and 5): classification accuracy over the grid of
+block x noise step t x pooling, for the linear head (the fast full-batch solver) and the heads of appendix A,
+on cached features, with heatmaps and the best cell.
+
+Any method sweeps its blocks and poolings; the noise steps need a method read from a noised image
+(``feature_t``: ADM, GenViT, HybViT), so a U-Net and a ViT denoiser land in one table. Features of every
+(block, pool) come from one pass per t (``Method.feature_sets``) and are cached per (weights, block, t, pool,
+noise), so a second sweep, or one with another head, extracts nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import GenrepError
+from ...fields import setting
+from ...methods.base import MAP_POOL
+from ..metrics.heads import HEADS, MAP_HEADS
+from ..metrics.probes import linear_probe
+from .context import EvalContext
+from .head_training import HeadSettings, check_head_features, fit_head, head_pool
+
+MAX_DEFAULT_BLOCKS = 10
+
+
+@dataclass
+class SweepSettings:
+    blocks: list[int] = setting([], min=1)        # empty: about 10 blocks spread over the network, and the default
+    t: list[int] = setting([], min=0)             # noise steps; empty: the run's feature_t alone
+    pools: list[str] = setting(["1"])             # p (p x p average pool of a map) or a method's own pooling
+    heads: list[str] = setting(["linear"], choices=HEADS, nonempty=True, unique=True)
+    # the linear head's fast solver: full-batch L-BFGS, weight decay chosen on a held-out 10% of the train split
+    weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
+    head: HeadSettings = field(default_factory=HeadSettings)  # mlp, cnn and attention: the paper's schedule
+
+
+def sweep_blocks(method, asked: list[int]) -> list[int]:
+    if asked:
+        return sorted(set(asked))
+    n = method.num_layers
+    step = max(1, -(-n // MAX_DEFAULT_BLOCKS))
+    return sorted({*range(step, n + 1, step), method.default_layer})
+
+
+def sweep_steps(ctx: EvalContext) -> list[int | None]:
+    return sorted(set(ctx.ev.sweep.t)) or [getattr(ctx.cfg.model, "feature_t", None)]
+
+
+def check(ctx: EvalContext) -> None:
+    """Blocks, steps, poolings and heads this method can read, before any extraction."""
+    s, m = ctx.ev.sweep, ctx.method
+    if s.t and "feature_t" not in m.feature_options:
+        from ...methods import get_method, method_names
+        noisy = ", ".join(n for n in method_names() if "feature_t" in get_method(n).feature_options)
+        raise GenrepError(f"eval.sweep.t: {m.name} reads no noised image; noise steps apply to {noisy}; "
+                          f"leave t empty for {m.name}")
+    for t in s.t:
+        if t >= m.diffusion.T:
+            raise GenrepError(f"eval.sweep.t {t} is not a diffusion step; choose 0..{m.diffusion.T - 1} "
+                              f"(model.timesteps {m.diffusion.T})")
+    for kind in s.heads:
+        check_head_features(m, kind, "eval.sweep.heads")
+    for b in sweep_blocks(m, s.blocks):
+        m.check_feature_args(b, None)
+        for pool in s.pools:
+            if pool == MAP_POOL:
+                raise GenrepError("eval.sweep.pools: 'map' is what the cnn and attention heads read; list sizes "
+                                  "(1,2,4) or the method's poolings for the linear and mlp heads")
+            m.check_feature_args(b, pool)
+
+
+def _reads(ctx: EvalContext) -> list[tuple[int, str]]:
+    s = ctx.ev.sweep
+    pools = [p for p in s.pools if any(k not in MAP_HEADS for k in s.heads)]
+    if any(k in MAP_HEADS for k in s.heads):
+        pools.append(MAP_POOL)
+    return [(b, p) for b in sweep_blocks(ctx.method, s.blocks) for p in pools]
+
+
+def run(ctx: EvalContext) -> dict:
+    s, m = ctx.ev.sweep, ctx.method
+    trained_t = getattr(m.cfg, "feature_t", None)
+    reads = _reads(ctx)
+    n_cls = ctx.train.num_classes
+    cells = []
+    try:
+        for t in sweep_steps(ctx):
+            if "feature_t" in m.feature_options:
+                m.cfg.feature_t = t
+            train = dict(zip(reads, ctx.feature_sets("train", reads)))
+            test = dict(zip(reads, ctx.feature_sets("test", reads)))
+            for b, pool in reads:
+                for kind in s.heads:
+                    if head_pool(kind, pool) != pool or (kind in MAP_HEADS) != (pool == MAP_POOL):
+                        continue
+                    xtr, xte = train[(b, pool)], test[(b, pool)]
+                    cell = {"block": b, "t": t, "pool": pool, "head": kind, "feature_shape": list(xtr.shape[1:])}
+                    if kind == "linear":
+                        lp = linear_probe(xtr.flatten(1), ctx.train.labels, xte.flatten(1), ctx.test.labels, n_cls,
+                                          solver="lbfgs", weight_decay=s.weight_decay, seed=ctx.ev.seed)
+                        cell.update(acc=lp.test_acc, weight_decay=lp.weight_decay, params=lp.dim * n_cls + n_cls)
+                    else:
+                        r = fit_head(ctx, kind, s.head, xtr, xte)
+                        cell.update(acc=r["test_acc"], params=r["params"])
+                    cells.append(cell)
+    finally:
+        if "feature_t" in m.feature_options:
+            m.cfg.feature_t = trained_t
+    return summarise(ctx, cells)
+
+
+def summarise(ctx: EvalContext, cells: list[dict]) -> dict:
+    from ..report.figures import sweep_heatmaps, sweep_pool_lines
+
+    best = {}
+    for kind in dict.fromkeys(c["head"] for c in cells):
+        top = max((c for c in cells if c["head"] == kind), key=lambda c: c["acc"])
+        best[kind] = {k: top[k] for k in ("block", "t", "pool", "acc")}
+    overall = max(cells, key=lambda c: c["acc"])
+    figures = {"sweep: accuracy over block x t": ctx.rel(sweep_heatmaps(cells, ctx.figure("sweep-heatmaps"),
+                                                                        title=f"{ctx.cfg.method}: test accuracy"))}
+    if len({c["pool"] for c in cells if c["pool"] != MAP_POOL}) > 1:
+        figures["sweep: accuracy over pool size"] = ctx.rel(sweep_pool_lines(cells, ctx.figure("sweep-pools"),
+                                                                            title=f"{ctx.cfg.method}: pool size"))
+    return {"cells": cells, "best": best,
+            "best_overall": {**{k: overall[k] for k in ("head", "block", "t", "pool", "acc")},
+                             "selected_on": "test accuracy of the grid (as the paper's ablations report)"},
+            "noise": getattr(ctx.cfg.model, "feature_noise", None), "figures": figures}
+
+
