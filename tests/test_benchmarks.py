@@ -87,3 +87,18 @@ def test_throughput_runs_a_colour_token_method_with_axial_attention(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(out.read_text())
     assert row["images_per_s"] > 0 and row["passes_per_image"] == 2
+
+
+def test_feature_extraction_reports_images_per_second_in_each_precision(tmp_path):
+    out = tmp_path / "rows.json"
+    script = SCRIPT.parent / "feature_extraction.py"
+    proc = subprocess.run([sys.executable, str(script), "--recipe", "adm-digits", "--batch", "4", "--steps", "1",
+                           "--json", str(out), "--model.feature_t", "50", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["fp32", "bf16", "bf16-cl"]
+    assert all(r["images_per_s"] > 0 and r["gflops_per_image"] > 0 and r["feature_t"] == 50 for r in rows)
+    vectors = subprocess.run([sys.executable, str(script), "--recipe", "simclr-digits", "--device", "cpu"],
+                             capture_output=True, text=True, timeout=600)
+    assert vectors.returncode == 2 and "reads no feature maps" in vectors.stderr

@@ -170,6 +170,8 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     }
     if "classifier_acc" in r:
         results["classifier_test_acc"] = r["classifier_acc"]
+    if "heads" in r:
+        results["heads"] = r["heads"]
     results["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(run / RESULTS_DIR / PROBE_FILE, results)
     return results

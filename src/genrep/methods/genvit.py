@@ -86,11 +86,7 @@ class GenViT(DiffusionMethod):
     _clean_t = True  # the clean read-out is timed at step 0 (HybViT's classification pass is untimed)
 
     def _read(self, h: torch.Tensor, pool: str) -> torch.Tensor:
-        if is_map_pool(pool):
-            grid = self.net.patch_embed.grid
-            fmap = h[:, self.net.num_prefix:].transpose(1, 2).reshape(h.shape[0], -1, grid, grid)
-            return pool_feature_map(fmap, pool)
-        return self.net.pool(h, pool)
+        return pool_feature_map(self.net.token_map(h), pool) if is_map_pool(pool) else self.net.pool(h, pool)
 
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
         layer, pool = self.check_feature_args(layer, pool)

@@ -12,7 +12,7 @@ from ..data.augment import AUGMENTATIONS, Augmentation
 from ..fields import setting
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
-from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
+from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape, is_map_pool, pool_feature_map
 from .classification import (ClassifierTrainingConfig, classification_inputs, classification_loss, image_view,
                              mixing_inputs)
 from .registry import register
@@ -32,6 +32,7 @@ class SupervisedViT(Method):
     capabilities = frozenset({"logits"})
     needs_labels = True
     feature_pools = ("cls", "mean")
+    feature_maps = True  # the patch tokens on their grid
     default_pool = "cls"
     tiny_config = TINY_VIT
 
@@ -68,7 +69,11 @@ class SupervisedViT(Method):
 
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
         layer, pool = self.check_feature_args(layer, pool)
-        return self.encoder.pool(self.encoder(self.normalize(x), layer=layer), pool)
+        h = self.encoder(self.normalize(x), layer=layer)
+        return pool_feature_map(self.encoder.token_map(h), pool) if is_map_pool(pool) else self.encoder.pool(h, pool)
+
+    def feature_map_size(self, layer: int) -> int:
+        return self.encoder.patch_embed.grid
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.cls_token", "encoder.pos_embed.pos"}

@@ -109,6 +109,11 @@ class ViT(nn.Module):
         """One empty ``KVCache`` per block, for up to ``max_len`` tokens (default: the prefix and every patch)."""
         return [KVCache(max_len or self.num_prefix + self.patch_embed.num_patches) for _ in self.blocks]
 
+    def token_map(self, h: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, prefix + N, D] -> the patch tokens on their grid, [B, D, g, g] (a feature map)."""
+        g = self.patch_embed.grid
+        return h[:, self.num_prefix:].transpose(1, 2).reshape(h.shape[0], -1, g, g)
+
     def pool(self, h: torch.Tensor, pool: str) -> torch.Tensor:
         if pool == "cls":
             if self.cls_token is None:

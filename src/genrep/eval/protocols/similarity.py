@@ -19,11 +19,22 @@ class SimilaritySettings:
     cka_n: int = setting(1000, min=1)   # test images of CKA
     tsne_n: int = setting(1000, min=1)  # test images of the t-SNE map
     cka_runs: list[str] = field(default_factory=list)  # other run folders on the same data: CKA between models
+    # noise steps: CKA between every (t, layer) pair of a method read from noised images (the diffusion-features
+    # paper's figure 6: how alike the blocks are across t); empty: none
+    cka_t: list[int] = setting([], min=0, unique=True)
 
 
 def check(ctx: EvalContext) -> None:
     """A folder that is not a run, or a t-SNE OOD set missing offline, fails here, not after the other protocols."""
     from ...runs import read_run_config
+
+    m = ctx.method
+    if ctx.ev.similarity.cka_t:
+        if "feature_t" not in m.feature_options:
+            raise GenrepError(f"eval.similarity.cka_t: {m.name} reads no noised image; leave cka_t empty")
+        bad = [t for t in ctx.ev.similarity.cka_t if t >= m.diffusion.T]
+        if bad:
+            raise GenrepError(f"eval.similarity.cka_t {bad[0]} is not a diffusion step; choose 0..{m.diffusion.T - 1}")
 
     for other in ctx.ev.similarity.cka_runs:
         read_run_config(Path(other))
@@ -54,7 +65,7 @@ def run(ctx: EvalContext) -> dict:
     layer, pool = default_readout(m)
     images, _labels = ctx.test_subset(s.cka_n)
     layers = list(range(1, m.num_layers + 1))
-    feats = [ctx.extract(images, ly, pool) for ly in layers]
+    feats = all_layers(ctx, images, pool)
     matrix = cka_matrix(feats)
     names = [str(ly) for ly in layers]
     heat = cka_heatmap(matrix, ctx.figure("cka-layers"), names, names, title=f"linear CKA between layers ({pool})",
@@ -72,6 +83,10 @@ def run(ctx: EvalContext) -> dict:
                                "same_layer_mean": float(torch.diagonal(cross).mean()) if cross.shape[0] ==
                                cross.shape[1] else None, "max": float(cross.max())}
         figures[f"CKA vs {Path(other).name}"] = ctx.rel(fig)
+    across_t = {}
+    if s.cka_t:
+        across_t, fig = cka_across_steps(ctx, images, pool)
+        figures["CKA between blocks across t"] = ctx.rel(fig)
     t_images, t_labels = ctx.test_subset(s.tsne_n)
     t_feats = ctx.features("test", layer, pool)
     if len(t_images) < len(ctx.test):
@@ -86,4 +101,36 @@ def run(ctx: EvalContext) -> dict:
     figures["t-SNE"] = ctx.rel(tsne)
     return {"layers": layers, "pool": pool, "cka": matrix.tolist(), "n": len(images),
             "cka_adjacent_mean": float(torch.diagonal(matrix, 1).mean()) if len(layers) > 1 else 1.0,
-            "between_models": between, "figures": figures}
+            "between_models": between, **({"across_t": across_t} if across_t else {}), "figures": figures}
+
+
+def all_layers(ctx: EvalContext, images: torch.Tensor, pool: str) -> list[torch.Tensor]:
+    """Every layer's features of ``images`` from one pass per batch."""
+    from ..features import extract_feature_sets
+
+    reads = [(ly, pool) for ly in range(1, ctx.method.num_layers + 1)]
+    return extract_feature_sets(ctx.method, images, reads, batch_size=ctx.ev.batch_size, device=ctx.device,
+                                bf16=ctx.bf16)
+
+
+def cka_across_steps(ctx: EvalContext, images: torch.Tensor, pool: str) -> tuple[dict, Path]:
+    """Linear CKA between every (t, layer) read-out of ``images``: one matrix over t-major blocks of layers."""
+    from ..report.figures import cka_heatmap
+
+    m, steps = ctx.method, sorted(ctx.ev.similarity.cka_t)
+    trained = m.cfg.feature_t
+    feats, labels = [], []
+    try:
+        for t in steps:
+            m.cfg.feature_t = t
+            feats += all_layers(ctx, images, pool)
+            labels += [f"t{t}/{ly}" for ly in range(1, m.num_layers + 1)]
+    finally:
+        m.cfg.feature_t = trained
+    matrix = cka_matrix(feats)
+    fig = cka_heatmap(matrix, ctx.figure("cka-across-t"), labels, labels,
+                      title=f"linear CKA between (t, layer) read-outs ({pool})", xlabel="t/layer", ylabel="t/layer")
+    n = m.num_layers
+    same_layer = {f"{a}-{b}": float(torch.diagonal(matrix[i * n:(i + 1) * n, j * n:(j + 1) * n]).mean())
+                  for i, a in enumerate(steps) for j, b in enumerate(steps) if i < j}
+    return {"t": steps, "labels": labels, "matrix": matrix.tolist(), "same_layer_mean": same_layer}, fig

@@ -29,11 +29,17 @@ MAX_DEFAULT_BLOCKS = 10
 class SweepSettings:
     blocks: list[int] = setting([], min=1)        # empty: about 10 blocks spread over the network, and the default
     t: list[int] = setting([], min=0)             # noise steps; empty: the run's feature_t alone
-    pools: list[str] = setting(["1"])             # p (p x p average pool of a map) or a method's own pooling
+    pools: list[str] = setting(["1"], nonempty=True, unique=True)  # p (p x p average pool of a map) or a method's own pooling
     heads: list[str] = setting(["linear"], choices=HEADS, nonempty=True, unique=True)
     # the linear head's fast solver: full-batch L-BFGS, weight decay chosen on a held-out 10% of the train split
     weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
     head: HeadSettings = field(default_factory=HeadSettings)  # mlp, cnn and attention: the paper's schedule
+
+    def validate(self, section: str) -> None:
+        for pool in self.pools:
+            if not ((pool.isdigit() and int(pool) >= 1) or (pool.isalpha() and len(pool) <= 16)) or pool == MAP_POOL:
+                raise GenrepError(f"{section}.pools: {pool!r} is not a pooling; give sizes p >= 1 (p x p average "
+                                  f"pool of a map: 1,2,4) or a method's pooling name (mean, cls)")
 
 
 def sweep_blocks(method, asked: list[int]) -> list[int]:
@@ -41,7 +47,7 @@ def sweep_blocks(method, asked: list[int]) -> list[int]:
         return sorted(set(asked))
     n = method.num_layers
     step = max(1, -(-n // MAX_DEFAULT_BLOCKS))
-    return sorted({*range(step, n + 1, step), method.default_layer})
+    return sorted({*range(step, n + 1, step), method.default_layer or n})
 
 
 def sweep_steps(ctx: EvalContext) -> list[int | None]:
@@ -65,10 +71,9 @@ def check(ctx: EvalContext) -> None:
     for b in sweep_blocks(m, s.blocks):
         m.check_feature_args(b, None)
         for pool in s.pools:
-            if pool == MAP_POOL:
-                raise GenrepError("eval.sweep.pools: 'map' is what the cnn and attention heads read; list sizes "
-                                  "(1,2,4) or the method's poolings for the linear and mlp heads")
             m.check_feature_args(b, pool)
+        if any(k in MAP_HEADS for k in s.heads):
+            m.check_feature_args(b, MAP_POOL)
 
 
 def _reads(ctx: EvalContext) -> list[tuple[int, str]]:
@@ -93,8 +98,8 @@ def run(ctx: EvalContext) -> dict:
             test = dict(zip(reads, ctx.feature_sets("test", reads)))
             for b, pool in reads:
                 for kind in s.heads:
-                    if head_pool(kind, pool) != pool or (kind in MAP_HEADS) != (pool == MAP_POOL):
-                        continue
+                    if head_pool(kind, pool) != pool or (kind not in MAP_HEADS and pool == MAP_POOL):
+                        continue  # map heads read the map, the others the pooled vectors
                     xtr, xte = train[(b, pool)], test[(b, pool)]
                     cell = {"block": b, "t": t, "pool": pool, "head": kind, "feature_shape": list(xtr.shape[1:])}
                     if kind == "linear":

@@ -130,6 +130,14 @@ def _probes(runs: list[dict]) -> str:
             "batch 512 and wd 1e-4 is the GCRL protocol) is at the method's default read-out; the sweep uses the "
             "full-batch L-BFGS solver, and its best cell is selected on test accuracy, as the papers' layer sweeps "
             "report.</p>")
+    heads = Table(["run", "head", "layer / pool", "parameters", "accuracy", "epochs"])
+    for r, p in _results(runs, "probes"):
+        for kind, h in p.get("heads", {}).items():
+            heads.add([_label(r), _e(kind), f"{p['layer']} / {_e(h['pool'])}", f"{h['params']:,}",
+                       _pct(h["test_acc"]), str(h["epochs"])])
+    if heads.rows:
+        note += ("<p class='note'>Heads of the diffusion-features paper (appendix A) at the same read-out, trained "
+                 "with its schedule (Adam, the rate x0.1 every 8 epochs):</p>" + heads.html())
     return t.html() + note + "".join(sweeps)
 
 

@@ -10,6 +10,8 @@ def probe_table(r: dict) -> str:
     lp = r["linear_probe"]
     rows.append((f"linear probe ({lp['solver']}, wd {lp['weight_decay']:g})", lp["test_acc"]))
     rows += [(f"kNN k={k}", acc) for k, acc in r["knn"].items()]
+    rows += [(f"{kind} head ({h['pool']} pool, {h['params']:,} parameters)", h["test_acc"])
+             for kind, h in r.get("heads", {}).items()]
     width = max(len(name) for name, _ in rows)
     t = f", at step t={r['feature_t']}" if r.get("feature_t") is not None else ""
     head = (f"{r['method']} on {r['data']} ({r['n_train']} train / {r['n_test']} test), features: layer "

@@ -1,0 +1,356 @@
+"""Method adm: the ADM U-Net as a DDPM and a pretrained guided-diffusion state dict as a frozen part; its
+block numbering, deterministic noised read-outs, the feature cache, sampling, the paper's heads in `genrep
+probe`, and bad input as one line before any work. (The U-Net itself is tested in test_unet.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import one_line, tiny_config
+from safetensors import safe_open
+
+from genrep.cli import main
+from genrep.config import EvalConfig
+from genrep.errors import GenrepError
+from genrep.eval.protocols import context
+from genrep.eval.protocols.context import EvalContext
+from genrep.methods import DataSpec, build_method, get_method
+from genrep.methods.adm import ADM, ADMConfig, unet_kwargs
+from genrep.nn.unet import ADM_256_UNCOND, UNet
+from genrep.runs import FROZEN_FILE, load_trained
+from genrep.train.loop import pretrain
+
+SPEC = DataSpec(image_size=8, channels=1, num_classes=10)  # digits
+# the cheapest `genrep probe` that still runs every part of it: one weight decay (no held-out choice), one k
+PROBE_ARGS = ["--device", "cpu", "--probe.weight_decay", "1e-3", "--probe.knn_k", "5"]
+PNG = b"\x89PNG\r\n\x1a\n"
+# a shipped method whose features are vectors (the tests' own toy as a fallback)
+VECTOR = next(n for n in ("simclr", "igpt", "gcrl", "toy") if not get_method(n).feature_maps)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors on a loaded 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def adm_run(tmp_path_factory, _one_thread) -> Path:
+    """A tiny trained adm run (blocks 1..9: encoder 1-4, middle 5, decoder 6-9; default block 8)."""
+    run = tmp_path_factory.mktemp("adm") / "run"
+    pretrain(tiny_config("adm", **{"train.steps": 2}), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def vector_run(tmp_path_factory, _one_thread) -> Path:
+    run = tmp_path_factory.mktemp(VECTOR) / "run"
+    pretrain(tiny_config(VECTOR, **{"train.steps": 2}), run)
+    return run
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    """``genrep ARGV`` in-process: exit status 2 and one ``genrep: error:`` line on stderr (returned)."""
+    capsys.readouterr()
+    rc = main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("genrep: error: "), (rc, lines)
+    assert "Traceback" not in lines[0]
+    return lines[0]
+
+
+def _no_extraction(monkeypatch) -> list:
+    """Make any feature extraction fail the test: the checks must come before it."""
+    work = []
+
+    def no_work(*args, **kwargs):
+        work.append(args)
+        raise AssertionError("features were extracted before the bad input was refused")
+
+    for fn in ("extract_features", "extract_feature_sets"):
+        monkeypatch.setattr(context, fn, no_work)
+    return work
+
+
+def _random_unet(cfg: ADMConfig, spec: DataSpec = SPEC, seed: int = 0) -> UNet:
+    """A U-Net of ``cfg`` with every parameter random (the zero-initialised layers would hide the blocks)."""
+    torch.manual_seed(seed)
+    unet = UNet(**unet_kwargs(cfg, spec)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.05)
+    return unet
+
+
+# ------------------------------------------------------------------------------------------- block numbering
+
+def test_adm256_blocks_through_the_method(tmp_path):
+    """guided-diffusion's 256x256 uncond flags as an adm config: the paper's numbering (37 blocks, middle 19)
+    and its best block 24 (16x16, 1024 channels) as the default read-out; built on the meta device, so the
+    pretrained file (here not even a state dict) is hashed but never read."""
+    fake = tmp_path / "256x256_diffusion_uncond.pt"
+    fake.write_bytes(b"not read on the meta device")
+    cfg = ADMConfig(num_channels=256, num_res_blocks=2, attention_resolutions=[32, 16, 8],
+                    num_head_channels=64, resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True,
+                    pretrained=str(fake))
+    spec = DataSpec(image_size=256, channels=3, num_classes=1000)
+    kwargs = unet_kwargs(cfg, spec)
+    assert kwargs == {k: v for k, v in ADM_256_UNCOND.items() if k in kwargs}
+    with torch.device("meta"):
+        m = ADM(cfg, spec)
+    assert m.num_layers == 37 and m.middle_block == 19 and m.default_layer == 24
+    assert m.feature_map_size(24) == 16 and m.feature_channels(24) == 1024
+    assert m.feature_map_size(19) == 8 and m.feature_map_size(1) == m.feature_map_size(37) == 256
+    assert m.param_counts()["trainable"] == 0 and set(m.frozen_parts) == {"unet"}
+    assert m.check_feature_args(None, None) == (24, "1")
+    with pytest.raises(GenrepError, match=r"choose 1\.\.37") as e:
+        m.check_feature_args(38, None)
+    one_line(e)
+
+
+def test_tiny_adm_blocks():
+    m = build_method("adm", tiny_config("adm").model, SPEC)
+    assert m.num_layers == 9 and m.middle_block == 5 and m.default_layer == 8
+    assert [m.feature_map_size(b) for b in range(1, 10)] == [8, 8, 4, 4, 4, 4, 8, 8, 8]
+
+
+# ------------------------------------------------------------------------------------- a pretrained U-Net
+
+def test_a_pretrained_state_dict_is_a_frozen_part(tmp_path, capsys):
+    cfg = tiny_config("adm", **{"model.pretrained": str(tmp_path / "unet.pt")})
+    src = _random_unet(cfg.model)
+    torch.save(src.state_dict(), tmp_path / "unet.pt")
+    run = tmp_path / "run"
+    result = pretrain(cfg, run)
+    assert result.steps == 0  # nothing to train
+
+    frozen = json.loads((run / FROZEN_FILE).read_text())
+    assert list(frozen) == ["unet"] and frozen["unet"]["path"] == str((tmp_path / "unet.pt").resolve())
+    assert len(frozen["unet"]["sha256"]) == 64
+    for weights in ("model", "ema"):
+        with safe_open(str(run / f"{weights}.safetensors"), "pt") as f:
+            assert not [k for k in f.keys() if k.startswith("unet.")]  # noqa: SIM118
+    assert sum(f.stat().st_size for f in run.rglob("*.safetensors")) < 100_000  # the U-Net is not copied
+
+    _, method, _ = load_trained(run)
+    assert method.param_counts()["trainable"] == 0 and method.param_counts()["total"] > 0
+    assert not method.unet.training
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        acts = src.activations(2 * x - 1, torch.zeros(5, dtype=torch.long), {3, 8})
+        torch.testing.assert_close(method.features(x, layer=3, pool="map"), acts[3])
+        torch.testing.assert_close(method.features(x), acts[8].mean((2, 3)))  # default: block 8, pool 1
+        torch.testing.assert_close(method.features(x, layer=8, pool="2"),
+                                   torch.nn.functional.adaptive_avg_pool2d(acts[8], 2).flatten(1))
+
+    capsys.readouterr()
+    assert main(["probe", str(run), *PROBE_ARGS]) == 0
+    assert "linear probe" in capsys.readouterr().out
+    probe = json.loads((run / "results" / "probe.json").read_text())
+    assert probe["method"] == "adm" and probe["layer"] == 8 and probe["feature_dim"] == 32
+
+
+def test_a_state_dict_of_another_configuration_is_refused_before_a_run_exists(tmp_path):
+    other = tiny_config("adm", **{"model.num_channels": 64}).model
+    torch.save(_random_unet(other).state_dict(), tmp_path / "unet64.pt")
+    run = tmp_path / "run"
+    with pytest.raises(GenrepError, match="not a state dict of this configuration") as e:
+        pretrain(tiny_config("adm", **{"model.pretrained": str(tmp_path / "unet64.pt")}), run)
+    assert "shape mismatches" in one_line(e)
+    assert not run.exists()
+
+
+def test_a_pretrained_file_changed_after_the_run_was_made_is_refused(tmp_path, capsys):
+    path = tmp_path / "unet.pt"
+    cfg = tiny_config("adm", **{"model.pretrained": str(path)})
+    torch.save(_random_unet(cfg.model, seed=0).state_dict(), path)
+    run = tmp_path / "run"
+    pretrain(cfg, run)
+    load_trained(run)  # unchanged: loads
+    torch.save(_random_unet(cfg.model, seed=1).state_dict(), path)  # same configuration, other weights
+    with pytest.raises(GenrepError, match="the file changed since training") as e:
+        load_trained(run)
+    assert "frozen part 'unet'" in one_line(e)
+    assert "the file changed since training" in _cli_error(capsys, ["probe", str(run), *PROBE_ARGS])
+    assert not (run / "results" / "probe.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- noised read-outs
+
+def test_fixed_noise_makes_noised_features_a_function_of_the_image():
+    x = torch.rand(7, 1, 8, 8)
+    def build(**overrides):
+        return build_method("adm", tiny_config("adm", **overrides).model, SPEC).eval()
+
+    m = build(**{"model.feature_t": 50})
+    clean = build()
+    other_seed = build(**{"model.feature_t": 50, "model.feature_noise_seed": 1})
+    fresh = build(**{"model.feature_t": 50, "model.feature_noise": "fresh"})
+    for other in (clean, other_seed, fresh):  # the same weights, read otherwise
+        other.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        a = m.features(x, layer=8, pool="2")
+        torch.testing.assert_close(m.features(x, layer=8, pool="2"), a, rtol=0, atol=0)  # identical twice
+        # the batch it is in does not matter: the first 3 images alone, the last 4 alone
+        torch.testing.assert_close(m.features(x[:3], layer=8, pool="2"), a[:3])
+        torch.testing.assert_close(m.features(x[3:], layer=8, pool="2"), a[3:])
+        assert not torch.allclose(clean.features(x, layer=8, pool="2"), a, atol=1e-4)  # t=50 is not clean
+        assert not torch.allclose(other_seed.features(x, layer=8, pool="2"), a, atol=1e-4)
+        f1, f2 = fresh.features(x, layer=8, pool="2"), fresh.features(x, layer=8, pool="2")
+        assert not torch.allclose(f1, f2, atol=1e-4)
+    # the read-out's tag (its cache key) tells the three apart
+    assert len({m.feature_tag(), other_seed.feature_tag(), fresh.feature_tag(), clean.feature_tag()}) == 4
+
+
+def test_feature_sets_is_one_pass_equal_to_separate_reads():
+    m = build_method("adm", tiny_config("adm", **{"model.feature_t": 50}).model, SPEC).eval()
+    x = torch.rand(4, 1, 8, 8)
+    reads = [(2, "1"), (8, "2"), (5, "map"), (None, None)]
+    calls = []
+    real = m.unet.activations
+    m.unet.activations = lambda *a, **k: calls.append(a[2]) or real(*a, **k)
+    with torch.no_grad():
+        sets = m.feature_sets(x, reads)
+        assert len(calls) == 1 and set(calls[0]) == {2, 5, 8}
+        for (layer, pool), f in zip(reads, sets):
+            torch.testing.assert_close(f, m.features(x, layer=layer, pool=pool))
+    assert sets[2].shape == (4, 64, 4, 4) and sets[1].shape == (4, 32 * 4) and sets[3].shape == (4, 32)
+
+
+# --------------------------------------------------------------------------- cached and uncached features
+
+def test_cached_features_equal_a_direct_extraction(adm_run):
+    ev = EvalConfig(device="cpu", batch_size=100)
+    ctx = EvalContext.open(adm_run, ev, options={"feature_t": 50}, progress=False)
+    method, images = ctx.method, ctx.test.images
+    with torch.no_grad():
+        direct = method.feature_sets(images.float() / 255, [(3, "1"), (8, "2"), (6, "map")])
+    first = ctx.feature_sets("test", [(3, "1"), (8, "2"), (6, "map")])
+    keys = [ctx.feature_key("test", b, p) for b, p in ((3, "1"), (8, "2"), (6, "map"))]
+    assert all((adm_run / "cache" / f"{k}.safetensors").is_file() for k in keys)
+    assert all("feature_t50" in k for k in keys)
+    # read back from the cache, alone and through the single-read path
+    again = ctx.feature_sets("test", [(3, "1"), (8, "2"), (6, "map")])
+    single = ctx.features("test", 8, "2")
+    for d, f, g in zip(direct, first, again):
+        torch.testing.assert_close(f, d)
+        torch.testing.assert_close(g, d, rtol=0, atol=0)
+    torch.testing.assert_close(single, direct[1], rtol=0, atol=0)
+    # a single read the sets never made, computed in batches of 100, equals the direct one
+    torch.testing.assert_close(ctx.features("test", 4, "1"),
+                               method.features(images.float() / 255, layer=4, pool="1"))
+
+
+# ------------------------------------------------------------------------------------ loading and sampling
+
+def test_a_trained_run_loads_and_samples(adm_run, tmp_path, capsys):
+    cfg, method, train = load_trained(adm_run)
+    assert cfg.method == "adm" and isinstance(method, ADM) and not method.training
+    assert method.param_counts()["trainable"] == method.param_counts()["total"] > 0
+    assert not method.frozen_parts
+    x = method.sample(4, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
+    out = tmp_path / "samples.png"
+    capsys.readouterr()
+    assert main(["sample", str(adm_run), "-n", "4", "--steps", "2", "--device", "cpu", "-o", str(out)]) == 0
+    assert "4 samples from adm" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == PNG
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--probe.layer", "99"], "layer 99 does not exist in adm; choose 1..9"),
+    (["--probe.layer", "0"], "probe.layer must be at least 1"),
+    (["--model.feature_t", "1000"], "model.feature_t 1000 is not a diffusion step; choose 0..999"),
+    (["--probe.pool", "99"], "pool 99 is larger than the 8x8 map of layer 8 in adm"),
+    (["--probe.pool", "mean"], "pooling 'mean' is not offered by adm"),
+    (["--model.num_channels", "64"], "cannot change model.num_channels of a trained adm run"),
+])
+def test_bad_probe_input_is_one_line_before_any_work(adm_run, capsys, monkeypatch, args, fragment):
+    work = _no_extraction(monkeypatch)
+    path = adm_run / "results" / "probe.json"
+    before = path.read_bytes() if path.exists() else None
+    line = _cli_error(capsys, ["probe", str(adm_run), *PROBE_ARGS, *args])
+    assert fragment in line, line
+    assert work == []
+    assert (path.read_bytes() if path.exists() else None) == before
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"model.learn_sigma": True}, "model.learn_sigma trains the variance with guided-diffusion's hybrid"),
+    ({"model.feature_t": 1000}, "model.feature_t 1000 is not a diffusion step"),
+    ({"model.feature_pool": "mean"}, "model.feature_pool 'mean' is not a pooling"),
+    ({"model.num_head_channels": 0}, "num_head_channels 0 makes no heads"),
+])
+def test_bad_adm_config_is_refused_when_the_config_is_built(overrides, fragment):
+    with pytest.raises(GenrepError) as e:
+        tiny_config("adm", **overrides)
+    assert fragment in one_line(e)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"model.attention_resolutions": [16]}, "model.attention_resolutions [16] never occur in this U-Net; its "
+                                            "resolutions on 8 px are 8, 4"),
+    ({"model.num_channels": 48}, "model.num_channels 48 x channel_mult 1 = 48 channels, which GroupNorm "
+                                 "cannot split into 32 groups"),
+    ({"model.channel_mult": [1, 2, 2, 2, 2]}, "has 5 levels"),
+    ({"model.num_head_channels": 24}, "model.num_head_channels 24 does not divide 32 channels"),
+    ({"model.feature_layer": 10}, "model.feature_layer 10 does not exist; this U-Net has blocks 1..9"),
+    ({"model.pretrained": "/nonexistent/256x256_diffusion_uncond.pt"}, "is not a file"),
+])
+def test_bad_adm_model_is_one_line_before_a_run_folder_exists(tmp_path, overrides, fragment):
+    run = tmp_path / "run"
+    with pytest.raises(GenrepError) as e:
+        pretrain(tiny_config("adm", **overrides), run)
+    assert fragment in one_line(e)
+    assert not run.exists()
+
+
+def test_learn_sigma_with_a_pretrained_file_reads_eps_from_the_first_half(tmp_path):
+    """guided-diffusion's checkpoints have the variance channels: allowed with model.pretrained, where the
+    denoiser returns the eps half and sampling keeps the fixed variance."""
+    cfg = tiny_config("adm", **{"model.learn_sigma": True, "model.pretrained": str(tmp_path / "u.pt")})
+    src = _random_unet(cfg.model)
+    assert src.out_channels == 2
+    torch.save(src.state_dict(), tmp_path / "u.pt")
+    m = build_method("adm", cfg.model, SPEC).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(m.denoise(x, t), src(x, t)[:, :1])
+    assert "learned variance is not used" in m.capability_settings("sample")["variance"]
+
+
+# ------------------------------------------------------------------------------- the paper's heads in probe
+
+HEAD_ARGS = ["--probe.heads", "attention,cnn", "--probe.head.epochs", "2", "--probe.head.cnn_channels", "8,8",
+             "--probe.head.batch_size", "512"]
+
+
+def test_probe_heads_are_trained_at_the_read_out_and_recorded(adm_run, capsys):
+    """`genrep probe --probe.heads`: each head on the map of the read-out's block, in probe.json and in the
+    table."""
+    capsys.readouterr()
+    assert main(["probe", str(adm_run), *PROBE_ARGS, *HEAD_ARGS]) == 0
+    out = capsys.readouterr().out
+    probe = json.loads((adm_run / "results" / "probe.json").read_text())
+    assert probe["layer"] == 8 and probe["pool"] == "1"
+    assert list(probe["heads"]) == ["attention", "cnn"]
+    for kind, r in probe["heads"].items():
+        assert r["pool"] == "map" and 0 <= r["test_acc"] <= 1 and r["params"] > 0 and r["epochs"] == 2
+        assert f"{kind} head (map pool, {r['params']:,} parameters)" in out
+
+
+def test_a_map_head_on_vector_features_is_one_line_naming_the_head(vector_run, capsys, monkeypatch):
+    work = _no_extraction(monkeypatch)
+    for head in ("cnn", "attention"):
+        line = _cli_error(capsys, ["probe", str(vector_run), *PROBE_ARGS, "--probe.heads", f"mlp,{head}"])
+        assert f"probes.heads: the {head} head needs feature maps" in line
+        assert f"{VECTOR}'s features are vectors" in line and "adm" in line  # and a method that has maps
+    assert work == [] and not (vector_run / "results" / "probe.json").exists()
