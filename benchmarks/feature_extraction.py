@@ -29,7 +29,7 @@ from genrep.errors import GenrepError
 from genrep.methods import DataSpec, build_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _device_name, _sync  # noqa: E402 - the sibling benchmark's device helpers
+from throughput import _device_name, _sync, parse_modes  # noqa: E402 - the sibling benchmark's device helpers
 
 MODES = ("fp32", "bf16", "bf16-cl")
 
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args, rest = p.parse_known_args(argv)
     try:
-        modes = args.modes.split(",")
-        unknown = [m for m in modes if m not in MODES]
-        if unknown:
-            raise GenrepError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+        modes = parse_modes(args.modes, MODES)
         device = resolve_device(args.device)
         method = build(args.recipe, parse_overrides(rest), device)
         layer, pool = method.check_feature_args(args.layer, args.pool)

@@ -105,6 +105,15 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def parse_modes(text: str, choices: tuple[str, ...]) -> list[str]:
+    """A benchmark's comma-separated --modes, each one of ``choices``."""
+    modes = text.split(",")
+    unknown = [m for m in modes if m not in choices]
+    if unknown:
+        raise GenrepError(f"unknown mode '{unknown[0]}'; choose from {', '.join(choices)}")
+    return modes
+
+
 def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
@@ -125,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(rest)
         cuda = torch.cuda.is_available() and args.device != "cpu"
-        modes = args.modes.split(",") if args.modes else (["fast", "eager-fp32"] if cuda else ["eager-fp32"])
-        for m in modes:
-            if m not in MODES:
-                raise GenrepError(f"unknown mode '{m}'; choose from {', '.join(MODES)}")
+        modes = parse_modes(args.modes, MODES) if args.modes else (["fast", "eager-fp32"] if cuda else ["eager-fp32"])
         rows = []
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             for mode in modes:

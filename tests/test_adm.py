@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import one_line, tiny_config
+from eval_helpers import no_extraction
 from safetensors import safe_open
 
 from genrep.cli import main
 from genrep.config import EvalConfig
 from genrep.errors import GenrepError
-from genrep.eval.protocols import context
 from genrep.eval.protocols.context import EvalContext
 from genrep.methods import DataSpec, build_method, get_method
 from genrep.methods.adm import ADM, ADMConfig, unet_kwargs
@@ -63,19 +63,6 @@ def _cli_error(capsys, argv: list[str]) -> str:
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("genrep: error: "), (rc, lines)
     assert "Traceback" not in lines[0]
     return lines[0]
-
-
-def _no_extraction(monkeypatch) -> list:
-    """Make any feature extraction fail the test: the checks must come before it."""
-    work = []
-
-    def no_work(*args, **kwargs):
-        work.append(args)
-        raise AssertionError("features were extracted before the bad input was refused")
-
-    for fn in ("extract_features", "extract_feature_sets"):
-        monkeypatch.setattr(context, fn, no_work)
-    return work
 
 
 def _random_unet(cfg: ADMConfig, spec: DataSpec = SPEC, seed: int = 0) -> UNet:
@@ -274,7 +261,7 @@ def test_a_trained_run_loads_and_samples(adm_run, tmp_path, capsys):
     (["--model.num_channels", "64"], "cannot change model.num_channels of a trained adm run"),
 ])
 def test_bad_probe_input_is_one_line_before_any_work(adm_run, capsys, monkeypatch, args, fragment):
-    work = _no_extraction(monkeypatch)
+    work = no_extraction(monkeypatch)
     path = adm_run / "results" / "probe.json"
     before = path.read_bytes() if path.exists() else None
     line = _cli_error(capsys, ["probe", str(adm_run), *PROBE_ARGS, *args])
@@ -348,9 +335,31 @@ def test_probe_heads_are_trained_at_the_read_out_and_recorded(adm_run, capsys):
 
 
 def test_a_map_head_on_vector_features_is_one_line_naming_the_head(vector_run, capsys, monkeypatch):
-    work = _no_extraction(monkeypatch)
+    work = no_extraction(monkeypatch)
     for head in ("cnn", "attention"):
         line = _cli_error(capsys, ["probe", str(vector_run), *PROBE_ARGS, "--probe.heads", f"mlp,{head}"])
         assert f"probes.heads: the {head} head needs feature maps" in line
         assert f"{VECTOR}'s features are vectors" in line and "adm" in line  # and a method that has maps
     assert work == [] and not (vector_run / "results" / "probe.json").exists()
+
+
+def test_cka_across_noise_steps_compares_every_t_and_block(adm_run, capsys):
+    """The similarity protocol's figure-6 matrix: every (t, block) read-out against every other."""
+    from genrep.eval.evaluate import evaluate_run
+    from genrep.eval.protocols.similarity import SimilaritySettings
+
+    ev = EvalConfig(device="cpu", protocols=["similarity"],
+                    similarity=SimilaritySettings(cka_n=32, tsne_n=32, cka_t=[0, 50, 500]))
+    r = evaluate_run(adm_run, ev, progress=False, say=lambda m: None)["protocols"]["similarity"]
+    across, n = r["across_t"], 9
+    assert across["t"] == [0, 50, 500] and len(across["labels"]) == 3 * n == len(across["matrix"])
+    m = torch.tensor(across["matrix"])
+    assert torch.allclose(torch.diagonal(m), torch.ones(3 * n), atol=1e-5) and torch.allclose(m, m.T, atol=1e-6)
+    assert set(across["same_layer_mean"]) == {"0-50", "0-500", "50-500"}
+    assert (adm_run / r["figures"]["CKA between blocks across t"]).read_bytes()[:8] == PNG
+
+
+def test_cka_across_noise_steps_needs_a_noised_read_out(vector_run, capsys):
+    message = _cli_error(capsys, ["evaluate", str(vector_run), "--eval.protocols", "similarity",
+                                  "--eval.similarity.cka_t", "0,50", "--eval.device", "cpu"])
+    assert f"eval.similarity.cka_t: {VECTOR} reads no noised image" in message

@@ -195,7 +195,7 @@ def test_deterministic_and_global_rng_untouched(monkeypatch):
     state = torch.random.get_rng_state()
     a = train_head(spec, x, y, tx, ty, 4, epochs=2, batch_size=16, seed=3)
     b = train_head(spec, x, y, tx, ty, 4, epochs=2, batch_size=16, seed=3)
-    c = train_head(spec, x, y, tx, ty, 4, epochs=2, batch_size=16, seed=4)
+    train_head(spec, x, y, tx, ty, 4, epochs=2, batch_size=16, seed=4)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert {**a.to_dict(), "seconds": 0} == {**b.to_dict(), "seconds": 0}
     for (k, va), vb, vc in zip(built[0].state_dict().items(), built[1].state_dict().values(),

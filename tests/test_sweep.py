@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
+from eval_helpers import no_extraction
 
 from genrep.cli import main
 from genrep.config import ON_DEMAND, EvalConfig, resolve_config
 from genrep.eval.evaluate import evaluate_run, plan, read_results
-from genrep.eval.protocols import context
 from genrep.eval.protocols.head_training import HeadSettings
 from genrep.eval.protocols.sweep import SweepSettings, sweep_blocks
 from genrep.methods import DataSpec, build_method, get_method
@@ -66,19 +66,6 @@ def _accuracies(sweep: dict) -> dict:
     return {(c["block"], c["t"], c["pool"], c["head"]): c["acc"] for c in sweep["cells"]}
 
 
-def _no_extraction(monkeypatch) -> list:
-    """Make any feature extraction fail the test (a cache hit or a check before the work extracts nothing)."""
-    work = []
-
-    def no_work(*args, **kwargs):
-        work.append(args)
-        raise AssertionError("features were extracted")
-
-    for fn in ("extract_features", "extract_feature_sets"):
-        monkeypatch.setattr(context, fn, no_work)
-    return work
-
-
 # ------------------------------------------------------------------------------------------------ the grid
 
 @pytest.mark.slow
@@ -123,7 +110,7 @@ def test_a_second_sweep_reads_the_cache_and_gives_the_same_accuracies(swept, run
     # one file per (split, block, pool incl. map, t)
     assert len(cached) == 2 * len(BLOCKS) * (len(POOLS) + 1) * len(STEPS)
     assert all(f"feature_t{t}" in " ".join(cached) for t in STEPS)
-    work = _no_extraction(monkeypatch)
+    work = no_extraction(monkeypatch)
     # a part of the grid (both heads, one block, one step): every feature it reads is cached
     part = replace(SWEEP, sweep=replace(SWEEP.sweep, blocks=[2], t=[50]))
     again = _accuracies(evaluate_run(run, part, progress=False, say=lambda m: None)["protocols"]["sweep"])
@@ -227,7 +214,7 @@ def test_bad_sweep_input_is_one_line_before_any_work(runs, capsys, monkeypatch, 
     run = runs[name]
     path = run / "results" / "eval.json"
     before = path.read_bytes() if path.exists() else None
-    work = _no_extraction(monkeypatch)
+    work = no_extraction(monkeypatch)
     capsys.readouterr()
     rc = main(["sweep", str(run), "--device", "cpu", *args])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

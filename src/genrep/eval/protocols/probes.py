@@ -65,7 +65,7 @@ def sweep_layers(method: Method, asked: list[int]) -> list[int]:
 
 
 def sweep_pools(method: Method, asked: list[str]) -> list[str]:
-    return list(asked) or list(method.feature_pools)
+    return list(asked) or list(method.feature_pools) or [method.default_pool]  # a U-Net's: its default p
 
 
 def check(ctx: EvalContext) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from ...errors import GenrepError
 from ...fields import setting
@@ -29,7 +28,7 @@ MAX_DEFAULT_BLOCKS = 10
 class SweepSettings:
     blocks: list[int] = setting([], min=1)        # empty: about 10 blocks spread over the network, and the default
     t: list[int] = setting([], min=0)             # noise steps; empty: the run's feature_t alone
-    pools: list[str] = setting(["1"], nonempty=True, unique=True)  # p (p x p average pool of a map) or a method's own pooling
+    pools: list[str] = setting([], unique=True)  # p (p x p average pool of a map), a pooling name; []: the default
     heads: list[str] = setting(["linear"], choices=HEADS, nonempty=True, unique=True)
     # the linear head's fast solver: full-batch L-BFGS, weight decay chosen on a held-out 10% of the train split
     weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
@@ -70,15 +69,19 @@ def check(ctx: EvalContext) -> None:
         check_head_features(m, kind, "eval.sweep.heads")
     for b in sweep_blocks(m, s.blocks):
         m.check_feature_args(b, None)
-        for pool in s.pools:
+        for pool in sweep_pools(ctx):
             m.check_feature_args(b, pool)
         if any(k in MAP_HEADS for k in s.heads):
             m.check_feature_args(b, MAP_POOL)
 
 
+def sweep_pools(ctx: EvalContext) -> list[str]:
+    return list(ctx.ev.sweep.pools) or [ctx.method.check_feature_args(None, None)[1]]
+
+
 def _reads(ctx: EvalContext) -> list[tuple[int, str]]:
     s = ctx.ev.sweep
-    pools = [p for p in s.pools if any(k not in MAP_HEADS for k in s.heads)]
+    pools = [p for p in sweep_pools(ctx) if any(k not in MAP_HEADS for k in s.heads)]
     if any(k in MAP_HEADS for k in s.heads):
         pools.append(MAP_POOL)
     return [(b, p) for b in sweep_blocks(ctx.method, s.blocks) for p in pools]
