@@ -50,19 +50,19 @@ def test_the_generation_protocol_samples_with_the_recipes_sampler_and_records_it
 
     from genrep.config import EvalConfig
     from genrep.eval.evaluate import evaluate_run
-    from genrep.methods import genvit
+    from genrep.methods import diffusion_model
     from genrep.train.loop import pretrain
 
     cfg = tiny_config("genvit", **{"model.timesteps": 20, "model.sampler": "ddpm", "model.sample_precision": "fp32"})
     pretrain(cfg, tmp_path)
     calls = []
-    real = genvit.sample
+    real = diffusion_model.sample
 
     def recording(*args, **kwargs):
         calls.append((kwargs["sampler"], kwargs["steps"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(genvit, "sample", recording)
+    monkeypatch.setattr(diffusion_model, "sample", recording)
     from dataclasses import replace
 
     ev = replace(EvalConfig(), protocols=["generation"], device="cpu", batch_size=64)

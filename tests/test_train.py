@@ -82,8 +82,10 @@ def test_runs_are_reproducible(tmp_path):
 def test_resume_from_an_earlier_checkpoint_is_bit_identical(tmp_path, method_name):
     """A run stopped right after its step-10 checkpoint, then resumed, ends exactly where an uninterrupted
     one does (dropout, augmentation and the diffusion steps and noise included)."""
-    extra = {"model.drop": 0.1}
-    if hasattr(tiny_config(method_name).model, "augment"):
+    model = tiny_config(method_name).model
+    # the method's dropout key: ViTs' drop, ADM's dropout (guided-diffusion's name)
+    extra = {f"model.{next(k for k in ('drop', 'dropout') if hasattr(model, k))}": 0.1}
+    if hasattr(model, "augment"):
         extra["model.augment"] = "strong"
     cfg = tiny_config(method_name, **extra)
     full, cut = tmp_path / "full", tmp_path / "cut"

@@ -37,7 +37,7 @@ from .eval.protocols.probes import ProbesSettings
 from .eval.protocols.robustness import RobustnessSettings
 from .eval.protocols.similarity import SimilaritySettings
 from .eval.protocols.sweep import SweepSettings
-from .fields import check_fields, one_line, setting, show
+from .fields import Pool, check_fields, one_line, setting, show
 
 # 1: flat eval keys (eval.ood_n, eval.sample_steps...); 2: one eval section per protocol, sampling and
 # likelihood options in the model section (load_config_file migrates 1 to 2)
@@ -121,7 +121,7 @@ class ProbeConfig:
     """`genrep probe`: the probes protocol at one read-out, without the sweep (``eval.probes`` is `genrep
     evaluate`'s)."""
     layer: int | None = setting(None, min=1)   # None: the method's default layer
-    pool: str | None = None         # None: the method's default pooling
+    pool: Pool | None = None        # None: the method's default pooling
     weights: str = setting("ema", choices=WEIGHTS)
     solver: str = setting("lbfgs", choices=SOLVERS)  # lbfgs (full batch) | adamw (the GCRL protocol)
     weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)  # several: held-out choice
@@ -189,6 +189,8 @@ class Config:
 # ---------------------------------------------------------------- building from plain data
 
 def _type_name(tp: Any) -> str:
+    if tp is Pool:
+        return "a pooling (a name such as mean, or a size p)"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -228,8 +230,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp in (int, bool, str) and type(value) is tp:
         return value
-    if tp is str and type(value) is int:  # `--probe.pool 2` and YAML's `pool: 2` name the pool "2"
-        return str(value)
+    if tp is Pool and (type(value) is str or (type(value) is int and 0 <= value < 2**31)):
+        return str(value)  # `--probe.pool 2` and YAML's `pool: 2` name the pool "2"
     raise GenrepError(f"config key '{key}' must be {_type_name(tp)}, got {show(value)} ({type(value).__name__})")
 
 

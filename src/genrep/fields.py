@@ -17,6 +17,11 @@ from .errors import GenrepError
 
 
 INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+class Pool(str):
+    """The type of a pooling key: a name ('mean', 'cls', 'map') or a size p ('2': p x p average pool), which YAML
+    and the command line read as a number; the config reads either as the text."""
 SHOW_CHARS = 80  # a value quoted in an error message is cut to this many characters
 
 

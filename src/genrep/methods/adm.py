@@ -22,7 +22,7 @@ import torch
 
 from ..diffusion import GaussianDiffusion, SCHEDULES
 from ..errors import GenrepError
-from ..fields import setting
+from ..fields import Pool, setting, show
 from ..nn.unet import UNet, default_channel_mult, load_unet_state
 from .base import DataSpec, is_map_pool, pool_feature_map
 from .diffusion_model import DiffusionConfig, DiffusionMethod
@@ -50,7 +50,7 @@ class ADMConfig(DiffusionConfig):
     # bound use the fixed ``variance``
     learn_sigma: bool = False
     pretrained: str = ""  # a guided-diffusion state dict (.pt): the U-Net is read from it and frozen
-    feature_pool: str = "1"  # the default read-out's pooling: p (p x p average pool) or map
+    feature_pool: Pool = "1"  # the default read-out's pooling: p (p x p average pool) or map
     # guided-diffusion's diffusion defaults: linear schedule, L_simple (MSE on eps), the fixed large variance
     schedule: str = setting("linear", choices=SCHEDULES)
     loss: str = setting("l2", choices=("l1", "l2"))
@@ -61,7 +61,7 @@ class ADMConfig(DiffusionConfig):
         if self.num_head_channels == 0:
             raise GenrepError(f"{section}.num_head_channels 0 makes no heads; choose -1 (num_heads heads) or a width")
         if not is_map_pool(self.feature_pool):
-            raise GenrepError(f"{section}.feature_pool {self.feature_pool!r} is not a pooling; choose a size p "
+            raise GenrepError(f"{section}.feature_pool {show(self.feature_pool)} is not a pooling; choose a size p "
                               f"(p x p average pool) or 'map'")
         if self.learn_sigma and not self.pretrained:
             raise GenrepError(f"{section}.learn_sigma trains the variance with guided-diffusion's hybrid loss, which "

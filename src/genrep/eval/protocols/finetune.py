@@ -49,7 +49,7 @@ from ...data.augment import AUGMENTATIONS, augment
 from ...data.batches import mix_seed
 from ...data.imageset import ImageSet
 from ...errors import GenrepError
-from ...fields import setting
+from ...fields import Pool, setting
 from ...methods import Method
 from ...train.optim import build_optimizer, lr_at
 from ..metrics.calibration import expected_calibration_error
@@ -66,7 +66,7 @@ class FinetuneSettings:
     lr: float = setting(1e-4, above=0)
     batch_size: int = setting(128, min=1)
     layer: int | None = setting(None, min=1)  # the read-out: None = the method's default layer and pooling
-    pool: str | None = None
+    pool: Pool | None = None
     causal: bool | None = None                # causal methods: fine-tune with (true) or without (false) the mask
 
 

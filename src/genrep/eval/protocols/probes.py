@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...fields import setting
+from ...fields import Pool, setting
 from ...methods import Method
 from ..metrics.heads import HEADS
 from ..metrics.probes import SOLVERS, knn_classify, linear_probe
@@ -29,7 +29,7 @@ SMALL_PROBE = 1 << 22
 @dataclass
 class ProbesSettings:
     layer: int | None = setting(None, min=1)   # the read-out; None: the method's default layer
-    pool: str | None = None                     # None: the method's default pooling
+    pool: Pool | None = None                    # None: the method's default pooling
     solver: str = setting("adamw", choices=SOLVERS)  # adamw: the GCRL protocol; lbfgs: full batch
     weight_decay: list[float] = setting([1e-4], min=0, nonempty=True)  # several: chosen on a held-out 10%
     epochs: int = setting(100, min=1)           # adamw
@@ -40,7 +40,7 @@ class ProbesSettings:
     causal: bool | None = None                  # causal methods: read with (true) or without (false) the mask
     sweep: bool = True                          # then a full-batch L-BFGS probe at other read-outs
     sweep_layers: list[int] = setting([], min=1)  # empty: half, last and every k-th block
-    sweep_pools: list[str] = field(default_factory=list)  # empty: every pooling the method offers
+    sweep_pools: list[Pool] = field(default_factory=list)  # empty: every pooling the method offers
     sweep_weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
     # heads of the diffusion-features paper trained at the read-out's layer besides the linear probe (mlp on the
     # pooled vector; cnn and attention on the layer's map)

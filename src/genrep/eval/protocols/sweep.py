@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 
 from ...errors import GenrepError
-from ...fields import setting
+from ...fields import Pool, setting, show
 from ...methods.base import MAP_POOL
 from ..metrics.heads import HEADS, MAP_HEADS
 from ..metrics.probes import linear_probe
@@ -28,7 +28,7 @@ MAX_DEFAULT_BLOCKS = 10
 class SweepSettings:
     blocks: list[int] = setting([], min=1)        # empty: about 10 blocks spread over the network, and the default
     t: list[int] = setting([], min=0)             # noise steps; empty: the run's feature_t alone
-    pools: list[str] = setting([], unique=True)  # p (p x p average pool of a map), a pooling name; []: the default
+    pools: list[Pool] = setting([], unique=True)  # p (p x p average pool of a map), a pooling name; []: the default
     heads: list[str] = setting(["linear"], choices=HEADS, nonempty=True, unique=True)
     # the linear head's fast solver: full-batch L-BFGS, weight decay chosen on a held-out 10% of the train split
     weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
@@ -37,7 +37,7 @@ class SweepSettings:
     def validate(self, section: str) -> None:
         for pool in self.pools:
             if not ((pool.isdigit() and int(pool) >= 1) or (pool.isalpha() and len(pool) <= 16)) or pool == MAP_POOL:
-                raise GenrepError(f"{section}.pools: {pool!r} is not a pooling; give sizes p >= 1 (p x p average "
+                raise GenrepError(f"{section}.pools: {show(pool)} is not a pooling; give sizes p >= 1 (p x p average "
                                   f"pool of a map: 1,2,4) or a method's pooling name (mean, cls)")
 
 
