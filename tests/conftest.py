@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # The tests' own method (tests/toy_method.py) registers on import, here and, through GENREP_METHODS, in every
 # `genrep` subprocess a test starts: the registry-wide tests cover it like a shipped method.
@@ -56,6 +57,16 @@ def tiny_config(method: str = "supervised", **overrides) -> Config:
     if digits_recipe(method) in recipe_names():
         return resolve_config(digits_recipe(method), settings)
     return config_from_dict(apply_overrides({"method": method, "recipe": method, "data": {"name": "digits"}}, settings))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a loaded 2-core machine: one intra-op thread is several times faster (a module's tests
+    that use it, and the module fixtures that train its runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

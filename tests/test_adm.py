@@ -31,17 +31,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 VECTOR = next(n for n in ("simclr", "igpt", "gcrl", "toy") if not get_method(n).feature_maps)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a loaded 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def adm_run(tmp_path_factory, _one_thread) -> Path:
+def adm_run(tmp_path_factory, one_thread) -> Path:
     """A tiny trained adm run (blocks 1..9: encoder 1-4, middle 5, decoder 6-9; default block 8)."""
     run = tmp_path_factory.mktemp("adm") / "run"
     pretrain(tiny_config("adm", **{"train.steps": 2}), run)
@@ -49,7 +43,7 @@ def adm_run(tmp_path_factory, _one_thread) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vector_run(tmp_path_factory, _one_thread) -> Path:
+def vector_run(tmp_path_factory, one_thread) -> Path:
     run = tmp_path_factory.mktemp(VECTOR) / "run"
     pretrain(tiny_config(VECTOR, **{"train.steps": 2}), run)
     return run

@@ -35,17 +35,11 @@ CLI_SWEEP = ["--blocks", "1,2", "--t", "0,50", "--pool", "1,2", "--head", "linea
              "--eval.sweep.weight_decay", "1e-3", "--eval.sweep.head.epochs", "1", "--eval.batch_size", "512"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a loaded 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, _one_thread) -> dict[str, Path]:
+def runs(tmp_path_factory, one_thread) -> dict[str, Path]:
     """Tiny trained runs: a U-Net and a ViT denoiser (both read at noise steps) and a vector-only method."""
     base = tmp_path_factory.mktemp("sweep-runs")
     out = {}
