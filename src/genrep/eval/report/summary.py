@@ -91,7 +91,7 @@ def headline(name: str, r: dict) -> str:
         k = min(r["knn"], key=int)
         head = f"classifier {pct(r['classifier_acc'])}, " if "classifier_acc" in r else ""
         b = r.get("best")
-        sweep = f"; best of sweep: layer {b['layer']} {b['pool']} {pct(b['linear_acc'])}" if b else ""
+        sweep = f"; best of sweep: layer {b['layer']}, {b['pool']} pool {pct(b['linear_acc'])}" if b else ""
         return f"{head}linear {pct(r['linear_acc'])}, kNN k={k} {pct(r['knn'][k])}{sweep}"
     if name == "calibration":
         return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
