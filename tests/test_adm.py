@@ -294,18 +294,41 @@ def test_bad_adm_model_is_one_line_before_a_run_folder_exists(tmp_path, override
     assert not run.exists()
 
 
-def test_learn_sigma_with_a_pretrained_file_reads_eps_from_the_first_half(tmp_path):
-    """guided-diffusion's checkpoints have the variance channels: allowed with model.pretrained, where the
-    denoiser returns the eps half and sampling keeps the fixed variance."""
-    cfg = tiny_config("adm", **{"model.learn_sigma": True, "model.pretrained": str(tmp_path / "u.pt")})
+def test_learn_sigma_with_a_pretrained_file_samples_with_the_learned_variance(tmp_path):
+    """guided-diffusion's checkpoints have the variance channels: allowed with model.pretrained, where eps is the
+    first half and the reverse variance comes from v, the second (the learned range)."""
+    cfg = tiny_config("adm", **{"model.learn_sigma": True, "model.pretrained": str(tmp_path / "u.pt"),
+                                "model.sampler": "ddpm", "model.timesteps": 30})
     src = _random_unet(cfg.model)
     assert src.out_channels == 2
     torch.save(src.state_dict(), tmp_path / "u.pt")
     m = build_method("adm", cfg.model, SPEC).eval()
-    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 20])
     with torch.no_grad():
-        torch.testing.assert_close(m.denoise(x, t), src(x, t)[:, :1])
-    assert "learned variance is not used" in m.capability_settings("sample")["variance"]
+        torch.testing.assert_close(m.denoise(x, t), src(x, t))
+        mean, var, log_var, _ = m.diffusion.p_mean_variance(src(x, t), x, t)
+    d = m.diffusion
+    frac = (src(x, t)[:, 1:].detach() + 1) / 2
+    expected = frac * d.log_betas[t].float().view(-1, 1, 1, 1) + (1 - frac) * d.posterior_log_variance_clipped[
+        t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(log_var, expected)
+    assert m.capability_settings("sample")["variance"] == "learned range"
+    assert m.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+    assert torch.isfinite(m.nll(torch.rand(2, 1, 8, 8))).all()
+
+
+def test_a_learned_variance_at_its_lower_end_is_the_posterior_variance():
+    """v = -1 everywhere reads as the fixed small variance: DDPM sampling is then identical."""
+    from genrep.diffusion import GaussianDiffusion, ddpm_sample
+
+    learned, small = GaussianDiffusion(30, "linear", variance="learned_range"), GaussianDiffusion(30, "linear")
+    eps = lambda x, t: 0.1 * x  # noqa: E731 - a stand-in denoiser
+    out = ddpm_sample(lambda x, t: torch.cat([eps(x, t), -torch.ones_like(x)], 1), learned, (2, 1, 4, 4),
+                      generator=torch.Generator().manual_seed(0))
+    ref = ddpm_sample(eps, small, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(GenrepError, match="hybrid loss"):
+        learned.loss(torch.zeros(2, 2, 4, 4), torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
 
 
 # ------------------------------------------------------------------------------- the paper's heads in probe

@@ -22,6 +22,9 @@ from .schedules import beta_schedule
 PREDICTIONS = ("eps", "x0")
 LOSSES = ("l1", "l2")
 VARIANCES = ("small", "large")
+# and the network's own: guided-diffusion's learned range, an interpolation between the two by a second output of
+# C channels v in [-1, 1] (Nichol & Dhariwal 2021, eq. 15); only for weights trained with it (pretrained ADM)
+LEARNED_RANGE = "learned_range"
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -42,7 +45,7 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         _check_choice("prediction", prediction, PREDICTIONS)
         _check_choice("loss", loss, LOSSES)
-        _check_choice("variance", variance, VARIANCES)
+        _check_choice("variance", variance, VARIANCES + (LEARNED_RANGE,))
         betas = beta_schedule(schedule, T)
         if T < 2:
             # the reverse variance at t = 0 is borrowed from t = 1
@@ -69,8 +72,9 @@ class GaussianDiffusion(nn.Module):
         self.posterior_log_variance_clipped = clipped.log()
 
         # the fixed variance of p(x_{t-1} | x_t)
-        self.model_variance = clipped if variance == "small" else torch.cat([clipped[:1], betas[1:]])
+        self.model_variance = clipped if variance != "large" else torch.cat([clipped[:1], betas[1:]])
         self.model_log_variance = self.model_variance.log()
+        self.log_betas = betas.log()  # the learned range's upper end
 
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.register_buffer("train_sqrt_ab", self.sqrt_alphas_cumprod.float(), persistent=False)
@@ -84,7 +88,7 @@ class GaussianDiffusion(nn.Module):
     _TABLES = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "one_minus_alphas_cumprod",
                "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
                "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1",
-               "posterior_mean_coef2", "model_variance", "model_log_variance")
+               "posterior_mean_coef2", "model_variance", "model_log_variance", "log_betas")
 
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
         # one copy per device, made on first use, so no step pays a host-to-device copy of a table
@@ -125,10 +129,20 @@ class GaussianDiffusion(nn.Module):
         return ((self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
                 / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t))
 
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance == LEARNED_RANGE
+
+    def prediction_part(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The eps (or x0) prediction of a model output: all of it, or its first C channels when the network
+        also outputs the variance (guided-diffusion's layout: prediction, then v)."""
+        return out[:, :x_t.shape[1]] if self.learned_variance else out
+
     def split_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) from a model output; with ``clip`` x0_hat is clamped to the data range [-1, 1]
         and eps_hat recomputed from it, so that the two stay consistent with x_t."""
+        out = self.prediction_part(out, x_t)
         x0 = self.x0_from_eps(x_t, t, out) if self.prediction == "eps" else out
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -141,6 +155,14 @@ class GaussianDiffusion(nn.Module):
         """Mean, variance, log-variance of p(x_{t-1} | x_t) and the x0 estimate behind the mean."""
         x0, _ = self.split_output(out, x_t, t, clip)
         mean, _, _ = self.q_posterior(x0, x_t, t)
+        if self.learned_variance:
+            if out.shape[1] != 2 * x_t.shape[1]:
+                raise GenrepError(f"a learned variance needs 2 x {x_t.shape[1]} output channels (prediction, then "
+                                  f"v), got {out.shape[1]}")
+            frac = (out[:, x_t.shape[1]:] + 1) / 2  # v in [-1, 1]: from the posterior variance to beta
+            log_var = frac * self._coef("log_betas", t, x_t) + (1 - frac) * self._coef(
+                "posterior_log_variance_clipped", t, x_t)
+            return mean, log_var.exp(), log_var, x0
         return mean, self._coef("model_variance", t, x_t), self._coef("model_log_variance", t, x_t), x0
 
     # ---- training
@@ -163,6 +185,9 @@ class GaussianDiffusion(nn.Module):
 
     def loss(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-sample [B] L1 or L2 error against the prediction target, averaged over the non-batch dims."""
+        if self.learned_variance:
+            raise GenrepError("training a learned variance needs guided-diffusion's hybrid loss (L_simple + "
+                              "lambda L_vlb), which genrep does not implement; train with a fixed variance")
         target = noise if self.prediction == "eps" else x0
         # low-precision outputs (autocast) are compared in float32; float64 stays float64
         dtype = torch.promote_types(out.dtype, torch.float32)

@@ -36,7 +36,8 @@ def ddpm_sample(denoise: Denoiser, diffusion: GaussianDiffusion, shape: Sequence
                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, clip: bool = True, progress: bool = False,
                 desc: str = "sampling") -> torch.Tensor:
-    """Ancestral sampling through all T steps with the process's fixed variance; no noise is added at t = 0."""
+    """Ancestral sampling through all T steps with the process's variance (fixed, or the network's learned range);
+    no noise is added at t = 0."""
     x = draw_noise(shape, generator, device, dtype)
     for i in progress_bar(range(diffusion.T - 1, -1, -1), diffusion.T, progress, desc):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)

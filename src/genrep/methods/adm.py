@@ -20,7 +20,8 @@ from typing import ClassVar
 
 import torch
 
-from ..diffusion import GaussianDiffusion, SCHEDULES
+from ..diffusion import SCHEDULES, GaussianDiffusion
+from ..diffusion.process import LEARNED_RANGE
 from ..errors import GenrepError
 from ..fields import Pool, setting, show
 from ..nn.unet import UNet, default_channel_mult, load_unet_state
@@ -45,9 +46,9 @@ class ADMConfig(DiffusionConfig):
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     dropout: float = setting(0.0, min=0, below=1)
-    # a second output of C channels for the variance (guided-diffusion's checkpoints have it); training it needs
-    # the hybrid loss, which genrep does not implement, so only a pretrained U-Net may have it; sampling and the
-    # bound use the fixed ``variance``
+    # a second output of C channels for the variance (guided-diffusion's checkpoints have it): sampling and the
+    # bound then use the network's learned range, not ``variance``; training it needs the hybrid loss, which genrep
+    # does not implement, so only a pretrained U-Net may have it
     learn_sigma: bool = False
     pretrained: str = ""  # a guided-diffusion state dict (.pt): the U-Net is read from it and frozen
     feature_pool: Pool = "1"  # the default read-out's pooling: p (p x p average pool) or map
@@ -109,7 +110,8 @@ class ADM(DiffusionMethod):
 
     def __init__(self, cfg: ADMConfig, data: DataSpec):
         super().__init__(cfg, data)
-        self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.prediction, cfg.loss, cfg.variance)
+        variance = LEARNED_RANGE if cfg.learn_sigma else cfg.variance
+        self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.prediction, cfg.loss, variance)
         unet = UNet(**unet_kwargs(cfg, data))
         self._shapes = unet.block_shapes()
         if cfg.feature_layer is not None and cfg.feature_layer > unet.num_blocks:
@@ -128,13 +130,12 @@ class ADM(DiffusionMethod):
 
     # ---- the network
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.unet(x_t, t)
-        return out[:, :self.data.channels] if self.cfg.learn_sigma else out  # eps; the variance half is unused
+        return self.unet(x_t, t)  # with learn_sigma: eps, then v (the diffusion process splits them)
 
     def capability_settings(self, capability: str) -> dict:
         out = super().capability_settings(capability)
-        if capability in ("sample", "nll") and self.cfg.learn_sigma:
-            out["variance"] = f"fixed {self.cfg.variance} (the learned variance is not used)"
+        if capability in ("sample", "nll"):
+            out["variance"] = "learned range" if self.cfg.learn_sigma else f"fixed {self.cfg.variance}"
         return out
 
     # ---- representation

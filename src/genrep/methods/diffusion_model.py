@@ -153,7 +153,7 @@ class DiffusionMethod(Method):
         keeps p_t close to the data density while the denoiser still sees inputs like its training ones."""
         y = self.normalize(x)
         t = torch.full((y.shape[0],), self.cfg.score_t, device=y.device, dtype=torch.long)
-        out = self.denoise(y, t).float()
+        out = self.diffusion.prediction_part(self.denoise(y, t).float(), y)
         eps = out if self.diffusion.prediction == "eps" else self.diffusion.eps_from_x0(y, t, out)
         return -2.0 * eps / self.diffusion.train_sqrt_1m_ab[t].view(-1, *([1] * (y.ndim - 1)))
 
