@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..diffusion import SCHEDULES, GaussianDiffusion
+from ..diffusion import LOSSES, SCHEDULES, VARIANCES, GaussianDiffusion
 from ..diffusion.process import LEARNED_RANGE
 from ..errors import GenrepError
 from ..fields import Pool, setting, show
@@ -54,8 +54,8 @@ class ADMConfig(DiffusionConfig):
     feature_pool: Pool = "1"  # the default read-out's pooling: p (p x p average pool) or map
     # guided-diffusion's diffusion defaults: linear schedule, L_simple (MSE on eps), the fixed large variance
     schedule: str = setting("linear", choices=SCHEDULES)
-    loss: str = setting("l2", choices=("l1", "l2"))
-    variance: str = setting("large", choices=("small", "large"))
+    loss: str = setting("l2", choices=LOSSES)
+    variance: str = setting("large", choices=VARIANCES)
 
     def validate(self, section: str) -> None:
         super().validate(section)
@@ -76,7 +76,7 @@ def unet_kwargs(cfg: ADMConfig, data: DataSpec) -> dict:
     if size % 2 ** (len(mult) - 1):
         raise GenrepError(f"model.channel_mult has {len(mult)} levels, which halve the image {len(mult) - 1} times; "
                           f"{size} px does not halve that often; use at most "
-                          f"{1 + (size & -size).bit_length() - 1} levels")
+                          f"{(size & -size).bit_length()} levels")
     resolutions = [size >> level for level in range(len(mult))]
     missing = [r for r in cfg.attention_resolutions if r not in resolutions]
     if missing:
