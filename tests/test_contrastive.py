@@ -146,6 +146,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         grads = {k: p.grad for k, p in head.named_parameters()}
         torch.save({"loss": loss.detach(), "g1": a1.grad, "g2": a2.grad, "head_loss": head_loss.detach(),
                     "head_grads": grads}, f"{out_dir}/rank{rank}.pt")
+        # a rank that tears gloo down while its peer still exchanges gradients aborts the peer (SIGABRT,
+        # "terminate called without an active exception"): both finish before either leaves
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
