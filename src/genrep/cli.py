@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("run", type=Path, metavar="RUN")
     sw.add_argument("--blocks", help="comma-separated blocks (default: about 10 spread over the network)")
     sw.add_argument("--t", help="comma-separated noise steps (default: the run's model.feature_t)")
-    sw.add_argument("--pool", help="comma-separated poolings: p for a p x p average pool (default 1)")
+    sw.add_argument("--pool", help="comma-separated poolings: p for a p x p average pool (default: the "
+                    "method's default pooling)")
     sw.add_argument("--head", help="comma-separated heads: linear (the fast solver), mlp, cnn, attention "
                     "(default linear)")
     sw.add_argument("--device", default=None, help="default: the run's eval.device")

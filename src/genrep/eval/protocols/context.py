@@ -3,6 +3,7 @@ settings) and the one feature cache every protocol and `genrep probe` read froze
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,11 +30,43 @@ def weights_version(run: Path, weights: str) -> str:
     return f"{weights}@{meta.get('step', 'unknown')}"
 
 
-def methods_with(capability: str) -> list[str]:
-    """Registered method names offering ``capability``, for error messages that say what would apply."""
+def methods_where(wanted) -> list[str]:
+    """Registered method names whose class satisfies ``wanted``, for error messages that say what would apply."""
     from ...methods import get_method, method_names
 
-    return [m for m in method_names() if capability in get_method(m).capabilities]
+    return [m for m in method_names() if wanted(get_method(m))]
+
+
+def methods_with(capability: str) -> list[str]:
+    return methods_where(lambda cls: capability in cls.capabilities)
+
+
+def reads_noised(method: Method) -> bool:
+    """Whether ``method`` reads its features from an image noised to ``feature_t`` (a diffusion model)."""
+    return "feature_t" in method.feature_options
+
+
+def check_noise_steps(method: Method, steps: list[int], key: str) -> None:
+    """Noise steps of a read-out (sweep, CKA across t): only for a method that reads noised images, each in [0, T)."""
+    if steps and not reads_noised(method):
+        noisy = ", ".join(methods_where(reads_noised))
+        raise GenrepError(f"{key}: {method.name} reads no noised image; noise steps apply to {noisy}; leave it "
+                          f"empty for {method.name}")
+    for t in steps:
+        if t >= method.diffusion.T:
+            raise GenrepError(f"{key} {t} is not a diffusion step; choose 0..{method.diffusion.T - 1} "
+                              f"(model.timesteps {method.diffusion.T})")
+
+
+@contextmanager
+def noise_step(method: Method, t: int | None):
+    """Read ``method``'s features at noise step ``t`` for the block, then at the step it had (a read option)."""
+    trained = method.cfg.feature_t
+    method.cfg.feature_t = t
+    try:
+        yield
+    finally:
+        method.cfg.feature_t = trained
 
 
 def default_readout(method: Method) -> tuple[int, str]:
@@ -99,13 +132,18 @@ class EvalContext:
         if todo:
             images = (self.train if split == "train" else self.test).images
             what = ", ".join(f"{reads[i][0]}/{reads[i][1]}" for i in todo[:4]) + (" ..." if len(todo) > 4 else "")
-            feats = extract_feature_sets(self.method, images, [reads[i] for i in todo],
-                                         batch_size=self.ev.batch_size, device=self.device, bf16=self.bf16,
-                                         progress=self.progress, desc=f"features {split} {what}")
+            feats = self.extract_sets(images, [reads[i] for i in todo], desc=f"features {split} {what}")
             for i, f in zip(todo, feats):
                 write_cache(self.run, keys[i], self.version, f)
                 out[i] = f
         return out
+
+    def extract_sets(self, images: torch.Tensor, reads: list[tuple[int, str]], *, method: Method | None = None,
+                     desc: str | None = None) -> list[torch.Tensor]:
+        """Uncached read-outs of any images from one pass per batch (``Method.feature_sets``)."""
+        return extract_feature_sets(method or self.method, images, reads, batch_size=self.ev.batch_size,
+                                    device=self.device, bf16=self.bf16, progress=self.progress and desc is not None,
+                                    desc=desc or "features")
 
     def extract(self, images: torch.Tensor, layer: int, pool: str, *, method: Method | None = None,
                 desc: str | None = None) -> torch.Tensor:
@@ -153,16 +191,11 @@ class EvalContext:
         return str(Path(path).relative_to(self.run))
 
 
-def _causal_methods() -> list[str]:
-    from ...methods import get_method, method_names
-    return [n for n in method_names() if get_method(n).causal_readout]
-
-
 def check_causal(method: Method, causal: bool | None, key: str = "causal") -> None:
     if causal is not None and not isinstance(causal, bool):
         raise GenrepError(f"{key} must be True, False or None (leave as trained), got {causal!r}")
     if causal is not None and not method.causal_readout:
-        known = ", ".join(_causal_methods()) or "none is registered"
+        known = ", ".join(methods_where(lambda cls: cls.causal_readout)) or "none is registered"
         raise GenrepError(f"{method.name} has no causal mask to switch {'on' if causal else 'off'}; {key} "
                           f"applies to causal methods ({known}); leave {key}=None for {method.name}")
     why = method.readout_refusal(causal) if causal is not None else None

@@ -11,6 +11,7 @@ from ...errors import GenrepError
 from ...fields import setting
 from ...methods.base import MAP_POOL
 from ..metrics.heads import MAP_HEADS, HeadSpec, train_head
+from .context import methods_where
 
 
 @dataclass
@@ -44,8 +45,7 @@ def head_pool(kind: str, pool: str) -> str:
 def check_head_features(method, kind: str, what: str) -> None:
     """A map head on a method whose features are vectors: one line before any work."""
     if kind in MAP_HEADS and not method.feature_maps:
-        from ...methods import get_method, method_names
-        maps = ", ".join(n for n in method_names() if get_method(n).feature_maps)
+        maps = ", ".join(methods_where(lambda cls: cls.feature_maps))
         raise GenrepError(f"{what}: the {kind} head needs feature maps, and {method.name}'s features are vectors; "
                           f"use the linear or mlp head, or a method with maps ({maps})")
 

@@ -11,7 +11,7 @@ import torch
 from ...errors import GenrepError
 from ...fields import setting
 from ..metrics.similarity import cka_matrix
-from .context import EvalContext, default_readout
+from .context import EvalContext, check_noise_steps, default_readout, noise_step
 
 
 @dataclass
@@ -28,14 +28,7 @@ def check(ctx: EvalContext) -> None:
     """A folder that is not a run, or a t-SNE OOD set missing offline, fails here, not after the other protocols."""
     from ...runs import read_run_config
 
-    m = ctx.method
-    if ctx.ev.similarity.cka_t:
-        if "feature_t" not in m.feature_options:
-            raise GenrepError(f"eval.similarity.cka_t: {m.name} reads no noised image; leave cka_t empty")
-        bad = [t for t in ctx.ev.similarity.cka_t if t >= m.diffusion.T]
-        if bad:
-            raise GenrepError(f"eval.similarity.cka_t {bad[0]} is not a diffusion step; choose 0..{m.diffusion.T - 1}")
-
+    check_noise_steps(ctx.method, ctx.ev.similarity.cka_t, "eval.similarity.cka_t")
     for other in ctx.ev.similarity.cka_runs:
         read_run_config(Path(other))
     if ctx.ev.ood.sets:
@@ -53,8 +46,7 @@ def other_run_features(ctx: EvalContext, other: Path, images: torch.Tensor):
                           f"CKA between models needs the same images")
     o_cfg, o_method, _ = load_trained(other, ctx.ev.weights, ctx.device)
     _, o_pool = default_readout(o_method)
-    feats = [ctx.extract(images, ly, o_pool, method=o_method) for ly in range(1, o_method.num_layers + 1)]
-    return o_cfg, o_method, feats
+    return o_cfg, o_method, all_layers(ctx, images, o_pool, o_method)
 
 
 def run(ctx: EvalContext) -> dict:
@@ -104,13 +96,10 @@ def run(ctx: EvalContext) -> dict:
             "between_models": between, **({"across_t": across_t} if across_t else {}), "figures": figures}
 
 
-def all_layers(ctx: EvalContext, images: torch.Tensor, pool: str) -> list[torch.Tensor]:
-    """Every layer's features of ``images`` from one pass per batch."""
-    from ..features import extract_feature_sets
-
-    reads = [(ly, pool) for ly in range(1, ctx.method.num_layers + 1)]
-    return extract_feature_sets(ctx.method, images, reads, batch_size=ctx.ev.batch_size, device=ctx.device,
-                                bf16=ctx.bf16)
+def all_layers(ctx: EvalContext, images: torch.Tensor, pool: str, method=None) -> list[torch.Tensor]:
+    """Every layer's features of ``images`` (the run's method, or another run's) from one pass per batch."""
+    method = method or ctx.method
+    return ctx.extract_sets(images, [(ly, pool) for ly in range(1, method.num_layers + 1)], method=method)
 
 
 def cka_across_steps(ctx: EvalContext, images: torch.Tensor, pool: str) -> tuple[dict, Path]:
@@ -118,15 +107,11 @@ def cka_across_steps(ctx: EvalContext, images: torch.Tensor, pool: str) -> tuple
     from ..report.figures import cka_heatmap
 
     m, steps = ctx.method, sorted(ctx.ev.similarity.cka_t)
-    trained = m.cfg.feature_t
     feats, labels = [], []
-    try:
-        for t in steps:
-            m.cfg.feature_t = t
+    for t in steps:
+        with noise_step(m, t):
             feats += all_layers(ctx, images, pool)
-            labels += [f"t{t}/{ly}" for ly in range(1, m.num_layers + 1)]
-    finally:
-        m.cfg.feature_t = trained
+        labels += [f"t{t}/{ly}" for ly in range(1, m.num_layers + 1)]
     matrix = cka_matrix(feats)
     fig = cka_heatmap(matrix, ctx.figure("cka-across-t"), labels, labels,
                       title=f"linear CKA between (t, layer) read-outs ({pool})", xlabel="t/layer", ylabel="t/layer")

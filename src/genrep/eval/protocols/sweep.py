@@ -10,6 +10,7 @@ noise), so a second sweep, or one with another head, extracts nothing.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 
@@ -18,8 +19,8 @@ from ...fields import Pool, setting, show
 from ...methods.base import MAP_POOL
 from ..metrics.heads import HEADS, MAP_HEADS
 from ..metrics.probes import linear_probe
-from .context import EvalContext
-from .head_training import HeadSettings, check_head_features, fit_head, head_pool
+from .context import EvalContext, check_noise_steps, noise_step, reads_noised
+from .head_training import HeadSettings, check_head_features, fit_head
 
 MAX_DEFAULT_BLOCKS = 10
 
@@ -56,15 +57,7 @@ def sweep_steps(ctx: EvalContext) -> list[int | None]:
 def check(ctx: EvalContext) -> None:
     """Blocks, steps, poolings and heads this method can read, before any extraction."""
     s, m = ctx.ev.sweep, ctx.method
-    if s.t and "feature_t" not in m.feature_options:
-        from ...methods import get_method, method_names
-        noisy = ", ".join(n for n in method_names() if "feature_t" in get_method(n).feature_options)
-        raise GenrepError(f"eval.sweep.t: {m.name} reads no noised image; noise steps apply to {noisy}; "
-                          f"leave t empty for {m.name}")
-    for t in s.t:
-        if t >= m.diffusion.T:
-            raise GenrepError(f"eval.sweep.t {t} is not a diffusion step; choose 0..{m.diffusion.T - 1} "
-                              f"(model.timesteps {m.diffusion.T})")
+    check_noise_steps(m, s.t, "eval.sweep.t")
     for kind in s.heads:
         check_head_features(m, kind, "eval.sweep.heads")
     for b in sweep_blocks(m, s.blocks):
@@ -89,33 +82,27 @@ def _reads(ctx: EvalContext) -> list[tuple[int, str]]:
 
 def run(ctx: EvalContext) -> dict:
     s, m = ctx.ev.sweep, ctx.method
-    trained_t = getattr(m.cfg, "feature_t", None)
     reads = _reads(ctx)
     n_cls = ctx.train.num_classes
     cells = []
-    try:
-        for t in sweep_steps(ctx):
-            if "feature_t" in m.feature_options:
-                m.cfg.feature_t = t
+    for t in sweep_steps(ctx):
+        with noise_step(m, t) if reads_noised(m) else nullcontext():
             train = dict(zip(reads, ctx.feature_sets("train", reads)))
             test = dict(zip(reads, ctx.feature_sets("test", reads)))
-            for b, pool in reads:
-                for kind in s.heads:
-                    if head_pool(kind, pool) != pool or (kind not in MAP_HEADS and pool == MAP_POOL):
-                        continue  # map heads read the map, the others the pooled vectors
-                    xtr, xte = train[(b, pool)], test[(b, pool)]
-                    cell = {"block": b, "t": t, "pool": pool, "head": kind, "feature_shape": list(xtr.shape[1:])}
-                    if kind == "linear":
-                        lp = linear_probe(xtr.flatten(1), ctx.train.labels, xte.flatten(1), ctx.test.labels, n_cls,
-                                          solver="lbfgs", weight_decay=s.weight_decay, seed=ctx.ev.seed)
-                        cell.update(acc=lp.test_acc, weight_decay=lp.weight_decay, params=lp.dim * n_cls + n_cls)
-                    else:
-                        r = fit_head(ctx, kind, s.head, xtr, xte)
-                        cell.update(acc=r["test_acc"], params=r["params"])
-                    cells.append(cell)
-    finally:
-        if "feature_t" in m.feature_options:
-            m.cfg.feature_t = trained_t
+        for b, pool in reads:
+            for kind in s.heads:
+                if (kind in MAP_HEADS) != (pool == MAP_POOL):
+                    continue  # map heads read the map, the others the pooled vectors
+                xtr, xte = train[(b, pool)], test[(b, pool)]
+                cell = {"block": b, "t": t, "pool": pool, "head": kind, "feature_shape": list(xtr.shape[1:])}
+                if kind == "linear":
+                    lp = linear_probe(xtr.flatten(1), ctx.train.labels, xte.flatten(1), ctx.test.labels, n_cls,
+                                      solver="lbfgs", weight_decay=s.weight_decay, seed=ctx.ev.seed)
+                    cell.update(acc=lp.test_acc, weight_decay=lp.weight_decay, params=lp.dim * n_cls + n_cls)
+                else:
+                    r = fit_head(ctx, kind, s.head, xtr, xte)
+                    cell.update(acc=r["test_acc"], params=r["params"])
+                cells.append(cell)
     return summarise(ctx, cells)
 
 
