@@ -29,6 +29,7 @@ from torch import nn
 from ..data.augment import Augmentation
 from ..errors import GenrepError
 from ..fields import setting
+from ..nn.pooling import MAP_POOL, is_map_pool, pool_feature_map  # noqa: F401 - the contract's poolings
 
 CAPABILITIES = ("logits", "sample", "complete", "nll", "score")
 # the function each capability promises (signatures on Method below)
@@ -325,21 +326,6 @@ class Method(nn.Module):
     def normalize(x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> [-1, 1], inside the model so wrapped models (PGD, OOD) take raw pixels."""
         return x * 2.0 - 1.0
-
-
-MAP_POOL = "map"
-
-
-def is_map_pool(pool: str) -> bool:
-    """'map', or a size p: the pools of a method with ``feature_maps``."""
-    return pool == MAP_POOL or pool.isdigit()
-
-
-def pool_feature_map(fmap: torch.Tensor, pool: str) -> torch.Tensor:
-    """[B, C, h, w] -> the map itself ('map') or its adaptive average pool to p x p, flattened [B, C*p*p]."""
-    if pool == MAP_POOL:
-        return fmap
-    return torch.nn.functional.adaptive_avg_pool2d(fmap, int(pool)).flatten(1)
 
 
 def example_batch(method: Method, n: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:

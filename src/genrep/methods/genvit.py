@@ -21,7 +21,7 @@ from ..errors import GenrepError
 from ..fields import setting
 from ..nn.denoiser import MODULATIONS, DenoiserViT
 from ..nn.flops import linear_flops, transformer_block_flops
-from .base import TINY_VIT, DataSpec, ViTConfig, check_vit_shape, is_map_pool, pool_feature_map
+from .base import TINY_VIT, DataSpec, ViTConfig, check_vit_shape
 from .classification import (ClassifierTrainingConfig, classification_inputs, classification_loss, image_view,
                              mixing_inputs)
 from .diffusion_model import DiffusionConfig, DiffusionMethod
@@ -85,20 +85,17 @@ class GenViT(DiffusionMethod):
     # ---- representation
     _clean_t = True  # the clean read-out is timed at step 0 (HybViT's classification pass is untimed)
 
-    def _read(self, h: torch.Tensor, pool: str) -> torch.Tensor:
-        return pool_feature_map(self.net.token_map(h), pool) if is_map_pool(pool) else self.net.pool(h, pool)
-
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
         layer, pool = self.check_feature_args(layer, pool)
         x_in, t = self.feature_input(x, self._clean_t)
-        return self._read(self.net(x_in, layer=layer, t=t), pool)
+        return self.net.pool(self.net(x_in, layer=layer, t=t), pool)
 
     def feature_sets(self, x: torch.Tensor, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
         """One pass up to the deepest layer asked for, every read-out taken on the way."""
         reads = [self.check_feature_args(layer, pool) for layer, pool in reads]
         x_in, t = self.feature_input(x, self._clean_t)
         hidden = self.net.hidden_states(x_in, max(layer for layer, _ in reads), t=t)
-        return [self._read(hidden[layer - 1], pool) for layer, pool in reads]
+        return [self.net.pool(hidden[layer - 1], pool) for layer, pool in reads]
 
     # ---- optimisation hints
     def no_weight_decay(self) -> set[str]:

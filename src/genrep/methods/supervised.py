@@ -12,7 +12,7 @@ from ..data.augment import AUGMENTATIONS, Augmentation
 from ..fields import setting
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
-from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape, is_map_pool, pool_feature_map
+from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
 from .classification import (ClassifierTrainingConfig, classification_inputs, classification_loss, image_view,
                              mixing_inputs)
 from .registry import register
@@ -69,8 +69,7 @@ class SupervisedViT(Method):
 
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
         layer, pool = self.check_feature_args(layer, pool)
-        h = self.encoder(self.normalize(x), layer=layer)
-        return pool_feature_map(self.encoder.token_map(h), pool) if is_map_pool(pool) else self.encoder.pool(h, pool)
+        return self.encoder.pool(self.encoder(self.normalize(x), layer=layer), pool)
 
     def feature_map_size(self, layer: int) -> int:
         return self.encoder.patch_embed.grid

@@ -13,6 +13,7 @@ from torch import nn
 from .embeddings import PositionEmbedding
 from .kv_cache import KVCache
 from .patch import PatchEmbed
+from .pooling import MAP_POOL, is_map_pool, pool_feature_map
 from .rope import make_rope
 from .transformer import Block
 
@@ -63,13 +64,15 @@ class ViT(nn.Module):
 
     def forward_tokens(self, h: torch.Tensor, layer: int | None = None, *, is_causal: bool = False,
                        mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                       cache: list[KVCache] | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                       cache: list[KVCache] | None = None, cond: torch.Tensor | None = None,
+                       hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The blocks (and the final norm after the last one) on embedded tokens h [B, n, D].
 
         ``is_causal`` / ``mask``: see ``Attention``. ``positions``: RoPE positions of the n tokens; by
         default the layout of ``tokens()`` (``rope.token_positions``) from the cache offset on. ``cache``: one
         ``KVCache`` per block (``new_cache``), for decoding a few tokens at a time. ``cond`` [B_c, E]: the
-        conditioning embedding the blocks' modulations map to scale and shift (the last B_c rows).
+        conditioning embedding the blocks' modulations map to scale and shift (the last B_c rows). ``hidden``: a
+        list each block's output is appended to (``hidden_states``).
         """
         layer = self.check_layer(layer)
         if cache is not None and len(cache) != self.depth:
@@ -83,19 +86,16 @@ class ViT(nn.Module):
             h = block(h, is_causal=is_causal, mask=mask, rope=self.rope, positions=positions,
                       cache=None if cache is None else cache[i], cond=cond,
                       modulation=None if self.modulations is None else self.modulations[i])
+            if hidden is not None:
+                hidden.append(h)
         return self.norm(h) if layer == self.depth else h
 
     def hidden_states(self, x: torch.Tensor, upto: int, *, cond: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Tokens after each block 1..``upto`` of one pass (the last block's after the final norm, as ``forward``
         gives it): every read-out of a layer sweep for the price of the deepest."""
-        upto = self.check_layer(upto)
-        h = self.tokens(x)
-        positions = None if self.rope is None else self._rope_positions(h.shape[1], 0, h.device)
-        out = []
-        for i, block in enumerate(self.blocks[:upto]):
-            h = block(h, rope=self.rope, positions=positions, cond=cond,
-                      modulation=None if self.modulations is None else self.modulations[i])
-            out.append(self.norm(h) if i + 1 == self.depth else h)
+        out: list[torch.Tensor] = []
+        last = self.forward_tokens(self.tokens(x), upto, cond=cond, hidden=out)
+        out[-1] = last  # after the final norm when ``upto`` is the last block
         return out
 
     def _rope_positions(self, n: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -115,6 +115,10 @@ class ViT(nn.Module):
         return h[:, self.num_prefix:].transpose(1, 2).reshape(h.shape[0], -1, g, g)
 
     def pool(self, h: torch.Tensor, pool: str) -> torch.Tensor:
+        """Tokens -> a feature: the CLS token, the mean or last patch token, or the patch grid as a map
+        ('map', or 'p': its p x p average pool)."""
+        if is_map_pool(pool):
+            return pool_feature_map(self.token_map(h), pool)
         if pool == "cls":
             if self.cls_token is None:
                 raise ValueError("pool 'cls' needs a CLS token; this model has none (use 'mean')")
@@ -123,7 +127,7 @@ class ViT(nn.Module):
             return h[:, self.num_prefix:].mean(dim=1)
         if pool == "last":
             return h[:, -1]
-        raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+        raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}, {MAP_POOL} or a size p")
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
