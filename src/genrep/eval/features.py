@@ -27,24 +27,17 @@ def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | 
         yield images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
 
 
-@torch.no_grad()
 def extract_features(method: Method, images: torch.Tensor, *, layer: int | None = None, pool: str | None = None,
                      batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False,
                      progress: bool = False, desc: str = "features") -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32 [N, D] (or maps [N, C, h, w]) on the CPU, with the method in eval mode."""
-    method.eval()
-    device = torch.device(device)
-    chunks = []
-    for x in image_batches(images, batch_size, device, progress=progress, desc=desc):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            f = method.features(x, layer=layer, pool=pool)
-        chunks.append(f.float().cpu())
-    return torch.cat(chunks)
+    return extract_feature_sets(method, images, [(layer, pool)], batch_size=batch_size, device=device, bf16=bf16,
+                                progress=progress, desc=desc)[0]
 
 
 @torch.no_grad()
-def extract_feature_sets(method: Method, images: torch.Tensor, reads: list[tuple[int, str]], *, batch_size: int = 512,
-                         device: torch.device | str = "cpu", bf16: bool = False, progress: bool = False,
+def extract_feature_sets(method: Method, images: torch.Tensor, reads: list[tuple[int | None, str | None]], *,
+                         batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False, progress: bool = False,
                          desc: str = "features") -> list[torch.Tensor]:
     """Several (layer, pool) read-outs of uint8 [N, C, H, W] images from one pass per batch
     (``Method.feature_sets``), each float32 [N, ...] on the CPU."""
