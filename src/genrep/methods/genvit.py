@@ -86,9 +86,7 @@ class GenViT(DiffusionMethod):
     _clean_t = True  # the clean read-out is timed at step 0 (HybViT's classification pass is untimed)
 
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
-        layer, pool = self.check_feature_args(layer, pool)
-        x_in, t = self.feature_input(x, self._clean_t)
-        return self.net.pool(self.net(x_in, layer=layer, t=t), pool)
+        return self.feature_sets(x, [(layer, pool)])[0]
 
     def feature_sets(self, x: torch.Tensor, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
         """One pass up to the deepest layer asked for, every read-out taken on the way."""
