@@ -58,7 +58,7 @@ def test_none_is_exact():
     assert torch.equal(augment(x, "none", _gen()), x.float() / 255)
 
 
-@pytest.mark.parametrize("kind", ["weak", "strong", "classifier"])
+@pytest.mark.parametrize("kind", ["weak", "strong", "classifier", "crop"])
 def test_random_kinds_change_images(kind):
     x = _images(16)
     y = augment(x, kind, _gen())
@@ -254,6 +254,99 @@ def test_strong_replays_torchvision_ops_with_its_parameters(c):
 
 
 # ----------------------------------------------------------------------------------------------------
+# crop (MAE's): strong's crop box and flip, resized bicubically, and nothing else
+
+
+def test_bicubic_resized_crop_matches_torchvision_resized_crop():
+    h, w = 12, 10
+    x = torch.rand(60, 3, h, w, generator=_gen(30))
+    g = _gen(31)
+    crop_h = torch.randint(1, h + 1, (60,), generator=g).double()
+    crop_w = torch.randint(1, w + 1, (60,), generator=g).double()
+    crop_h[:2], crop_w[:2] = h, w  # the whole image must come back unchanged
+    crop_h[2:4], crop_w[2:4] = 1, 1  # one pixel: every tap but one is outside the box
+    top = (torch.rand(60, generator=g, dtype=torch.float64) * (h - crop_h + 1)).floor()
+    left = (torch.rand(60, generator=g, dtype=torch.float64) * (w - crop_w + 1)).floor()
+    flip = torch.arange(60) % 3 == 0
+    expected = []
+    for i in range(60):
+        box = int(top[i]), int(left[i]), int(crop_h[i]), int(crop_w[i])
+        img = TF.resized_crop(x[i], *box, [h, w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        img = img.clamp(0, 1)  # the cubic overshoots; torchvision leaves float images unclamped
+        expected.append(TF.horizontal_flip(img) if flip[i] else img)
+    ours = A._resized_crop(x, top, left, crop_h, crop_w, flip, interpolation="bicubic")
+    torch.testing.assert_close(ours, torch.stack(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours[1], x[1], atol=1e-5, rtol=0)
+    # The test can tell: bilinear, or torch's bicubic without antialias (a = -0.75, the box's edge pixels
+    # repeated instead of the taps outside it dropped), differ from it by far more than the tolerance.
+    boxes = [(int(top[i]), int(left[i]), int(crop_h[i]), int(crop_w[i])) for i in range(60)]
+    a75 = torch.stack([TF.resized_crop(x[i], *boxes[i], [h, w], interpolation=TF.InterpolationMode.BICUBIC,
+                                       antialias=False) for i in range(60)]).clamp(0, 1)
+    a75 = torch.where(flip.view(-1, 1, 1, 1), a75.flip(3), a75)
+    for other in (a75, A._resized_crop(x, top, left, crop_h, crop_w, flip)):
+        assert ((other - ours).flatten(1).abs().amax(1)[4:] > 1e-2).double().mean() > 0.9
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (24, 40), (4, 64)])
+def test_crop_params_are_the_strong_crop_params(h, w):
+    # So the strong tests of the box distribution, the fallback and the flip rate against torchvision
+    # cover crop too.
+    u = torch.rand(500, A.STRONG_COLUMNS, generator=_gen(32), dtype=torch.float64)
+    strong = A._strong_params(u, h, w)
+    for got in (A._crop_params(u, h, w), A._crop_params(u[:, : A.CROP_COLUMNS], h, w)):
+        for name, a in got._asdict().items():
+            assert torch.equal(a, getattr(strong, name)), name
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_crop_replays_torchvision_ops_with_its_parameters(c):
+    x = _images(48, c=c, h=12, w=10, seed=33)
+    ours = augment(x, "crop", _gen(34))
+    p = A._crop_params(A._draw(_gen(34), 48, 0, 48, A.CROP_COLUMNS), 12, 10)
+    assert 0 < p.flip.sum() < 48 and (p.crop_h * p.crop_w < 120).sum() > 40
+    for i in range(48):
+        box = int(p.top[i]), int(p.left[i]), int(p.crop_h[i]), int(p.crop_w[i])
+        img = TF.resized_crop(x[i].float() / 255, *box, [12, 10], interpolation=TF.InterpolationMode.BICUBIC,
+                              antialias=True).clamp(0, 1)
+        img = TF.horizontal_flip(img) if p.flip[i] else img
+        torch.testing.assert_close(ours[i], img, atol=1e-5, rtol=0)
+
+
+def test_crop_agrees_with_maes_pil_pipeline():
+    # MAE crops and resizes uint8 PIL images (interpolation=3), which PIL rounds and clips to 0..255 after
+    # each of its two 1-D passes; torchvision's antialiased bicubic uses PIL's filter, so only that differs.
+    from PIL import Image
+
+    x = _images(64, h=16, w=16, seed=35)
+    ours = augment(x, "crop", _gen(36))
+    p = A._crop_params(A._draw(_gen(36), 64, 0, 64, A.CROP_COLUMNS), 16, 16)
+    diffs = []
+    for i in range(64):
+        box = int(p.top[i]), int(p.left[i]), int(p.crop_h[i]), int(p.crop_w[i])
+        img = T1.functional.resized_crop(Image.fromarray(x[i].permute(1, 2, 0).numpy()), *box, [16, 16],
+                                         interpolation=T1.InterpolationMode.BICUBIC)
+        img = T1.functional.hflip(img) if p.flip[i] else img
+        diffs.append((T1.functional.pil_to_tensor(img).float() - ours[i] * 255).abs())
+    diffs = torch.stack(diffs)
+    # Rounding alone gives a mean of ~0.25 (0..255 scale); the intermediate clipping matters at few pixels of
+    # this noise image. Bilinear instead of bicubic, or a = -0.75, gives a mean of several units.
+    assert diffs.mean() < 0.5 and (diffs > 1).double().mean() < 0.05
+
+
+def test_crop_changes_no_colour():
+    # Flat colour: a crop of it is the same colour, and there is no jitter or grayscale to change it.
+    colour = torch.tensor([180, 100, 50], dtype=torch.uint8)
+    flat = colour.view(1, 3, 1, 1).expand(500, 3, 12, 10)
+    out = augment(flat, "crop", _gen(37))
+    torch.testing.assert_close(out, (colour.float() / 255).view(1, 3, 1, 1).expand_as(out), atol=1e-6, rtol=0)
+    # Each channel is cropped on its own, with the same box and flip: no colour mixing.
+    x = _images(40, seed=38)
+    out = augment(x, "crop", _gen(39))
+    for k in range(3):
+        assert torch.equal(out[:, k : k + 1], augment(x[:, k : k + 1].contiguous(), "crop", _gen(39)))
+
+
+# ----------------------------------------------------------------------------------------------------
 # weak: exact crops, uniform offsets, fair flips
 
 
@@ -296,6 +389,19 @@ def _torchvision_strong(size):
             T.RandomHorizontalFlip(0.5),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(0.2),
+        ]
+    )
+
+
+def _torchvision_crop(size):
+    # MAE's main_pretrain.py: RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=3) (3 is bicubic),
+    # RandomHorizontalFlip()
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                                interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(0.5),
+            T.Lambda(lambda img: img.clamp(0, 1)),  # as PIL's uint8 and ours; torchvision's float is not
         ]
     )
 
@@ -361,6 +467,16 @@ def test_strong_statistics_match_torchvision():
     for name in a:
         # Two-sample KS with n = 3000: sigma-free bound 1.95 * sqrt(2 / n) = 0.05 at p = 0.001.
         assert _ks(a[name], b[name]) < 0.06, name
+
+
+def test_crop_statistics_match_torchvision():
+    n = 3000
+    ours, theirs = _both("crop", _torchvision_crop((16, 16)), _structured_image(), n, 40)
+    assert (ours.mean(0) - theirs.mean(0)).abs().max() < 0.04
+    assert (ours.std(0) - theirs.std(0)).abs().max() < 0.04
+    a, b = _summaries(ours), _summaries(theirs)
+    for name in a:
+        assert _ks(a[name], b[name]) < 0.06, name  # as for strong: 0.05 at p = 0.001
 
 
 def test_strong_colour_statistics_match_torchvision():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from genrep.errors import GenrepError
 
-AUGMENTATIONS = ("none", "weak", "strong", "classifier")
+AUGMENTATIONS = ("none", "weak", "strong", "classifier", "crop")
 
 # The classifier kind's options as the HybViT paper's code sets them (see classifier_augment.py).
 CLASSIFIER_POLICY = "cifar10"
@@ -42,16 +42,22 @@ def augmentation_kind(aug: str | Augmentation) -> str:
 # torchvision says 0.2989; we follow torchvision, so contrast, saturation and grayscale match it to 1e-6.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
-# SimCLR's CIFAR recipe.
+# SimCLR's CIFAR recipe; the crop's scale and ratio and the flip are also MAE's (main_pretrain.py:
+# RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=3) with the default ratio, RandomHorizontalFlip()).
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10  # torchvision's RandomResizedCrop gives up after 10 rejected boxes and takes a central crop
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue as in ColorJitter(0.4, 0.4, 0.4, 0.1)
 P_FLIP, P_JITTER, P_GRAY = 0.5, 0.8, 0.2
+# strong resizes its crop bilinearly (SimCLR, torchvision's default); crop bicubically, as MAE does
+# (interpolation=3).
+STRONG_INTERPOLATION, CROP_INTERPOLATION = "bilinear", "bicubic"
 
-# Uniforms drawn per sample: (area, log ratio) per crop try, crop top, crop left, flip, jitter on, 4 jitter
-# factors, 4 keys whose argsort is the jitter order, grayscale on.
-STRONG_COLUMNS = 2 * CROP_TRIES + 13
+# Uniforms drawn per sample: (area, log ratio) per crop try, crop top, crop left, flip (the crop kind's
+# columns); then, for strong, jitter on, 4 jitter factors, 4 keys whose argsort is the jitter order,
+# grayscale on.
+CROP_COLUMNS = 2 * CROP_TRIES + 3
+STRONG_COLUMNS = CROP_COLUMNS + 10
 
 
 def augment(
@@ -66,11 +72,13 @@ def augment(
     """x: uint8 [B, C, H, W] (C = 1 or 3) on any device. Returns float32 in [0, 1], same shape, same device.
 
     kind: "none" (x / 255), "weak" (reflect-padded random crop + horizontal flip), "strong" (SimCLR CIFAR:
-    random resized crop, flip, colour jitter, random grayscale) or "classifier" (the HybViT code's classifier
+    random resized crop, flip, colour jitter, random grayscale), "classifier" (the HybViT code's classifier
     training: flip, zero-padded crop, AutoAugment, random erasing; an ``Augmentation`` sets its policy and
-    erasing probability). Random parameters are drawn on the CPU from `generator` (a CPU torch.Generator) for
-    `total` samples (default B) and rows [start : start + B] of them are used, so that a global batch split
-    across processes gets exactly the augmentation it would get in one process. Then moved to x.device.
+    erasing probability) or "crop" (MAE's and GVP's pretraining: strong's random resized crop, scale 0.2-1,
+    resized bicubically, and flip; no colour change). Random parameters are drawn on the CPU from `generator`
+    (a CPU torch.Generator) for `total` samples (default B) and rows [start : start + B] of them are used, so
+    that a global batch split across processes gets exactly the augmentation it would get in one process.
+    Then moved to x.device.
     """
     options = kind if isinstance(kind, Augmentation) else Augmentation(str(kind))
     kind = options.kind
@@ -93,6 +101,8 @@ def augment(
         if not 0 <= pad < min(h, w):
             raise GenrepError(f"weak augmentation pad={pad} must be >= 0 and below the image size {h}x{w}")
         return _weak(x, _draw(generator, total, start, x.shape[0], 3), pad)
+    if kind == "crop":
+        return _crop(x, _draw(generator, total, start, x.shape[0], CROP_COLUMNS))
     return _strong(x, _draw(generator, total, start, x.shape[0], STRONG_COLUMNS))
 
 
@@ -161,43 +171,68 @@ def _reflect(idx, n):
 
 
 # ----------------------------------------------------------------------------------------------------
+# crop: RandomResizedCrop(scale=(0.2, 1.0), interpolation=BICUBIC) + RandomHorizontalFlip(0.5), as MAE
 # strong: RandomResizedCrop + RandomHorizontalFlip + RandomApply(ColorJitter, 0.8) + RandomGrayscale(0.2)
+# Both draw the crop box and flip with _crop_params from their first CROP_COLUMNS uniforms, and apply them
+# with _resized_crop.
 
 
-class StrongParams(NamedTuple):
-    """Per-sample parameters of the strong augmentation, one row per sample (see _strong_params)."""
+class CropParams(NamedTuple):
+    """Per-sample parameters of a random resized crop and flip, one row per sample (see _crop_params)."""
 
     top: torch.Tensor  # crop box in pixels (floats holding integers)
     left: torch.Tensor
     crop_h: torch.Tensor
     crop_w: torch.Tensor
     flip: torch.Tensor  # bool
+
+
+class StrongParams(NamedTuple):
+    """Per-sample parameters of the strong augmentation, one row per sample (see _strong_params): the crop
+    and flip's (CropParams' fields, in its order), then the colour ops'."""
+
+    top: torch.Tensor
+    left: torch.Tensor
+    crop_h: torch.Tensor
+    crop_w: torch.Tensor
+    flip: torch.Tensor
     jitter_on: torch.Tensor  # bool: RandomApply(ColorJitter) fired
     factors: torch.Tensor  # [B, 4] brightness, contrast, saturation, hue
     order: torch.Tensor  # [B, 4] op ids 0..3 (same order as factors) in the order they are applied
     gray_on: torch.Tensor  # bool
 
 
-def _strong_params(u, h, w) -> StrongParams:
+def _crop_params(u, h, w) -> CropParams:
+    """The crop box and flip from a sample's first CROP_COLUMNS uniforms (further columns are ignored)."""
     t = CROP_TRIES
     box = _resized_crop_params(u[:, :t], u[:, t : 2 * t], u[:, 2 * t], u[:, 2 * t + 1], h, w)
+    return CropParams(*box, flip=u[:, 2 * t + 2] < P_FLIP)
+
+
+def _strong_params(u, h, w) -> StrongParams:
+    c = CROP_COLUMNS
     lo = torch.tensor([1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]], dtype=torch.float64)
     hi = torch.tensor([1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3]], dtype=torch.float64)
     return StrongParams(
-        *box,
-        flip=u[:, 2 * t + 2] < P_FLIP,
-        jitter_on=u[:, 2 * t + 3] < P_JITTER,
-        factors=lo + (hi - lo) * u[:, 2 * t + 4 : 2 * t + 8],
-        order=u[:, 2 * t + 8 : 2 * t + 12].argsort(dim=1),  # argsort of iid uniforms: a uniform permutation
-        gray_on=u[:, 2 * t + 12] < P_GRAY,
+        *_crop_params(u, h, w),
+        jitter_on=u[:, c] < P_JITTER,
+        factors=lo + (hi - lo) * u[:, c + 1 : c + 5],
+        order=u[:, c + 5 : c + 9].argsort(dim=1),  # argsort of iid uniforms: a uniform permutation
+        gray_on=u[:, c + 9] < P_GRAY,
     )
+
+
+def _crop(x, u):
+    p = CropParams(*_to_device(list(_crop_params(u, x.shape[2], x.shape[3])), x.device))
+    return _resized_crop(x.float() / 255, *p, interpolation=CROP_INTERPOLATION)
 
 
 def _strong(x, u):
     # float32 on the device: boxes are small integers (exact), and some accelerators have no float64.
     params = _strong_params(u, x.shape[2], x.shape[3])
     p = StrongParams(*_to_device(list(params), x.device))
-    out = _resized_crop(x.float() / 255, p.top, p.left, p.crop_h, p.crop_w, p.flip)
+    out = _resized_crop(x.float() / 255, p.top, p.left, p.crop_h, p.crop_w, p.flip,
+                        interpolation=STRONG_INTERPOLATION)
     out = _color_jitter(out, p.factors, p.order, p.jitter_on)
     if x.shape[1] == 3:  # torchvision's grayscale of a 1-channel image is the image itself
         out = torch.where(p.gray_on.view(-1, 1, 1, 1), rgb_to_grayscale(out).expand_as(out), out)
@@ -232,11 +267,18 @@ def _resized_crop_params(u_scale, u_log_ratio, u_top, u_left, h, w):
     return top, left, crop_h, crop_w
 
 
-def _resized_crop(x, top, left, crop_h, crop_w, flip):
-    """Bilinearly resize each sample's box to the full size, as torchvision's resized_crop; then flip some.
+def _resized_crop(x, top, left, crop_h, crop_w, flip, interpolation="bilinear"):
+    """Resize each sample's box to the full size, as torchvision's resized_crop (antialias=True, its
+    default) with this interpolation, "bilinear" or "bicubic"; then flip some.
 
-    Boxes are never larger than the image, so this only upsamples and torchvision's antialias is a no-op.
+    Boxes are never larger than the image, so this only upsamples. For bilinear, torchvision's antialias is
+    then a no-op; for bicubic it is not: it selects PIL's filter, which is what is reproduced here (see
+    _bicubic_resized_crop).
     """
+    if interpolation == "bicubic":
+        return _bicubic_resized_crop(x, top, left, crop_h, crop_w, flip)
+    if interpolation != "bilinear":
+        raise GenrepError(f"unknown interpolation {interpolation!r}; expected bilinear or bicubic")
     b, _, h, w = x.shape
     ys = _source_coords(top, crop_h, h)
     xs = _source_coords(left, crop_w, w)
@@ -246,6 +288,54 @@ def _resized_crop(x, top, left, crop_h, crop_w, flip):
     gx = xs * (2 / max(w - 1, 1)) - 1
     grid = torch.stack((gx[:, None, :].expand(b, h, w), gy[:, :, None].expand(b, h, w)), dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _bicubic_resized_crop(x, top, left, crop_h, crop_w, flip):
+    """Bicubic resize of each sample's box to the full size, then flip some; clamped to [0, 1].
+
+    torchvision's bicubic with antialias=True (torch's _upsample_bicubic2d_aa) is PIL's: the cubic kernel
+    with a = -0.5 (not -0.75, which grid_sample and antialias=False use), and taps that fall outside the box
+    are dropped and the rest renormalised (not replaced by the box's edge pixel). Resampling is separable, so
+    each output column, then each output row, is a weighted sum of 4 gathered source columns (rows).
+
+    The cubic overshoots: torchvision leaves float results outside [0, 1]; MAE resizes uint8 PIL images,
+    which clip to 0..255, and we clamp.
+    """
+    b, c, h, w = x.shape
+    rows, row_weights = _cubic_taps(top, crop_h, h)  # [B, h, 4]
+    cols, col_weights = _cubic_taps(left, crop_w, w)  # [B, w, 4]
+    flip = flip.view(b, 1, 1)
+    cols = torch.where(flip, cols.flip(1), cols)
+    col_weights = torch.where(flip, col_weights.flip(1), col_weights)
+    out = sum(col_weights[:, None, None, :, k] * x.gather(3, cols[:, None, None, :, k].expand(b, c, h, w))
+              for k in range(4))
+    out = sum(row_weights[:, None, :, None, k] * out.gather(2, rows[:, None, :, None, k].expand(b, c, h, w))
+              for k in range(4))
+    return out.clamp(0, 1)
+
+
+def _cubic_taps(offset, size, n):
+    """Source pixels and weights of PIL's bicubic upsampling of boxes [offset, offset + size) to n pixels.
+
+    offset, size: [B] (floats holding integers, size <= n). Returns long indices into the image's axis and
+    float weights, [B, n, 4] each. Output pixel k's centre is at (k + 0.5) * size / n in the box; it reads
+    box pixels j (centres at j + 0.5) with weight cubic(j + 0.5 - centre), where |.| < 2, i.e. at most 4 of
+    them starting at floor(centre - 1.5); taps outside the box get weight 0 and the rest sum to 1.
+    """
+    offset, size = offset.float()[:, None, None], size.float()[:, None, None]
+    centre = (torch.arange(n, device=offset.device, dtype=torch.float32)[None, :, None] + 0.5) * (size / n)
+    j = (centre - 1.5).floor().clamp(min=0) + torch.arange(4, device=offset.device, dtype=torch.float32)
+    weights = torch.where(j < size, _cubic(j + 0.5 - centre), 0.0)
+    weights = weights / weights.sum(dim=2, keepdim=True)
+    return (offset + torch.minimum(j, size - 1)).long(), weights
+
+
+def _cubic(t, a=-0.5):
+    """Keys' cubic convolution kernel with PIL's a = -0.5 (torch's antialiased bicubic uses the same)."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = (((t - 5) * t + 8) * t - 4) * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, 0.0))
 
 
 def _source_coords(offset, size, n):
