@@ -154,6 +154,18 @@ def _masks(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return col <= row, (col < row) | (col == 0)
 
 
+def token_levels(S: int, T: int, orders: torch.Tensor | None, boundaries: torch.Tensor) -> torch.Tensor:
+    """Each token's level, long ``[B, S+T]`` (0: condition and context, k: group k), unchecked: the training step's
+    form (no host sync, so it compiles into one graph). ``orders`` ``[B, T]`` puts the levels in original token order;
+    None gives factorisation order, where they are non-decreasing. ``boundaries``: ``[B or 1, K+1]``."""
+    return _levels(S, T, orders, boundaries.reshape(-1, boundaries.shape[-1]))
+
+
+def masks_from_levels(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M_h, M_g), bool ``[B, N, N]``, from :func:`token_levels`: eq. 11 as levels state it (see the module doc)."""
+    return _masks(levels)
+
+
 def gvp_masks_batched(S: int, T: int, orders: torch.Tensor, boundaries: Boundaries, *,
                       validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(M_h, M_g), each bool ``[B, S+T, S+T]`` in original token order, for ``orders`` (long ``[B, T]``, 0-based)

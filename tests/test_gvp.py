@@ -1,0 +1,184 @@
+"""GVP: the permuted fast path equals the direct masked form, the streams depend only on what eq. 11 allows, the
+table-10 ablations, read-outs with and without the mask, completion group by group, and bad input."""
+
+import pytest
+import torch
+from conftest import assert_one_line_error, one_line, run_cli, tiny_config
+
+from genrep.errors import GenrepError
+from genrep.methods import DataSpec, build_method
+from genrep.methods.base import example_batch
+from genrep.nn.gvp_masks import fixed_length_boundaries, masks_from_levels, token_levels
+from genrep.nn.patch import patchify
+
+SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
+T = 16  # 8x8 images, 2x2 patches
+
+# (segmentation, streams): table 4's segmentations, table 10's masked and single-stream rows
+VARIANTS = [("mixed", "two"), ("random", "two"), ("fixed", "two"), ("masked", "two"), ("autoregressive", "two"),
+            ("autoregressive", "one")]
+
+
+def _gvp(seed=0, **model):
+    torch.manual_seed(seed)
+    cfg = tiny_config("gvp", **{f"model.{k}": v for k, v in model.items()})
+    return build_method("gvp", cfg.model, SPEC).eval()
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+@pytest.mark.parametrize("segmentation,streams", VARIANTS)
+@pytest.mark.parametrize("segment_per", ["batch", "sample"])
+def test_permuted_fast_path_gives_the_direct_masked_loss(segmentation, streams, segment_per):
+    model = dict(segmentation=segmentation, streams=streams, segment_per=segment_per)
+    fast, direct = _gvp(**model), _gvp(**model, mask_layout="direct")
+    direct.load_state_dict(fast.state_dict())
+    batch = example_batch(fast, n=6, seed=3)
+    a, b = fast(batch), direct(batch)
+    assert torch.isfinite(a["loss"])
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    order, bounds = batch.get("order"), fast.boundaries(batch)
+    (pa, la), (pb, lb) = fast.predict(batch["image"], order, bounds), direct.predict(batch["image"], order, bounds)
+    assert torch.equal(la.expand_as(lb), lb)
+    torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def _input_dependence(model, x, order, bounds):
+    """[T, T] bool: prediction of token i (original order) has a gradient by the pixels of token j."""
+    x = x.clone().requires_grad_(True)
+    pred, _ = model.predict(x, order, bounds)
+    rows = []
+    for i in range(T):
+        (grad,) = torch.autograd.grad(pred[0, i].sum(), x, retain_graph=True)
+        rows.append(patchify(grad, 2).abs().sum(-1)[0] > 0)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("segmentation,streams", VARIANTS)
+def test_a_prediction_reads_only_earlier_groups_never_its_own_token(segmentation, streams):
+    """The query stream of a token (what the loss reads) depends on the tokens of earlier groups (the context
+    included) and on no token of its own group or a later one, itself included: for every segmentation."""
+    for layout in ("permuted", "direct"):
+        model = _gvp(seed=1, segmentation=segmentation, streams=streams, mask_layout=layout)
+        batch = example_batch(model, n=1, seed=7)
+        order = batch.get("order")
+        bounds = model.boundaries(batch)
+        depends = _input_dependence(model, batch["image"], order, bounds)
+        levels = token_levels(1, T, order, bounds)[0, 1:]
+        earlier = levels[None, :] < levels[:, None]
+        predicted = levels > 0
+        assert torch.equal(depends[predicted], earlier[predicted]), (layout, levels.tolist())
+        assert not depends.diagonal()[predicted].any()
+
+
+@pytest.mark.parametrize("segmentation", ["mixed", "random", "fixed", "masked", "autoregressive"])
+def test_the_content_stream_never_reads_a_later_group(segmentation):
+    """A token's content-stream output depends on tokens of its own and earlier groups only (eq. 11's M_h), and on
+    every one of them; the query stream on strictly earlier groups and the condition."""
+    model = _gvp(seed=2, segmentation=segmentation)
+    batch = example_batch(model, n=1, seed=5)
+    order = batch.get("order")
+    levels = token_levels(1, T, order, model.boundaries(batch))
+    content, query = masks_from_levels(levels)
+    h = torch.randn(1, T + 1, 32, requires_grad=True)
+    g = torch.randn(1, T + 1, 32)
+    h_out, g_out = model.net(h, g, content_mask=content[:, None], query_mask=query[:, None])
+    probe = torch.randn(32)
+    for out, allowed in ((h_out, content[0]), (g_out, query[0])):
+        for i in range(T + 1):
+            # a random read of the row: its plain sum after the final LayerNorm is a constant
+            (grad,) = torch.autograd.grad((out[0, i] * probe).sum(), h, retain_graph=True)
+            assert torch.equal(grad[0].abs().sum(-1) > 0, allowed[i]), (segmentation, i)
+
+
+def test_read_outs_keep_the_mask_for_probes_and_drop_it_for_fine_tuning():
+    model = _gvp(seed=0, segmentation="fixed", groups=3)
+    x = torch.rand(2, 1, 8, 8)
+    assert model.causal_mask  # as trained
+    masked = model.features(x, pool="map")
+    bounds = fixed_length_boundaries(T, 3)  # the read-out's groups: n_0 = 4, then 8, 12, 16
+    x2 = x.clone()
+    x2[:, :, 6:] = torch.rand(2, 1, 2, 8)  # the last patch row: tokens 12..15, the last group
+    changed = model.features(x2, pool="map") - masked
+    first_groups = changed.flatten(2)[:, :, :int(bounds[-2])]
+    assert first_groups.abs().max() == 0 and changed.abs().max() > 0
+    model.causal_mask = False  # fine-tuning's read-out sees every token
+    free = model.features(x2, pool="map") - model.features(x, pool="map")
+    assert free.flatten(2)[:, :, :12].abs().max() > 0
+
+
+def test_feature_sets_equal_single_reads():
+    model = _gvp()
+    x = torch.rand(3, 1, 8, 8)
+    reads = [(1, "mean"), (2, "cls"), (2, "2"), (1, "map")]
+    for got, (layer, pool) in zip(model.feature_sets(x, reads), reads):
+        torch.testing.assert_close(got, model.features(x, layer=layer, pool=pool))
+
+
+@pytest.mark.parametrize("streams,norm_pix", [("two", False), ("two", True), ("one", False)])
+def test_completion_fills_hidden_patches_group_by_group(streams, norm_pix, monkeypatch):
+    model = _gvp(streams=streams, norm_pix=norm_pix, segmentation="autoregressive" if streams == "one" else "mixed",
+                 complete_groups=3)
+    x = torch.rand(2, 1, 8, 8)
+    keep = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    keep[:, :, :4] = True        # the top half: 8 tokens given, 8 generated in 3 groups
+    keep[1, :, 4:6, :2] = True   # a ninth token given in the second image
+    calls = []
+    forward = type(model.net).forward if streams == "two" else type(model.net).content
+    monkeypatch.setattr(type(model.net), forward.__name__, lambda self, *a, **k: calls.append(1) or forward(
+        self, *a, **k))
+    out = model.complete(x, keep, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3
+    assert out.shape == x.shape and torch.equal(out[keep.expand_as(x)], x[keep.expand_as(x)])
+    assert (out[~keep.expand_as(x)] != x[~keep.expand_as(x)]).all() and out.min() >= 0 and out.max() <= 1
+    again = model.complete(x, keep, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_completion_of_a_hidden_group_reads_only_given_and_earlier_tokens():
+    """With one group the completion is one pass: the hidden patches' pixels do not reach it."""
+    model = _gvp(complete_groups=1)
+    x = torch.rand(1, 1, 8, 8)
+    keep = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    keep[:, :, :, :4] = True
+    other = torch.where(keep, x, torch.rand_like(x))
+    g = torch.Generator().manual_seed(0)
+    a = model.complete(x * keep, keep, generator=g)
+    b = model.complete(other, keep, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_the_ablations_cost_what_they_run():
+    two, one = _gvp(), _gvp(streams="one", segmentation="autoregressive")
+    assert two.flops_per_image() > 1.8 * one.flops_per_image()  # the query stream runs every block again
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ({"model.groups": 99}, "model.groups K = 99 is larger than the 16 tokens"),
+    ({"model.groups": 16, "model.segmentation": "random"}, "choose K in 1..15"),
+    ({"model.segmentation": "masked", "model.mask_ratio": 0.01}, "leaves at least one token given"),
+    ({"model.target": "p2d"}, "pass --model.tokenizer"),
+    ({"model.streams": "one"}, "--model.segmentation autoregressive"),
+    ({"model.norm_pix": True, "model.target": "d2d", "model.tokenizer": "x"}, "norm_pix normalises pixel targets"),
+    ({"model.tokenizer": "runs/vq"}, "model.tokenizer is read only by the p2d and d2d targets"),
+])
+def test_bad_settings_are_one_line_errors(override, fragment):
+    with pytest.raises(GenrepError) as e:
+        cfg = tiny_config("gvp", **override)
+        build_method("gvp", cfg.model, SPEC)
+    assert fragment in one_line(e)
+
+
+@pytest.mark.slow
+def test_bad_settings_stop_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", "--recipe", "gvp-digits", "--model.groups", "40", "--out", str(out))
+    assert_one_line_error(proc, "model.groups K = 40")
+    assert not out.exists()
+    proc = run_cli("pretrain", "--recipe", "gvp-p2d-digits", "--model.tokenizer", str(tmp_path / "none"),
+                   "--out", str(out))
+    assert_one_line_error(proc, "model.tokenizer", str(tmp_path / "none"))
+    assert not out.exists()
