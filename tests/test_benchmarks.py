@@ -102,3 +102,84 @@ def test_feature_extraction_reports_images_per_second_in_each_precision(tmp_path
     vectors = subprocess.run([sys.executable, str(script), "--recipe", "simclr-digits", "--device", "cpu"],
                              capture_output=True, text=True, timeout=600)
     assert vectors.returncode == 2 and "reads no feature maps" in vectors.stderr
+
+
+GVP_SCRIPT = SCRIPT.parent / "gvp_attention.py"
+GVP_TINY = ("--batch", "2", "--heads", "2", "--tokens", "65", "--head-dim", "8", "--steps", "2", "--warmup", "1",
+            "--device", "cpu")
+
+
+def _gvp(*args):
+    return subprocess.run([sys.executable, str(GVP_SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_gvp_attention_times_each_variant_and_counts_the_allowed_entries(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _gvp(*GVP_TINY, "--peak-tflops", "0.5", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["causal", "per-sample-direct-content", "per-sample-direct-query", "shared-permuted-content",
+                          "shared-permuted-query", "flex-shared-content", "flex-shared-query",
+                          "flex-per-sample-content", "flex-per-sample-query"]
+    N = 65
+    assert rows["causal"]["allowed"] == pytest.approx((N + 1) / (2 * N))
+    for name, r in rows.items():
+        if name.startswith("flex"):  # FlexAttention runs on CUDA only here: skipped with the reason
+            assert r["skipped"] and "ms" not in r
+            continue
+        assert r["ms"] > 0 and r["mean_ms"] > 0 and 0 < r["allowed"] < 1 and r["dtype"] == "float32"
+        useful = 12 * 2 * 2 * N * N * 8 * r["allowed"]  # QK^T and PV of the allowed pairs, forward x 3
+        assert r["tflops"] == pytest.approx(useful / (r["ms"] / 1e3) / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
+        assert (r["mask_ms"] is None) == (name == "causal")
+    for variant in ("per-sample-direct", "shared-permuted"):  # the query stream sees strictly earlier groups
+        assert rows[f"{variant}-query"]["allowed"] < rows[f"{variant}-content"]["allowed"]
+    assert "skipped" in proc.stdout and "TFLOP/s" in proc.stdout
+
+
+def test_gvp_attention_direct_and_permuted_masks_allow_the_same_work_for_one_segmentation(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _gvp(*GVP_TINY, "--segment-per", "batch", "--variants", "per-sample-direct,shared-permuted",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    for stream in ("content", "query"):  # a permutation moves the allowed entries, never changes their number
+        assert rows[f"per-sample-direct-{stream}"]["allowed"] == pytest.approx(
+            rows[f"shared-permuted-{stream}"]["allowed"])
+
+
+def test_gvp_attention_flex_mask_mods_are_the_gvp_masks(monkeypatch):
+    """The flex rows' mask_mods (forward only: FlexAttention has no CPU backward) give SDPA's result under the
+    dense masks, and the direct masks are the factorisation-order ones conjugated by each sample's order."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from genrep.nn.gvp_masks import masks_from_levels, permute_tokens
+
+    monkeypatch.syspath_prepend(str(GVP_SCRIPT.parent))
+    from gvp_attention import Problem, flex_mask_mod
+
+    p = Problem(3, 2, 65, 8, 1, 20, torch.float32, torch.device("cpu"), "sample")
+    q, k, v = p.q.detach(), p.k.detach(), p.v.detach()
+    for per_sample in (False, True):
+        levels = p.factorisation_levels(per_sample)
+        dense = masks_from_levels(levels.reshape(-1, p.N))
+        for s, stream in enumerate(("content", "query")):
+            block_mask = create_block_mask(flex_mask_mod(levels, stream), p.B if per_sample else None, None, p.N,
+                                           p.N, device="cpu")
+            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense[s][:, None])
+            torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected)
+    factorised = masks_from_levels(p.factorisation_levels(True))
+    for direct, fact in zip(p.direct_masks(), factorised):
+        assert torch.equal(permute_tokens(permute_tokens(direct, p.orders, leading=1, dim=1), p.orders, leading=1,
+                                          dim=2), fact)
+
+
+def test_gvp_attention_bad_variant_is_a_one_line_error():
+    proc = _gvp("--variants", "causal,warp", "--device", "cpu")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    expected = ("gvp_attention: error: unknown variant 'warp'; choose from causal, per-sample-direct, "
+                "shared-permuted, flex-shared, flex-per-sample")
+    assert proc.stderr.strip().splitlines() == [expected]
