@@ -110,6 +110,15 @@ def test_read_outs_keep_the_mask_for_probes_and_drop_it_for_fine_tuning():
     assert free.flatten(2)[:, :, :12].abs().max() > 0
 
 
+@pytest.mark.parametrize("segmentation", ["mixed", "random", "fixed", "masked", "autoregressive"])
+def test_every_segmentation_builds_on_the_meta_device(segmentation):
+    """The loop sizes a model on the meta device before building it: no check may read a tensor's value there."""
+    cfg = tiny_config("gvp", **{"model.segmentation": segmentation})
+    with torch.device("meta"):
+        model = build_method("gvp", cfg.model, SPEC)
+    assert model.head.weight.is_meta and model.readout_bounds.device.type == "cpu"
+
+
 def test_feature_sets_equal_single_reads():
     model = _gvp()
     x = torch.rand(3, 1, 8, 8)

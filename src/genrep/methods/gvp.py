@@ -113,7 +113,7 @@ def segment_count(cfg: GVPConfig, T: int) -> tuple[int, int | None]:
     if K > limit:
         raise GenrepError(f"model.groups K = {K} is larger than the {T} tokens allow for the {seg}-length "
                           f"segmentation; choose K in 1..{limit}")
-    return K, (None if seg in ("random", "mixed") else int(fixed_length_boundaries(T, K)[0]))
+    return K, (None if seg in ("random", "mixed") else T // (K + 1))  # fixed length: n_0 = floor(T / (K + 1))
 
 
 @register
