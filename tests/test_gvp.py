@@ -191,3 +191,30 @@ def test_bad_settings_stop_before_any_work(tmp_path):
                    "--out", str(out))
     assert_one_line_error(proc, "model.tokenizer", str(tmp_path / "none"))
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_frozen_run_conditions_gvp(tmp_path):
+    """Appendix E's y_extra: another run's features, projected, are a second condition token; that run is a
+    frozen part (no gradient, out of the checkpoint, referenced by sha256)."""
+    from genrep.train.loop import pretrain
+
+    pretrain(tiny_config("supervised", **{"train.steps": 2}), tmp_path / "sup")
+    model = _gvp(condition=str(tmp_path / "sup")).train()
+    assert model.S == 2 and "condition_model" in model.frozen_parts
+    batch = example_batch(model, n=3)
+    model(batch)["loss"].backward()
+    assert model.condition_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.condition_model.parameters())
+    assert not any(k.startswith("condition_model.") for k in model.state_dict())
+    fast, direct = _gvp(condition=str(tmp_path / "sup")).eval(), _gvp(condition=str(tmp_path / "sup"),
+                                                                         mask_layout="direct").eval()
+    direct.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(fast(batch)["loss"], direct(batch)["loss"])
+    with pytest.raises(GenrepError) as e:
+        build_method("gvp", tiny_config("gvp", **{"model.condition": str(tmp_path / "sup")}).model,
+                     DataSpec(image_size=16, channels=1, num_classes=10))
+    assert "trained on 8x8 images" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        _gvp(condition=str(tmp_path))
+    assert "is not a trained genrep run" in one_line(e)

@@ -7,7 +7,8 @@ before it (eq. 6). The content stream h starts from the embedded tokens plus the
 a learnable vector w plus the position of the token it predicts; g's last layer goes through a linear head to the
 target: the patch's pixels (p2p, MSE; MAE's per-patch normalisation with ``model.norm_pix``), or a tokenizer's code
 of the patch (p2d: pixels in; d2d: codes in and out; cross-entropy). The tokenizer is a genrep run folder
-(``model.tokenizer``: a ``vq`` run, see ``tokenizers.py``), a frozen part.
+(``model.tokenizer``: a ``vq`` run, see ``tokenizers.py``), a frozen part. The condition tokens are a CLS token
+and, with ``model.condition`` (appendix E's y_extra), a trained genrep run's pooled features of the image, projected.
 
 The fast path (``mask_layout: permuted``, the default): the tokens are permuted into factorisation order (each
 keeping its original position embedding), where the masks are block-causal and, with one segmentation per batch,
@@ -30,6 +31,7 @@ must be.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -51,7 +53,6 @@ from .registry import register
 
 TARGETS = ("p2p", "p2d", "d2d")
 SEGMENTATIONS = ("mixed", "random", "fixed", "masked", "autoregressive")
-CONDITION_TOKENS = 1  # S: the CLS token stands for y_extra when there is no extra information (section 5)
 
 
 @dataclass
@@ -62,6 +63,9 @@ class GVPConfig(ViTConfig):
     augment: str = setting("none", choices=tuple(a for a in AUGMENTATIONS if a != "classifier"))
     norm_pix: bool = False  # p2p: each target patch normalised by its own mean and variance (MAE's option)
     tokenizer: str = ""     # p2d, d2d: a tokenizer run folder (genrep pretrain --recipe vq-digits)
+    # y_extra (appendix E): a trained genrep run whose features (its default read-out) of the image, projected to
+    # the width, are a second condition token after the CLS token; "" = the CLS token alone (section 5)
+    condition: str = ""
     order: str = setting("random", choices=("random", "raster"))  # z: uniform over permutations, or raster (table 3)
     # how the T tokens are cut into the context G_0 and K groups (section 3.2, table 4); masked: K = 1 with
     # round(mask_ratio * T) tokens predicted at once (table 10's pure masked modeling); autoregressive: one token per
@@ -137,6 +141,11 @@ class GVP(Method):
         self.tokenizer = None
         if cfg.target != "p2p":
             self._load_tokenizer(cfg, data)
+        self.condition_model = None
+        self.S = 1  # condition tokens: the CLS token, and y_extra with model.condition
+        if cfg.condition:
+            self.condition_proj = nn.Linear(self._load_condition(cfg, data), cfg.dim)
+            self.S = 2
         if cfg.target == "d2d":
             self.code_embed = nn.Embedding(self.tokenizer.codebook_size, cfg.dim)
             nn.init.trunc_normal_(self.code_embed.weight, std=0.02)
@@ -145,7 +154,7 @@ class GVP(Method):
             nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(cfg.dim, -1))
             nn.init.zeros_(self.patch_embed.proj.bias)
         self.pos_embed = PositionEmbedding(self.T, cfg.dim, cfg.pos_embed)
-        self.cls_token = nn.Parameter(torch.zeros(1, CONDITION_TOKENS, cfg.dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.query_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))  # w, the query stream's start
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.query_token, std=0.02)
@@ -170,6 +179,36 @@ class GVP(Method):
                               f"needs --model.patch_size {module.downsample} or a tokenizer with downsample "
                               f"{cfg.patch_size}")
         self.freeze("tokenizer", module, source)
+
+    def _load_condition(self, cfg: GVPConfig, data: DataSpec) -> int:
+        """Hold the run ``model.condition`` as the frozen part ``condition_model``; its feature width."""
+        from ..runs import CONFIG_FILE, data_spec, load_trained
+
+        run = Path(cfg.condition)
+        weights = run / "ema.safetensors"
+        if not (run / CONFIG_FILE).is_file() or not weights.is_file():
+            raise GenrepError(f"model.condition {run} is not a trained genrep run (it needs {CONFIG_FILE} and "
+                              f"{weights.name}); give the run folder whose features condition GVP (appendix E)")
+        with torch.device("cpu"):  # a real model, also while this one is sized on the meta device
+            _, model, train_set = load_trained(run)
+            spec = data_spec(train_set)
+            if (spec.image_size, spec.channels) != (data.image_size, data.channels):
+                raise GenrepError(f"model.condition {run} was trained on {spec.image_size}x{spec.image_size} images "
+                                  f"with {spec.channels} channel(s); this run's are {data.image_size}x"
+                                  f"{data.image_size} with {data.channels}: give a run trained on this data")
+            with torch.no_grad():
+                width = model.features(torch.zeros(1, data.channels, data.image_size, data.image_size)).shape[-1]
+        self.freeze("condition_model", model, weights)
+        return width
+
+    def _conditions(self, x: torch.Tensor) -> torch.Tensor:
+        """The S condition tokens [B, S, D]: the CLS token, then y_extra (the frozen run's projected features)."""
+        cls = self.cls_token.expand(len(x), -1, -1)
+        if self.condition_model is None:
+            return cls
+        with torch.no_grad():
+            extra = self.condition_model.features(x)
+        return torch.cat([cls, self.condition_proj(extra.float())[:, None]], 1)
 
     def _fixed_boundaries(self) -> torch.Tensor | None:
         seg, T = self.cfg.segmentation, self.T
@@ -226,7 +265,7 @@ class GVP(Method):
     def _queries(self, B: int) -> torch.Tensor:
         """The query stream's start [B, S+T, D]: w, plus the position of the token it predicts."""
         pos = self.pos_embed(self.query_token.new_zeros(1, self.T, self.cfg.dim)) + self.query_token
-        return torch.cat([self.query_token.expand(1, CONDITION_TOKENS, -1), pos], 1).expand(B, -1, -1)
+        return torch.cat([self.query_token.expand(1, self.S, -1), pos], 1).expand(B, -1, -1)
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.target != "p2p":
@@ -247,7 +286,7 @@ class GVP(Method):
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = batch["image"]
         pred, levels, target = self._forward(x, batch.get("order"), self.boundaries(batch))
-        predicted = (levels[:, CONDITION_TOKENS:] > 0).float()  # the targets: every token of groups 1..K
+        predicted = (levels[:, self.S:] > 0).float()  # the targets: every token of groups 1..K
         per_token = self._token_loss(pred, target)
         # a mean per image, then over images: micro-batches and processes then average to the same loss
         loss = ((per_token * predicted).sum(1) / predicted.sum(1)).mean()
@@ -258,13 +297,13 @@ class GVP(Method):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(predictions [B, T, out], levels [B or 1, S+T], targets [B, T, ...]), all three in factorisation order
         (``mask_layout: permuted``) or all in the original order (``direct``)."""
-        B, S = len(x), CONDITION_TOKENS
+        B, S = len(x), self.S
         permuted = self.cfg.mask_layout == "permuted"
         tokens, target = self._embed(x), self._targets(x)
         if order is not None and permuted:  # factorisation order; each token keeps its position embedding
             tokens, target = permute_tokens(tokens, order), permute_tokens(target, order)
         levels = token_levels(S, self.T, None if permuted or order is None else order, bounds)
-        h = torch.cat([self.cls_token.expand(B, -1, -1), tokens], 1)
+        h = torch.cat([self._conditions(x), tokens], 1)
         if self.cfg.streams == "one":
             return self._one_stream(h, levels, None if permuted else order), levels, target
         g = self._queries(B)
@@ -281,13 +320,13 @@ class GVP(Method):
         pred, levels, _ = self._forward(x, order, bounds)
         if order is not None and self.cfg.mask_layout == "permuted":
             pred = unpermute_tokens(pred, order)
-            levels = token_levels(CONDITION_TOKENS, self.T, order, bounds)
-        return pred, levels[:, CONDITION_TOKENS:]
+            levels = token_levels(self.S, self.T, order, bounds)
+        return pred, levels[:, self.S:]
 
     def _one_stream(self, h: torch.Tensor, levels: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
         """Table 10's causal single stream: token z_p is predicted from the output of z_{p-1} (the CLS token for the
         first), which cannot know which position comes next."""
-        S = CONDITION_TOKENS
+        S = self.S
         if order is None:  # factorisation order, one token per group: plain causal attention with one CLS token
             out = self.net.content(h, is_causal=S == 1, mask=None if S == 1 else _sdpa_mask(masks_from_levels(
                 levels)[0]))
@@ -310,19 +349,19 @@ class GVP(Method):
 
     def readout_mask(self) -> torch.Tensor:
         """The content stream's mask in raster order, fixed-length groups (or the trained fixed segmentation)."""
-        levels = token_levels(CONDITION_TOKENS, self.T, None, self.readout_bounds[None])
+        levels = token_levels(self.S, self.T, None, self.readout_bounds[None])
         return masks_from_levels(levels)[0][0]
 
     def _content(self, x: torch.Tensor, layer: int, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
-        h = torch.cat([self.cls_token.expand(len(x), -1, -1), self._embed(x)], 1)
+        h = torch.cat([self._conditions(x), self._embed(x)], 1)
         mask = self.readout_mask() if self.causal_mask else None
         return self.net.content(h, mask=mask, layer=layer, hidden=hidden)
 
     def _pool(self, h: torch.Tensor, pool: str) -> torch.Tensor:
         if is_map_pool(pool):
-            grid = h[:, CONDITION_TOKENS:].transpose(1, 2).reshape(len(h), -1, self.grid, self.grid)
+            grid = h[:, self.S:].transpose(1, 2).reshape(len(h), -1, self.grid, self.grid)
             return pool_feature_map(grid, pool)
-        return h[:, 0] if pool == "cls" else h[:, CONDITION_TOKENS:].mean(1)
+        return h[:, 0] if pool == "cls" else h[:, self.S:].mean(1)
 
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
         layer, pool = self.check_feature_args(layer, pool)
@@ -348,7 +387,7 @@ class GVP(Method):
         mean and spread of the image's given patches); codes are drawn at ``temperature`` and decoded by the
         tokenizer. Given pixels come back unchanged."""
         B, C = x.shape[:2]
-        S, T, p = CONDITION_TOKENS, self.T, self.cfg.patch_size
+        S, T, p = self.S, self.T, self.cfg.patch_size
         given = patchify(keep.expand(-1, C, -1, -1).float(), p).amin(-1) > 0.5  # [B, T]: a token with every pixel
         n_given = given.sum(1)
         hidden = T - n_given
@@ -362,7 +401,7 @@ class GVP(Method):
         content, query = (m[:, None] for m in masks_from_levels(levels))
         patches, codes = self._patches(x), (self.tokenizer.encode(x) if self.tokenizer is not None else None)
         for group in range(1, K + 1):
-            h = torch.cat([self.cls_token.expand(B, -1, -1), self._current_tokens(patches, codes, C)], 1)
+            h = torch.cat([self._conditions(x), self._current_tokens(patches, codes, C)], 1)
             if self.cfg.streams == "one":
                 pred = self._one_stream(h, levels, order)
             else:
@@ -409,10 +448,10 @@ class GVP(Method):
         return names | ({"code_embed.weight"} if self.cfg.target == "d2d" else set())
 
     def flops_per_image(self) -> int:
-        if self.tokenizer is not None:  # the frozen tokenizer's own cost: counted, not derived
+        if self.tokenizer is not None or self.condition_model is not None:  # a frozen part's cost: counted
             return super().flops_per_image()
         c, d = self.cfg, self.data
-        n = CONDITION_TOKENS + self.T
+        n = self.S + self.T
         streams = 2 if c.streams == "two" else 1
         return (linear_flops(self.T, self.patch_dim, c.dim) + streams * c.depth * transformer_block_flops(
             n, c.dim, c.mlp_ratio) + linear_flops(self.T, c.dim, self.patch_dim))
