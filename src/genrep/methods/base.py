@@ -14,6 +14,10 @@ A method is an ``nn.Module`` with
   (``grad_log_density(x)``: d log p(x) / dx).
 - optional data-fitted state (``prepare``), frozen parts (``freeze``) and a causal mask that read-outs may
   switch (``causal_readout``, ``causal_mask``).
+- optional state updated outside the gradient (an EMA codebook): ``loss`` returns per-micro-batch sums of
+  its statistics under the names in ``state_stats`` and never writes a buffer itself; the loop sums them over
+  the accumulation micro-batches and the processes and hands them to ``apply_state_stats`` after the
+  optimizer step, so the update is the same under any split of the batch and compiles with the loss.
 """
 
 from __future__ import annotations
@@ -120,6 +124,10 @@ class Method(nn.Module):
     batch_coupled: ClassVar[bool] = False
     # model config overrides that make the registry-wide tests' tiny model (any data set, 8x8 images)
     tiny_config: ClassVar[dict] = {}
+    # entries of the loss dict that are sums over the micro-batch's samples of statistics for state updated
+    # outside the gradient (an EMA codebook's counts and sums): not logged; summed over micro-batches and
+    # processes and given to ``apply_state_stats`` after the optimizer step
+    state_stats: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -228,6 +236,12 @@ class Method(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # the loop calls the module itself so that DDP and torch.compile wrap the whole objective
         return self.loss(batch)
+
+    def apply_state_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        """Update the state kept outside the gradient from ``stats`` (each entry of ``state_stats``, summed over
+        the step's micro-batches and processes). The loop calls it under ``torch.no_grad()`` after
+        ``optimizer.step()`` and before the weights' EMA, which then copies the updated floating buffers."""
+        raise NotImplementedError(f"{self.name} names state_stats {self.state_stats} but does not apply them")
 
     # ---- representation
     @property

@@ -14,7 +14,8 @@ from ..errors import GenrepError
 from .base import DataSpec, Method
 
 _METHODS: dict[str, type[Method]] = {}
-HELPER_MODULES = {"base", "registry", "classification", "colour_tokens", "diffusion_model"}  # modules of methods/ that define no method
+# modules of methods/ that define no method
+HELPER_MODULES = {"base", "registry", "classification", "colour_tokens", "diffusion_model", "tokenizers"}
 _loaded = False
 
 

@@ -272,6 +272,7 @@ class Trainer:
         accum = cfg.train.accum_steps
         micro = self.plan.local_batch // accum
         terms: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}  # sums over the samples: summed, not averaged, and not logged
         for j in range(accum):
             batch = {k: v[j * micro:(j + 1) * micro] for k, v in views.items()}
             sync = contextlib.nullcontext() if not self.info.enabled or j == accum - 1 else self.model.no_sync()
@@ -279,13 +280,33 @@ class Trainer:
                 out = self.model(batch)
                 (out["loss"] / accum).backward()
             for k, v in out.items():
-                terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
+                if k in self.method.state_stats:
+                    stats[k] = stats.get(k, 0.0) + v.detach().float()
+                else:
+                    terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(step)
+        if self.method.state_stats:
+            self._apply_state_stats(stats)
+        self.ema.update(step)  # after the state update: the EMA copies the method's floating buffers
         return terms
+
+    @torch.no_grad()
+    def _apply_state_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        """Hand the method its state statistics summed over the whole global batch: one all-reduce of them all,
+        so 2 processes update the state as 1 does (up to the order of float sums)."""
+        names = self.method.state_stats
+        missing = [k for k in names if k not in stats]
+        if missing:
+            raise TypeError(f"{self.method.name}.loss must return its state_stats {names}; missing {missing}")
+        if self.info.enabled:
+            flat = torch.cat([stats[k].reshape(-1) for k in names])
+            torch.distributed.all_reduce(flat)
+            sizes = [stats[k].numel() for k in names]
+            stats = {k: part.view_as(stats[k]) for k, part in zip(names, flat.split(sizes))}
+        self.method.apply_state_stats(stats)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
