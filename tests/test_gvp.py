@@ -218,3 +218,41 @@ def test_a_frozen_run_conditions_gvp(tmp_path):
     with pytest.raises(GenrepError) as e:
         _gvp(condition=str(tmp_path))
     assert "is not a trained genrep run" in one_line(e)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory):
+    from genrep.train.loop import pretrain
+
+    run = tmp_path_factory.mktemp("vq") / "vq"
+    pretrain(tiny_config("vq", **{"train.steps": 3}), run)  # 2x2 patches: one code per GVP token
+    return str(run)
+
+
+@pytest.mark.parametrize("target", ["p2d", "d2d"])
+def test_code_targets_read_a_frozen_tokenizer(target, tokenizer_run):
+    fast = _gvp(target=target, tokenizer=tokenizer_run)
+    direct = _gvp(target=target, tokenizer=tokenizer_run, mask_layout="direct")
+    direct.load_state_dict(fast.state_dict())
+    assert "tokenizer" in fast.frozen_parts and not any(k.startswith("tokenizer.") for k in fast.state_dict())
+    batch = example_batch(fast, n=4, seed=1)
+    a = fast.train()(batch)
+    assert "ce" in a and torch.isfinite(a["loss"])
+    torch.testing.assert_close(a["loss"], direct.train()(batch)["loss"], rtol=1e-5, atol=1e-6)
+    a["loss"].backward()
+    assert all(p.grad is None for p in fast.tokenizer.parameters())
+    x = torch.rand(2, 1, 8, 8)
+    keep = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    keep[:, :, :, :4] = True
+    out = fast.eval().complete(x, keep, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[keep.expand_as(x)], x[keep.expand_as(x)]) and 0 <= out.min() and out.max() <= 1
+
+
+def test_a_tokenizer_of_another_patch_or_image_size_is_refused(tokenizer_run):
+    with pytest.raises(GenrepError) as e:
+        _gvp(target="p2d", tokenizer=tokenizer_run, patch_size=4, groups=2)
+    assert "one code per 2x2 pixels" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        build_method("gvp", tiny_config("gvp", **{"model.target": "p2d", "model.tokenizer": tokenizer_run}).model,
+                     DataSpec(image_size=16, channels=1, num_classes=10))
+    assert "was trained on 8x8 images" in one_line(e) and tokenizer_run in one_line(e)
