@@ -256,3 +256,13 @@ def test_a_tokenizer_of_another_patch_or_image_size_is_refused(tokenizer_run):
         build_method("gvp", tiny_config("gvp", **{"model.target": "p2d", "model.tokenizer": tokenizer_run}).model,
                      DataSpec(image_size=16, channels=1, num_classes=10))
     assert "was trained on 8x8 images" in one_line(e) and tokenizer_run in one_line(e)
+
+
+def test_results_say_whether_the_causal_mask_was_kept():
+    from genrep.eval.report.summary import headline
+
+    probes = {"linear_acc": 0.9, "knn": {"20": 0.8}, "causal": True}
+    assert headline("probes", probes).endswith("(causal mask kept)")
+    finetune = {"test_acc": 0.95, "test_ece": 0.1, "epochs": 20, "causal": False}
+    assert headline("finetune", finetune).endswith("(causal mask off)")
+    assert "mask" not in headline("finetune", {**finetune, "causal": None})

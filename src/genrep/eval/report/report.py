@@ -22,7 +22,7 @@ from ...io import atomic_write_text
 from ..evaluate import EVAL_FILE, read_results
 from ..protocols import PROTOCOLS
 from ..protocols.context import RESULTS_DIR
-from .summary import attack_text, sampling_text
+from .summary import attack_text, mask_text, sampling_text
 
 TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood": "Out-of-distribution detection",
           "likelihood": "Likelihood", "generation": "Generation", "completion": "Image completion",
@@ -112,7 +112,7 @@ def _probes(runs: list[dict]) -> str:
         b = p.get("best") or {}
         lin = p.get("linear", {})
         linear.add(f"{lin.get('solver', 'adamw')}, batch {lin.get('batch_size', 512)}, wd {lin.get('weight_decay', 1e-4):g}")
-        t.add([_label(r), _e(r["data"]), _size(r), f"{p['layer']} / {p['pool']}", _pct(p.get("classifier_acc")),
+        t.add([_label(r), _e(r["data"]), _size(r), f"{p['layer']} / {p['pool']}{mask_text(p)}", _pct(p.get("classifier_acc")),
                _pct(p["linear_acc"]), *[_pct(p["knn"].get(k)) for k in knn_ks],
                f"{b['layer']} / {b['pool']}" if b else "–", _pct(b.get("linear_acc"))])
     sweeps = []
@@ -271,7 +271,7 @@ def _finetune(runs: list[dict]) -> str:
     t = Table(["run", "data", "accuracy", "ECE (%)", "epochs", "lr", "layer / pool"])
     for r, f in _results(runs, "finetune"):
         t.add([_label(r), _e(f.get("data", r["data"])), _pct(f["test_acc"]), _pct(f["test_ece"]), str(f["epochs"]), f"{f['lr']:g}",
-               f"{f['layer']} / {f['pool']}"])
+               f"{f['layer']} / {f['pool']}{mask_text(f)}"])
     return t.html()
 
 

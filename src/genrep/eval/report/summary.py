@@ -79,6 +79,13 @@ def evaluation_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def mask_text(r: dict) -> str:
+    """How a causal method's features were read (GVP's probes keep the mask, its fine-tuning drops it); "" for a
+    method without one."""
+    causal = r.get("causal")
+    return "" if causal is None else " (causal mask kept)" if causal else " (causal mask off)"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -92,7 +99,7 @@ def headline(name: str, r: dict) -> str:
         head = f"classifier {pct(r['classifier_acc'])}, " if "classifier_acc" in r else ""
         b = r.get("best")
         sweep = f"; best of sweep: layer {b['layer']}, {b['pool']} pool {pct(b['linear_acc'])}" if b else ""
-        return f"{head}linear {pct(r['linear_acc'])}, kNN k={k} {pct(r['knn'][k])}{sweep}"
+        return f"{head}linear {pct(r['linear_acc'])}, kNN k={k} {pct(r['knn'][k])}{sweep}{mask_text(r)}"
     if name == "calibration":
         return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
     if name == "ood":
@@ -118,7 +125,7 @@ def headline(name: str, r: dict) -> str:
     if name == "similarity":
         return f"mean CKA of adjacent layers {r['cka_adjacent_mean']:.3f}"
     if name == "finetune":
-        return f"accuracy {pct(r['test_acc'])}, ECE {pct(r['test_ece'])} ({r['epochs']} epochs)"
+        return f"accuracy {pct(r['test_acc'])}, ECE {pct(r['test_ece'])} ({r['epochs']} epochs){mask_text(r)}"
     if name == "sweep":
         b = r["best_overall"]
         return (f"best {b['head']} at block {b['block']}, t={_t(b['t'])}, pool {b['pool']}: {pct(b['acc'])} "
