@@ -28,24 +28,29 @@ class TwoStreamTransformer(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, h: torch.Tensor, g: torch.Tensor, *, content_mask: torch.Tensor | None = None,
-                content_causal: bool = False, query_mask: torch.Tensor | None = None
+                content_causal: bool = False, query_mask: torch.Tensor | None = None, rope: nn.Module | None = None,
+                positions: torch.Tensor | None = None, query_positions: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both streams through every block: h [B, N, D] under ``content_mask`` (or ``content_causal``), g [B, M, D]
-        under ``query_mask`` ([M, N] or [B, 1, M, N]: query row i may read content column j). Returns both after
+        under ``query_mask`` ([M, N] or [B, 1, M, N]: query row i may read content column j). ``rope`` rotates both
+        streams' queries and keys at ``positions`` (the content tokens') and ``query_positions``. Returns both after
         the final norm."""
-        for block in self.blocks:
-            h, g = block(h, mask=content_mask, is_causal=content_causal), block(g, mask=query_mask, context=h)
+        h, g = two_streams(self.blocks, h, g, content_mask=content_mask, content_causal=content_causal,
+                           query_mask=query_mask, rope=rope, positions=positions, query_positions=query_positions)
         return self.norm(h), self.norm(g)
 
     def content(self, h: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False,
-                layer: int | None = None, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+                layer: int | None = None, hidden: list[torch.Tensor] | None = None, rope: nn.Module | None = None,
+                positions: torch.Tensor | None = None, cache: list | None = None) -> torch.Tensor:
         """The content stream alone after block ``layer`` (1-based; None: all, then the final norm). ``hidden``
-        collects each block's output (the last one after the norm when it is the last block)."""
+        collects each block's output (the last one after the norm when it is the last block); ``cache``: one
+        ``KVCache`` per block, for decoding a few tokens at a time."""
         layer = self.depth if layer is None else layer
         if not 1 <= layer <= self.depth:
             raise ValueError(f"layer must be in 1..{self.depth}, got {layer}")
-        for block in self.blocks[:layer]:
-            h = block(h, mask=mask, is_causal=is_causal)
+        for i, block in enumerate(self.blocks[:layer]):
+            h = block(h, mask=mask, is_causal=is_causal, rope=rope, positions=positions,
+                      cache=None if cache is None else cache[i])
             if hidden is not None:
                 hidden.append(h)
         if layer == self.depth:
@@ -53,3 +58,15 @@ class TwoStreamTransformer(nn.Module):
             if hidden is not None:
                 hidden[-1] = h
         return h
+
+
+def two_streams(blocks, h: torch.Tensor, g: torch.Tensor, *, content_mask: torch.Tensor | None = None,
+                content_causal: bool = False, query_mask: torch.Tensor | None = None, rope: nn.Module | None = None,
+                positions: torch.Tensor | None = None, query_positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both streams through ``blocks`` (any stack of ``Block``, e.g. a ViT's), no final norm: each block runs the
+    content stream on itself and the query stream on the content stream's keys and values of the same input."""
+    for block in blocks:
+        h, g = (block(h, mask=content_mask, is_causal=content_causal, rope=rope, positions=positions),
+                block(g, mask=query_mask, context=h, rope=rope, positions=query_positions, context_positions=positions))
+    return h, g

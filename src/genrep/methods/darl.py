@@ -1,0 +1,265 @@
+"""DARL (Denoising Autoregressive Representation Learning): a causal ViT that predicts the next patch.
+
+The patches, in a chosen order (``model.order``: raster, nested raster or round-robin over ``block`` x ``block``
+blocks, section 4.4), behind a start-of-sequence token, go through a ViT with causal attention (the fused
+``is_causal`` kernels, never a materialised mask), so the output at step k has seen the patches before k only and
+predicts patch k. Positions (``model.pos_embed``, table 1): decomposed 2D RoPE (the paper's), 1D RoPE over the
+sequence, or an absolute embedding (learned, sin-cos) or none.
+
+Patch decoders (section 3.1-3.3):
+- ``mse``: a linear layer to the patch's pixels, MSE (``norm_pix``: MAE's per-patch normalised target, appendix B.2);
+- ``diffusion``: one transformer block (no mask) over two tokens, the backbone's output and the embedding of the
+  patch corrupted to noise level gamma (x_s = sqrt(gamma) x_0 + sqrt(1 - gamma) eps, every patch with its own gamma
+  ~ Beta(a, b), a = 0.03, b = 1 by default), predicting the clean patch (x_0, the paper's choice) or the noise. The
+  paper does not say whether the decoder is told gamma; ``gamma_embedding`` (on by default) adds a sinusoidal
+  embedding of gamma to the corrupted patch's token, as a DDPM denoiser is told its step.
+
+Random order (``order: random``) is the paper's two-stream (XLNet) variant: the content stream is the causal
+sequence itself, permuted per sample (appendix A.5: the permuted tokens are fed, the masks stay the same), and a
+query stream of a learnable token at the next patch's position reads the content before it; the two share every
+weight (``nn.two_stream``).
+
+Read-outs: any block, mean-pooled over the patch tokens or the last token, with the causal mask (the paper's linear
+evaluation) or without (``causal_mask`` off: table 3's fine-tuning options), the patches in the trained fixed order
+(raster for a random-order model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import AUGMENTATIONS
+from ..errors import GenrepError
+from ..fields import setting
+from ..nn.attention import causal_mask
+from ..nn.embeddings import TimestepEmbedder
+from ..nn.flops import linear_flops, transformer_block_flops
+from ..nn.orderings import ORDERINGS, patch_order
+from ..nn.patch import patchify
+from ..nn.transformer import Block
+from ..nn.two_stream import two_streams
+from ..nn.vit import ViT, _init_weights
+from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
+from .registry import register
+
+POSITIONS = ("rope2d", "rope1d", "learned", "sincos", "none")
+DECODERS = ("diffusion", "mse")
+GAMMA_SCALE = 1000.0  # gamma in [0, 1] is embedded like a DDPM step in [0, 1000)
+
+
+@dataclass
+class DARLConfig(ViTConfig):
+    # table 1's positional encodings: decomposed 2D RoPE (the paper's), 1D RoPE over the sequence, absolute ones
+    pos_embed: str = setting("rope2d", choices=POSITIONS)
+    decoder: str = setting("diffusion", choices=DECODERS)
+    norm_pix: bool = False  # mse: each target patch normalised by its own mean and variance (MAE's option)
+    prediction: str = setting("x0", choices=("x0", "eps"))  # diffusion: what the decoder predicts (section 3.3)
+    beta_a: float = setting(0.03, above=0, max=1000)  # diffusion: gamma ~ Beta(a, b) per patch (figure 3)
+    beta_b: float = setting(1.0, above=0, max=1000)
+    gamma_embedding: bool = True  # diffusion: the decoder is told gamma (the paper does not say)
+    order: str = setting("raster", choices=ORDERINGS + ("random",))  # section 4.4; random: the two-stream variant
+    block: int = setting(2, min=1, max=4096)  # nested, round_robin: a block's side in patches (2, 4, 8)
+    feature_pool: str = setting("mean", choices=("mean", "last"))  # the default read-out (table 3)
+    # the training view: none, or crop (random resized crop and flip: table 8's "spatial" augmentation, MAE's)
+    augment: str = setting("none", choices=tuple(a for a in AUGMENTATIONS if a != "classifier"))
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        head = self.dim // self.num_heads
+        need = {"rope2d": 4, "rope1d": 2}.get(self.pos_embed)
+        if need and head % need:
+            raise GenrepError(f"{section}.pos_embed {self.pos_embed} rotates {'a row half and a column half of ' if need == 4 else ''}"
+                              f"channel pairs: the head width {section}.dim / {section}.num_heads = {head} must be "
+                              f"divisible by {need}")
+        if self.norm_pix and self.decoder != "mse":
+            raise GenrepError(f"{section}.norm_pix normalises the MSE decoder's targets; with {section}.decoder "
+                              f"{self.decoder} set it false")
+
+
+@register
+class DARL(Method):
+    name = "darl"
+    config_class = DARLConfig
+    feature_pools = ("mean", "last")
+    causal_readout = True
+    tiny_config = {**TINY_VIT, "patch_size": 2}
+
+    def __init__(self, cfg: DARLConfig, data: DataSpec):
+        super().__init__(cfg, data)
+        check_vit_shape(cfg, data)
+        self.grid = data.image_size // cfg.patch_size
+        self.T = self.grid * self.grid
+        self.patch_dim = cfg.patch_size ** 2 * data.channels
+        rope = {"rope2d": "2d", "rope1d": "1d"}.get(cfg.pos_embed)
+        absolute = cfg.pos_embed if cfg.pos_embed in ("learned", "sincos") else "none"
+        self.encoder = ViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
+                           cfg.mlp_ratio, cls_token=True, pos_embed=absolute, drop=cfg.drop, rope=rope,
+                           drop_path=cfg.drop_path)  # the CLS token is the start-of-sequence token
+        with torch.device("cpu"):  # also when the model is sized on the meta device
+            order = patch_order("raster" if cfg.order == "random" else cfg.order, self.grid, cfg.block)
+        self.register_buffer("order", order, persistent=False)
+        if cfg.order == "random":
+            self.query_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+            nn.init.trunc_normal_(self.query_token, std=0.02)
+        if cfg.decoder == "mse":
+            self.head = nn.Linear(cfg.dim, self.patch_dim)
+        else:
+            self.noisy_embed = nn.Linear(self.patch_dim, cfg.dim)
+            self.gamma_embed = TimestepEmbedder(cfg.dim) if cfg.gamma_embedding else None
+            self.decoder_block = Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop=cfg.drop)
+            self.decoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+            self.head = nn.Linear(cfg.dim, self.patch_dim)
+            for m in (self.noisy_embed, self.decoder_block, self.decoder_norm):
+                m.apply(_init_weights)
+        nn.init.xavier_uniform_(self.head.weight)  # the paper's initialisation (table 8)
+        nn.init.zeros_(self.head.bias)
+
+    # ---- what the loop delivers
+    def views(self) -> dict[str, str]:
+        return {"image": self.cfg.augment}
+
+    def random_inputs(self) -> dict[str, tuple[str, object]]:
+        out: dict[str, tuple[str, object]] = {}
+        if self.cfg.decoder == "diffusion":
+            out["noise"] = ("normal", "image")
+            out["gamma"] = ("beta", (self.cfg.beta_a, self.cfg.beta_b, (self.T,)))
+        if self.cfg.order == "random":
+            out["order"] = ("permutation", self.T)
+        return out
+
+    # ---- the sequence
+    def _positions(self, order: torch.Tensor, start: bool) -> torch.Tensor | None:
+        """RoPE positions of the tokens [SOS?, patch order[0], ...]: 2D (row + 1, col + 1) with the start token at
+        (0, 0), as ``RoPE2D.token_positions``; 1D the place in the sequence."""
+        rope = self.encoder.rope
+        if rope is None:
+            return None
+        n = order.shape[-1] + int(start)
+        if rope.ndim == 1:
+            return torch.arange(n, device=order.device)
+        layout = rope.token_positions(self.grid, 1, order.device)  # [1 + T, 2]: the start token, then raster
+        index = order + 1
+        if start:
+            index = torch.cat([index.new_zeros(*order.shape[:-1], 1), index], -1)
+        return layout[index]
+
+    def _tokens(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """The patch embeddings [B, T, D] (absolute positions added at each patch's place) in ``order`` ([T] or
+        [B, T])."""
+        tokens = self.encoder.pos_embed(self.encoder.patch_embed(self.normalize(x)))
+        index = order.expand(len(x), -1)
+        return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+
+    def _start(self, B: int) -> torch.Tensor:
+        return self.encoder.cls_token.expand(B, -1, -1)
+
+    def backbone(self, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, D]: row k is what predicts the k-th patch of the order (the fixed one, or ``order`` [B, T] for a
+        random-order model) from the patches before it."""
+        B = len(x)
+        if self.cfg.order != "random":
+            seq = self._tokens(x, self.order)[:, :-1]
+            h = torch.cat([self._start(B), seq], 1)
+            return self.encoder.forward_tokens(h, is_causal=True, positions=self._positions(self.order[:-1], True))
+        order = self.order.expand(B, -1) if order is None else order
+        h = torch.cat([self._start(B), self._tokens(x, order)], 1)
+        g = self.query_token.repeat(B, self.T, 1)  # not a view: the FLOP counter's hooks need a fresh tensor
+        if self.encoder.pos_embed.kind != "none":  # the query's place: the next patch's absolute position
+            g = g + self.encoder.pos_embed.pos.expand(B, -1, -1).gather(1, order[..., None].expand(-1, -1, g.shape[-1]))
+        positions = self._positions(order, True)
+        # query k sits where the patch it predicts sits: content token k + 1
+        query_positions = None if positions is None else positions[:, 1:] if positions.ndim == 3 else positions[1:]
+        # query k reads the start token and the patches before k: the first k + 1 content tokens
+        _, g = two_streams(self.encoder.blocks, h, g, content_causal=True, query_mask=causal_mask(
+            self.T, self.T + 1, device=x.device), rope=self.encoder.rope, positions=positions,
+            query_positions=query_positions)
+        return self.encoder.norm(g)
+
+    # ---- decoders
+    def decode(self, z: torch.Tensor, noisy: torch.Tensor | None = None, gamma: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """The patch decoder: backbone rows z [B, T, D] -> patches [B, T, P] (MSE: the prediction; diffusion: x_0
+        or eps of ``noisy`` [B, T, P] at noise levels ``gamma`` [B, T])."""
+        if self.cfg.decoder == "mse":
+            return self.head(z)
+        B, T, D = z.shape
+        e = self.noisy_embed(noisy)
+        if self.gamma_embed is not None:
+            e = e + self.gamma_embed(gamma.reshape(-1) * GAMMA_SCALE).view(B, T, D)
+        pair = torch.stack([z, e], 2).view(B * T, 2, D)  # each patch its own two-token sequence
+        out = self.decoder_block(pair)[:, 1]
+        return self.head(self.decoder_norm(out)).view(B, T, -1)
+
+    def _patches(self, images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> its patches [B, T, P] in ``order``."""
+        patches = patchify(images, self.cfg.patch_size)
+        return patches.gather(1, order.expand(len(images), -1)[..., None].expand(-1, -1, patches.shape[-1]))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["image"]
+        order = batch["order"] if self.cfg.order == "random" else self.order
+        z = self.backbone(x, order if self.cfg.order == "random" else None)
+        x0 = self._patches(self.normalize(x), order)
+        if self.cfg.decoder == "mse":
+            target = x0
+            if self.cfg.norm_pix:
+                target = (x0 - x0.mean(-1, keepdim=True)) / (x0.var(-1, keepdim=True) + 1e-6).sqrt()
+            mse = (self.decode(z).float() - target.float()).pow(2).mean()
+            return {"loss": mse, "mse": mse.detach()}
+        eps, gamma = self._patches(batch["noise"], order), batch["gamma"]  # gamma: one per step, independent
+        g = gamma[..., None].to(x0.dtype)
+        noisy = g.sqrt() * x0 + (1 - g).sqrt() * eps
+        pred = self.decode(z, noisy, gamma)
+        target = x0 if self.cfg.prediction == "x0" else eps
+        diff = (pred.float() - target.float()).pow(2).mean()
+        return {"loss": diff, "diffusion": diff.detach()}
+
+    # ---- representation
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.depth
+
+    @property
+    def default_pool(self) -> str:
+        return self.cfg.feature_pool
+
+    def _read(self, x: torch.Tensor, layer: int, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        h = torch.cat([self._start(len(x)), self._tokens(x, self.order)], 1)
+        return self.encoder.forward_tokens(h, layer, is_causal=self.causal_mask, hidden=hidden,
+                                           positions=self._positions(self.order, True))
+
+    @staticmethod
+    def _pool(h: torch.Tensor, pool: str) -> torch.Tensor:
+        return h[:, 1:].mean(1) if pool == "mean" else h[:, -1]
+
+    def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
+        layer, pool = self.check_feature_args(layer, pool)
+        return self._pool(self._read(x, layer), pool)
+
+    def feature_sets(self, x: torch.Tensor, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
+        reads = [self.check_feature_args(layer, pool) for layer, pool in reads]
+        hidden: list[torch.Tensor] = []
+        last = self._read(x, max(layer for layer, _ in reads), hidden)
+        hidden[-1] = last
+        return [self._pool(hidden[layer - 1], pool) for layer, pool in reads]
+
+    # ---- optimisation hints
+    def no_weight_decay(self) -> set[str]:
+        names = {"encoder.cls_token"} | ({"query_token"} if self.cfg.order == "random" else set())
+        return names | ({"encoder.pos_embed.pos"} if self.cfg.pos_embed == "learned" else set())
+
+    def flops_per_image(self) -> int:
+        c = self.cfg
+        if c.order == "random":  # the two streams' uneven shapes: counted, not derived
+            return super().flops_per_image()
+        T, D, P = self.T, c.dim, self.patch_dim
+        flops = linear_flops(T, P, D) + c.depth * transformer_block_flops(T, D, c.mlp_ratio)
+        if c.decoder == "diffusion":
+            flops += linear_flops(T, P, D) + T * transformer_block_flops(2, D, c.mlp_ratio)
+            if c.gamma_embedding:
+                flops += linear_flops(T, self.gamma_embed.freq_dim, D) + linear_flops(T, D, D)
+        return flops + linear_flops(T, D, P)
