@@ -139,3 +139,45 @@ def test_the_random_order_query_stream_costs_a_second_pass():
     """Random order (counted by the FLOP counter: the streams' shapes differ) runs every block twice."""
     fixed, random = _darl(decoder="mse"), _darl(decoder="mse", order="random")
     assert 1.8 * fixed.flops_per_image() < random.flops_per_image() < 2.5 * fixed.flops_per_image()
+
+
+@pytest.mark.parametrize("order", ["raster", "nested", "round_robin"])
+@pytest.mark.parametrize("decoder,sampler", [("mse", "ddim"), ("diffusion", "ddim"), ("diffusion", "ddpm")])
+def test_cached_generation_equals_the_uncached_forward_pass(order, decoder, sampler):
+    model = _darl(order=order, decoder=decoder, sampler=sampler, sample_steps=4)
+    x = torch.rand(2, 1, 8, 8)
+    keep = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    keep[:, :, :4] = True  # figure 7: the top half given
+    cached = model.generate(x, keep, generator=torch.Generator().manual_seed(0))  # unclamped patches
+    completed = model.complete(x, keep, generator=torch.Generator().manual_seed(0))
+    model.cfg.cache = False
+    uncached = model.generate(x, keep, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
+    assert torch.equal(completed[keep.expand_as(x)], x[keep.expand_as(x)])
+    assert (completed[~keep.expand_as(x)] != x[~keep.expand_as(x)]).any()
+    assert 0 <= completed.min() and completed.max() <= 1
+
+
+def test_the_patch_embedding_of_a_vector_is_the_images():
+    model = _darl(pos_embed="learned")
+    x = torch.rand(2, 1, 8, 8)
+    vectors = patchify(model.normalize(x), 2)
+    torch.testing.assert_close(model._embed_patches(vectors, torch.arange(T)), model._tokens(x, torch.arange(T)))
+
+
+@pytest.mark.parametrize("decoder", ["mse", "diffusion"])
+def test_sampling_and_random_order_models_generate(decoder):
+    model = _darl(decoder=decoder, sample_steps=3)
+    g = torch.Generator().manual_seed(1)
+    images = model.sample(3, generator=g)
+    assert images.shape == (3, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    if decoder == "diffusion":  # draws differ image to image
+        assert not torch.equal(images[0], images[1])
+    random = _darl(decoder=decoder, order="random", sample_steps=3)
+    assert random.sample(2, generator=g).shape == (2, 1, 8, 8)
+    assert "raster" in random.capability_settings("sample")["order"]
+
+
+def test_the_reverse_process_runs_from_noise_to_clean():
+    levels = _darl(sample_steps=10).reverse_levels()
+    assert levels[0] == 0 and levels[-1] == pytest.approx(1) and (levels.diff() > 0).all()

@@ -26,7 +26,9 @@ evaluation) or without (``causal_mask`` off: table 3's fine-tuning options), the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ from ..nn.attention import causal_mask
 from ..nn.embeddings import TimestepEmbedder
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.orderings import ORDERINGS, patch_order
-from ..nn.patch import patchify
+from ..nn.patch import patchify, unpatchify
 from ..nn.transformer import Block
 from ..nn.two_stream import two_streams
 from ..nn.vit import ViT, _init_weights
@@ -64,6 +66,11 @@ class DARLConfig(ViTConfig):
     order: str = setting("raster", choices=ORDERINGS + ("random",))  # section 4.4; random: the two-stream variant
     block: int = setting(2, min=1, max=4096)  # nested, round_robin: a block's side in patches (2, 4, 8)
     feature_pool: str = setting("mean", choices=("mean", "last"))  # the default read-out (table 3)
+    # sample, complete: each patch of the denoising decoder by the reverse process over sample_steps noise levels
+    # (DDIM or DDPM steps on a cosine grid of gamma, see ``reverse_levels``); the MSE decoder gives its mean
+    sampler: str = setting("ddim", choices=("ddim", "ddpm"))
+    sample_steps: int = setting(50, min=1, max=100000)
+    cache: bool = True  # fixed orders decode with a key/value cache (false: recompute the sequence at every patch)
     # the training view: none, or crop (random resized crop and flip: table 8's "spatial" augmentation, MAE's)
     augment: str = setting("none", choices=tuple(a for a in AUGMENTATIONS if a != "classifier"))
 
@@ -86,6 +93,9 @@ class DARL(Method):
     config_class = DARLConfig
     feature_pools = ("mean", "last")
     causal_readout = True
+    capabilities = frozenset({"sample", "complete"})
+    capability_options: ClassVar[dict[str, tuple[str, ...]]] = {"sample": ("sampler", "sample_steps", "cache"),
+                                                                "complete": ("sampler", "sample_steps", "cache")}
     tiny_config = {**TINY_VIT, "patch_size": 2}
 
     def __init__(self, cfg: DARLConfig, data: DataSpec):
@@ -246,6 +256,111 @@ class DARL(Method):
         last = self._read(x, max(layer for layer, _ in reads), hidden)
         hidden[-1] = last
         return [self._pool(hidden[layer - 1], pool) for layer, pool in reads]
+
+    # ---- generation
+    def capability_settings(self, capability: str) -> dict:
+        out = super().capability_settings(capability)
+        if self.cfg.decoder == "mse":  # the mean: no reverse process
+            out = {"decoder": "mse (the predicted mean)", "cache": out["cache"]}
+        if self.cfg.order == "random":
+            out["order"] = "raster (a random-order model decodes in raster order, without a cache)"
+        return out
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        d = self.data
+        blank = torch.zeros(n, d.channels, d.image_size, d.image_size, device=self.encoder.cls_token.device)
+        return self.complete(blank, torch.zeros_like(blank[:, :1], dtype=torch.bool), generator=generator,
+                             progress=progress)
+
+    @torch.no_grad()
+    def complete(self, x: torch.Tensor, keep: torch.Tensor, *, generator: torch.Generator | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Patch by patch in the model's order (raster for a random-order model): a patch whose pixels are all given
+        is taken as given, any other is the decoder's prediction from the patches before it (figure 7: the top half
+        given, the bottom half sampled). Given pixels come back unchanged."""
+        C = x.shape[1]
+        out = unpatchify(self.generate(x, keep, generator=generator, progress=progress), self.cfg.patch_size, C)
+        return torch.where(keep.expand(-1, C, -1, -1), x, ((out + 1) / 2).clamp(0, 1))
+
+    @torch.no_grad()
+    def generate(self, x: torch.Tensor, keep: torch.Tensor, *, generator: torch.Generator | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """``complete``'s patches [B, T, P] in raster order, in the model's [-1, 1] scale, not clamped."""
+        B, C = x.shape[:2]
+        order = self.order
+        given = self._patches(keep.expand(-1, C, -1, -1).float(), order).amin(-1) > 0.5  # [B, T] in order
+        patches = self._patches(self.normalize(x), order)
+        steps = range(self.T)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=f"{self.name}: {B} images, {self.T} patches", leave=False, disable=None)
+        fixed = self.cfg.order != "random"
+        cache = self.encoder.new_cache(self.T) if fixed and self.cfg.cache else None
+        positions = self._positions(order, True)
+        for k in steps:
+            if cache is not None:  # the new token: the start token, or the patch decided at step k - 1
+                token = self._start(B) if k == 0 else self._embed_patches(patches[:, k - 1:k], order[k - 1:k])
+                z = self.encoder.forward_tokens(token, is_causal=True, positions=positions[k:k + 1], cache=cache)[:, 0]
+            else:
+                images = unpatchify(self._to_raster(patches, order), self.cfg.patch_size, C)
+                z = self.backbone((images + 1) / 2)[:, k]
+            new = self._decode_patch(z, generator)
+            patches[:, k] = torch.where(given[:, k, None], patches[:, k], new)
+        return self._to_raster(patches, order)
+
+    @staticmethod
+    def _to_raster(patches: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Patches [B, T, P] in ``order`` -> in raster order."""
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        return patches.gather(1, inverse[None, :, None].expand(patches.shape[0], -1, patches.shape[-1]))
+
+    def _embed_patches(self, patches: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Patch vectors [B, n, P] (patchify's layout) at raster places ``where`` [n] -> tokens [B, n, D], as the
+        patch embedding and the absolute positions make them from an image."""
+        conv = self.encoder.patch_embed.proj
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (p, p, C) as patchify orders
+        tokens = F.linear(patches, weight, conv.bias)
+        if self.encoder.pos_embed.kind != "none":
+            tokens = tokens + self.encoder.pos_embed.pos[:, where]
+        return tokens
+
+    def reverse_levels(self) -> torch.Tensor:
+        """The noise levels the reverse process visits, float64 [sample_steps + 1], from gamma = 0 (pure noise) to 1
+        (clean): the cosine grid gamma = sin^2(pi/2 u) at u = 0, 1/S, ..., 1. Training drew gamma from Beta(a, b) over
+        all of (0, 1), so any grid stays where the decoder was trained; the cosine one spends its steps at both ends,
+        where a Beta with a < 1 or b < 1 puts its mass."""
+        u = torch.linspace(0, 1, self.cfg.sample_steps + 1, dtype=torch.float64)
+        return torch.sin(math.pi / 2 * u) ** 2
+
+    def _decode_patch(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One patch [B, P] (in [-1, 1]) from its backbone row z [B, D]: the MSE decoder's mean, or the denoising
+        decoder's reverse process from pure noise (DDIM, or DDPM's stochastic steps, on ``reverse_levels``)."""
+        B = z.shape[0]
+        if self.cfg.decoder == "mse":
+            return self.head(z).float()
+        levels = self.reverse_levels()
+        x = torch.randn(B, self.patch_dim, generator=generator, dtype=torch.float64).to(z.device, torch.float32)
+        x0 = x
+        for i in range(len(levels) - 1):
+            g, g_next = float(levels[i]), float(levels[i + 1])
+            gamma = torch.full((B, 1), g, device=z.device)
+            pred = self.decode(z[:, None], x[:, None], gamma)[:, 0].float()
+            if self.cfg.prediction == "x0":
+                x0 = pred
+                eps = (x - math.sqrt(g) * x0) / math.sqrt(1 - g)
+            else:
+                eps = pred
+                x0 = (x - math.sqrt(1 - g) * eps) / math.sqrt(max(g, 1e-4))  # gamma 0: the prediction is pure noise
+            if g_next >= 1:
+                break
+            if self.cfg.sampler == "ddpm":  # DDPM's posterior step: sigma^2 = (1 - g') / (1 - g) (1 - g / g')
+                var = (1 - g_next) / (1 - g) * (1 - g / g_next)
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
+                x = math.sqrt(g_next) * x0 + math.sqrt(max(1 - g_next - var, 0.0)) * eps + math.sqrt(var) * noise
+            else:
+                x = math.sqrt(g_next) * x0 + math.sqrt(1 - g_next) * eps
+        return x0
 
     # ---- optimisation hints
     def no_weight_decay(self) -> set[str]:
