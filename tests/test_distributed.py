@@ -16,8 +16,10 @@ ARGS = [f"--{k}={v}" for k, v in {**TINY, "train.steps": 4, "train.ckpt_every": 
 # which the loop draws for the global batch like the augmentations; gcrl: NT-Xent's negatives gathered across the
 # processes, the palette fitted on rank 0 and broadcast, and the contrastive term switched on half-way (no dropout:
 # nn.Dropout draws per process)
+# gvp: a random order and a segmentation per sample; darl: a Beta noise level per patch and the patches' noise
 RECIPES = {"supervised-digits": {"model.augment": "weak"}, "hybvit-digits": {"model.augment": "weak"},
-           "gcrl-digits": {"model.encoder_depth": 1, "model.drop": 0.0, "model.colours": 8}}
+           "gcrl-digits": {"model.encoder_depth": 1, "model.drop": 0.0, "model.colours": 8},
+           "gvp-digits": {"model.segment_per": "sample"}, "darl-digits": {}}
 
 
 def _free_port() -> int:

@@ -54,6 +54,12 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, finished: bool = False) -> None:
+    """Destroy the process group. After a finished run every rank first meets at a barrier, so none tears its
+    connections down while another still has collective work in flight (gloo then aborts the slower process:
+    "terminate called without an active exception"); after a failure there is no barrier, which a rank stuck in a
+    collective would never reach (torchtitan destroys only on success for the same reason)."""
     if info.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

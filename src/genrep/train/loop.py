@@ -387,16 +387,19 @@ class Trainer:
         self.logger.log(row)
         return row
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         if self.logger is not None:
             self.logger.close()
         self._lock.release()
-        cleanup(self.info)
+        cleanup(self.info, finished)
 
 
 def pretrain(cfg: Config, run: Path, resume: bool = False) -> TrainResult:
     trainer = Trainer(cfg, run, resume)
+    finished = False
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        finished = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(finished)
