@@ -56,8 +56,26 @@ def _parser() -> argparse.ArgumentParser:
                     "(default linear)")
     sw.add_argument("--device", default=None, help="default: the run's eval.device")
 
-    rep = sub.add_parser("report", help="one self-contained HTML page comparing evaluated runs side by side")
-    rep.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    grid = sub.add_parser(
+        "grid", help="train and probe a grid of short runs over one or two config keys, and draw the accuracy "
+        "heatmap (--axis KEY V1,V2,... once or twice; any other --section.key VALUE applies to every cell)",
+        usage="genrep grid --recipe RECIPE --axis KEY V1,V2,... [--axis KEY V1,V2,...] [--out GRID | --runs-dir DIR] "
+              "[--section.key VALUE ...]",
+        description="Train and probe a grid of short runs over one or two config keys (the DARL paper's figure 3: "
+                    "linear-probe accuracy over the Beta noise schedule's a and b), and draw the accuracy heatmap.",
+        epilog="--axis KEY V1,V2,...: a dotted config key and its comma-separated values, read as override values "
+               "are (e.g. --axis model.beta_a 0.03,0.3,1.0). Rows of the heatmap are the first axis, columns the "
+               "second. Each cell is a run folder GRID/KEY=V,...: trained as genrep pretrain trains, probed as "
+               "genrep probe probes; GRID/grid.json holds the results, GRID/grid.png the heatmap. The same command "
+               "again resumes the grid.")
+    grid.add_argument("--recipe", help="shipped recipe name or path to a YAML file")
+    grid.add_argument("--out", type=Path, metavar="GRID", help="grid folder (default: a new folder RECIPE-grid under --runs-dir); "
+                      "an existing grid of the same settings is resumed")
+    grid.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR")
+
+    rep = sub.add_parser("report", help="one self-contained HTML page comparing evaluated runs side by side (and "
+                         "the heatmaps of grid folders)")
+    rep.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="a run folder, or a grid folder (genrep grid)")
     rep.add_argument("-o", "--out", type=Path, default=Path("report.html"), help="HTML path (default report.html)")
     rep.add_argument("--force", action="store_true", help="overwrite -o even if it is not a report genrep wrote")
 
@@ -96,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if rest and args.command not in ("run", "pretrain", "probe", "evaluate", "sweep"):
+        if rest and args.command not in ("run", "pretrain", "probe", "evaluate", "sweep", "grid"):
             raise GenrepError(f"'genrep {args.command}' takes no arguments, got {' '.join(rest)}")
         return COMMANDS[args.command](args, rest)
     except GenrepError as e:
@@ -121,6 +139,8 @@ INTERRUPTED = {
     "probe": "RUN/results/probe.json was not written; run genrep probe RUN again",
     "sample": "no samples were written; run genrep sample again",
     "report": "the report was not written; run genrep report again",
+    "grid": "the finished cells are kept in the grid's grid.json; run the same genrep grid command again to resume "
+            "the rest",
 }
 
 
@@ -301,6 +321,36 @@ def cmd_sweep(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_grid(args, rest: list[str]) -> int:
+    from .config import parse_overrides
+    from .grid import check_grid_out, grid_table, plan_grid, preflight, run_grid, split_axes
+    from .io import check_can_write
+    from .runs import claim_new_run_dir
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise GenrepError("genrep grid runs in one process (its cells one after another); start it without torchrun, "
+                          "or train a cell with torchrun ... genrep pretrain")
+    axes, rest = split_axes(rest)
+    if args.recipe is None:
+        raise GenrepError("genrep grid needs --recipe NAME (see genrep recipes)")
+    plan = plan_grid(args.recipe, axes, parse_overrides(rest))
+    if args.out is not None:
+        check_can_write(args.out, "grid folder --out")
+        check_grid_out(args.out, plan)
+    else:
+        check_can_write(args.runs_dir, "runs folder --runs-dir")
+    t0 = time.perf_counter()
+    preflight(plan)
+    out = args.out if args.out is not None else claim_new_run_dir(args.runs_dir, f"{plan.recipe}-grid")
+    over = " x ".join(f"{a.key} ({len(a.values)})" for a in plan.axes)
+    _say(f"genrep grid: {len(plan.cells)} cells of {plan.method} ({plan.recipe}) over {over} in {out}")
+    doc = run_grid(plan, out, claimed=args.out is None, say=_say)
+    _say("", grid_table(doc), "",
+         f"grid: {out / 'grid.json'}, heatmap {out / doc['figure']} ({time.perf_counter() - t0:.1f} s); each cell "
+         f"is a run folder in {out} (genrep evaluate CELL); compare grids with genrep report {out} -o report.html")
+    return 0
+
+
 def _is_genrep_report(path: Path) -> bool:
     """A page genrep report wrote: its head carries genrep's title (report.py's render)."""
     try:
@@ -318,7 +368,7 @@ def cmd_report(args, rest: list[str]) -> int:
     check_can_write(args.out, "report")
     check_overwrite(args.out, _is_genrep_report, "report", args.force)
     out = write_report(args.runs, args.out)
-    print(f"report of {len(args.runs)} run(s): {out}")
+    print(f"report of {len(args.runs)} folder(s): {out}")
     return 0
 
 
@@ -426,7 +476,7 @@ def cmd_methods(args, rest) -> int:
 
 
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-            "report": cmd_report, "sample": cmd_sample,
+            "grid": cmd_grid, "report": cmd_report, "sample": cmd_sample,
             "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
 
 

@@ -172,6 +172,8 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
         results["classifier_test_acc"] = r["classifier_acc"]
     if "heads" in r:
         results["heads"] = r["heads"]
+    if "causal" in r:  # a causal method's mask state at the read-out
+        results["causal"] = r["causal"]
     results["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(run / RESULTS_DIR / PROBE_FILE, results)
     return results

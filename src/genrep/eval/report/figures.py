@@ -3,6 +3,7 @@ reliability diagram, OOD score histograms, per-class energy histograms, PGD accu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -310,5 +311,38 @@ def sweep_pool_lines(cells: list[dict], path: Path, title: str = "") -> Path:
     ax.set(xlabel="block", ylabel="best accuracy over t (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def grid_heatmap(values, path: Path, row_labels: Sequence[str], col_labels: Sequence[str], *,
+                 row_name: str = "", col_name: str = "", title: str = "", label: str = "accuracy (%)") -> Path:
+    """A grid of short runs (`genrep grid`) as a heatmap PNG: rows x columns of accuracy (%), NaN where a cell has
+    no result, each cell written in %, the best outlined in red. Row 0 is at the top, as in the printed table."""
+    m = np.asarray(values, dtype=np.float64)
+    if m.ndim != 2 or 0 in m.shape or m.shape != (len(row_labels), len(col_labels)):
+        raise GenrepError(f"grid_heatmap needs a rows x columns matrix with one label per row and column, got shape "
+                          f"{m.shape} for {len(row_labels)} x {len(col_labels)} labels")
+    fig, ax = plt.subplots(figsize=(max(3.8, 2.2 + 0.85 * m.shape[1]), max(2.4, 1.5 + 0.6 * m.shape[0])))
+    finite = np.isfinite(m)
+    lo, hi = (np.nanmin(m), np.nanmax(m)) if finite.any() else (0.0, 100.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=lo, vmax=hi, aspect="auto",
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=label)
+    for (i, j), v in np.ndenumerate(m):
+        if np.isfinite(v):
+            light = (v - lo) / (hi - lo) > 0.6  # viridis is light at the top of its range
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="black" if light else "white")
+        else:
+            ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="grey")
+    if finite.any():
+        i, j = np.unravel_index(np.nanargmax(m), m.shape)
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    ax.set_xticks(range(m.shape[1]), list(col_labels), rotation=30 if max(map(len, col_labels)) > 6 else 0)
+    ax.set_yticks(range(m.shape[0]), list(row_labels))
+    ax.set(xlabel=col_name, ylabel=row_name, title=title)
+    ax.title.set_fontsize(9)
     fig.tight_layout()
     return save_figure(path, fig)

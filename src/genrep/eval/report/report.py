@@ -4,6 +4,8 @@ One table per protocol with one row per run (as the papers' tables), then each r
 are inlined as base64 data URIs so the file can be mailed or archived alone. The report only reads
 ``RUN/results/eval.json`` (and the figures it names): it never recomputes a number. A figure is embedded
 only if it is a PNG inside the run folder; any other entry is shown as "figure not shown: <reason>".
+A grid folder (`genrep grid`) among the folders gets a section of its own: its ``grid.json`` (checked to be
+genrep's, else a one-line error naming it) as a table, and its heatmap, embedded under the same rules.
 """
 
 from __future__ import annotations
@@ -382,6 +384,56 @@ def _figures(r: dict, run: Path) -> str:
     return "".join(figs)
 
 
+def _grid_section(g: dict, folder: Path) -> str:
+    """A grid folder: the heatmap's numbers as a table (rows: the first axis, columns: the second), linear probe
+    and kNN per cell, the best in bold; then its heatmap."""
+    from ...grid import GRID_FIGURE, METRIC, best_cell, cell_summary, first_knn, value_text
+
+    axes = g["axes"]
+    rows = [value_text(v) for v in axes[0]["values"]] if len(axes) == 2 else ["linear / kNN"]
+    cols = [value_text(v) for v in axes[-1]["values"]]
+    corner = f"{axes[0]['key']} \\ {axes[1]['key']}" if len(axes) == 2 else axes[0]["key"]
+    head = f'<th class="l">{_e(corner)}</th>' + "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = []
+    at = {tuple(c["index"]) if len(axes) == 2 else (0, c["index"][0]): c for c in g["cells"]}
+    best = best_cell(g)
+    for i, r in enumerate(rows):
+        cells = []
+        for j in range(len(cols)):
+            c = at.get((i, j))
+            if c is None or c.get("status") != "done":
+                cells.append("–" if c is None else _e(c.get("status", "–")))
+                continue
+            k = first_knn(c)
+            text = _pct(c["linear_acc"]) + (f" / {_pct(k[1])}" if k is not None else "")
+            cells.append(f"<b>{text}</b>" if c is best else text)
+        body.append("<tr>" + f'<td class="l">{_e(r)}</td>' + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+    knn_k = next((first_knn(c)[0] for c in g["cells"] if c.get("status") == "done" and first_knn(c)), None)
+    over = "; ".join(f"{_e(k)} {_e(value_text(v))}" for k, v in g["overrides"].items()) or "none"
+    done = sum(c.get("status") == "done" for c in g["cells"])
+    note = (f"<p class='note'>{_e(METRIC)} (%)" + (f" / kNN k={_e(knn_k)} (%)" if knn_k else "") + f" of each cell, "
+            f"{done} of {len(g['cells'])} done; every cell: recipe {_e(g['recipe'])} with {over}. Each cell is a "
+            f"run folder {_e(folder)}/NAME, trained as genrep pretrain trains and probed as genrep probe probes; the "
+            f"best cell (bold, outlined in the heatmap) is selected on test accuracy.</p>")
+    if best is not None:
+        note += f"<p class='note'>best: {_e(best['name'])}: {_e(cell_summary(best))}</p>"
+    fig = _figure(folder, g.get("figure", GRID_FIGURE), f"{_e(g['recipe'])}: {_e(METRIC)}", "grid heatmap")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>" + note + fig
+
+
+def load_grids(folders: list[Path]) -> list[dict]:
+    from ...grid import GRID_FILE, read_grid
+
+    out = []
+    for folder in folders:
+        g = read_grid(folder)
+        if g is None:
+            raise GenrepError(f"{folder} is a grid folder with no {GRID_FILE}; run its genrep grid command again")
+        g["_path"] = Path(folder)
+        out.append(g)
+    return out
+
+
 def load_runs(runs: list[Path]) -> list[dict]:
     if not runs:
         raise GenrepError("genrep report needs at least one run folder")
@@ -395,10 +447,19 @@ def load_runs(runs: list[Path]) -> list[dict]:
     return out
 
 
-def render(runs: list[dict]) -> str:
+def render(runs: list[dict], grids: list[dict] | None = None) -> str:
+    grids = grids or []
+    what = ", ".join([f"{len(runs)} run(s)"] * bool(runs or not grids) + [f"{len(grids)} grid(s)"] * bool(grids))
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>genrep report</title><style>{CSS}</style>"
-             f"</head><body><h1>genrep report</h1><p class='note'>{len(runs)} run(s), written "
+             f"</head><body><h1>genrep report</h1><p class='note'>{what}, written "
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>")]
+    for n, g in enumerate(grids, 1):
+        over = " x ".join(_e(a["key"]) for a in g["axes"])
+        parts.append(f"<h2 id='grid-{n}'>Grid over {over}: {_e(g['recipe'])} <span class='note'>"
+                     f"({_e(g['_path'].name)})</span></h2>" + _grid_section(g, g["_path"]))
+    if not runs:
+        parts.append("</body></html>")
+        return "\n".join(parts)
     t = Table(["run", "recipe", "data", "parameters (trainable / total)", "GFLOPs / image", "weights", "device",
                "skipped protocols"])
     for r in runs:
@@ -422,5 +483,12 @@ def write_report(runs: list[Path], out: Path) -> Path:
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise GenrepError(f"the report is an HTML page; name it with .html (got {out})")
-    atomic_write_text(out, render(load_runs([Path(r) for r in runs])))
+    from ...grid import is_grid_folder
+
+    folders = [Path(r) for r in runs]
+    if not folders:
+        raise GenrepError("genrep report needs at least one run folder (or grid folder)")
+    grids = [f for f in folders if is_grid_folder(f)]
+    plain = [f for f in folders if not is_grid_folder(f)]
+    atomic_write_text(out, render(load_runs(plain) if plain else [], load_grids(grids)))
     return out
