@@ -31,7 +31,8 @@ from throughput import _device_name, _sync, parse_modes  # noqa: E402 - the sibl
 MODES = ("cache", "recompute")
 
 
-def build(recipe: str, overrides: dict, device: torch.device):
+def build(recipe: str, overrides: dict, device: torch.device, need: str = "_cached_step"):
+    """The recipe's method with random weights, on ``device``; ``need`` names what the benchmark decodes with."""
     cfg = resolve_config(recipe, overrides)
     known = {r["name"]: r for r in describe_datasets()}
     if cfg.data.name not in known:
@@ -40,8 +41,9 @@ def build(recipe: str, overrides: dict, device: torch.device):
     data = DataSpec(cfg.data.image_size or r["native_size"], r["channels"], r["num_classes"])
     torch.manual_seed(0)
     method = build_method(cfg.method, cfg.model, data).to(device).eval()
-    if not hasattr(method, "_cached_step"):
-        raise GenrepError(f"method {cfg.method} does not decode colour tokens; choose an igpt or gcrl recipe")
+    if not hasattr(method, need):
+        what = "colour tokens; choose an igpt or gcrl recipe" if need == "_cached_step" else "patches; choose a darl recipe"
+        raise GenrepError(f"method {cfg.method} does not decode {what}")
     return method
 
 

@@ -183,3 +183,21 @@ def test_gvp_attention_bad_variant_is_a_one_line_error():
     expected = ("gvp_attention: error: unknown variant 'warp'; choose from causal, per-sample-direct, "
                 "shared-permuted, flex-shared, flex-per-sample")
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_patch_sampling_reports_patches_per_second_with_and_without_the_cache(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run_script("patch_sampling.py", "--recipe", "darl-digits", "--batch", "2", "--device", "cpu",
+                       "--model.dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.sample_steps", "2",
+                       "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["cache", "recompute"]
+    assert all(r["patches_per_s"] > 0 and r["patches"] == 16 and r["sample_steps"] == 2 for r in rows)
+    bad = _run_script("patch_sampling.py", "--recipe", "supervised-digits", "--device", "cpu")
+    assert bad.returncode == 2 and "does not decode patches" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _run_script(name, *args):
+    return subprocess.run([sys.executable, str(SCRIPT.parent / name), *args], capture_output=True, text=True,
+                          timeout=600)
