@@ -249,14 +249,9 @@ def preflight(plan: GridPlan) -> None:
 # ------------------------------------------------------------------------------------------ the grid folder
 
 def is_grid_folder(path: Path) -> bool:
-    marker = Path(path) / GRID_MARKER
-    if marker.is_symlink() or not marker.is_file():
-        return False
-    try:
-        d = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and d.get("format") == _FORMAT
+    from .runs import has_marker
+
+    return has_marker(path, GRID_MARKER, _FORMAT)
 
 
 def check_grid_out(out: Path, plan: GridPlan | None = None) -> None:

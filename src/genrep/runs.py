@@ -146,15 +146,20 @@ def claim_new_run_dir(base: Path, name: str) -> Path:
 
 # ---------------------------------------------------------------- ownership of run folders
 
-def is_marked_run(run: Path) -> bool:
-    marker = Path(run) / RUN_MARKER
+def has_marker(folder: Path, name: str, fmt: str) -> bool:
+    """Whether ``folder`` holds genrep's marker file ``name`` (a regular file, not a link) of format ``fmt``."""
+    marker = Path(folder) / name
     if marker.is_symlink() or not marker.is_file():
         return False
     try:
         d = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(d, dict) and d.get("format") == _RUN_FORMAT
+    return isinstance(d, dict) and d.get("format") == fmt
+
+
+def is_marked_run(run: Path) -> bool:
+    return has_marker(run, RUN_MARKER, _RUN_FORMAT)
 
 
 def is_unmarked_old_run(run: Path) -> bool:
