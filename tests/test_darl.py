@@ -181,3 +181,21 @@ def test_sampling_and_random_order_models_generate(decoder):
 def test_the_reverse_process_runs_from_noise_to_clean():
     levels = _darl(sample_steps=10).reverse_levels()
     assert levels[0] == 0 and levels[-1] == pytest.approx(1) and (levels.diff() > 0).all()
+
+
+def test_rope_positions_interpolate_to_the_trained_grid():
+    """Weights trained on a 4x4 patch grid read a 8x8 grid (16x16 images) with positions scaled into the trained
+    range (model.rope_grid 4): patch (r, c) at ((r + 1) / 2, (c + 1) / 2)."""
+    small = _darl()
+    big_cfg = tiny_config("darl", **{"model.rope_grid": 4})
+    big = build_method("darl", big_cfg.model, DataSpec(image_size=16, channels=1, num_classes=10)).eval()
+    big.load_state_dict(small.state_dict())  # RoPE has no weights: the same state on any grid
+    pos = big._positions(big.order, True)
+    assert pos[0].tolist() == [0, 0] and pos[-1].tolist() == [4.0, 4.0] and pos[1].tolist() == [0.5, 0.5]
+    assert torch.isfinite(big.features(torch.rand(2, 1, 16, 16))).all()
+    assert "rope_grid" in type(big).read_options
+    same = build_method("darl", tiny_config("darl", **{"model.rope_grid": 4}).model, SPEC)
+    assert torch.equal(same._positions(same.order, True), small._positions(small.order, True))
+    with pytest.raises(GenrepError) as e:
+        build_method("darl", tiny_config("darl", **{"model.rope_grid": 4, "model.pos_embed": "learned"}).model, SPEC)
+    assert "rope_grid interpolates RoPE positions" in one_line(e)

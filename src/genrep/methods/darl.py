@@ -71,6 +71,9 @@ class DARLConfig(ViTConfig):
     sampler: str = setting("ddim", choices=("ddim", "ddpm"))
     sample_steps: int = setting(50, min=1, max=100000)
     cache: bool = True  # fixed orders decode with a key/value cache (false: recompute the sequence at every patch)
+    # RoPE positions interpolated to the patch grid they were trained on (0: this data's grid): a run trained at 224 px
+    # (14x14 patches) read at 384 px with --model.rope_grid 14 sees every position inside the trained range
+    rope_grid: int = setting(0, min=0, max=65536)
     # the training view: none, or crop (random resized crop and flip: table 8's "spatial" augmentation, MAE's)
     augment: str = setting("none", choices=tuple(a for a in AUGMENTATIONS if a != "classifier"))
 
@@ -82,6 +85,9 @@ class DARLConfig(ViTConfig):
             raise GenrepError(f"{section}.pos_embed {self.pos_embed} rotates {'a row half and a column half of ' if need == 4 else ''}"
                               f"channel pairs: the head width {section}.dim / {section}.num_heads = {head} must be "
                               f"divisible by {need}")
+        if self.rope_grid and not self.pos_embed.startswith("rope"):
+            raise GenrepError(f"{section}.rope_grid interpolates RoPE positions; {section}.pos_embed {self.pos_embed} "
+                              f"has none: set {section}.rope_grid 0")
         if self.norm_pix and self.decoder != "mse":
             raise GenrepError(f"{section}.norm_pix normalises the MSE decoder's targets; with {section}.decoder "
                               f"{self.decoder} set it false")
@@ -92,6 +98,7 @@ class DARL(Method):
     name = "darl"
     config_class = DARLConfig
     feature_pools = ("mean", "last")
+    feature_options = ("rope_grid",)  # another resolution's read-out, on trained weights
     causal_readout = True
     capabilities = frozenset({"sample", "complete"})
     capability_options: ClassVar[dict[str, tuple[str, ...]]] = {"sample": ("sampler", "sample_steps", "cache"),
@@ -149,13 +156,15 @@ class DARL(Method):
         if rope is None:
             return None
         n = order.shape[-1] + int(start)
+        scale = self.cfg.rope_grid / self.grid if self.cfg.rope_grid else 1.0  # position interpolation
         if rope.ndim == 1:
-            return torch.arange(n, device=order.device)
+            positions = torch.arange(n, device=order.device)
+            return positions if scale == 1 else positions * scale ** 2  # T grows with the grid's square
         layout = rope.token_positions(self.grid, 1, order.device)  # [1 + T, 2]: the start token, then raster
         index = order + 1
         if start:
             index = torch.cat([index.new_zeros(*order.shape[:-1], 1), index], -1)
-        return layout[index]
+        return layout[index] if scale == 1 else layout[index] * scale
 
     def _tokens(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """The patch embeddings [B, T, D] (absolute positions added at each patch's place) in ``order`` ([T] or
