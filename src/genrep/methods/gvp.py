@@ -450,7 +450,7 @@ class GVP(Method):
     def flops_per_image(self) -> int:
         if self.tokenizer is not None or self.condition_model is not None:  # a frozen part's cost: counted
             return super().flops_per_image()
-        c, d = self.cfg, self.data
+        c = self.cfg
         n = self.S + self.T
         streams = 2 if c.streams == "two" else 1
         return (linear_flops(self.T, self.patch_dim, c.dim) + streams * c.depth * transformer_block_flops(
