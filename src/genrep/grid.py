@@ -474,14 +474,10 @@ def _open(out: Path, claimed: bool):
     """(lock, folders made, whether the grid is new): the folder made or checked, locked, and marked."""
     from .io import atomic_write_json
     from .locks import LOCK_FILE, RunLock
-    from .runs import check_no_links
+    from .runs import check_no_links, make_folders
 
     check_grid_out(out)
-    made, p = [], out
-    while not p.exists():
-        made.append(p)
-        p = p.parent
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_folders(out)
     lock = RunLock(out, "run a grid in").acquire()
     try:
         check_grid_out(out)  # again, under the lock: of two commands racing for one --out, the second stops

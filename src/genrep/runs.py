@@ -206,17 +206,23 @@ def check_new_run_dir(run: Path) -> None:
         raise GenrepError(f"{run} exists and was not made by genrep; choose another --out or remove it")
 
 
+def make_folders(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the folders this call created, deepest first (what a failed start may remove)."""
+    made, p = [], Path(path)
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return made
+
+
 def create_run_dir(run: Path, lock: RunLock) -> list[Path]:
     """Make the run folder, take its lock and mark it as genrep's; returns the folders this call created,
     deepest first, so a failed start can remove exactly those. Under the lock the folder is checked again: of
     two commands racing for one --out, the second stops in one line instead of writing into the first's run."""
     run = Path(run)
     check_new_run_dir(run)
-    made, p = [], run
-    while not p.exists():
-        made.append(p)
-        p = p.parent
-    run.mkdir(parents=True, exist_ok=True)
+    made = make_folders(run)
     lock.acquire()
     check_new_run_dir(run)  # again, now that no other genrep command can write into it
     mark_run(run)

@@ -400,8 +400,9 @@ class GVP(Method):
         levels = token_levels(S, T, order, bounds)
         content, query = (m[:, None] for m in masks_from_levels(levels))
         patches, codes = self._patches(x), (self.tokenizer.encode(x) if self.tokenizer is not None else None)
+        conditions = self._conditions(x)  # of the given image: the same for every group
         for group in range(1, K + 1):
-            h = torch.cat([self._conditions(x), self._current_tokens(patches, codes, C)], 1)
+            h = torch.cat([conditions, self._current_tokens(patches, codes, C)], 1)
             if self.cfg.streams == "one":
                 pred = self._one_stream(h, levels, order)
             else:
