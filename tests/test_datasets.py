@@ -26,6 +26,7 @@ from genrep.data.datasets import (
     default_data_root,
     describe_datasets,
     load_dataset,
+    registered_spec,
 )
 from genrep.errors import GenrepError
 
@@ -76,6 +77,19 @@ def test_digits_image_size_option():
     m = native.images.float().mean()
     assert abs(up.images.float().mean() - m) < 1 and abs(down.images.float().mean() - m) < 4
     assert torch.equal(native.labels, up.labels)
+
+
+def _spec(images):
+    return images.image_size, images.channels, images.num_classes
+
+
+def test_registered_spec_is_what_loading_gives_without_loading():
+    """A frozen part's data shape is read from the registry (runs.load_frozen_run), not from its images."""
+    for size in (None, 8, 12):
+        assert registered_spec("digits", size) == _spec(load_dataset("digits", "test", image_size=size))
+    assert registered_spec(" CIFAR10 ", None) == (32, 3, 10) and registered_spec("stl10", 32) == (32, 3, 10)
+    assert registered_spec("celeba", None) is None and registered_spec("celeba", 64) == (64, 3, 1)
+    assert registered_spec("npz:/x.npz", None) is None and registered_spec("nope", 8) is None
 
 
 def test_bad_split_and_image_size():
@@ -160,6 +174,7 @@ def test_torchvision_mnist_from_raw_files(tmp_path):
     assert torch.equal(te.images[:, 0], torch.from_numpy(xte)) and te.labels.dtype == torch.int64
     assert tr.num_classes == 10
     assert load_dataset("mnist", root=tmp_path, download=False, image_size=32).images.shape == (5, 1, 32, 32)
+    assert registered_spec("mnist", None) == _spec(tr)
 
 
 @pytest.fixture
@@ -191,6 +206,7 @@ def test_torchvision_cifar10_from_python_batches(tmp_path, no_md5):
     assert torch.equal(tr.images, torch.from_numpy(np.concatenate(xs[:5])))
     assert tr.labels.tolist() == [y for part in ys[:5] for y in part] and tr.classes == names
     assert torch.equal(te.images, torch.from_numpy(xs[5])) and te.labels.tolist() == ys[5]
+    assert registered_spec("cifar10", None) == _spec(tr)
 
 
 def test_torchvision_cifar100_fine_labels(tmp_path, no_md5):
@@ -202,6 +218,7 @@ def test_torchvision_cifar100_fine_labels(tmp_path, no_md5):
     _pickle(base / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
     tr = load_dataset("cifar100", root=tmp_path, download=False, image_size=16)
     assert tr.images.shape == (3, 3, 16, 16) and tr.labels.tolist() == [0, 99, 42] and tr.num_classes == 100
+    assert registered_spec("cifar100", 16) == _spec(tr)
 
 
 def test_torchvision_svhn_from_mat(tmp_path, no_md5):
@@ -229,6 +246,7 @@ def test_torchvision_stl10_from_binaries(tmp_path, no_md5):
     tr = load_dataset("stl10", root=tmp_path, download=False)
     assert torch.equal(tr.images, torch.from_numpy(x)) and tr.labels.tolist() == [0, 9]
     assert tr.classes[0] == "airplane" and tr.num_classes == 10 and tr.image_size == 96
+    assert registered_spec("stl10", None) == _spec(tr)
 
 
 def test_torchvision_corrupted_files_are_a_clear_error(tmp_path, no_md5):

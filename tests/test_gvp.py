@@ -217,7 +217,23 @@ def test_a_frozen_run_conditions_gvp(tmp_path):
     assert "trained on 8x8 images" in one_line(e)
     with pytest.raises(GenrepError) as e:
         _gvp(condition=str(tmp_path))
-    assert "is not a trained genrep run" in one_line(e)
+    assert "is not a genrep run (no config.yaml)" in one_line(e)
+
+
+@pytest.mark.slow
+def test_a_condition_run_is_read_without_its_images(tmp_path, monkeypatch):
+    """The frozen run's data shape comes from the data registry: building GVP, the memory check's meta build
+    included, reads none of its images (they are only needed for fitted state or the npz:/folder: forms)."""
+    import genrep.runs as runs
+    from genrep.train.loop import pretrain
+
+    pretrain(tiny_config("supervised", **{"train.steps": 1}), tmp_path / "sup")
+    cfg = tiny_config("gvp", **{"model.condition": str(tmp_path / "sup")})
+    monkeypatch.setattr(runs, "load_dataset", lambda *a, **k: pytest.fail(f"the images of {a} were read"))
+    runs.check_model_fits(cfg, SPEC, torch.device("cpu"), training=True)
+    with torch.device("meta"):
+        assert not build_method("gvp", cfg.model, SPEC).condition_model.head.weight.is_meta  # run for its width
+    assert build_method("gvp", cfg.model, SPEC).S == 2
 
 
 @pytest.fixture(scope="module")

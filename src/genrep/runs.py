@@ -431,3 +431,65 @@ def load_trained_with_test(run: Path, weights: str = "ema", device: str | torch.
         raise GenrepError(f"{run}/{weights}.safetensors does not fit the model in {run}/{CONFIG_FILE} "
                           f"({str(e).splitlines()[0][:160]})") from None
     return cfg, method.to(device).eval(), train_set, test_set
+
+
+def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, accept=None,
+                    real: bool = False) -> tuple[Config, Method, Path]:
+    """The trained run ``run`` (its EMA weights, eval mode, built on the CPU) as another model's frozen part for
+    images of ``data``, its config, and the weights file (the ``Method.freeze`` source). The run's data shape
+    comes from the data registry without reading its images, which are loaded only for fitted state
+    (``Method.prepare``) or the path forms (npz:, folder:). ``key`` names the config key in the errors, ``wanted``
+    what it takes ("the run folder of a trained tokenizer"); ``accept(cfg)`` may refuse the run's method.
+
+    Built while the model holding it is sized on the meta device (the memory check), it is checked and built
+    there, and nothing is read into it; ``real`` builds and fills it on the CPU even then, for a holder that must
+    run it to size itself."""
+    from .data.datasets import registered_spec
+
+    run = Path(run)
+    if not run.is_dir():
+        raise GenrepError(f"{key} {run} is not a folder; give {wanted}")
+    if not (run / CONFIG_FILE).is_file():
+        raise GenrepError(f"{key} {run} is not a genrep run (no {CONFIG_FILE}); give {wanted}")
+    try:
+        cfg = read_run_config(run)
+    except GenrepError as e:
+        raise GenrepError(f"{key} {run}: {e}") from None
+    if accept is not None:
+        accept(cfg)
+    weights = run / "ema.safetensors"
+    if not weights.is_file():
+        raise GenrepError(f"{key} {run} has no trained weights ({weights.name}); let its training write a "
+                          f"checkpoint, or give a finished run")
+    try:
+        state = load_safetensors(weights)
+    except GenrepError as e:
+        raise GenrepError(f"{key} {run}: {e}") from None
+    known = registered_spec(cfg.data.name, cfg.data.image_size)
+    train_set = None
+    if known is None:
+        train_set = load_train_set(cfg)
+        known = data_spec(train_set)
+    spec = DataSpec(*known)
+    if (spec.image_size, spec.channels) != (data.image_size, data.channels):
+        raise GenrepError(f"{key} {run} was trained on {spec.image_size}x{spec.image_size} images with "
+                          f"{_count(spec.channels, 'channel')}; this run's data are {data.image_size}x"
+                          f"{data.image_size} with {_count(data.channels, 'channel')}: give {wanted}, trained on "
+                          f"this data")
+    if torch.get_default_device().type == "meta" and not real:
+        return cfg, build_method(cfg.method, cfg.model, spec).eval(), weights
+    with torch.device("cpu"):
+        method = build_method(cfg.method, cfg.model, spec)
+    if method.has_prepare and train_set is None:
+        train_set = load_train_set(cfg)
+    install_run_state(run, method, train_set)
+    try:
+        method.load_state_dict(state)
+    except RuntimeError as e:
+        raise GenrepError(f"{key} {weights} does not fit the model in {run / CONFIG_FILE} "
+                          f"({str(e).splitlines()[0][:160]})") from None
+    return cfg, method.eval(), weights
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -29,7 +29,7 @@ from .imageset import SPLITS, ImageSet, _finish, _resize
 from .local_sets import _load_folder, _load_npz
 from .torchvision_sets import _REGISTRY, _load_digits, _load_torchvision, _missing
 
-__all__ = ["ImageSet", "dataset_names", "default_data_root", "describe_datasets", "load_dataset"]
+__all__ = ["ImageSet", "dataset_names", "default_data_root", "describe_datasets", "load_dataset", "registered_spec"]
 
 _FORMS = ("npz:PATH", "folder:PATH")
 
@@ -91,6 +91,19 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
         data_root = Path(root).expanduser() if root is not None else default_data_root()
         images, labels, classes = _load_torchvision(reg, split, data_root, download, size)
     return _finish(_resize(images, size), labels, classes, reg.name, split)
+
+
+def registered_spec(name: str, image_size: int | None) -> tuple[int, int, int] | None:
+    """(size, channels, classes) of registered data set ``name`` served at ``image_size``, as
+    :func:`load_dataset` would give it, known without reading an image; None for the path forms, an unknown
+    name, or a non-square native size."""
+    reg = _REGISTRY.get(name.strip().lower()) if isinstance(name, str) else None
+    if reg is None:
+        return None
+    size = image_size if image_size is not None else reg.default_size
+    if size is None and reg.native_width not in (None, reg.native_size):
+        return None
+    return size or reg.native_size, reg.channels, reg.num_classes
 
 
 def check_splits(train: ImageSet, test: ImageSet) -> None:

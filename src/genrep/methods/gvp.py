@@ -31,7 +31,6 @@ must be.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -182,22 +181,12 @@ class GVP(Method):
 
     def _load_condition(self, cfg: GVPConfig, data: DataSpec) -> int:
         """Hold the run ``model.condition`` as the frozen part ``condition_model``; its feature width."""
-        from ..runs import CONFIG_FILE, data_spec, load_trained
+        from ..runs import load_frozen_run
 
-        run = Path(cfg.condition)
-        weights = run / "ema.safetensors"
-        if not (run / CONFIG_FILE).is_file() or not weights.is_file():
-            raise GenrepError(f"model.condition {run} is not a trained genrep run (it needs {CONFIG_FILE} and "
-                              f"{weights.name}); give the run folder whose features condition GVP (appendix E)")
-        with torch.device("cpu"):  # a real model, also while this one is sized on the meta device
-            _, model, train_set = load_trained(run)
-            spec = data_spec(train_set)
-            if (spec.image_size, spec.channels) != (data.image_size, data.channels):
-                raise GenrepError(f"model.condition {run} was trained on {spec.image_size}x{spec.image_size} images "
-                                  f"with {spec.channels} channel(s); this run's are {data.image_size}x"
-                                  f"{data.image_size} with {data.channels}: give a run trained on this data")
-            with torch.no_grad():
-                width = model.features(torch.zeros(1, data.channels, data.image_size, data.image_size)).shape[-1]
+        _, model, weights = load_frozen_run(cfg.condition, data, "model.condition", "the trained run folder whose "
+                                            "features condition GVP (appendix E)", real=True)
+        with torch.no_grad(), torch.device("cpu"):  # run for its width, also while this model is sized on meta
+            width = model.features(torch.zeros(1, data.channels, data.image_size, data.image_size)).shape[-1]
         self.freeze("condition_model", model, weights)
         return width
 

@@ -52,53 +52,15 @@ def load_tokenizer(run: str | Path, data: DataSpec, key: str = "model.tokenizer"
     ``data``, and the weights file it was read from (the caller's ``Method.freeze`` source). ``key`` names the
     config key in the errors."""
     # runs.py sits above methods/ (it imports the registry): imported here, when a reader is built
-    from ..runs import CONFIG_FILE, install_run_state, load_train_set, read_run_config
-    from ..train.checkpoint import load_safetensors
-    from .registry import build_method, get_method
+    from ..runs import load_frozen_run
+    from .registry import get_method
 
-    run = Path(run)
-    if not run.is_dir():
-        raise GenrepError(f"{key} {run} is not a folder; give the run folder of a trained tokenizer (genrep "
-                          f"pretrain --recipe vq-digits)")
-    if not (run / CONFIG_FILE).is_file():
-        raise GenrepError(f"{key} {run} is not a genrep run (no {CONFIG_FILE}); give the run folder of a trained "
-                          f"tokenizer (genrep pretrain --recipe vq-digits)")
-    try:
-        cfg = read_run_config(run)
-    except GenrepError as e:
-        raise GenrepError(f"{key} {run}: {e}") from None
-    if not is_tokenizer(get_method(cfg.method)):
-        raise GenrepError(f"{key} {run} is a run of {cfg.method}, which is not a patch tokenizer; give a run of "
-                          f"{', '.join(tokenizer_methods())}")
-    weights = run / "ema.safetensors"
-    if not weights.is_file():
-        raise GenrepError(f"{key} {run} has no trained weights ({weights.name}); let its training write a "
-                          f"checkpoint, or give a finished run")
-    try:
-        state = load_safetensors(weights)
-    except GenrepError as e:
-        raise GenrepError(f"{key} {run}: {e}") from None
-    size, channels = (int(state[k]) if k in state else None for k in ("trained_image_size", "trained_channels"))
-    if size is None or channels is None:
-        raise GenrepError(f"{key} {weights} does not record the data it was trained on (trained_image_size, "
-                          f"trained_channels); give a run written by this genrep")
-    if (size, channels) != (data.image_size, data.channels):
-        raise GenrepError(f"{key} {run} was trained on {size}x{size} images with {_count(channels, 'channel')}; "
-                          f"this run's data are {data.image_size}x{data.image_size} with "
-                          f"{_count(data.channels, 'channel')}: train a tokenizer on this data (genrep pretrain "
-                          f"--recipe vq-digits, with its --data.name and --data.image_size)")
-    tokenizer = build_method(cfg.method, cfg.model, DataSpec(size, channels, data.num_classes))
-    # fitted state is checked against the tokenizer's own training set, which only then is loaded
-    install_run_state(run, tokenizer, load_train_set(cfg) if tokenizer.has_prepare else None)
-    if any(p.is_meta for p in tokenizer.parameters()):
-        return tokenizer.eval(), weights  # the memory check builds its reader on the meta device: nothing to fill
-    try:
-        tokenizer.load_state_dict(state)
-    except RuntimeError as e:
-        raise GenrepError(f"{key} {weights} does not fit the model in {run / CONFIG_FILE} "
-                          f"({str(e).splitlines()[0][:160]})") from None
-    return tokenizer.eval(), weights
+    def accept(cfg) -> None:
+        if not is_tokenizer(get_method(cfg.method)):
+            raise GenrepError(f"{key} {run} is a run of {cfg.method}, which is not a patch tokenizer; give a run "
+                              f"of {', '.join(tokenizer_methods())}")
 
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    _, tokenizer, weights = load_frozen_run(run, data, key, "the run folder of a trained tokenizer (genrep pretrain "
+                                            "--recipe vq-digits, with this run's --data.name and --data.image_size)",
+                                            accept)
+    return tokenizer, weights
