@@ -3,7 +3,7 @@ without the mask, the positional-encoding options and bad input."""
 
 import pytest
 import torch
-from conftest import one_line, tiny_config
+from conftest import assert_one_line_error, one_line, run_cli, tiny_config
 
 from genrep.data.batches import draw_random_inputs
 from genrep.errors import GenrepError
@@ -199,3 +199,45 @@ def test_rope_positions_interpolate_to_the_trained_grid():
     with pytest.raises(GenrepError) as e:
         build_method("darl", tiny_config("darl", **{"model.rope_grid": 4, "model.pos_embed": "learned"}).model, SPEC)
     assert "rope_grid interpolates RoPE positions" in one_line(e)
+
+
+@pytest.mark.slow
+def test_a_run_is_probed_at_another_image_size(tmp_path):
+    """genrep probe RUN --data.image_size N: both splits resized, RoPE positions interpolated to the trained grid
+    (section 3.4), the features cached apart from the trained size's, and the size in probe.json; a model whose
+    positions are absolute, another method, or a size off the patch grid is refused in one line, before any work."""
+    import json
+
+    from genrep.eval.evaluate import run_probes
+    from genrep.eval.report.summary import probe_table
+    from genrep.train.loop import pretrain
+
+    run = tmp_path / "darl"
+    pretrain(tiny_config("darl", **{"train.steps": 2}), run)
+    native = run_probes(run, progress=False)
+    assert native["image_size"] == 8 and "trained_image_size" not in native and native["rope_grid"] == 0
+    at16 = run_probes(run, progress=False, image_size=16)
+    assert (at16["image_size"], at16["trained_image_size"], at16["rope_grid"]) == (16, 8, 4)
+    assert json.loads((run / "results" / "probe.json").read_text()) == at16
+    assert "read at 16x16 (trained at 8x8)" in probe_table(at16)
+    cached = sorted(p.name for p in (run / "cache").iterdir())
+    assert any("rope_grid4" in n and "-at16px-" in n for n in cached)
+    assert any("rope_grid0" in n and "-at" not in n for n in cached)
+    assert run_probes(run, progress=False, image_size=16, options={"rope_grid": 8})["rope_grid"] == 8  # given wins
+    assert "trained_image_size" not in run_probes(run, progress=False, image_size=8)
+
+    proc = run_cli("probe", str(run), "--data.image_size", "15")
+    assert_one_line_error(proc, "data.image_size 15 is not a multiple of model.patch_size 2")
+    proc = run_cli("evaluate", str(run), "--data.image_size", "16")
+    assert_one_line_error(proc, "got data.image_size; genrep probe RUN --data.image_size N reads a run at another size")
+    learned = tmp_path / "learned"
+    pretrain(tiny_config("darl", **{"train.steps": 1, "model.pos_embed": "learned"}), learned)
+    proc = run_cli("probe", str(learned), "--data.image_size", "16")
+    assert_one_line_error(proc, "model.pos_embed learned gives absolute positions on the 4x4 patch grid of the trained "
+                                "8x8 images")
+    supervised = tmp_path / "supervised"
+    pretrain(tiny_config("supervised", **{"train.steps": 1}), supervised)
+    proc = run_cli("probe", str(supervised), "--data.image_size", "16")
+    assert_one_line_error(proc, "a trained supervised run reads only images of the size it was trained on (8x8), not "
+                                "16x16; of genrep's methods, darl can read other sizes")
+    assert not (learned / "results").exists() and not (supervised / "results").exists()

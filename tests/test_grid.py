@@ -112,6 +112,19 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_and_the_rest_are_kept(g
     assert c["status"] == "done" and c["weights"] == "ema@10" and (cut / "results" / "probe.json").is_file()
 
 
+def test_a_cell_probed_since_at_another_image_size_is_probed_again(grid, tmp_path):
+    """genrep probe CELL --data.image_size N rewrites the cell's probe.json: the grid does not keep that one."""
+    out = tmp_path / "g"
+    shutil.copytree(grid[0], out)
+    probe = out / NAMES[0] / "results" / "probe.json"
+    probe.write_text(json.dumps({**json.loads(probe.read_text()), "image_size": 16, "trained_image_size": 8}))
+    proc = _grid_cli(out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("kept (finished earlier") == 3
+    assert f"cell 1/4 {NAMES[0]}: trained earlier (10 steps), probed now" in proc.stdout
+    assert "trained_image_size" not in json.loads(probe.read_text())
+
+
 def test_a_grid_made_with_other_settings_is_refused(grid):
     out, _ = grid
     before = (out / GRID_FILE).read_bytes()

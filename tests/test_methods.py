@@ -144,6 +144,25 @@ def test_weights_round_trip_through_safetensors(method_name, tmp_path):
     torch.testing.assert_close(other.eval().features(x), method.eval().features(x))
 
 
+def test_size_options_read_trained_weights_at_another_size_or_refuse(method_name):
+    """``size_options``: None (the method reads only its trained size), a one-line refusal, or read options under
+    which the trained state loads into the model built for 16x16 images and reads them."""
+    method, cls = _build(method_name), get_method(method_name)
+    try:
+        options = cls.size_options(method.cfg, 8, 16)
+    except GenrepError as e:
+        assert "\n" not in str(e)
+        return
+    if options is None:
+        return
+    assert set(options) <= set(cls.read_options)
+    cfg = tiny_config(method_name, **{f"model.{k}": v for k, v in options.items()})
+    bigger = build_method(method_name, cfg.model, DataSpec(image_size=16, channels=1, num_classes=10))
+    bigger.load_state_dict(method.state_dict())
+    f = bigger.eval().features(torch.rand(2, 1, 16, 16))
+    assert torch.isfinite(f).all() and f.shape == method.eval().features(torch.rand(2, 1, 8, 8)).shape
+
+
 def test_a_few_steps_reduce_the_loss_on_one_batch(method_name):
     method = _build(method_name).train()
     batch = _batch(method, n=16)

@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", type=Path, help="run folder (default: a new folder under --runs-dir)")
     pre.add_argument("--runs-dir", type=Path, default=Path("runs"))
 
-    probe = sub.add_parser("probe", help="linear probe and kNN on the frozen features of a run")
+    probe = sub.add_parser("probe", help="linear probe and kNN on the frozen features of a run (add --probe.KEY "
+                           "VALUE, a read option such as --model.feature_t 100, or --data.image_size N to read a "
+                           "darl run with RoPE at another image size)")
     probe.add_argument("run", type=Path, metavar="RUN")
     probe.add_argument("--device", default="auto")
 
@@ -246,18 +248,26 @@ def cmd_pretrain(args, rest: list[str]) -> int:
 
 # ------------------------------------------------------------------ probe
 
-def _split_overrides(rest: list[str], section: str, example: str, command: str) -> tuple[dict, dict]:
-    """``--SECTION.KEY V`` and ``--model.KEY V`` overrides of a command on a trained run, apart."""
+# the one data key a trained run may be read with changed, by genrep probe (runs.at_image_size)
+READ_SIZE = "data.image_size"
+
+
+def _split_overrides(rest: list[str], section: str, example: str, command: str) -> tuple[dict, dict, int | None]:
+    """``--SECTION.KEY V`` and ``--model.KEY V`` overrides of a command on a trained run, apart, and the image
+    size to read the run at (``--data.image_size``, genrep probe only)."""
     from .config import parse_overrides
 
     overrides = parse_overrides(rest)
-    bad = [k for k in overrides if not k.startswith((f"{section}.", "model."))]
+    takes_size = command == "probe"
+    bad = [k for k in overrides if not k.startswith((f"{section}.", "model.")) and not (takes_size and k == READ_SIZE)]
     if bad:
+        size = f", and --{READ_SIZE} N to read the run at another size" if takes_size else ""
+        hint = f"; genrep probe RUN --{READ_SIZE} N reads a run at another size" if READ_SIZE in bad else ""
         raise GenrepError(f"genrep {command} takes {section}.* overrides (e.g. {example}) and the model's read "
-                          f"options (e.g. --model.feature_t 100), got {', '.join(bad)}")
+                          f"options (e.g. --model.feature_t 100){size}, got {', '.join(bad)}{hint}")
     ours = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{section}.")}
     options = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
-    return ours, options
+    return ours, options, overrides.get(READ_SIZE)
 
 
 def cmd_probe(args, rest: list[str]) -> int:
@@ -268,10 +278,10 @@ def cmd_probe(args, rest: list[str]) -> int:
     from .eval.report.summary import probe_table
     from .runs import read_run_config
 
-    ours, options = _split_overrides(rest, "probe", "--probe.layer 2", "probe")
+    ours, options, image_size = _split_overrides(rest, "probe", "--probe.layer 2", "probe")
     values = apply_overrides(dataclasses.asdict(read_run_config(args.run).probe), ours)
     probe = build_dataclass(ProbeConfig, values, "probe")
-    results = run_probes(args.run, probe, device=args.device, options=options)
+    results = run_probes(args.run, probe, device=args.device, options=options, image_size=image_size)
     print(probe_table(results))
     print(f"results: {args.run / 'results' / 'probe.json'}")
     return 0
@@ -287,7 +297,7 @@ def _eval_config(run: Path, rest: list[str]):
     from .config import EvalConfig, apply_overrides, build_dataclass
     from .runs import read_run_config
 
-    ours, options = _split_overrides(rest, "eval", "--eval.protocols ood,calibration", "evaluate")
+    ours, options, _ = _split_overrides(rest, "eval", "--eval.protocols ood,calibration", "evaluate")
     values = apply_overrides(dataclasses.asdict(read_run_config(run).eval), ours)
     return build_dataclass(EvalConfig, values, "eval"), options
 

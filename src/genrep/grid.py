@@ -407,7 +407,8 @@ def _cell_resumes(run: Path, cell: Cell) -> bool:
 
 
 def _probed(entry: dict, run: Path) -> bool:
-    """A finished cell: its probe.json and the run's EMA weights are still those the entry recorded."""
+    """A finished cell: its probe.json (at the trained image size) and the run's EMA weights are still those the
+    entry recorded."""
     from .eval.evaluate import PROBE_FILE
     from .eval.protocols.context import RESULTS_DIR, weights_version
 
@@ -418,7 +419,8 @@ def _probed(entry: dict, run: Path) -> bool:
         now = weights_version(run, "ema")
     except Exception:  # noqa: BLE001 - anything missing or unreadable: the cell is probed again
         return False
-    return isinstance(probe, dict) and probe.get("weights") == entry["weights"] == now
+    return (isinstance(probe, dict) and probe.get("weights") == entry["weights"] == now
+            and "trained_image_size" not in probe)
 
 
 def _final_loss(result, run: Path) -> float | None:

@@ -408,6 +408,39 @@ def install_run_state(run: Path, method: Method, train_set: ImageSet) -> None:
     check_frozen(run, method)
 
 
+def trained_image_size(cfg: Config) -> int:
+    """The side of the images the run of ``cfg`` was trained on."""
+    from .data.datasets import registered_spec
+
+    known = registered_spec(cfg.data.name, cfg.data.image_size)
+    if known is not None:
+        return known[0]
+    return cfg.data.image_size or data_spec(load_train_set(cfg)).image_size
+
+
+def at_image_size(cfg: Config, size, options: dict | None = None) -> Config:
+    """``cfg`` read at ``size`` x ``size`` images (``genrep probe RUN --data.image_size``): the data resized, and
+    the read options the method needs for that (``Method.size_options``); an option given in ``options`` wins."""
+    from .config import apply_overrides, config_from_dict
+    from .methods import get_method, method_names
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise GenrepError(f"data.image_size must be a positive integer (the side to read the run's images at), "
+                          f"got {size!r}")
+    trained = trained_image_size(cfg)
+    if size == trained:
+        return cfg
+    method = get_method(cfg.method)
+    extra = method.size_options(cfg.model, trained, size)
+    if extra is None:
+        able = [m for m in method_names() if get_method(m).size_options.__func__ is not Method.size_options.__func__]
+        raise GenrepError(f"a trained {cfg.method} run reads only images of the size it was trained on ({trained}x"
+                          f"{trained}), not {size}x{size}; of genrep's methods, {' and '.join(able)} can read other "
+                          f"sizes")
+    changes = {"data.image_size": size, **{f"model.{k}": v for k, v in extra.items() if k not in (options or {})}}
+    return config_from_dict(apply_overrides(cfg.to_dict(), changes))
+
+
 def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
                  options: dict | None = None) -> tuple[Config, Method, ImageSet]:
     """The run's config, its method with trained weights (eval mode), and its training set. ``options``
@@ -416,11 +449,15 @@ def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "
 
 
 def load_trained_with_test(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
-                           options: dict | None = None) -> tuple[Config, Method, ImageSet, ImageSet]:
-    """:func:`load_trained` and the test split, which the check of the splits has loaded anyway."""
+                           options: dict | None = None, image_size: int | None = None,
+                           ) -> tuple[Config, Method, ImageSet, ImageSet]:
+    """:func:`load_trained` and the test split, which the check of the splits has loaded anyway; with
+    ``image_size``, both splits at that size (:func:`at_image_size`)."""
     if weights not in ("ema", "model"):
         raise GenrepError(f"weights '{weights}' is unknown; choose ema or model")
     cfg = with_read_options(read_run_config(run), options)
+    if image_size is not None:
+        cfg = at_image_size(cfg, image_size, options)
     train_set, test_set = load_splits(cfg)
     method = build_for_data(cfg, train_set, device)
     install_run_state(run, method, train_set)

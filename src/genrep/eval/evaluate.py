@@ -137,18 +137,19 @@ def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | No
 
 
 def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
-               options: dict | None = None) -> dict:
+               options: dict | None = None, image_size: int | None = None) -> dict:
     """See :func:`_run_probes`, under the run's lock."""
     from ..runs import lock_trained_run
 
     with lock_trained_run(run, "probe"):
-        return _run_probes(run, probe, device, progress, options)
+        return _run_probes(run, probe, device, progress, options, image_size)
 
 
 def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
-                options: dict | None = None) -> dict:
+                options: dict | None = None, image_size: int | None = None) -> dict:
     """`genrep probe RUN`: the probes protocol with ``probe`` (default: the run's own ``probe`` section) at
-    one read-out, no sweep; ``options`` changes model keys that change features (e.g. feature_t).
+    one read-out, no sweep; ``options`` changes model keys that change features (e.g. feature_t), and
+    ``image_size`` reads both splits at another size (``runs.at_image_size``).
     Writes and returns ``RUN/results/probe.json``."""
     from ..runs import read_run_config
 
@@ -159,13 +160,14 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     ev = replace(EvalConfig(), protocols=["probes"], weights=p.weights, device=device, batch_size=p.batch_size,
                  seed=cfg.train.seed, probes=probes_protocol.from_probe_config(p))
     t0 = time.perf_counter()
-    ctx = EvalContext.open(run, ev, options=options, progress=progress)
+    ctx = EvalContext.open(run, ev, options=options, progress=progress, image_size=image_size)
     probes_protocol.check(ctx)
     r = probes_protocol.run(ctx)
     results = {
         "run": str(run), "recipe": ctx.cfg.recipe, "method": ctx.cfg.method, "weights": ctx.version,
-        "data": ctx.cfg.data.name, "n_train": len(ctx.train), "n_test": len(ctx.test),
-        "num_classes": ctx.train.num_classes, "layer": r["layer"], "pool": r["pool"], **ctx.feature_options,
+        "data": ctx.cfg.data.name, "image_size": int(ctx.train.image_size),
+        **({"trained_image_size": ctx.trained_size} if ctx.trained_size else {}),
+        "n_train": len(ctx.train), "n_test": len(ctx.test), "num_classes": ctx.train.num_classes, "layer": r["layer"], "pool": r["pool"], **ctx.feature_options,
         "feature_dim": r["feature_dim"], "linear_probe": r["linear_probe"], "knn": r["knn"],
     }
     if "classifier_acc" in r:

@@ -288,6 +288,14 @@ class Method(nn.Module):
         """The feature options' values as a cache-key fragment ("-feature_tNone")."""
         return "".join(f"-{k}{getattr(self.cfg, k)}" for k in self.feature_options)
 
+    @classmethod
+    def size_options(cls, cfg, trained: int, size: int) -> dict | None:
+        """The read options under which weights trained on ``trained`` x ``trained`` images read ``size`` x
+        ``size`` ones (``genrep probe RUN --data.image_size``), e.g. DARL's RoPE position interpolation; a
+        GenrepError says why this configuration cannot. None (the default): the model is sized by its data
+        (a learned embedding per trained patch), so it reads only the size it was trained on."""
+        return None
+
     def readout_refusal(self, causal: bool) -> str | None:
         """Why the features cannot be read with the causal mask switched to ``causal`` (None: they can); the
         probes' and fine-tuning's preflight asks before any work."""

@@ -105,6 +105,19 @@ class DARL(Method):
                                                                 "complete": ("sampler", "sample_steps", "cache")}
     tiny_config = {**TINY_VIT, "patch_size": 2}
 
+    @classmethod
+    def size_options(cls, cfg: DARLConfig, trained: int, size: int) -> dict:
+        """Section 3.4: RoPE positions are interpolated to the trained patch grid; no positions need nothing."""
+        if cfg.pos_embed in ("learned", "sincos"):
+            grid = trained // cfg.patch_size
+            raise GenrepError(f"model.pos_embed {cfg.pos_embed} gives absolute positions on the {grid}x{grid} patch grid "
+                              f"of the trained {trained}x{trained} images; a run read at another image size needs "
+                              f"model.pos_embed rope2d, rope1d or none")
+        if size % cfg.patch_size:
+            raise GenrepError(f"data.image_size {size} is not a multiple of model.patch_size {cfg.patch_size}; "
+                              f"choose a multiple of {cfg.patch_size}")
+        return {"rope_grid": trained // cfg.patch_size} if cfg.pos_embed.startswith("rope") else {}
+
     def __init__(self, cfg: DARLConfig, data: DataSpec):
         super().__init__(cfg, data)
         check_vit_shape(cfg, data)

@@ -84,22 +84,28 @@ class EvalContext:
     device: torch.device
     version: str          # the weights' identity ("ema@660"): cache entries are keyed by it
     progress: bool = True
+    trained_size: int | None = None  # set when the run is read at another image size than it was trained on
     _transfer: tuple[ImageSet, ImageSet] | None = None
 
     @classmethod
-    def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True) -> EvalContext:
-        """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data."""
+    def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True,
+             image_size: int | None = None) -> EvalContext:
+        """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data
+        (at ``image_size``: the run read at another size, ``runs.at_image_size``)."""
         from ...devices import resolve_device
-        from ...runs import load_trained_with_test
+        from ...runs import load_trained_with_test, read_run_config, trained_image_size
 
         run = Path(run)
         device = resolve_device(ev.device)
-        cfg, method, train, test = load_trained_with_test(run, ev.weights, device, options=options)
+        cfg, method, train, test = load_trained_with_test(run, ev.weights, device, options=options,
+                                                          image_size=image_size)
         for split, s in (("train", train), ("test", test)):
             if len(s) == 0:
                 raise GenrepError(f"the {split} split of {s.name} is empty; evaluation needs images in both splits")
+        trained = trained_image_size(read_run_config(run)) if image_size is not None else None
         return cls(run=run, cfg=cfg, ev=ev, method=method, train=train, test=test, device=device,
-                   version=weights_version(run, ev.weights), progress=progress)
+                   version=weights_version(run, ev.weights), progress=progress,
+                   trained_size=trained if trained != train.image_size else None)
 
     @property
     def bf16(self) -> bool:
@@ -113,7 +119,9 @@ class EvalContext:
     def feature_key(self, split: str, layer: int, pool: str, source: str = "") -> str:
         """The cache key of frozen features: everything they depend on but the weights' step (checked apart)."""
         causal = f"-causal{int(self.method.causal_mask)}" if self.method.causal_readout else ""
-        return f"features{source}-{split}-layer{layer}-{pool}{self.method.feature_tag()}{causal}-{self.ev.weights}"
+        size = f"-at{self.train.image_size}px" if self.trained_size else ""
+        return (f"features{source}-{split}-layer{layer}-{pool}{self.method.feature_tag()}{causal}{size}-"
+                f"{self.ev.weights}")
 
     def features(self, split: str, layer: int, pool: str, data: ImageSet | None = None) -> torch.Tensor:
         """Frozen features of ``split`` of the run's data (or of ``data``, e.g. a transfer set), cached."""

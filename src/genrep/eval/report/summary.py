@@ -14,7 +14,10 @@ def probe_table(r: dict) -> str:
              for kind, h in r.get("heads", {}).items()]
     width = max(len(name) for name, _ in rows)
     t = f", at step t={r['feature_t']}" if r.get("feature_t") is not None else ""
-    head = (f"{r['method']} on {r['data']} ({r['n_train']} train / {r['n_test']} test), features: layer "
+    size = r.get("image_size")
+    at = (f" read at {size}x{size} (trained at {r['trained_image_size']}x{r['trained_image_size']})"
+          if r.get("trained_image_size") else "")
+    head = (f"{r['method']} on {r['data']}{at} ({r['n_train']} train / {r['n_test']} test), features: layer "
             f"{r['layer']}, {r['pool']} pool{t}, dim {r['feature_dim']}, {r['weights']} weights")
     lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
     lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
