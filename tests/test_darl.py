@@ -228,6 +228,8 @@ def test_a_run_is_probed_at_another_image_size(tmp_path):
 
     proc = run_cli("probe", str(run), "--data.image_size", "15")
     assert_one_line_error(proc, "data.image_size 15 is not a multiple of model.patch_size 2")
+    proc = run_cli("probe", str(run), "--data.image_size", "4096")
+    assert_one_line_error(proc, "data.image_size must be an integer from 1 to 1024", "got 4096")
     proc = run_cli("evaluate", str(run), "--data.image_size", "16")
     assert_one_line_error(proc, "got data.image_size; genrep probe RUN --data.image_size N reads a run at another size")
     learned = tmp_path / "learned"

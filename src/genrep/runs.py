@@ -421,12 +421,12 @@ def trained_image_size(cfg: Config) -> int:
 def at_image_size(cfg: Config, size, options: dict | None = None) -> Config:
     """``cfg`` read at ``size`` x ``size`` images (``genrep probe RUN --data.image_size``): the data resized, and
     the read options the method needs for that (``Method.size_options``); an option given in ``options`` wins."""
-    from .config import apply_overrides, config_from_dict
+    from .config import MAX_IMAGE_SIZE, apply_overrides, config_from_dict
     from .methods import get_method, method_names
 
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise GenrepError(f"data.image_size must be a positive integer (the side to read the run's images at), "
-                          f"got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise GenrepError(f"data.image_size must be an integer from 1 to {MAX_IMAGE_SIZE} (the side to read the run's "
+                          f"images at), got {size!r}")
     trained = trained_image_size(cfg)
     if size == trained:
         return cfg
