@@ -236,6 +236,25 @@ def test_a_condition_run_is_read_without_its_images(tmp_path, monkeypatch):
     assert build_method("gvp", cfg.model, SPEC).S == 2
 
 
+@pytest.mark.slow
+def test_a_condition_run_on_the_users_own_files_reads_its_shape_from_them(tmp_path):
+    """npz:/folder: sets are not in the registry: the frozen run's training split gives its shape."""
+    import numpy as np
+
+    from genrep.data.datasets import load_dataset
+    from genrep.train.loop import pretrain
+
+    tr, te = load_dataset("digits", image_size=8), load_dataset("digits", "test", image_size=8)
+    np.savez(tmp_path / "d.npz", x_train=tr.images[:64].numpy(), y_train=tr.labels[:64].numpy(),
+             x_test=te.images[:16].numpy(), y_test=te.labels[:16].numpy())
+    pretrain(tiny_config("supervised", **{"train.steps": 1, "data.name": f"npz:{tmp_path / 'd.npz'}"}), tmp_path / "sup")
+    assert _gvp(condition=str(tmp_path / "sup")).S == 2
+    with pytest.raises(GenrepError) as e:
+        build_method("gvp", tiny_config("gvp", **{"model.condition": str(tmp_path / "sup")}).model,
+                     DataSpec(image_size=16, channels=1, num_classes=10))
+    assert "was trained on 8x8 images with 1 channel" in one_line(e)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_run(tmp_path_factory):
     from genrep.train.loop import pretrain

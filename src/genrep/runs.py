@@ -503,11 +503,8 @@ def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, acce
     except GenrepError as e:
         raise GenrepError(f"{key} {run}: {e}") from None
     known = registered_spec(cfg.data.name, cfg.data.image_size)
-    train_set = None
-    if known is None:
-        train_set = load_train_set(cfg)
-        known = data_spec(train_set)
-    spec = DataSpec(*known)
+    train_set = None if known is not None else load_train_set(cfg)
+    spec = DataSpec(*known) if known is not None else data_spec(train_set)
     if (spec.image_size, spec.channels) != (data.image_size, data.channels):
         raise GenrepError(f"{key} {run} was trained on {spec.image_size}x{spec.image_size} images with "
                           f"{_count(spec.channels, 'channel')}; this run's data are {data.image_size}x"
