@@ -199,6 +199,10 @@ def test_rope_positions_interpolate_to_the_trained_grid():
     with pytest.raises(GenrepError) as e:
         build_method("darl", tiny_config("darl", **{"model.rope_grid": 4, "model.pos_embed": "learned"}).model, SPEC)
     assert "rope_grid interpolates RoPE positions" in one_line(e)
+    darl = type(small)
+    assert darl.size_options(small.cfg, 8, 16) == {"rope_grid": 4}  # the trained 4x4 grid
+    assert darl.size_options(big_cfg.model, 16, 32) == {"rope_grid": 4}  # trained interpolated: the same range
+    assert darl.size_options(_darl(pos_embed="none").cfg, 8, 16) == {}
 
 
 @pytest.mark.slow

@@ -116,7 +116,8 @@ class DARL(Method):
         if size % cfg.patch_size:
             raise GenrepError(f"data.image_size {size} is not a multiple of model.patch_size {cfg.patch_size}; "
                               f"choose a multiple of {cfg.patch_size}")
-        return {"rope_grid": trained // cfg.patch_size} if cfg.pos_embed.startswith("rope") else {}
+        # a run trained with interpolated positions (rope_grid set) keeps its range
+        return {"rope_grid": cfg.rope_grid or trained // cfg.patch_size} if cfg.pos_embed.startswith("rope") else {}
 
     def __init__(self, cfg: DARLConfig, data: DataSpec):
         super().__init__(cfg, data)
