@@ -224,7 +224,7 @@ def test_a_frozen_run_conditions_gvp(tmp_path):
 def test_a_condition_run_is_read_without_its_images(tmp_path, monkeypatch):
     """The frozen run's data shape comes from the data registry: building GVP, the memory check's meta build
     included, reads none of its images (they are only needed for fitted state or the npz:/folder: forms)."""
-    import genrep.runs as runs
+    from genrep import runs
     from genrep.train.loop import pretrain
 
     pretrain(tiny_config("supervised", **{"train.steps": 1}), tmp_path / "sup")
