@@ -241,9 +241,9 @@ def test_a_run_is_probed_at_another_image_size(tmp_path):
     proc = run_cli("probe", str(learned), "--data.image_size", "16")
     assert_one_line_error(proc, "model.pos_embed learned gives absolute positions on the 4x4 patch grid of the trained "
                                 "8x8 images")
-    supervised = tmp_path / "supervised"
-    pretrain(tiny_config("supervised", **{"train.steps": 1}), supervised)
-    proc = run_cli("probe", str(supervised), "--data.image_size", "16")
-    assert_one_line_error(proc, "a trained supervised run reads only images of the size it was trained on (8x8), not "
-                                "16x16; of genrep's methods, darl can read other sizes")
-    assert not (learned / "results").exists() and not (supervised / "results").exists()
+    genvit = tmp_path / "genvit"
+    pretrain(tiny_config("genvit", **{"train.steps": 1}), genvit)
+    proc = run_cli("probe", str(genvit), "--data.image_size", "16")
+    assert_one_line_error(proc, "a trained genvit run reads only images of the size it was trained on (8x8), not "
+                                "16x16; of genrep's methods, darl and supervised can read other sizes")
+    assert not (learned / "results").exists() and not (genvit / "results").exists()

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="linear probe and kNN on the frozen features of a run (add --probe.KEY "
                            "VALUE, a read option such as --model.feature_t 100, or --data.image_size N to read a "
-                           "darl run with RoPE at another image size)")
+                           "darl or supervised run with RoPE at another image size)")
     probe.add_argument("run", type=Path, metavar="RUN")
     probe.add_argument("--device", default="auto")
 

@@ -45,16 +45,16 @@ from ..nn.patch import patchify, unpatchify
 from ..nn.transformer import Block
 from ..nn.two_stream import two_streams
 from ..nn.vit import ViT, _init_weights
-from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
+from .base import TINY_VIT, DataSpec, Method, check_vit_shape
+from .positions import POSITIONS, PositionsConfig, position_parameters, size_options, vit_positions
 from .registry import register
 
-POSITIONS = ("rope2d", "rope1d", "learned", "sincos", "none")
 DECODERS = ("diffusion", "mse")
 GAMMA_SCALE = 1000.0  # gamma in [0, 1] is embedded like a DDPM step in [0, 1000)
 
 
 @dataclass
-class DARLConfig(ViTConfig):
+class DARLConfig(PositionsConfig):
     # table 1's positional encodings: decomposed 2D RoPE (the paper's), 1D RoPE over the sequence, absolute ones
     pos_embed: str = setting("rope2d", choices=POSITIONS)
     decoder: str = setting("diffusion", choices=DECODERS)
@@ -71,23 +71,11 @@ class DARLConfig(ViTConfig):
     sampler: str = setting("ddim", choices=("ddim", "ddpm"))
     sample_steps: int = setting(50, min=1, max=100000)
     cache: bool = True  # fixed orders decode with a key/value cache (false: recompute the sequence at every patch)
-    # RoPE positions interpolated to the patch grid they were trained on (0: this data's grid): a run trained at 224 px
-    # (14x14 patches) read at 384 px with --model.rope_grid 14 sees every position inside the trained range
-    rope_grid: int = setting(0, min=0, max=65536)
     # the training view: none, or crop (random resized crop and flip: table 8's "spatial" augmentation, MAE's)
     augment: str = setting("none", choices=tuple(a for a in AUGMENTATIONS if a != "classifier"))
 
     def validate(self, section: str) -> None:
         super().validate(section)
-        head = self.dim // self.num_heads
-        need = {"rope2d": 4, "rope1d": 2}.get(self.pos_embed)
-        if need and head % need:
-            raise GenrepError(f"{section}.pos_embed {self.pos_embed} rotates {'a row half and a column half of ' if need == 4 else ''}"
-                              f"channel pairs: the head width {section}.dim / {section}.num_heads = {head} must be "
-                              f"divisible by {need}")
-        if self.rope_grid and not self.pos_embed.startswith("rope"):
-            raise GenrepError(f"{section}.rope_grid interpolates RoPE positions; {section}.pos_embed {self.pos_embed} "
-                              f"has none: set {section}.rope_grid 0")
         if self.norm_pix and self.decoder != "mse":
             raise GenrepError(f"{section}.norm_pix normalises the MSE decoder's targets; with {section}.decoder "
                               f"{self.decoder} set it false")
@@ -108,16 +96,7 @@ class DARL(Method):
     @classmethod
     def size_options(cls, cfg: DARLConfig, trained: int, size: int) -> dict:
         """Section 3.4: RoPE positions are interpolated to the trained patch grid; no positions need nothing."""
-        if cfg.pos_embed in ("learned", "sincos"):
-            grid = trained // cfg.patch_size
-            raise GenrepError(f"model.pos_embed {cfg.pos_embed} gives absolute positions on the {grid}x{grid} patch grid "
-                              f"of the trained {trained}x{trained} images; a run read at another image size needs "
-                              f"model.pos_embed rope2d, rope1d or none")
-        if size % cfg.patch_size:
-            raise GenrepError(f"data.image_size {size} is not a multiple of model.patch_size {cfg.patch_size}; "
-                              f"choose a multiple of {cfg.patch_size}")
-        # a run trained with interpolated positions (rope_grid set) keeps its range
-        return {"rope_grid": cfg.rope_grid or trained // cfg.patch_size} if cfg.pos_embed.startswith("rope") else {}
+        return size_options(cfg, trained, size)
 
     def __init__(self, cfg: DARLConfig, data: DataSpec):
         super().__init__(cfg, data)
@@ -125,11 +104,9 @@ class DARL(Method):
         self.grid = data.image_size // cfg.patch_size
         self.T = self.grid * self.grid
         self.patch_dim = cfg.patch_size ** 2 * data.channels
-        rope = {"rope2d": "2d", "rope1d": "1d"}.get(cfg.pos_embed)
-        absolute = cfg.pos_embed if cfg.pos_embed in ("learned", "sincos") else "none"
         self.encoder = ViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
-                           cfg.mlp_ratio, cls_token=True, pos_embed=absolute, drop=cfg.drop, rope=rope,
-                           drop_path=cfg.drop_path)  # the CLS token is the start-of-sequence token
+                           cfg.mlp_ratio, cls_token=True, drop=cfg.drop, drop_path=cfg.drop_path,
+                           **vit_positions(cfg))  # the CLS token is the start-of-sequence token
         with torch.device("cpu"):  # also when the model is sized on the meta device
             order = patch_order("raster" if cfg.order == "random" else cfg.order, self.grid, cfg.block)
         self.register_buffer("order", order, persistent=False)
@@ -170,15 +147,13 @@ class DARL(Method):
         if rope is None:
             return None
         n = order.shape[-1] + int(start)
-        scale = self.cfg.rope_grid / self.grid if self.cfg.rope_grid else 1.0  # position interpolation
         if rope.ndim == 1:
-            positions = torch.arange(n, device=order.device)
-            return positions if scale == 1 else positions * scale ** 2  # T grows with the grid's square
+            return rope.interpolate(torch.arange(n, device=order.device), self.cfg.rope_grid, self.grid)
         layout = rope.token_positions(self.grid, 1, order.device)  # [1 + T, 2]: the start token, then raster
         index = order + 1
         if start:
             index = torch.cat([index.new_zeros(*order.shape[:-1], 1), index], -1)
-        return layout[index] if scale == 1 else layout[index] * scale
+        return rope.interpolate(layout[index], self.cfg.rope_grid, self.grid)
 
     def _tokens(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """The patch embeddings [B, T, D] (absolute positions added at each patch's place) in ``order`` ([T] or
@@ -388,7 +363,7 @@ class DARL(Method):
     # ---- optimisation hints
     def no_weight_decay(self) -> set[str]:
         names = {"encoder.cls_token"} | ({"query_token"} if self.cfg.order == "random" else set())
-        return names | ({"encoder.pos_embed.pos"} if self.cfg.pos_embed == "learned" else set())
+        return names | position_parameters(self.cfg)
 
     def flops_per_image(self) -> int:
         c = self.cfg

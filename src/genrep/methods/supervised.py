@@ -12,14 +12,15 @@ from ..data.augment import AUGMENTATIONS, Augmentation
 from ..fields import setting
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
-from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
+from .base import TINY_VIT, DataSpec, Method, check_vit_shape
 from .classification import (ClassifierTrainingConfig, classification_inputs, classification_loss, image_view,
                              mixing_inputs)
+from .positions import PositionsConfig, position_parameters, size_options, vit_positions
 from .registry import register
 
 
 @dataclass
-class SupervisedConfig(ViTConfig, ClassifierTrainingConfig):
+class SupervisedConfig(PositionsConfig, ClassifierTrainingConfig):  # positions: the DARL paper's table 1
     label_smoothing: float = setting(0.0, min=0, max=1)
     augment: str = setting("weak", choices=AUGMENTATIONS)
     head_pool: str = setting("cls", choices=("cls", "mean"))  # the token the classifier reads
@@ -35,13 +36,18 @@ class SupervisedViT(Method):
     feature_maps = True  # the patch tokens on their grid
     default_pool = "cls"
     tiny_config = TINY_VIT
+    feature_options = ("rope_grid",)  # another resolution's read-out, on trained weights
+
+    @classmethod
+    def size_options(cls, cfg: SupervisedConfig, trained: int, size: int) -> dict:
+        return size_options(cfg, trained, size)
 
     def __init__(self, cfg: SupervisedConfig, data: DataSpec):
         super().__init__(cfg, data)
         check_vit_shape(cfg, data)
         self.encoder = ViT(data.image_size, cfg.patch_size, data.channels, cfg.dim, cfg.depth, cfg.num_heads,
-                           cfg.mlp_ratio, cls_token=True, pos_embed=cfg.pos_embed, drop=cfg.drop,
-                           drop_path=cfg.drop_path)
+                           cfg.mlp_ratio, cls_token=True, drop=cfg.drop, drop_path=cfg.drop_path,
+                           **vit_positions(cfg))
         self.head = nn.Linear(cfg.dim, data.num_classes)
         nn.init.zeros_(self.head.weight)  # a zero head starts at the uniform prediction (timm/DeiT)
         nn.init.zeros_(self.head.bias)
@@ -75,7 +81,7 @@ class SupervisedViT(Method):
         return self.encoder.patch_embed.grid
 
     def no_weight_decay(self) -> set[str]:
-        return {"encoder.cls_token", "encoder.pos_embed.pos"}
+        return {"encoder.cls_token"} | position_parameters(self.cfg)
 
     def flops_per_image(self) -> int:
         c, d = self.cfg, self.data

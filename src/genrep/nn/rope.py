@@ -51,6 +51,15 @@ class _RoPE(nn.Module):
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"
 
+    def interpolate(self, positions: torch.Tensor, trained_grid: int, grid: int) -> torch.Tensor:
+        """``positions`` of a ``grid`` x ``grid`` patch layout scaled into the range of the ``trained_grid`` one
+        (position interpolation: weights trained on one image size read another, DARL section 3.4). A 2D
+        position scales with the side; a 1D one, a place in the sequence, with the side's square."""
+        if not trained_grid or trained_grid == grid:
+            return positions
+        scale = trained_grid / grid
+        return positions * (scale if self.ndim == 2 else scale ** 2)
+
     def _check(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """positions -> [N, ...] or [B, 1, N, ...], broadcastable against x [B, H, N, Dh]."""
         if x.ndim != 4 or x.shape[-1] != self.head_dim:

@@ -23,7 +23,7 @@ POOLS = ("cls", "mean", "last")
 class ViT(nn.Module):
     def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, cls_token: bool = True, pos_embed: str = "learned", drop: float = 0.0,
-                 rope: str | None = None, rope_base: float = 10000.0, drop_path: float = 0.0):
+                 rope: str | None = None, rope_base: float = 10000.0, drop_path: float = 0.0, rope_grid: int = 0):
         super().__init__()
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
         self.num_prefix = 1 if cls_token else 0
@@ -34,6 +34,7 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.dim, self.depth = dim, depth
         self.rope = make_rope(rope, dim // num_heads, rope_base)  # no state: the state dict is unchanged
+        self.rope_grid = rope_grid  # the patch grid RoPE positions are interpolated to (0: this one)
         # optional per-block maps of a conditioning embedding to (scale, shift); a subclass sets them. They
         # live here and not in the blocks so DenoiserViT's checkpoint keys stay `modulations.{i}`.
         self.modulations: nn.ModuleList | None = None
@@ -99,7 +100,8 @@ class ViT(nn.Module):
         return out
 
     def _rope_positions(self, n: int, offset: int, device: torch.device) -> torch.Tensor:
-        layout = self.rope.token_positions(self.patch_embed.grid, self.num_prefix, device)
+        grid = self.patch_embed.grid
+        layout = self.rope.interpolate(self.rope.token_positions(grid, self.num_prefix, device), self.rope_grid, grid)
         if offset + n > layout.shape[0]:
             raise ValueError(f"tokens {offset}..{offset + n - 1} run past the ViT's {layout.shape[0]} tokens; "
                              f"pass positions= for longer sequences")
