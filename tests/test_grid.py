@@ -63,7 +63,8 @@ def test_the_grid_holds_every_cell_as_a_probed_run(grid):
         assert c["status"] == "done" and c["steps"] == 10 and c["train_seconds"] > 0
         assert isinstance(c["final_loss"], float) and 0 <= c["linear_acc"] <= 1
         assert set(c["knn"]) == {"20", "200"} and all(0 <= v <= 1 for v in c["knn"].values())
-        assert c["readout"] == {"layer": 1, "pool": "cls"}  # supervised has no causal mask: no "causal"
+        # supervised has no causal mask: no "causal"; its one feature option, rope_grid, as trained
+        assert c["readout"] == {"layer": 1, "pool": "cls", "rope_grid": 0}
         probe = json.loads((run / "results" / "probe.json").read_text())
         assert probe["weights"] == c["weights"] == "ema@10"
         assert probe["linear_probe"]["test_acc"] == c["linear_acc"]

@@ -15,7 +15,7 @@ from .base import DataSpec, Method
 
 _METHODS: dict[str, type[Method]] = {}
 # modules of methods/ that define no method
-HELPER_MODULES = {"base", "registry", "classification", "colour_tokens", "diffusion_model", "tokenizers"}
+HELPER_MODULES = {"base", "registry", "classification", "colour_tokens", "diffusion_model", "positions", "tokenizers"}
 _loaded = False
 
 
