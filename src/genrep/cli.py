@@ -248,7 +248,7 @@ def cmd_pretrain(args, rest: list[str]) -> int:
 
 # ------------------------------------------------------------------ probe
 
-# the one data key a trained run may be read with changed, by genrep probe (runs.at_image_size)
+# the one data key a trained run may be read with changed, by genrep probe (runs.reading_config)
 READ_SIZE = "data.image_size"
 
 

@@ -408,28 +408,36 @@ def install_run_state(run: Path, method: Method, train_set: ImageSet) -> None:
     check_frozen(run, method)
 
 
-def trained_image_size(cfg: Config) -> int:
-    """The side of the images the run of ``cfg`` was trained on."""
+def trained_data_spec(cfg: Config) -> tuple[DataSpec, ImageSet | None]:
+    """The data shape the run of ``cfg`` was trained on, from the data registry without reading an image; for the
+    path forms (npz:, folder:) from its training split, which is returned for reuse (None otherwise)."""
     from .data.datasets import registered_spec
 
     known = registered_spec(cfg.data.name, cfg.data.image_size)
     if known is not None:
-        return known[0]
-    return cfg.data.image_size or data_spec(load_train_set(cfg)).image_size
+        return DataSpec(*known), None
+    train_set = load_train_set(cfg)
+    return data_spec(train_set), train_set
 
 
-def at_image_size(cfg: Config, size, options: dict | None = None) -> Config:
-    """``cfg`` read at ``size`` x ``size`` images (``genrep probe RUN --data.image_size``): the data resized, and
-    the read options the method needs for that (``Method.size_options``); an option given in ``options`` wins."""
+def reading_config(run: Path, options: dict | None = None, image_size=None) -> tuple[Config, int | None]:
+    """The config trained run ``run`` is read with: its own, with the read ``options`` (``Method.read_options``),
+    and with ``image_size`` (``genrep probe RUN --data.image_size``) its data resized and the read options the
+    method needs there (``Method.size_options``; an option given in ``options`` wins). Second, the size the run
+    was trained on when it is read at another (else None)."""
     from .config import MAX_IMAGE_SIZE, apply_overrides, config_from_dict
     from .methods import get_method, method_names
 
+    cfg = with_read_options(read_run_config(run), options)
+    if image_size is None:
+        return cfg, None
+    size = image_size
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
         raise GenrepError(f"data.image_size must be an integer from 1 to {MAX_IMAGE_SIZE} (the side to read the run's "
                           f"images at), got {size!r}")
-    trained = trained_image_size(cfg)
+    trained = cfg.data.image_size or trained_data_spec(cfg)[0].image_size
     if size == trained:
-        return cfg
+        return cfg, None
     method = get_method(cfg.method)
     extra = method.size_options(cfg.model, trained, size)
     if extra is None:
@@ -438,7 +446,7 @@ def at_image_size(cfg: Config, size, options: dict | None = None) -> Config:
                           f"{trained}), not {size}x{size}; of genrep's methods, {' and '.join(able)} can read other "
                           f"sizes")
     changes = {"data.image_size": size, **{f"model.{k}": v for k, v in extra.items() if k not in (options or {})}}
-    return config_from_dict(apply_overrides(cfg.to_dict(), changes))
+    return config_from_dict(apply_overrides(cfg.to_dict(), changes)), trained
 
 
 def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
@@ -449,15 +457,13 @@ def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "
 
 
 def load_trained_with_test(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
-                           options: dict | None = None, image_size: int | None = None,
+                           options: dict | None = None, *, cfg: Config | None = None,
                            ) -> tuple[Config, Method, ImageSet, ImageSet]:
-    """:func:`load_trained` and the test split, which the check of the splits has loaded anyway; with
-    ``image_size``, both splits at that size (:func:`at_image_size`)."""
+    """:func:`load_trained` and the test split, which the check of the splits has loaded anyway; ``cfg``: the
+    config to read it with, when the caller made it (:func:`reading_config` at another image size)."""
     if weights not in ("ema", "model"):
         raise GenrepError(f"weights '{weights}' is unknown; choose ema or model")
-    cfg = with_read_options(read_run_config(run), options)
-    if image_size is not None:
-        cfg = at_image_size(cfg, image_size, options)
+    cfg = cfg if cfg is not None else reading_config(run, options)[0]
     train_set, test_set = load_splits(cfg)
     method = build_for_data(cfg, train_set, device)
     install_run_state(run, method, train_set)
@@ -481,8 +487,6 @@ def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, acce
     Built while the model holding it is sized on the meta device (the memory check), it is checked and built
     there, and nothing is read into it; ``real`` builds and fills it on the CPU even then, for a holder that must
     run it to size itself."""
-    from .data.datasets import registered_spec
-
     run = Path(run)
     if not run.is_dir():
         raise GenrepError(f"{key} {run} is not a folder; give {wanted}")
@@ -502,9 +506,7 @@ def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, acce
         state = load_safetensors(weights)
     except GenrepError as e:
         raise GenrepError(f"{key} {run}: {e}") from None
-    known = registered_spec(cfg.data.name, cfg.data.image_size)
-    train_set = None if known is not None else load_train_set(cfg)
-    spec = DataSpec(*known) if known is not None else data_spec(train_set)
+    spec, train_set = trained_data_spec(cfg)
     if (spec.image_size, spec.channels) != (data.image_size, data.channels):
         raise GenrepError(f"{key} {run} was trained on {spec.image_size}x{spec.image_size} images with "
                           f"{_count(spec.channels, 'channel')}; this run's data are {data.image_size}x"

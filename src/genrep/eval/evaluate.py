@@ -149,7 +149,7 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
                 options: dict | None = None, image_size: int | None = None) -> dict:
     """`genrep probe RUN`: the probes protocol with ``probe`` (default: the run's own ``probe`` section) at
     one read-out, no sweep; ``options`` changes model keys that change features (e.g. feature_t), and
-    ``image_size`` reads both splits at another size (``runs.at_image_size``).
+    ``image_size`` reads both splits at another size (``runs.reading_config``).
     Writes and returns ``RUN/results/probe.json``."""
     from ..runs import read_run_config
 

@@ -91,21 +91,19 @@ class EvalContext:
     def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True,
              image_size: int | None = None) -> EvalContext:
         """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data
-        (at ``image_size``: the run read at another size, ``runs.at_image_size``)."""
+        (at ``image_size``: the run read at another size, ``runs.reading_config``)."""
         from ...devices import resolve_device
-        from ...runs import load_trained_with_test, read_run_config, trained_image_size
+        from ...runs import load_trained_with_test, reading_config
 
         run = Path(run)
         device = resolve_device(ev.device)
-        cfg, method, train, test = load_trained_with_test(run, ev.weights, device, options=options,
-                                                          image_size=image_size)
+        cfg, trained = reading_config(run, options, image_size)
+        cfg, method, train, test = load_trained_with_test(run, ev.weights, device, cfg=cfg)
         for split, s in (("train", train), ("test", test)):
             if len(s) == 0:
                 raise GenrepError(f"the {split} split of {s.name} is empty; evaluation needs images in both splits")
-        trained = trained_image_size(read_run_config(run)) if image_size is not None else None
         return cls(run=run, cfg=cfg, ev=ev, method=method, train=train, test=test, device=device,
-                   version=weights_version(run, ev.weights), progress=progress,
-                   trained_size=trained if trained != train.image_size else None)
+                   version=weights_version(run, ev.weights), progress=progress, trained_size=trained)
 
     @property
     def bf16(self) -> bool:
