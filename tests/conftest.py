@@ -59,6 +59,15 @@ def tiny_config(method: str = "supervised", **overrides) -> Config:
     return config_from_dict(apply_overrides({"method": method, "recipe": method, "data": {"name": "digits"}}, settings))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def toy_tokenizers(tmp_path_factory):
+    """The toy method's fixed tokenizers live in this session's own temporary folder (and reach CLI subprocesses
+    through the environment): no test reads a file that an earlier session left behind."""
+    os.environ[toy_method.TOKENIZER_FOLDER] = str(tmp_path_factory.mktemp("toy-tokenizers"))
+    yield
+    os.environ.pop(toy_method.TOKENIZER_FOLDER, None)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors on a loaded 2-core machine: one intra-op thread is several times faster (a module's tests

@@ -74,7 +74,7 @@ def _random_unet(cfg: ADMConfig, spec: DataSpec = SPEC, seed: int = 0) -> UNet:
 def test_adm256_blocks_through_the_method(tmp_path):
     """guided-diffusion's 256x256 uncond flags as an adm config: the paper's numbering (37 blocks, middle 19)
     and its best block 24 (16x16, 1024 channels) as the default read-out; built on the meta device, so the
-    pretrained file (here not even a state dict) is hashed but never read."""
+    pretrained file (here not even a state dict) is neither hashed nor read."""
     fake = tmp_path / "256x256_diffusion_uncond.pt"
     fake.write_bytes(b"not read on the meta device")
     cfg = ADMConfig(num_channels=256, num_res_blocks=2, attention_resolutions=[32, 16, 8],
@@ -89,6 +89,7 @@ def test_adm256_blocks_through_the_method(tmp_path):
     assert m.feature_map_size(24) == 16 and m.feature_channels(24) == 1024
     assert m.feature_map_size(19) == 8 and m.feature_map_size(1) == m.feature_map_size(37) == 256
     assert m.param_counts()["trainable"] == 0 and set(m.frozen_parts) == {"unet"}
+    assert m.frozen_parts["unet"].sha256 == ""
     assert m.check_feature_args(None, None) == (24, "1")
     with pytest.raises(GenrepError, match=r"choose 1\.\.37") as e:
         m.check_feature_args(38, None)

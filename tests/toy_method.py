@@ -13,7 +13,7 @@ It is registered by ``conftest`` (and reaches CLI subprocesses through ``GENREP_
 
 from __future__ import annotations
 
-import tempfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,19 +37,28 @@ class ToyConfig:
     num_heads: int = 2
     patch_size: int = 2
     drop: float = 0.0
-    tokenizer: str = ""            # the frozen tokenizer's safetensors file; "" = a fixed one made on first use
+    tokenizer: str = ""            # the frozen tokenizer's safetensors file; "" = default_tokenizer's fixed one
     beta_a: float = 1.0            # the noise level gamma ~ Beta(a, b) of each training image (DARL's schedule)
     beta_b: float = 1.0
     temperature: float = 0.1       # sample / complete: std of the Gaussian around each predicted patch
 
 
-def default_tokenizer(patch_dim: int) -> Path:
-    """A fixed orthogonal patch transform, the same bytes in every process (so its sha256 is stable)."""
-    path = Path(tempfile.gettempdir()) / f"genrep-toy-tokenizer-{patch_dim}.safetensors"
-    if not path.exists():
+TOKENIZER_FOLDER = "GENREP_TOY_TOKENIZERS"  # the folder of the fixed tokenizers; conftest makes it per session
+
+
+def default_tokenizer(patch_dim: int, create: bool = True) -> Path:
+    """A fixed orthogonal patch transform, the same bytes in every process (so its sha256 is stable), in the
+    folder ``$GENREP_TOY_TOKENIZERS``: conftest makes one per test session, so no test reads a file an earlier
+    session left behind, and CLI subprocesses inherit the variable."""
+    folder = os.environ.get(TOKENIZER_FOLDER, "")
+    if not folder:
+        raise GenrepError(f"the toy method's default tokenizer lives in ${TOKENIZER_FOLDER}, which is not set; "
+                          f"run it under the tests' conftest or give --model.tokenizer FILE")
+    path = Path(folder) / f"genrep-toy-tokenizer-{patch_dim}.safetensors"
+    if create and not path.exists():
         q, _ = torch.linalg.qr(torch.randn(patch_dim, patch_dim, generator=torch.Generator().manual_seed(0),
                                            dtype=torch.float64))
-        tmp = path.with_suffix(f".tmp{id(path)}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"weight": q.float().contiguous()}, str(tmp))
         tmp.replace(path)
     return path
@@ -74,9 +83,11 @@ class ToyAR(Method):
         self.grid = data.image_size // cfg.patch_size
         self.n = self.grid * self.grid
         self.patch_dim = cfg.patch_size ** 2 * data.channels
-        source = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer(self.patch_dim)
         tokenizer = nn.Linear(self.patch_dim, self.patch_dim, bias=False)
-        tokenizer.weight.data.copy_(load_file(str(source))["weight"])
+        real = not tokenizer.weight.is_meta  # the memory check sizes the model on the meta device: no file touched
+        source = Path(cfg.tokenizer) if cfg.tokenizer else default_tokenizer(self.patch_dim, create=real)
+        if real:
+            tokenizer.weight.data.copy_(load_file(str(source))["weight"])
         self.freeze("tokenizer", tokenizer, source)
         self.embed = nn.Linear(self.patch_dim, cfg.dim)
         self.start = nn.Parameter(torch.zeros(1, 1, cfg.dim))

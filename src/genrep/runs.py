@@ -77,7 +77,12 @@ _TRAIN_BYTES, _WEIGHT_BYTES = 20, 4
 def check_model_fits(cfg: Config, spec: DataSpec, device: torch.device, training: bool) -> None:
     """Refuse in one line a model every key of which is valid but which together cannot fit (model.dim 65536
     with depth 1024): the method is built on the meta device, which allocates nothing, and its parameter count
-    is weighed against the memory free on ``device`` (and on the CPU, where every model is built first)."""
+    is weighed against the memory free on ``device`` (and on the CPU, where every model is built first).
+
+    This build writes no file and reads no weights: a frozen part's file is neither made, hashed nor read
+    (``Method.freeze``, ``load_frozen_run``); what it reads is the configs of frozen runs, for their shapes. The
+    one exception is a frozen run the holder must run to size itself (GVP's ``model.condition``, whose feature
+    width only its forward pass tells), which is built and read on the CPU."""
     with torch.device("meta"):
         probe = build_method(cfg.method, cfg.model, spec)
     counts = probe.param_counts()
@@ -502,10 +507,6 @@ def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, acce
     if not weights.is_file():
         raise GenrepError(f"{key} {run} has no trained weights ({weights.name}); let its training write a "
                           f"checkpoint, or give a finished run")
-    try:
-        state = load_safetensors(weights)
-    except GenrepError as e:
-        raise GenrepError(f"{key} {run}: {e}") from None
     spec, train_set = trained_data_spec(cfg)
     if (spec.image_size, spec.channels) != (data.image_size, data.channels):
         raise GenrepError(f"{key} {run} was trained on {spec.image_size}x{spec.image_size} images with "
@@ -514,6 +515,10 @@ def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, acce
                           f"this data")
     if torch.get_default_device().type == "meta" and not real:
         return cfg, build_method(cfg.method, cfg.model, spec).eval(), weights
+    try:
+        state = load_safetensors(weights)
+    except GenrepError as e:
+        raise GenrepError(f"{key} {run}: {e}") from None
     with torch.device("cpu"):
         method = build_method(cfg.method, cfg.model, spec)
     if method.has_prepare and train_set is None:
