@@ -187,11 +187,13 @@ class Method(nn.Module):
     def freeze(self, name: str, module: nn.Module, source: str | Path) -> nn.Module:
         """Hold ``module`` (its weights already read from ``source``) as the frozen submodule ``name``: no
         gradients, and out of the optimizer, the EMA, checkpoints and the trainable parameter count. The run
-        records ``source``'s path and sha256 and refuses to load if the file changed."""
+        records ``source``'s path and sha256 and refuses to load if the file changed. While the holder is sized on
+        the meta device (``runs.check_model_fits``) the file is not read: its sha256 is left empty."""
         source = Path(source)
         module.requires_grad_(False).eval()
         setattr(self, name, module)
-        self._frozen[name] = FrozenPart(path=str(source.resolve()), sha256=file_sha256(source))
+        sizing = torch.get_default_device().type == "meta"
+        self._frozen[name] = FrozenPart(path=str(source.resolve()), sha256="" if sizing else file_sha256(source))
         return module
 
     @property
