@@ -48,13 +48,15 @@ def one_line(text: str, limit: int = 300) -> str:
 
 def setting(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, min: float | None = None,
             above: float | None = None, max: float | None = None, below: float | None = None,
-            nonempty: bool = False, unique: bool = False, hint: str = "") -> Any:
+            nonempty: bool = False, unique: bool = False, hint: str = "", only_if: dict | None = None) -> Any:
     """A dataclass field with its valid values: ``choices``, ``min`` (>=), ``above`` (>), ``max`` (<=),
     ``below`` (<); a list may be required ``nonempty`` or without repeats (``unique``); ``hint`` ends the
-    error message."""
+    error message. ``only_if`` ({other field: value or tuple of values}) declares that the key is read only
+    while those fields hold those values (DARL's Beta keys: ``{"decoder": "diffusion"}``), see :func:`inert_fields`."""
+    when = {k: tuple(v) if isinstance(v, (tuple, list)) else (v,) for k, v in (only_if or {}).items()}
     meta = {k: v for k, v in dict(choices=choices, min=min, above=above, max=max, below=below,
                                   nonempty=nonempty or None, unique=unique or None,
-                                  hint=hint or None).items() if v is not None}
+                                  hint=hint or None, only_if=when or None).items() if v is not None}
     if isinstance(default, list):
         items = list(default)
         return dataclasses.field(default_factory=lambda: list(items), metadata=meta)
@@ -119,3 +121,17 @@ def check_fields(obj: Any, section: str) -> None:
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate(section)
+
+
+def inert_fields(obj: Any, section: str) -> dict[str, str]:
+    """The fields of the dataclass instance ``obj`` that its other fields leave unread (their ``only_if`` does not
+    hold): name -> why, e.g. ``{"beta_a": "model.beta_a is read only with model.decoder diffusion, not mse"}``."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        for other, values in f.metadata.get("only_if", {}).items():
+            now = getattr(obj, other)
+            if now not in values:
+                wanted = " or ".join(str(v) for v in values)
+                out[f.name] = f"{section}.{f.name} is read only with {section}.{other} {wanted}, not {now}"
+                break
+    return out

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.augment import Augmentation
 from ..errors import GenrepError
-from ..fields import setting
+from ..fields import inert_fields, setting
 from ..nn.pooling import MAP_POOL, is_map_pool, pool_feature_map  # noqa: F401 - the contract's poolings
 
 CAPABILITIES = ("logits", "sample", "complete", "nll", "score")
@@ -297,6 +297,13 @@ class Method(nn.Module):
         GenrepError says why this configuration cannot. None (the default): the model is sized by its data
         (a learned embedding per trained patch), so it reads only the size it was trained on."""
         return None
+
+    @classmethod
+    def inert_keys(cls, cfg) -> dict[str, str]:
+        """The model keys that change nothing under ``cfg`` (DARL's Beta keys with the MSE decoder): key -> why,
+        in words. By default the keys whose ``setting(only_if=...)`` does not hold; a method whose rule is not a
+        value of another key extends it. `genrep grid` refuses an axis that no cell reads."""
+        return inert_fields(cfg, "model")
 
     def readout_refusal(self, causal: bool) -> str | None:
         """Why the features cannot be read with the causal mask switched to ``causal`` (None: they can); the

@@ -58,13 +58,18 @@ class DARLConfig(PositionsConfig):
     # table 1's positional encodings: decomposed 2D RoPE (the paper's), 1D RoPE over the sequence, absolute ones
     pos_embed: str = setting("rope2d", choices=POSITIONS)
     decoder: str = setting("diffusion", choices=DECODERS)
-    norm_pix: bool = False  # mse: each target patch normalised by its own mean and variance (MAE's option)
-    prediction: str = setting("x0", choices=("x0", "eps"))  # diffusion: what the decoder predicts (section 3.3)
-    beta_a: float = setting(0.03, above=0, max=1000)  # diffusion: gamma ~ Beta(a, b) per patch (figure 3)
-    beta_b: float = setting(1.0, above=0, max=1000)
-    gamma_embedding: bool = True  # diffusion: the decoder is told gamma (the paper does not say)
+    # each target patch normalised by its own mean and variance (MAE's option)
+    norm_pix: bool = setting(False, only_if={"decoder": "mse"})
+    # what the decoder predicts (section 3.3)
+    prediction: str = setting("x0", choices=("x0", "eps"), only_if={"decoder": "diffusion"})
+    # gamma ~ Beta(a, b) per patch (figure 3)
+    beta_a: float = setting(0.03, above=0, max=1000, only_if={"decoder": "diffusion"})
+    beta_b: float = setting(1.0, above=0, max=1000, only_if={"decoder": "diffusion"})
+    # the decoder is told gamma (the paper does not say)
+    gamma_embedding: bool = setting(True, only_if={"decoder": "diffusion"})
     order: str = setting("raster", choices=ORDERINGS + ("random",))  # section 4.4; random: the two-stream variant
-    block: int = setting(2, min=1, max=4096)  # nested, round_robin: a block's side in patches (2, 4, 8)
+    # a block's side in patches (2, 4, 8)
+    block: int = setting(2, min=1, max=4096, only_if={"order": ("nested", "round_robin")})
     feature_pool: str = setting("mean", choices=("mean", "last"))  # the default read-out (table 3)
     # sample, complete: each patch of the denoising decoder by the reverse process over sample_steps noise levels
     # (DDIM or DDPM steps on a cosine grid of gamma, see ``reverse_levels``); the MSE decoder gives its mean

@@ -60,7 +60,8 @@ class GVPConfig(ViTConfig):
     target: str = setting("p2p", choices=TARGETS)
     # the training view: none, or crop (MAE's random resized crop 0.2-1 and flip, the paper's ImageNet augmentation)
     augment: str = setting("none", choices=tuple(a for a in AUGMENTATIONS if a != "classifier"))
-    norm_pix: bool = False  # p2p: each target patch normalised by its own mean and variance (MAE's option)
+    # each target patch normalised by its own mean and variance (MAE's option)
+    norm_pix: bool = setting(False, only_if={"target": "p2p"})
     tokenizer: str = ""     # p2d, d2d: a tokenizer run folder (genrep pretrain --recipe vq-digits)
     # y_extra (appendix E): a trained genrep run whose features (its default read-out) of the image, projected to
     # the width, are a second condition token after the CLS token; "" = the CLS token alone (section 5)
@@ -70,10 +71,12 @@ class GVPConfig(ViTConfig):
     # round(mask_ratio * T) tokens predicted at once (table 10's pure masked modeling); autoregressive: one token per
     # group (K = T, n_0 = 0)
     segmentation: str = setting("mixed", choices=SEGMENTATIONS)
-    groups: int = setting(20, min=1, max=1 << 20)  # K (fixed, random, mixed)
-    mixed_mean: float = setting(0.5, above=0, below=1)  # mixed: n_{K-1} = round(p T), p ~ N(mean, std)
-    mixed_std: float = setting(0.1, min=0, max=1)
-    mask_ratio: float = setting(0.75, above=0, below=1)  # masked: the fraction of tokens predicted
+    groups: int = setting(20, min=1, max=1 << 20, only_if={"segmentation": ("fixed", "random", "mixed")})  # K
+    # n_{K-1} = round(p T), p ~ N(mean, std)
+    mixed_mean: float = setting(0.5, above=0, below=1, only_if={"segmentation": "mixed"})
+    mixed_std: float = setting(0.1, min=0, max=1, only_if={"segmentation": "mixed"})
+    # the fraction of tokens predicted
+    mask_ratio: float = setting(0.75, above=0, below=1, only_if={"segmentation": "masked"})
     # one segmentation per batch (one mask the whole batch shares: the fused kernels' fast path) or per sample; the
     # paper does not say which it draws
     segment_per: str = setting("batch", choices=("batch", "sample"))
