@@ -198,15 +198,17 @@ def test_bad_axes_are_one_line_and_write_nothing(tmp_path, capsys, axes, fragmen
 
 
 def test_one_axis_and_default_folder_names(tmp_path, capsys, one_torch_thread):
-    args = ["grid", "--recipe", "supervised-digits", "--axis", "train.seed", "0", "--runs-dir", str(tmp_path), *ARGS]
+    args = ["grid", "--recipe", "supervised-digits", "--axis", "train.seed", "0,1", "--runs-dir", str(tmp_path), *ARGS]
     assert main(args) == 0
     assert main(args) == 0  # a new default folder, never the first grid's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["supervised-digits-grid", "supervised-digits-grid-2"]
     table = capsys.readouterr().out.split("linear-probe test accuracy")[-1].splitlines()
-    assert table[1].split() == ["train.seed", "0"] and table[2].startswith("linear probe")  # one row
+    assert table[1].split() == ["train.seed", "0", "1"] and table[2].startswith("linear probe")  # one row
     doc = _doc(tmp_path / "supervised-digits-grid")
-    assert [c["name"] for c in doc["cells"]] == ["seed=0"] and (tmp_path / "supervised-digits-grid" / "seed=0").is_dir()
-    assert doc["cells"][0]["index"] == [0] and (tmp_path / "supervised-digits-grid" / "grid.png").read_bytes()[:8] == PNG
+    assert [c["name"] for c in doc["cells"]] == ["seed=0", "seed=1"]
+    assert (tmp_path / "supervised-digits-grid" / "seed=1").is_dir()
+    assert doc["cells"][1]["index"] == [1]
+    assert (tmp_path / "supervised-digits-grid" / "grid.png").read_bytes()[:8] == PNG
     page = write_report([tmp_path / "supervised-digits-grid"], tmp_path / "r.html").read_text()
     assert "Grid over train.seed" in page
 

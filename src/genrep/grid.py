@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GenrepError
-from .fields import show
+from .fields import one_line, show
 
 GRID_MARKER = ".genrep-grid"
 GRID_FILE = "grid.json"
@@ -175,6 +175,9 @@ def plan_grid(recipe: str, axes: list[tuple[str, str]], overrides: dict[str, Any
         if not text.strip() or any(not s for s in items):
             raise GenrepError(f"--axis {key} {show(text)} has an empty value; give values separated by commas, "
                               f"e.g. --axis {key} V1,V2")
+        if len(items) < 2:
+            raise GenrepError(f"--axis {key} {show(text)} has one value; a grid compares two or more (--axis {key} "
+                              f"V1,V2), and one value for every cell is an override (--{key} {one_line(items[0], 80)})")
         values = []
         for item in items:
             value = parse_overrides([f"--{key}", item])[key]  # as an override's value is read
@@ -210,7 +213,38 @@ def plan_grid(recipe: str, axes: list[tuple[str, str]], overrides: dict[str, Any
         except GenrepError as e:
             raise GenrepError(f"grid cell {name}: {e}") from None
         plan.cells.append(Cell(index, values, name, cfg))
+    for axis in parsed:
+        _check_axis_is_read(axis.key, plan.cells)
     return plan
+
+
+def _check_axis_is_read(key: str, cells: list[Cell]) -> None:
+    """Refuse an axis whose key no cell reads: its cells would train bit-identical weights. An axis read in some
+    cells only (DARL's beta_a against an axis over the decoder) is kept: those cells differ."""
+    why = [_unread(cell.cfg, key) for cell in cells]
+    if all(why):
+        raise GenrepError(f"--axis {key} changes nothing in this grid ({why[0]}): every cell would train the same "
+                          f"weights and read them the same way; drop the axis, or change what it depends on")
+
+
+def _unread(cfg, key: str) -> str | None:
+    """Why ``key`` changes neither the training nor the probes of a cell with config ``cfg`` (None: it may)."""
+    from .methods import get_method
+
+    section, _, name = key.partition(".")
+    if section != "model":
+        return None
+    method = get_method(cfg.method)
+    inert = method.inert_keys(cfg.model).get(name)
+    if inert:
+        return f"{cfg.method}: {inert}"
+    caps = [cap for cap, keys in method.capability_options.items() if name in keys]
+    if caps and name not in method.feature_options and cfg.train.eval_every is None:
+        # a capability's option is read when the method samples, completes, ...: by genrep evaluate, or by
+        # train.eval_every's FID, which this cell does not run
+        return (f"{key} is an option of {cfg.method}'s {' and '.join(caps)}, which training and the probes do not "
+                f"use; set it when evaluating a cell: genrep evaluate CELL --{key} V")
+    return None
 
 
 def preflight(plan: GridPlan) -> None:
@@ -272,9 +306,31 @@ def check_grid_out(out: Path, plan: GridPlan | None = None) -> None:
         return
     from .locks import LOCK_FILE
 
+    marker = out / GRID_MARKER
+    if marker.exists() or marker.is_symlink():
+        raise GenrepError(f"{out} has a malformed {GRID_MARKER} marker ({_marker_fault(marker)}); genrep writes it as "
+                          f"a JSON object with \"format\": \"{_FORMAT}\": if genrep made this grid, restore the "
+                          f"marker, else choose another --out")
     if any(p.name != LOCK_FILE for p in out.iterdir()):
         raise GenrepError(f"{out} exists and is not a genrep grid (no {GRID_MARKER} marker); choose another --out, "
                           f"or an empty or new folder")
+
+
+def _marker_fault(marker: Path) -> str:
+    """What is wrong with a grid marker :func:`is_grid_folder` did not accept, in a few words."""
+    if marker.is_symlink():
+        return "a symbolic link"
+    if not marker.is_file():
+        return "not a file"
+    try:
+        d = json.loads(marker.read_bytes())
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    except (ValueError, RecursionError):
+        return "not JSON"
+    if not isinstance(d, dict):
+        return f"JSON {type(d).__name__}, not an object"
+    return f"format {show(d.get('format'))}, not {_FORMAT!r}"
 
 
 def _bad(path: Path, what: str) -> GenrepError:

@@ -27,12 +27,13 @@ MAX_DEFAULT_BLOCKS = 10
 
 @dataclass
 class SweepSettings:
-    blocks: list[int] = setting([], min=1)        # empty: about 10 blocks spread over the network, and the default
-    t: list[int] = setting([], min=0)             # noise steps; empty: the run's feature_t alone
-    pools: list[Pool] = setting([], unique=True)  # p (p x p average pool of a map), a pooling name; []: the default
+    # every list without repeats, as a grid's axis: a repeated value is a cell computed twice
+    blocks: list[int] = setting([], min=1, unique=True)  # empty: about 10 spread over the network, and the default
+    t: list[int] = setting([], min=0, unique=True)       # noise steps; empty: the run's feature_t alone
+    pools: list[Pool] = setting([], unique=True)         # p (p x p average pool of a map), a pooling name; []: default
     heads: list[str] = setting(["linear"], choices=HEADS, nonempty=True, unique=True)
     # the linear head's fast solver: full-batch L-BFGS, weight decay chosen on a held-out 10% of the train split
-    weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)
+    weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True, unique=True)
     head: HeadSettings = field(default_factory=HeadSettings)  # mlp, cnn and attention: the paper's schedule
 
     def validate(self, section: str) -> None:
