@@ -51,3 +51,31 @@ def test_two_processes_match_one(tmp_path, recipe):
     loss1 = [json.loads(line)["loss"] for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     loss2 = [json.loads(line)["loss"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert loss1 == pytest.approx(loss2, rel=1e-4)
+
+
+_REPORT_THREADS = """
+import sys
+from genrep.cli import main
+from genrep.train.dist import live_group_threads
+code = main(sys.argv[1:])
+print("group threads at exit:", ",".join(live_group_threads()) or "none", flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_a_finished_run_ends_its_process_group_before_the_interpreter_exits(tmp_path):
+    """The teardown abort's cause: a process group that outlived destroy_process_group (held by a default argument
+    of torch.distributed.nn, imported after the group existed) kept its gloo threads, which could drop their last
+    work while the interpreter was finalizing. Every rank must end with no group thread alive."""
+    script = tmp_path / "report_threads.py"
+    script.write_text(_REPORT_THREADS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script),
+         "pretrain", "--recipe", "supervised-digits", "--out", str(tmp_path / "two"), *ARGS],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    reports = [line for line in ddp.stdout.splitlines() if line.startswith("group threads at exit:")]
+    assert reports == ["group threads at exit: none"] * 2, ddp.stdout[-2000:]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before any process group: see init_distributed)
 
 from ..devices import resolve_device
 
@@ -27,7 +28,14 @@ class DistInfo:
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
+
+    ``torch.distributed.nn`` is imported (at the top of this module) before the group exists: its functions take
+    ``group=group.WORLD`` as a default argument, so a first import after ``init_process_group`` (DDP's
+    construction does one) would hold the group for the life of the interpreter. ``cleanup`` could then not free
+    it: its gloo worker threads outlived ``destroy_process_group`` and could drop their last work (tensors with
+    Python objects) while the interpreter was finalizing, which aborts the process ("terminate called without an
+    active exception", seen on a loaded machine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo(), resolve_device(device_name)
@@ -56,10 +64,26 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
 
 def cleanup(info: DistInfo, finished: bool = False) -> None:
     """Destroy the process group. After a finished run every rank first meets at a barrier, so none tears its
-    connections down while another still has collective work in flight (gloo then aborts the slower process:
-    "terminate called without an active exception"); after a failure there is no barrier, which a rank stuck in a
-    collective would never reach (torchtitan destroys only on success for the same reason)."""
+    connections down while another still has collective work in flight; after a failure there is no barrier, which
+    a rank stuck in a collective would never reach (torchtitan destroys only on success for the same reason).
+    Once nothing else holds the group (the caller has dropped its DDP wrapper: ``Trainer.close``), destroying it
+    joins its worker threads here, while the interpreter is whole, not during its finalization."""
     if info.enabled and dist.is_initialized():
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def live_group_threads() -> list[str]:
+    """The names of this process's threads that belong to a process group (gloo's worker and transport loops):
+    none should be left once ``cleanup`` has run after a finished run."""
+    import os
+
+    names = []
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we listed it
+            continue
+    return sorted(n for n in names if "gloo" in n or "nccl" in n.lower())

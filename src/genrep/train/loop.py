@@ -391,6 +391,11 @@ class Trainer:
         if self.logger is not None:
             self.logger.close()
         self._lock.release()
+        if finished:
+            # the DDP wrapper holds the process group: dropped, the group is freed by cleanup and its threads joined
+            # now. After a failure it is kept: a bucket's all-reduce may still wait on a peer, and joining it would
+            # hang until gloo's timeout instead of ending the process
+            self.model = self.method
         cleanup(self.info, finished)
 
 
