@@ -93,3 +93,24 @@ def test_a_warmup_epochs_override_of_a_recipe_counting_warmup_steps_is_refused()
         resolve_config("supervised-cifar10", {"optim.warmup_epochs": 0.2})
     cfg = resolve_config("supervised-cifar10", {"optim.warmup_steps": 0, "optim.warmup_epochs": 0.2})
     assert cfg.optim.warmup_epochs == 0.2 and cfg.optim.warmup_steps == 0
+
+
+TOKEN_PAPER = [f"{m}-{d}" for m in ("gcrl", "igpt", "simclr") for d in ("cifar10", "cifar100", "imagenet32")]
+
+
+@pytest.mark.parametrize("recipe", TOKEN_PAPER)
+def test_the_colour_token_paper_recipes_are_axial_and_say_their_readings(recipe):
+    from importlib import resources
+
+    cfg = resolve_config(recipe)
+    text = resources.files("genrep.recipes").joinpath(f"{recipe}.yaml").read_text()
+    assert cfg.model.attention == "axial" and "--model.attention dense" in text
+    assert "NOT comparable with the paper" in text and "Open readings" in text
+    if cfg.method != "igpt":
+        assert cfg.model.tau == (0.1 if recipe.endswith("imagenet32") else 0.5)
+    if cfg.method == "simclr":
+        assert cfg.model.causal is True and "--model.causal false" in text
+    assert resolve_config(recipe, {"model.attention": "dense", **({"model.causal": False} if cfg.method == "simclr"
+                                                                  else {})}).model.attention == "dense"
+    if cfg.method == "gcrl":
+        assert resolve_config(recipe, {"model.encoder_depth": 12}).model.encoder_depth == 12  # table 7

@@ -8,6 +8,7 @@ user's file (``model.palette``, e.g. iGPT's published ``kmeans_centers.npy``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,6 +23,7 @@ from ..fields import setting
 from ..nn.token_transformer import ATTENTIONS, TokenTransformer
 from .base import DataSpec, Method, check_heads
 
+FITTED_PALETTE_CAVEAT = "not comparable with the paper, which uses iGPT's published kmeans_centers.npy"
 NLL_UNIT = "bits per sub-pixel of the colour-quantized image (bits per token / channels; not pixel bits/dim)"
 
 
@@ -62,7 +64,11 @@ class ColourTokenMethod(Method):
     """A method over colour tokens. Subclasses say whether the stack is autoregressive (``reads_shifted``) and
     ends in the output layer over the palette (``predicts_tokens``)."""
 
-    feature_pools = ("mean",)
+    # "ln": the LayerNorm read-out of the paper's Fig. 1 (LN and GAP before the projection head; iGPT's code: ln_f
+    # then the mean), what the objective trained; "mean": the raw mean of the block output, genrep's read-out
+    # before issue 25, under its old name so cached features and old results keep their meaning
+    feature_pools = ("ln", "mean")
+    default_pool = "ln"
     predicts_tokens = True  # the stack ends in the output layer over the palette
 
     @property
@@ -102,6 +108,13 @@ class ColourTokenMethod(Method):
                               f"model.colours?")
         super().load_prepared({"palette": palette.float().to(self.palette.device)})
 
+    def palette_record(self) -> str:
+        """Which palette the tokens use, for every result that depends on it: iGPT's published palette (a file,
+        by sha256) is the paper's; a palette fitted here gives numbers not comparable with the paper's."""
+        if self.cfg.palette:
+            return f"file {self.cfg.palette} sha256 {sha256_file(self.cfg.palette)}"
+        return f"k-means fitted on the training set ({FITTED_PALETTE_CAVEAT})"
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] in [0, 1] -> colour tokens [B, H*W] in raster order."""
         return encode(x, self.palette)
@@ -130,7 +143,14 @@ class ColourTokenMethod(Method):
 
     def features(self, x, layer=None, pool=None):
         layer, pool = self.check_feature_args(layer, pool)
-        return self.hidden(x, layer).mean(dim=1)  # mean pool over positions (iGPT's linear probe)
+        h = self.hidden(x, layer)
+        return h.mean(dim=1) if pool == "mean" else self.ln_readout(h)
+
+    def ln_readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The "ln" pool of a block output [B, n, D] -> [B, D]: iGPT's code, ln_f then the mean over positions
+        (its ln_f is trained on the last block only; the code applies it to whichever block it probes). SimCLR
+        and GCRL use their contrastive branch's LayerNorm on the mean instead."""
+        return self.net.norm(h).mean(dim=1)
 
     def no_weight_decay(self) -> set[str]:
         # the GCRL paper: no decay on LayerNorm and token embeddings (norms and biases are spared anyway)
@@ -169,6 +189,7 @@ class AutoregressiveTokens(ColourTokenMethod):
             out.update(unit=NLL_UNIT, colours=self.cfg.colours, bits_per_token_factor=self.data.channels)
         if capability == "score":
             out.update(with_respect_to=f"{self.score_wrt} (colour inputs are quantized: no pixel gradient)")
+        out.update(palette=self.palette_record())
         if capability in ("sample", "complete"):
             out.update(attention=self.cfg.attention,
                        decoding="key/value cache" if self.cfg.attention == "dense" else "prefix recomputed")
@@ -229,6 +250,17 @@ class AutoregressiveTokens(ColourTokenMethod):
         u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
         return (logits.double() / self.cfg.temperature + gumbel).argmax(dim=-1)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"  # a record, not a refusal: the palette itself lives in the run
+    return h.hexdigest()
 
 
 def bits(nats: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,14 @@ colour tokens and encoded; the last block's output is average-pooled, layer-norm
 two-layer head (LayerNorm in place of BatchNorm, hidden 1,024, output 64 on CIFAR / 128 on ImageNet), and the
 symmetric NT-Xent (eq. 3) pulls the two views together against the global batch's negatives.
 
-Attention is bidirectional by default (``causal: false``): SimCLR is an encoder with nothing to predict in
-order, and its own papers use unmasked encoders; the paper's "same architecture" is read as the same blocks and
-sizes. ``causal: true`` trains it through the causal mask instead (dense or axial), for the ablation.
+The paper's SimCLR runs "the same architecture for all objectives": table 1's axial block (unmasked row,
+masked column, masked row attention), causal, behind iGPT's start token; its recipes say ``attention: axial``
+and ``causal: true``. The method's defaults stay the fast generic encoder (dense, ``causal: false``: SimCLR's
+own papers use unmasked encoders), which the paper recipes keep as the bidirectional ablation
+(``--model.attention dense --model.causal false``); a run's config records both keys, so no old run changes.
+
+The representation (pool "ln", the default) is the branch's LayerNorm of the mean, what the head reads (Fig. 1);
+pool "mean" is the raw mean.
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ class SimCLR(ColourTokenMethod):
     @property
     def reads_shifted(self) -> bool:
         return self.cfg.causal  # a causal encoder reads behind the start token, like iGPT's
+
+    def ln_readout(self, h):
+        return self.contrastive.norm(h.mean(dim=1))  # Fig. 1: GAP, LN, then (not read) the projection head
 
     def views(self):
         return {"view1": self.cfg.contrastive_augment, "view2": self.cfg.contrastive_augment}
