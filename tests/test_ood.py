@@ -512,3 +512,24 @@ def test_an_ood_set_missing_offline_is_one_line_before_any_work(tmp_path, monkey
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("genrep: error: "), lines
         assert f"{missing} is not available" in lines[0] and str(tmp_path / "data" / missing) in lines[0]
         assert work == [] and not (run / "results" / "eval.json").exists()
+
+
+def test_gaussian_summary_records_the_ridge_and_the_classes_that_fell_back():
+    """Never silent (issue 25): the fit says which classes use the shared covariance and what ridge it added;
+    a refit with the shared covariance does not report the earlier fit's classes."""
+    from genrep.eval.report.summary import gaussian_text
+
+    z, y = gaussian_data(counts=(60, 3, 80, 40))
+    gauss = GaussianOODScore().fit(z, y, covariance="class", shrinkage=1e-3)
+    s = gauss.summary()
+    assert s["fallback_classes"] == [1] and s["min_class_samples"] == 3 and s["dim"] == 4 and s["classes"] == 4
+    assert s["ridge"]["relative"] == 1e-3 and 0 < s["ridge"]["min"] <= s["ridge"]["max"]
+    scale = torch.stack([(z[y == c] - z[y == c].mean(0)).double().pow(2).mean(0).mean() for c in (0, 2, 3)])
+    assert s["ridge"]["max"] >= 1e-3 * float(scale.max()) * (1 - 1e-9)
+    text = gaussian_text(s)
+    assert "1 of 4 classes have <= D = 4 samples and use the shared covariance: 1" in text and "ridge 0.001" in text
+    shared = gauss.fit(z, y, covariance="shared").summary()
+    assert "fallback_classes" not in shared and gauss.fallback_classes == []
+    assert "no class fell back" in gaussian_text(GaussianOODScore().fit(*gaussian_data(), covariance="class").summary())
+    with pytest.raises(GenrepError, match="before fit"):
+        GaussianOODScore().summary()

@@ -73,3 +73,18 @@ def test_the_summary_figure_plots_the_evaluations(tmp_path):
         probe = run_probes(run, progress=False)
         widths[name] = Image.open(summary_figure(run, probe, run / "summary.png")).size[0]
     assert widths["evaluated"] > 1.3 * widths["plain"]  # a third panel: the curves of the evaluations
+
+
+def test_knn5_loss_is_the_5nn_error_and_the_summary_figure_plots_it(tmp_path):
+    """GCRL's table 9 curve: the 0-1 loss of the 5-NN vote, 1 - its accuracy on the same images, logged beside
+    kNN accuracy and drawn on its own axis of the summary figure."""
+    from genrep.eval.report.figures import summary_figure
+
+    cfg = tiny_config("simclr", **EVERY, **{"train.eval_metrics": ["knn", "knn5_loss"], "probe.knn_k": [5]})
+    pretrain(cfg, tmp_path)
+    rows = _eval_rows(tmp_path)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all(r["eval_knn5_loss"] == pytest.approx(1 - r["eval_knn"], abs=2e-6) for r in rows)
+    probe = {"method": "simclr", "data": "digits", "layer": 1, "pool": "mean", "num_classes": 10,
+             "linear_probe": {"test_acc": 0.5}, "knn": {"5": 0.5}}
+    assert summary_figure(tmp_path, probe, tmp_path / "summary.png").stat().st_size > 0

@@ -361,3 +361,48 @@ def test_bad_num_classes():
         linear_probe(*_data(), 1)
     with pytest.raises(GenrepError, match="num_classes"):
         knn_classify(*_data(), 2.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GCRL section 4.2's protocol: raw features and a constant rate (issue 25)
+
+
+def test_raw_features_fit_the_features_as_given():
+    from genrep.eval.metrics.probes import _evaluate
+
+    x, y, xt, yt = blobs(300, 200, 6, 3, spread=0.8, seed=11)
+    raw = linear_probe(x, y, xt, yt, 3, solver="lbfgs", weight_decay=1e-3, standardize_features=False)
+    w, b, _, _ = _fit_lbfgs(x, y, 3, 1e-3, 1000)
+    assert raw.test_acc == _evaluate(w, b, xt, yt)[0] and raw.train_loss == _evaluate(w, b, x, y)[1]
+    assert raw.train_loss != linear_probe(x, y, xt, yt, 3, solver="lbfgs", weight_decay=1e-3).train_loss
+
+
+def test_constant_lr_schedule_is_plain_adamw():
+    """lr_schedule constant: the rate stays lr at every step (an AdamW loop written out); cosine differs."""
+    import torch.nn.functional as F
+
+    from genrep.eval.metrics.probes import _fit_adamw
+
+    x, y, _, _ = blobs(200, 10, 5, 3, spread=0.8, seed=12)
+    w, b, _, _ = _fit_adamw(x, y, 3, 1e-4, epochs=3, batch_size=64, lr=0.01, seed=5, lr_schedule="constant")
+    rw = torch.zeros(3, 5, requires_grad=True)
+    rb = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.AdamW([{"params": [rw], "weight_decay": 1e-4}, {"params": [rb], "weight_decay": 0.0}],
+                            lr=0.01, fused=True)
+    gen = _gen(5)
+    for _ in range(3):
+        perm = torch.randperm(200, generator=gen)
+        for start in range(0, 200, 64):
+            idx = perm[start:start + 64]
+            loss = F.cross_entropy(torch.addmm(rb, x[idx], rw.t()), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    assert torch.equal(w, rw.detach()) and torch.equal(b, rb.detach())
+    cw, _, _, _ = _fit_adamw(x, y, 3, 1e-4, epochs=3, batch_size=64, lr=0.01, seed=5)
+    assert not torch.equal(cw, w)
+
+
+def test_unknown_lr_schedule_is_one_line():
+    with pytest.raises(GenrepError, match="unknown linear-probe lr_schedule 'step'; choose one of cosine, constant"):
+        linear_probe(*_data(), 3, solver="adamw", lr_schedule="step")

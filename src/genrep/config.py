@@ -22,7 +22,7 @@ import yaml
 
 from .errors import GenrepError
 from .eval.metrics.heads import HEADS
-from .eval.metrics.probes import SOLVERS
+from .eval.metrics.probes import LR_SCHEDULES, SOLVERS
 from .eval.periodic import PERIODIC_METRICS
 from .eval.protocols.calibration import CalibrationSettings
 from .eval.protocols.completion import CompletionSettings
@@ -130,6 +130,10 @@ class ProbeConfig:
     knn_k: list[int] = setting([20, 200], min=1, nonempty=True)
     knn_temperature: float = setting(0.07, above=0)
     batch_size: int = setting(512, min=1)
+    # genrep's habits beyond GCRL's section 4.2 (which the paper recipes turn off): standardised features, and
+    # the adamw rate decayed on a cosine
+    standardize: bool = True
+    lr_schedule: str = setting("cosine", choices=LR_SCHEDULES, only_if={"solver": "adamw"})
     # heads of the diffusion-features paper trained at the read-out's layer besides the linear probe (mlp on the
     # pooled vector; cnn and attention on the layer's map)
     heads: list[str] = setting([], choices=HEADS, unique=True)

@@ -2,8 +2,9 @@
 
 Training minimises eq. 2's negative log-likelihood of the tokens in raster order. Its capabilities (shared
 with GCRL in ``colour_tokens.AutoregressiveTokens``): ``sample`` and ``complete`` (token by token with a key/value cache under dense attention; axial attention recomputes the
-prefix), ``nll`` in bits per sub-pixel of the colour-quantized image (bits per token / channels: the paper's
-"bpd on the color-quantized space", not comparable with pixel bits/dim — its footnote 2), and ``score``: the
+prefix), ``nll`` in bits per sub-pixel of the colour-quantized image (bits per token / channels; the paper's
+"bpd on the color-quantized space" is bits per token, which the likelihood protocol reports first; neither is
+comparable with pixel bits/dim — its footnote 2), and ``score``: the
 gradient of log p(x) with respect to the token embeddings (section 4.3: quantized inputs have no input
 gradient), whose norm is the unsupervised OOD score.
 """

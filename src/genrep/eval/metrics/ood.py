@@ -127,6 +127,9 @@ class GaussianOODScore:
       diagonal (1.0 when all variances are 0), so it is invertible (ViT features after a LayerNorm lie on a
       hyperplane, making the raw covariance exactly singular) while well-estimated directions barely change.
 
+    Both departures from the paper's plain Sigma_c are recorded, never silent: :meth:`summary` gives the
+    ridge and the classes that fell back, which the OOD protocol writes beside its numbers.
+
     Class indices that have no sample are left out of the max. Densities are evaluated via Cholesky factors
     on the device of the fitted features, ``chunk`` rows at a time.
     """
@@ -138,6 +141,8 @@ class GaussianOODScore:
         self.covariance: str | None = None
         self.shrinkage: float | None = None
         self.fallback_classes: list[int] = []
+        self.ridge: Tensor | None = None        # [1 or K] the absolute ridge added to each covariance's diagonal
+        self.counts: Tensor | None = None       # [K] training samples per class
 
     def fit(self, features: Tensor, labels: Tensor, covariance: str = "shared",
             shrinkage: float = 1e-4) -> GaussianOODScore:
@@ -147,6 +152,7 @@ class GaussianOODScore:
         if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not (
                 math.isfinite(shrinkage) and shrinkage >= 0):
             raise GenrepError(f"shrinkage must be a finite number >= 0, got {shrinkage!r}")
+        self.fallback_classes = []  # a refit must not report an earlier fit's classes
         z = self._check(features, "training features")
         if (not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point()
                 or len(labels) != len(z)):
@@ -165,7 +171,6 @@ class GaussianOODScore:
             covs = shared[None]
         else:
             covs = torch.empty(k, d, d, dtype=torch.float64, device=z.device)
-            self.fallback_classes = []
             for c in range(k):
                 if counts[c] <= d:
                     covs[c] = shared
@@ -182,7 +187,27 @@ class GaussianOODScore:
                               f"{shrinkage}; pass a larger shrinkage (e.g. 1e-3)")
         self.means, self.chol, self.classes = means, chol, classes
         self.covariance, self.shrinkage = covariance, float(shrinkage)
+        self.ridge = ridge.cpu()
+        self.counts = counts.long().cpu()
         return self
+
+    def summary(self) -> dict:
+        """What the fit did beyond the plain maximum-likelihood Gaussians, for the result: the covariance kind,
+        the ridge (relative and absolute, per Gaussian: the shared one, or each class's) and, per class, which
+        classes had at most D samples and so use the shared covariance."""
+        if self.means is None:
+            raise GenrepError("GaussianOODScore.summary called before fit; fit it on the training set's features")
+        d = int(self.means.shape[1])
+        out = {"covariance": self.covariance, "dim": d, "classes": len(self.classes),
+               "ridge": {"relative": self.shrinkage,
+                         "rule": "relative x the covariance's mean variance, added to its diagonal",
+                         "min": float(self.ridge.min()), "max": float(self.ridge.max())}}
+        if self.covariance == "class":
+            out["min_class_samples"] = int(self.counts.min())
+            out["fallback_classes"] = list(self.fallback_classes)
+            out["fallback_rule"] = (f"a class with at most D = {d} training samples has a singular covariance; "
+                                    f"it uses the shared one")
+        return out
 
     def to(self, device: torch.device | str) -> GaussianOODScore:
         """Move the fitted parameters (in place) to ``device``, where ``score`` then computes."""

@@ -5,7 +5,8 @@ whichever device the *train* features live on (the other tensors are moved there
 computed in float32.
 
 Linear probe (:func:`linear_probe`)
-    Features are standardised with train statistics (:func:`standardize`).  Then a multinomial logistic
+    Features are standardised with train statistics (:func:`standardize`; ``standardize=False`` fits the raw
+    features, as GCRL's section 4.2 protocol, which names nothing but the optimiser).  Then a multinomial logistic
     regression ``logits = x @ W.T + b`` is fitted by minimising
 
         mean_i CE(logits_i, y_i) + weight_decay / 2 * ||W||^2          (bias unpenalised)
@@ -15,8 +16,9 @@ Linear probe (:func:`linear_probe`)
       same objective as scikit-learn's ``LogisticRegression(C=1 / (weight_decay * N))`` (sklearn
       minimises ``C * sum_i CE_i + ||W||^2 / 2``; divide by ``C * N``).
     * ``solver="adamw"``: the GCRL linear evaluation protocol: mini-batch AdamW (decoupled weight decay,
-      applied to ``W`` only), cosine learning-rate schedule per step from ``lr`` to 0, ``epochs`` passes
-      over a seeded shuffle, zero initialisation.
+      applied to ``W`` only), ``epochs`` passes over a seeded shuffle, zero initialisation; the learning rate
+      follows ``lr_schedule`` (``LR_SCHEDULES``): ``cosine`` per step from ``lr`` to 0, or ``constant``
+      (section 4.2 names no schedule).
 
     If ``weight_decay`` is a sequence of several values, each is fitted on a seeded random split of the
     train set (``1 - val_fraction`` for fitting, ``val_fraction`` held out; standardised with the
@@ -44,9 +46,10 @@ from torch import Tensor
 
 from ...errors import GenrepError
 
-__all__ = ["SOLVERS", "LinearProbeResult", "knn_classify", "knn_predict", "linear_probe", "standardize"]
+__all__ = ["LR_SCHEDULES", "SOLVERS", "LinearProbeResult", "knn_classify", "knn_predict", "linear_probe", "standardize"]
 
 SOLVERS = ("lbfgs", "adamw")
+LR_SCHEDULES = ("cosine", "constant")  # the adamw solver's learning rate over its steps
 
 
 @dataclass
@@ -265,8 +268,8 @@ def _fit_lbfgs(x: Tensor, y: Tensor, num_classes: int, weight_decay: float,
 
 
 def _fit_adamw(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, *, epochs: int,
-               batch_size: int, lr: float, seed: int) -> tuple[Tensor, Tensor, int, None]:
-    """Mini-batch AdamW with a per-step cosine schedule from zeros; returns (W, b, epochs, None)."""
+               batch_size: int, lr: float, seed: int, lr_schedule: str = "cosine") -> tuple[Tensor, Tensor, int, None]:
+    """Mini-batch AdamW from zeros, the rate per step on ``lr_schedule``; returns (W, b, epochs, None)."""
     n, d = x.shape
     weight = torch.zeros(num_classes, d, device=x.device, dtype=torch.float32, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, dtype=torch.float32, requires_grad=True)
@@ -282,8 +285,9 @@ def _fit_adamw(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, *, e
             perm = torch.randperm(n, generator=gen).to(x.device)
             for start in range(0, n, batch_size):
                 idx = perm[start:start + batch_size]
-                for group in opt.param_groups:
-                    group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
+                if lr_schedule == "cosine":
+                    for group in opt.param_groups:
+                        group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
                 loss = F.cross_entropy(torch.addmm(bias, x[idx], weight.t()), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -312,18 +316,23 @@ def _check_weight_decays(weight_decay) -> list[float]:
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, *,
                  solver: str = "lbfgs", weight_decay: float | Sequence[float] = 1e-4, epochs: int = 100,
                  batch_size: int = 512, lr: float = 0.01, max_iter: int = 1000, val_fraction: float = 0.1,
-                 seed: int = 0, return_test_probs: bool = False) -> LinearProbeResult:
-    """Fit a linear classifier on standardised frozen features; report train/test accuracy.
+                 seed: int = 0, return_test_probs: bool = False, standardize_features: bool = True,
+                 lr_schedule: str = "cosine") -> LinearProbeResult:
+    """Fit a linear classifier on (by default standardised) frozen features; report train/test accuracy.
 
     See the module docstring for the objective and the two solvers.  ``max_iter`` applies to
     ``"lbfgs"``; ``epochs``, ``batch_size`` and ``lr`` to ``"adamw"``.  ``weight_decay`` may be a
     sequence, in which case it is chosen on a held-out ``val_fraction`` of the train set (split seeded
     by ``seed``) and the model is refitted on the full train set.  ``return_test_probs=True`` also
     returns the test rows' softmax probabilities in :attr:`LinearProbeResult.test_probs`.
+    ``standardize_features=False`` fits the raw features; ``lr_schedule`` (``LR_SCHEDULES``) applies to
+    ``"adamw"``.
     """
     t0 = time.perf_counter()
     if solver not in SOLVERS:
         raise GenrepError(f"unknown linear-probe solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise GenrepError(f"unknown linear-probe lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     train_x, train_y, test_x, test_y, num_classes = _check_data(train_x, train_y, test_x, test_y,
                                                                 num_classes)
     wds = _check_weight_decays(weight_decay)
@@ -337,7 +346,11 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     def fit(x, y, wd):
         if solver == "lbfgs":
             return _fit_lbfgs(x, y, num_classes, wd, max_iter)
-        return _fit_adamw(x, y, num_classes, wd, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        return _fit_adamw(x, y, num_classes, wd, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          lr_schedule=lr_schedule)
+
+    def prepare(train, *others):
+        return standardize(train, *others) if standardize_features else (train, *others)
 
     n = train_x.shape[0]
     sweep: list[dict] = []
@@ -357,7 +370,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         used_val_fraction = vf
         perm = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed)).to(train_x.device)
         val_idx, fit_idx = perm[:n_val], perm[n_val:]
-        fx, vx = standardize(train_x[fit_idx], train_x[val_idx])
+        fx, vx = prepare(train_x[fit_idx], train_x[val_idx])
         fy, vy = train_y[fit_idx], train_y[val_idx]
         for wd in wds:
             w, b, _, _ = fit(fx, fy, wd)
@@ -368,7 +381,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     else:
         chosen = wds[0]
 
-    sx, tx = standardize(train_x, test_x)
+    sx, tx = prepare(train_x, test_x)
     w, b, iters, converged = fit(sx, train_y, chosen)
     train_acc, train_loss = _evaluate(w, b, sx, train_y)
     test_acc, _ = _evaluate(w, b, tx, test_y)

@@ -173,6 +173,8 @@ def run(ctx: EvalContext) -> dict:
     out = {"scores": results, "n_in": n, "n_out": n_out, "sets": list(s.sets), "layer": layer, "pool": pool,
            "gaussian_covariance": s.gaussian_covariance, "interp_pairs": s.interp_pairs, "not_applicable": skipped,
            "figures": figures}
+    if gaussian is not None:  # its ridge and the classes that fell back to the shared covariance
+        out["gaussian"] = gaussian.summary()
     if "bpd" in kinds:
         out["nll"] = ctx.method.capability_settings("nll")
     if "score_norm" in kinds:  # what the gradient is taken by: the pixels, or a token model's input embeddings

@@ -2,8 +2,11 @@
 a full-batch sweep over layers and poolings.
 
 `genrep evaluate` runs it with ``eval.probes`` (the GCRL linear protocol: AdamW, 100 epochs, batch 512,
-weight decay 1e-4, lr 0.01); `genrep probe` runs it with the run's ``probe`` section (:func:`from_probe_config`:
-its read-out and solver, no sweep) and writes ``results/probe.json``.
+weight decay 1e-4, lr 0.01; genrep's defaults also standardise the features and decay the rate on a cosine,
+which the GCRL/iGPT/SimCLR recipes turn off, as section 4.2 names nothing else); `genrep probe` runs it with
+the run's ``probe`` section (:func:`from_probe_config`: its read-out and solver, no sweep) and writes
+``results/probe.json``. The linear probe's test ECE (``eval.calibration.bins`` bins) is reported beside its
+accuracy (GCRL's table 9 reports it).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 from ...fields import Pool, setting
 from ...methods import Method
 from ..metrics.heads import HEADS
-from ..metrics.probes import SOLVERS, knn_classify, linear_probe
+from ..metrics.calibration import expected_calibration_error
+from ..metrics.probes import LR_SCHEDULES, SOLVERS, knn_classify, linear_probe
 from .context import EvalContext, check_causal
 from .head_training import HeadSettings, check_head_features, fit_head, head_pool
 
@@ -35,6 +39,8 @@ class ProbesSettings:
     epochs: int = setting(100, min=1)           # adamw
     lr: float = setting(0.01, above=0)          # adamw
     batch_size: int = setting(512, min=1)       # adamw
+    standardize: bool = True                    # features standardised with train statistics before the fit
+    lr_schedule: str = setting("cosine", choices=LR_SCHEDULES, only_if={"solver": "adamw"})
     knn_k: list[int] = setting([20, 200], min=1, nonempty=True)
     knn_temperature: float = setting(0.07, above=0)
     causal: bool | None = None                  # causal methods: read with (true) or without (false) the mask
@@ -52,7 +58,8 @@ def from_probe_config(p) -> ProbesSettings:
     """`genrep probe`'s settings (a run's ``probe`` section) as the protocol's: one read-out, no sweep."""
     return ProbesSettings(layer=p.layer, pool=p.pool, solver=p.solver, weight_decay=list(p.weight_decay),
                           epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, knn_k=list(p.knn_k),
-                          knn_temperature=p.knn_temperature, sweep=False, heads=list(p.heads), head=p.head)
+                          knn_temperature=p.knn_temperature, sweep=False, heads=list(p.heads), head=p.head,
+                          standardize=p.standardize, lr_schedule=p.lr_schedule)
 
 
 def sweep_layers(method: Method, asked: list[int]) -> list[int]:
@@ -113,13 +120,19 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
     xtr, xte = xtr.to(dev), xte.to(dev)
     ytr, yte = ctx.train.labels.to(dev), ctx.test.labels.to(dev)
     lin = linear_probe(xtr, ytr, xte, yte, n_cls, solver=s.solver, weight_decay=s.weight_decay, epochs=s.epochs,
-                       lr=s.lr, batch_size=s.batch_size, seed=ctx.ev.seed)
+                       lr=s.lr, batch_size=s.batch_size, seed=ctx.ev.seed, return_test_probs=True,
+                       standardize_features=s.standardize, lr_schedule=s.lr_schedule)
+    bins = ctx.ev.calibration.bins
+    ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature)
     out = {"layer": layer, "pool": pool, **ctx.feature_options, "feature_dim": int(xtr.shape[1]),
-           "solver_device": str(dev), "linear_acc": lin.test_acc,
+           "solver_device": str(dev), "linear_acc": lin.test_acc, "linear_ece": ece,
            "linear": {"solver": s.solver, "epochs": s.epochs, "lr": s.lr, "weight_decay": lin.weight_decay,
-                      "batch_size": s.batch_size},
-           "linear_probe": lin.to_dict(), "knn": {str(k): v for k, v in knn.items()}}
+                      "batch_size": s.batch_size, "standardize": s.standardize,
+                      **({"lr_schedule": s.lr_schedule} if s.solver == "adamw" else {})},
+           "linear_probe": {**lin.to_dict(), "test_ece": ece, "ece_bins": bins,
+                            "standardize": s.standardize, "lr_schedule": s.lr_schedule if s.solver == "adamw" else None},
+           "knn": {str(k): v for k, v in knn.items()}}
     if s.heads:
         out["heads"] = {}
         for kind in s.heads:

@@ -76,8 +76,13 @@ def summary_figure(run: Path, probe: dict, path: Path) -> Path:
     return save_figure(path, fig)
 
 
+# right-hand axes of the periodic panel: (log key, label, colour); each gets its own axis, as their units differ
+_PERIODIC_RIGHT = (("eval_knn5_loss", "5-NN test loss (0-1)", "#8172b2"), ("eval_fid", "FID", "#c44e52"))
+
+
 def _periodic_panel(ax, rows: list[dict]) -> None:
-    """The evaluations during training: accuracies (%) on the left axis, FID on a right one."""
+    """The evaluations during training: accuracies (%) on the left axis; the 5-NN test loss (GCRL's table 9) and
+    FID each on a right one."""
     steps = [r["step"] for r in rows]
     labels = {"eval_knn": "kNN accuracy", "eval_accuracy": "classifier accuracy"}
     for key, label in labels.items():
@@ -86,12 +91,15 @@ def _periodic_panel(ax, rows: list[dict]) -> None:
     ax.set(xlabel="step", ylabel="test accuracy (%)", title="during training (EMA weights)")
     ax.grid(alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
-    if "eval_fid" in rows[-1]:
-        ax_fid = ax.twinx()
-        line, = ax_fid.plot(steps, [r.get("eval_fid", float("nan")) for r in rows], color="#c44e52", marker="s",
-                            ms=3, label="FID")
-        ax_fid.set_ylabel("FID", color="#c44e52")
-        handles, names = handles + [line], names + ["FID"]
+    right = [spec for spec in _PERIODIC_RIGHT if spec[0] in rows[-1]]
+    for i, (key, label, colour) in enumerate(right):
+        twin = ax.twinx()
+        if i:  # a second right axis sits outside the first
+            twin.spines["right"].set_position(("axes", 1.0 + 0.18 * i))
+        line, = twin.plot(steps, [r.get(key, float("nan")) for r in rows], color=colour, marker="s", ms=3,
+                          label=label)
+        twin.set_ylabel(label, color=colour)
+        handles, names = handles + [line], names + [label]
     if handles:
         ax.legend(handles, names, fontsize=8)
 

@@ -24,7 +24,7 @@ from ...io import atomic_write_text
 from ..evaluate import EVAL_FILE, read_results
 from ..protocols import PROTOCOLS
 from ..protocols.context import RESULTS_DIR
-from .summary import attack_text, mask_text, sampling_text
+from .summary import attack_text, gaussian_text, linear_text, mask_text, sampling_text
 
 TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood": "Out-of-distribution detection",
           "likelihood": "Likelihood", "generation": "Generation", "completion": "Image completion",
@@ -107,15 +107,15 @@ def _results(runs: list[dict], name: str, table: Table | None = None):
 
 def _probes(runs: list[dict]) -> str:
     knn_ks = sorted({k for r in runs for k in r["protocols"].get("probes", {}).get("knn", {})}, key=int)
-    t = Table(["run", "data", "size (trainable / total)", "layer / pool", "classifier", "linear",
+    t = Table(["run", "data", "size (trainable / total)", "layer / pool", "classifier", "linear", "linear ECE",
                *[f"kNN k={k}" for k in knn_ks], "best sweep: layer / pool", "best sweep linear"])
     linear = set()
     for r, p in _results(runs, "probes"):
         b = p.get("best") or {}
         lin = p.get("linear", {})
-        linear.add(f"{lin.get('solver', 'adamw')}, batch {lin.get('batch_size', 512)}, wd {lin.get('weight_decay', 1e-4):g}")
+        linear.add(f"{linear_text({'solver': 'adamw', 'weight_decay': 1e-4, **lin})}, batch {lin.get('batch_size', 512)}")
         t.add([_label(r), _e(r["data"]), _size(r), f"{p['layer']} / {p['pool']}{mask_text(p)}", _pct(p.get("classifier_acc")),
-               _pct(p["linear_acc"]), *[_pct(p["knn"].get(k)) for k in knn_ks],
+               _pct(p["linear_acc"]), _pct(p.get("linear_ece")), *[_pct(p["knn"].get(k)) for k in knn_ks],
                f"{b['layer']} / {b['pool']}" if b else "–", _pct(b.get("linear_acc"))])
     sweeps = []
     for r, p in _results(runs, "probes"):
@@ -128,8 +128,9 @@ def _probes(runs: list[dict]) -> str:
             if (row["layer"], row["pool"]) == best:
                 s.rows[-1] = s.rows[-1].replace("<tr>", '<tr class="best">', 1)
         sweeps.append(f"<details><summary>{_label(r)}: layer and pooling sweep</summary>{s.html()}</details>")
-    note = (f"<p class='note'>Test accuracy (%). The linear probe ({_e('; '.join(sorted(linear)))}; AdamW with "
-            "batch 512 and wd 1e-4 is the GCRL protocol) is at the method's default read-out; the sweep uses the "
+    note = (f"<p class='note'>Test accuracy (%), and the linear probe's ECE (%). The linear probe "
+            f"({_e('; '.join(sorted(linear)))}; AdamW with batch 512 and wd 1e-4 on raw features at a constant rate is "
+            "the GCRL protocol, section 4.2) is at the method's default read-out; the sweep uses the "
             "full-batch L-BFGS solver, and its best cell is selected on test accuracy, as the papers' layer sweeps "
             "report.</p>")
     heads = Table(["run", "head", "layer / pool", "parameters", "accuracy", "epochs"])
@@ -170,15 +171,24 @@ def _ood(runs: list[dict]) -> str:
             "image for token models; score_norm: minus the norm of the gradient of log p(x) by the pixels, or by "
             "the token embeddings for token models, whose inputs are quantized). AUPRC takes the in-distribution "
             "set as positive.</p>")
+    fits = [f"{_label(r)}{_e(gaussian_text(o['gaussian']))}" for r, o in _results(runs, "ood") if o.get("gaussian")]
+    if fits:
+        note += "<p class='note'>The Gaussian score's fit: " + "; ".join(fits) + ".</p>"
     return t.html() + note
 
 
 def _likelihood(runs: list[dict]) -> str:
-    t = Table(["run", "data", "bits", "unit", "images", "terms of the bound"])
+    from ..protocols.likelihood import likelihood_figures
+
+    # one row per unit: numbers of different units never share a row without theirs beside them
+    t = Table(["run", "data", "negative log-likelihood", "unit", "images", "terms of the bound"])
     for r, lk in _results(runs, "likelihood", t):
-        t.add([_label(r), _e(r["data"]), f"{lk['bpd']:.3f} ± {lk['bpd_sem']:.3f}", _e(lk.get("unit", "bits/dim")),
-               str(lk["n"]), _e(lk["terms"])])
-    return t.html()
+        for unit, mean, sem in likelihood_figures(lk):
+            t.add([_label(r), _e(r["data"]), f"{mean:.3f} ± {sem:.3f}", _e(unit), str(lk["n"]), _e(lk["terms"])])
+    note = ("<p class='note'>A colour-token model's first row, bits per token, is the GCRL paper's bpd (table 4; "
+            "iGPT's own unit); its bits per sub-pixel divide that by the channels. Neither is comparable with a "
+            "diffusion model's pixel bits/dim (the GCRL paper's footnote 2).</p>")
+    return t.html() + note
 
 
 def _generation(runs: list[dict]) -> str:

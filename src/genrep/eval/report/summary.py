@@ -8,7 +8,7 @@ def probe_table(r: dict) -> str:
     if "classifier_test_acc" in r:
         rows.append(("classifier head", r["classifier_test_acc"]))
     lp = r["linear_probe"]
-    rows.append((f"linear probe ({lp['solver']}, wd {lp['weight_decay']:g})", lp["test_acc"]))
+    rows.append((f"linear probe ({linear_text(lp)})", lp["test_acc"]))
     rows += [(f"kNN k={k}", acc) for k, acc in r["knn"].items()]
     rows += [(f"{kind} head ({h['pool']} pool, {h['params']:,} parameters)", h["test_acc"])
              for kind, h in r.get("heads", {}).items()]
@@ -22,7 +22,20 @@ def probe_table(r: dict) -> str:
     lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
     lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
     lines.append(f"{'chance':<{width}}  {100 / r['num_classes']:12.2f}%")
+    if "test_ece" in lp:
+        lines.append(f"linear probe ECE {pct(lp['test_ece'])} ({lp['ece_bins']} bins)")
     return "\n".join(lines)
+
+
+def linear_text(lp: dict) -> str:
+    """The linear probe's solver and the habits beyond GCRL's section 4.2 it used (files before issue 25 record
+    neither: they standardised, and adamw decayed on a cosine)."""
+    parts = [lp["solver"], f"wd {lp['weight_decay']:g}"]
+    if not lp.get("standardize", True):
+        parts.append("raw features")
+    if lp["solver"] == "adamw":
+        parts.append(f"{lp.get('lr_schedule') or 'cosine'} lr")
+    return ", ".join(parts)
 
 
 def params_text(params) -> str:
@@ -89,6 +102,19 @@ def mask_text(r: dict) -> str:
     return "" if causal is None else " (causal mask kept)" if causal else " (causal mask off)"
 
 
+def gaussian_text(g: dict | None) -> str:
+    """The Gaussian OOD score's departures from plain Sigma_c, in words ("" for files before issue 25)."""
+    if not g:
+        return ""
+    text = f" (gaussian: {g['covariance']} covariance, ridge {g['ridge']['relative']:g} x mean variance"
+    if g["covariance"] == "class":
+        fb = g["fallback_classes"]
+        text += (f"; {len(fb)} of {g['classes']} classes have <= D = {g['dim']} samples and use the shared "
+                 f"covariance: {', '.join(map(str, fb[:10]))}{', ...' if len(fb) > 10 else ''}" if fb else
+                 "; no class fell back to the shared covariance")
+    return text + ")"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -102,17 +128,19 @@ def headline(name: str, r: dict) -> str:
         head = f"classifier {pct(r['classifier_acc'])}, " if "classifier_acc" in r else ""
         b = r.get("best")
         sweep = f"; best of sweep: layer {b['layer']}, {b['pool']} pool {pct(b['linear_acc'])}" if b else ""
-        return f"{head}linear {pct(r['linear_acc'])}, kNN k={k} {pct(r['knn'][k])}{sweep}{mask_text(r)}"
+        ece = f" (ECE {pct(r['linear_ece'])})" if "linear_ece" in r else ""
+        return f"{head}linear {pct(r['linear_acc'])}{ece}, kNN k={k} {pct(r['knn'][k])}{sweep}{mask_text(r)}"
     if name == "calibration":
         return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
     if name == "ood":
         parts = [f"{score} " + "/".join(f"{m['auroc']:.3f}" for m in sets.values()) for score, sets in r["scores"].items()]
-        return f"AUROC on {'/'.join(r['sets'])}: " + "; ".join(parts)
+        return f"AUROC on {'/'.join(r['sets'])}: " + "; ".join(parts) + gaussian_text(r.get("gaussian"))
     if name == "likelihood":
-        if "bits_per_token" in r:
-            return (f"{r['bpd']:.3f} bits per sub-pixel, {r['bits_per_token']:.3f} bits per token, of the "
-                    f"colour-quantized images (not pixel bits/dim; {r['n']} images)")
-        return f"{r['bpd']:.3f} bits/dim ({r['n']} images, {r['terms']} terms)"
+        from ..protocols.likelihood import likelihood_figures
+
+        figures = likelihood_figures(r)
+        terms = f", {r['terms']} terms" if len(figures) == 1 else ""  # a token model's likelihood is exact
+        return "; ".join(f"{mean:.3f} {unit}" for unit, mean, _ in figures) + f" ({r['n']} images{terms})"
     if name == "generation":
         label = " [CUSTOM extractor]" if r["custom_extractor"] else ""
         return f"FID {r['fid']:.2f}, KID {r['kid']:.4f}, {r['n_fake']} samples; {r['extractor']}{label}"
