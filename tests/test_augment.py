@@ -502,3 +502,54 @@ def test_strong_colour_statistics_match_torchvision():
         assert _ks(a, b) < 0.06, name  # n ~ 2500 each: 1.95 * sqrt(2 / n) = 0.055 at p = 0.001
         # Spread, about 2% noise: a contrast or saturation range of 0.3 instead of 0.4 moves s's by ~10%.
         assert abs(a.std() / b.std() - 1) < 0.08, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# the strong view's crop scale (GCRL's table 9: "weak augmentation" is table 2's pipeline with scale 0.8)
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (24, 40)])
+def test_crop_scale_box_distribution_matches_torchvision(h, w):
+    n = 6000
+    u = torch.rand(n, A.STRONG_COLUMNS, generator=_gen(41), dtype=torch.float64)
+    ours = A._strong_params(u, h, w, 0.8)
+    torch.manual_seed(42)
+    img = torch.zeros(1, h, w)
+    theirs = torch.tensor([T1.RandomResizedCrop.get_params(img, [0.8, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
+                          dtype=torch.float64)
+    for name, a, b in [
+        ("area", ours.crop_h * ours.crop_w, theirs[:, 2] * theirs[:, 3]),
+        ("aspect", ours.crop_w / ours.crop_h, theirs[:, 3] / theirs[:, 2]),
+        ("top", ours.top, theirs[:, 0]),
+        ("left", ours.left, theirs[:, 1]),
+    ]:
+        assert _ks(a, b) < 0.045, name
+    # never below 0.8 of the area: each side is the rounding of a box of area >= 0.8 h w (so within half a pixel
+    # of it), or the fallback, the largest box of an allowed aspect (0.8 of a 24x40 image); torchvision alike
+    for box_h, box_w in ((ours.crop_h, ours.crop_w), (theirs[:, 2], theirs[:, 3])):
+        assert ((box_h + 0.5) * (box_w + 0.5) >= 0.8 * h * w).all()
+    assert (ours.crop_h * ours.crop_w).min() >= 0.75 * h * w  # the whole draw sits far above table 2's 0.2
+    assert (ours.top >= 0).all() and (ours.top + ours.crop_h <= h).all()
+    assert (ours.left >= 0).all() and (ours.left + ours.crop_w <= w).all()
+    # the crop kind draws the same boxes
+    crop = A._crop_params(u, h, w, 0.8)
+    assert torch.equal(crop.crop_h, ours.crop_h) and torch.equal(crop.top, ours.top)
+
+
+@pytest.mark.parametrize("kind", ["strong", "crop"])
+def test_crop_scale_default_is_todays_augmentation(kind):
+    x = _images(16, 3, 16, 16)
+    today = augment(x, kind, _gen(5))  # a bare kind: the pipeline before the key existed
+    assert A.Augmentation(kind).crop_scale == 0.2 == A.CROP_SCALE[0]
+    assert torch.equal(augment(x, A.Augmentation(kind, crop_scale=0.2), _gen(5)), today)
+    u = torch.rand(64, A.STRONG_COLUMNS, generator=_gen(6), dtype=torch.float64)
+    for name, a in A._strong_params(u, 16, 16)._asdict().items():
+        assert torch.equal(a, getattr(A._strong_params(u, 16, 16, 0.2), name)), name
+    assert not torch.equal(augment(x, A.Augmentation(kind, crop_scale=0.8), _gen(5)), today)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, 1.5, float("nan"), True])
+def test_crop_scale_outside_0_1_is_refused(scale):
+    with pytest.raises(GenrepError, match="crop_scale"):
+        augment(_images(2), A.Augmentation("strong", crop_scale=scale), _gen())
+    augment(_images(2), A.Augmentation("strong", crop_scale=1.0), _gen())  # the whole image is allowed

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="train a method from a recipe (add --section.key VALUE overrides)")
     pre.add_argument("--recipe", help="shipped recipe name or path to a YAML file")
     pre.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its last complete checkpoint")
+    pre.add_argument("--init", type=Path, metavar="RUN", help="a new run that starts from RUN's trained weights and "
+                     "fitted state (its palette), with a fresh optimizer: continued pretraining")
     pre.add_argument("--out", type=Path, help="run folder (default: a new folder under --runs-dir)")
     pre.add_argument("--runs-dir", type=Path, default=Path("runs"))
 
@@ -184,6 +186,10 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
 
     overrides = parse_overrides(rest)
     resume = getattr(args, "resume", None)
+    init = getattr(args, "init", None)
+    if init is not None and resume is not None:
+        raise GenrepError("--init starts a new run from another run's weights; --resume continues a run's own "
+                          "checkpoint: drop one of them")
     if resume is not None:
         if args.out is not None:
             raise GenrepError("--resume continues RUN in place; drop --out")
@@ -201,6 +207,10 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
         else:
             check_can_write(args.runs_dir, "runs folder --runs-dir")
         cfg = resolve_config(recipe, overrides)
+        if init is not None:
+            from .runs import check_init_source
+
+            check_init_source(init, cfg)  # before the folder is claimed
         run = None
     info, _ = init_distributed(cfg.train.device)
     if run is None and info.main:
@@ -216,12 +226,12 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     return cfg, Path(run), resume is not None
 
 
-def _pretrain(cfg, run: Path, resume: bool, claimed: bool):
+def _pretrain(cfg, run: Path, resume: bool, claimed: bool, init: Path | None = None):
     """Train; a default-named folder that ``claim_new_run_dir`` made is given back if the start fails."""
     from .train.loop import pretrain
 
     try:
-        return pretrain(cfg, run, resume=resume)
+        return pretrain(cfg, run, resume=resume, init=init)
     except BaseException:
         if claimed:
             try:
@@ -234,7 +244,7 @@ def _pretrain(cfg, run: Path, resume: bool, claimed: bool):
 def cmd_pretrain(args, rest: list[str]) -> int:
     cfg, run, resume = _prepare_run(args, rest)
     _say(f"genrep: {'resuming' if resume else 'training'} {cfg.method} ({cfg.recipe}) in {run}")
-    result = _pretrain(cfg, run, resume, claimed=not resume and args.out is None)
+    result = _pretrain(cfg, run, resume, claimed=not resume and args.out is None, init=args.init)
     loss = result.last_log.get("loss")
     if result.steps == 0:
         _say(f"genrep: nothing to train: every parameter of {cfg.method} is frozen (model.pretrained); {run} records "

@@ -25,11 +25,16 @@ from .data.datasets import ImageSet, load_dataset
 from .errors import GenrepError
 from .locks import LOCK_FILE, RunLock
 from .methods import DataSpec, Method, build_method
-from .train.checkpoint import CKPT_DIR, checkpoint_dirs, is_genrep_checkpoint, load_safetensors
+from .train.checkpoint import CKPT_DIR, checkpoint_dirs, checkpoint_step, is_genrep_checkpoint, load_safetensors
 
 CONFIG_FILE = "config.yaml"
 PREPARED_FILE = "prepared.safetensors"
 FROZEN_FILE = "frozen.json"
+INIT_FILE = "init.json"  # where a run continued from another one's weights (genrep pretrain --init RUN)
+_INIT_FORMAT = "genrep-init-1"
+# the weights a continuation starts from: the trained ones, as iGPT's code restores its saved model for further
+# training (it keeps no EMA; the GCRL paper recipes keep none either, ema_decay 0, so both files agree there)
+INIT_WEIGHTS = "model.safetensors"
 _PREPARED_FORMAT = "genrep-prepared-1"
 RUN_MARKER = ".genrep-run"
 _RUN_FORMAT = "genrep-run-1"
@@ -343,15 +348,34 @@ def fit_prepared(method: Method, train_set: ImageSet, device: torch.device, seed
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_prepared(run: Path, method: Method, state: dict[str, torch.Tensor], train_set: ImageSet) -> None:
+def save_prepared(run: Path, method: Method, state: dict[str, torch.Tensor], train_set: ImageSet,
+                  inherited: dict[str, str] | None = None) -> None:
+    """Keep the fitted state with the fingerprint of the data the run trains on. A state inherited from another
+    run (``--init``: an ImageNet32 palette continued on CIFAR) is recorded with ``inherited`` (where it came from and
+    the data it was fitted on, :func:`inherited_prepared_meta`); the fingerprint is still this run's data, so
+    resuming or evaluating the run on other data is refused as for a state fitted here."""
     from .io import atomic_save_safetensors
 
-    meta = {"format": _PREPARED_FORMAT, "method": method.name, **data_fingerprint(train_set)}
+    meta = {"format": _PREPARED_FORMAT, "method": method.name, **data_fingerprint(train_set), **(inherited or {})}
     atomic_save_safetensors(Path(run) / PREPARED_FILE, state, meta)
 
 
 def read_prepared(run: Path, method: Method, train_set: ImageSet) -> dict[str, torch.Tensor]:
     """The run's fitted state, checked against the data set it is about to be used with."""
+    path = Path(run) / PREPARED_FILE
+    state, meta = _read_prepared_file(run, method)
+    now = data_fingerprint(train_set)
+    fitted = {k: meta.get(k) for k in now}
+    if fitted != now:
+        raise GenrepError(f"{path} was fitted on {fitted['data']} ({fitted['images']} images of "
+                          f"{fitted['shape']}, sha256 {str(fitted['images_sha256'])[:12]}) but the training set "
+                          f"is now {now['data']} ({now['images']} images of {now['shape']}, sha256 "
+                          f"{now['images_sha256'][:12]}); use the data the run was trained on, or start a new run")
+    return state
+
+
+def _read_prepared_file(run: Path, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A run's fitted state and its metadata, checked to be ``method``'s (not yet against any data)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(run) / PREPARED_FILE
@@ -367,14 +391,18 @@ def read_prepared(run: Path, method: Method, train_set: ImageSet) -> dict[str, t
     if meta.get("format") != _PREPARED_FORMAT or meta.get("method") != method.name:
         raise GenrepError(f"{path} is not {method.name}'s fitted state (format {meta.get('format')!r}, method "
                           f"{meta.get('method')!r}); start a new run")
-    now = data_fingerprint(train_set)
-    fitted = {k: meta.get(k) for k in now}
-    if fitted != now:
-        raise GenrepError(f"{path} was fitted on {fitted['data']} ({fitted['images']} images of "
-                          f"{fitted['shape']}, sha256 {str(fitted['images_sha256'])[:12]}) but the training set "
-                          f"is now {now['data']} ({now['images']} images of {now['shape']}, sha256 "
-                          f"{now['images_sha256'][:12]}); use the data the run was trained on, or start a new run")
-    return state
+    return state, meta
+
+
+_FINGERPRINT_KEYS = ("data", "images", "shape", "images_sha256")
+
+
+def inherited_prepared_meta(source: Path, meta: dict[str, str]) -> dict[str, str]:
+    """What a continuation's prepared.safetensors records of a state it took from run ``source`` (whose file had
+    ``meta``): the source, and the data the state was fitted on (the source's own, or what the source itself
+    inherited)."""
+    fitted = {f"fitted_{k}": meta.get(f"fitted_{k}", meta.get(k, "?")) for k in _FINGERPRINT_KEYS}
+    return {"inherited_from": str(Path(source).resolve()), **fitted}
 
 
 def write_frozen(run: Path, method: Method) -> None:
@@ -534,3 +562,114 @@ def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, acce
 
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------- continued pretraining (genrep pretrain --init RUN)
+
+_INIT_WANTED = "the folder of a finished genrep pretrain run of this method and architecture"
+
+
+def check_init_source(source: str | Path, cfg: Config, spec: DataSpec | None = None) -> Config:
+    """Refuse in one line, before any work, a run that ``cfg``'s run cannot continue from: missing, not genrep's,
+    without trained weights, of another method, of another palette size, trained on another number of channels,
+    or of another architecture (the two models built on the meta device, their state dicts compared: up to three
+    mismatched keys named). ``spec``: the new run's data shape (default: from the data registry). Returns the
+    source's config."""
+    source = Path(source)
+    if not source.is_dir():
+        raise GenrepError(f"--init {source} is not a folder; give {_INIT_WANTED}")
+    if not (source / CONFIG_FILE).is_file() or not is_genrep_run(source):
+        raise GenrepError(f"--init {source} is not a genrep run (no {CONFIG_FILE}, or not made by genrep "
+                          f"pretrain); give {_INIT_WANTED}")
+    try:
+        src = read_run_config(source)
+    except GenrepError as e:
+        raise GenrepError(f"--init {source}: {e}") from None
+    if src.method != cfg.method:
+        raise GenrepError(f"--init {source} is a {src.method} run but this config trains {cfg.method}; continue a "
+                          f"{cfg.method} run (its weights mean nothing to another method)")
+    if not (source / INIT_WEIGHTS).is_file():
+        raise GenrepError(f"--init {source} has no trained weights ({INIT_WEIGHTS}); let its training write a "
+                          f"checkpoint, or give a finished run")
+    k_src, k_new = getattr(src.model, "colours", None), getattr(cfg.model, "colours", None)
+    if k_src != k_new:
+        raise GenrepError(f"--init {source} has a palette of {k_src} colours but this config's model.colours is "
+                          f"{k_new}; the run continues with the source's palette: set --model.colours {k_src}")
+    src_spec = trained_data_spec(src)[0]
+    spec = spec or trained_data_spec(cfg)[0]
+    if src_spec.channels != spec.channels:
+        raise GenrepError(f"--init {source} was trained on images with {_count(src_spec.channels, 'channel')}; this "
+                          f"run's data have {_count(spec.channels, 'channel')}: continue on data of the same kind")
+    with torch.device("meta"):
+        theirs = {k: tuple(v.shape) for k, v in build_method(src.method, src.model, src_spec).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in build_method(cfg.method, cfg.model, spec).state_dict().items()}
+    bad = [f"{k} ({_shape(theirs.get(k))} there, {_shape(ours.get(k))} here)"
+           for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise GenrepError(f"--init {source} has another architecture than this config: {', '.join(bad[:3])}{more}; "
+                          f"use the source's model sizes (its {CONFIG_FILE}: model.dim, model.depth, ...)")
+    return src
+
+
+def _shape(shape: tuple | None) -> str:
+    return "absent" if shape is None else "x".join(map(str, shape)) or "scalar"
+
+
+def read_init_source(source: str | Path, method: Method, expect_sha256: str | None = None
+                     ) -> tuple[dict[str, torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, str]] | None, dict]:
+    """What a run continued from ``source`` starts with (checked by :func:`check_init_source`): the source's trained
+    weights (``INIT_WEIGHTS``), its fitted state with what the new run's prepared.safetensors records of it (None for
+    a method without one; never compared with the new run's data: an ImageNet32 palette continued on CIFAR is the
+    paper's setting), and the record of ``INIT_FILE`` (path, weights file and its sha256, step, method, recipe).
+    ``expect_sha256``: the weights must be the bytes recorded (a resumed continuation that had no checkpoint yet)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    source = Path(source)
+    weights = source / INIT_WEIGHTS
+    try:
+        data = weights.read_bytes()
+        state = load_bytes(data)
+    except OSError as e:
+        raise GenrepError(f"--init {source}: cannot read {weights} ({e.strerror})") from None
+    except (SafetensorError, ValueError) as e:
+        raise GenrepError(f"--init {source}: {weights} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if expect_sha256 is not None and sha != expect_sha256:
+        raise GenrepError(f"{weights} has changed since this run started from it (sha256 {sha[:12]}, recorded "
+                          f"{expect_sha256[:12]}); restore it, or start a new run with --init")
+    prepared = None
+    if method.has_prepare:
+        try:
+            fitted, meta = _read_prepared_file(source, method)
+        except GenrepError as e:
+            raise GenrepError(f"--init {source}: {e}") from None
+        prepared = fitted, inherited_prepared_meta(source, meta)
+    src = read_run_config(source)
+    ckpts = checkpoint_dirs(source)
+    record = {"format": _INIT_FORMAT, "run": str(source.resolve()), "weights": INIT_WEIGHTS, "sha256": sha,
+              "step": checkpoint_step(ckpts[-1]) if ckpts else None, "method": src.method, "recipe": src.recipe,
+              "data": src.data.name}
+    return state, prepared, record
+
+
+def write_init_record(run: Path, record: dict) -> None:
+    from .io import atomic_write_json
+
+    atomic_write_json(Path(run) / INIT_FILE, record)
+
+
+def read_init_record(run: Path) -> dict | None:
+    """The run this one continued from (``INIT_FILE``), or None for a run that started from scratch."""
+    path = Path(run) / INIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        assert isinstance(record, dict) and record.get("format") == _INIT_FORMAT
+        assert isinstance(record.get("run"), str) and isinstance(record.get("sha256"), str)
+    except (OSError, ValueError, AssertionError):
+        raise GenrepError(f"{path} is unreadable or not genrep's record of the run this one continued from; "
+                          f"restore it, or start a new run") from None
+    return record

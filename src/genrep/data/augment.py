@@ -23,16 +23,22 @@ AUGMENTATIONS = ("none", "weak", "strong", "classifier", "crop")
 # The classifier kind's options as the HybViT paper's code sets them (see classifier_augment.py).
 CLASSIFIER_POLICY = "cifar10"
 CLASSIFIER_ERASE_PROB = 0.25
+# the strong and crop kinds' smallest crop area, as a fraction of the image (table 2's RandomResizedCrop scale
+# (0.2, 1.0); GCRL's table 9 "weak augmentation" raises it to 0.8)
+DEFAULT_CROP_SCALE = 0.2
 
 
 @dataclass(frozen=True)
 class Augmentation:
     """A view's augmentation with its options, for ``Method.views()`` where the kind's defaults do not do:
-    the classifier kind's AutoAugment policy and random-erasing probability, from the method's config."""
+    the classifier kind's AutoAugment policy and random-erasing probability, and the strong and crop kinds'
+    ``crop_scale`` (the lower bound of RandomResizedCrop's area range; GCRL's table 9 raises it to 0.8), from
+    the method's config."""
 
     kind: str
     policy: str = CLASSIFIER_POLICY
     erase_prob: float = CLASSIFIER_ERASE_PROB
+    crop_scale: float = DEFAULT_CROP_SCALE
 
 
 def augmentation_kind(aug: str | Augmentation) -> str:
@@ -44,7 +50,7 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 # SimCLR's CIFAR recipe; the crop's scale and ratio and the flip are also MAE's (main_pretrain.py:
 # RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=3) with the default ratio, RandomHorizontalFlip()).
-CROP_SCALE = (0.2, 1.0)
+CROP_SCALE = (DEFAULT_CROP_SCALE, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10  # torchvision's RandomResizedCrop gives up after 10 rejected boxes and takes a central crop
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue as in ColorJitter(0.4, 0.4, 0.4, 0.1)
@@ -72,10 +78,10 @@ def augment(
     """x: uint8 [B, C, H, W] (C = 1 or 3) on any device. Returns float32 in [0, 1], same shape, same device.
 
     kind: "none" (x / 255), "weak" (reflect-padded random crop + horizontal flip), "strong" (SimCLR CIFAR:
-    random resized crop, flip, colour jitter, random grayscale), "classifier" (the HybViT code's classifier
+    random resized crop of scale (crop_scale, 1), 0.2 by default, flip, colour jitter, random grayscale), "classifier" (the HybViT code's classifier
     training: flip, zero-padded crop, AutoAugment, random erasing; an ``Augmentation`` sets its policy and
     erasing probability) or "crop" (MAE's and GVP's pretraining: strong's random resized crop, scale 0.2-1,
-    resized bicubically, and flip; no colour change). Random parameters are drawn on the CPU from `generator`
+    resized bicubically, and flip; no colour change; an ``Augmentation`` sets crop_scale as for strong). Random parameters are drawn on the CPU from `generator`
     (a CPU torch.Generator) for `total` samples (default B) and rows [start : start + B] of them are used, so
     that a global batch split across processes gets exactly the augmentation it would get in one process.
     Then moved to x.device.
@@ -84,6 +90,11 @@ def augment(
     kind = options.kind
     if kind not in AUGMENTATIONS:
         raise GenrepError(f"unknown augmentation {kind!r}; expected one of {', '.join(AUGMENTATIONS)}")
+    scale = options.crop_scale
+    if kind in ("strong", "crop") and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                       or not 0 < scale <= CROP_SCALE[1]):
+        raise GenrepError(f"{kind} augmentation crop_scale={scale!r} must be in (0, 1] (the smallest fraction of "
+                          f"the image's area a crop keeps)")
     total = _check_inputs(x, generator, start, total)
     if kind == "none":
         return x.float() / 255
@@ -102,8 +113,8 @@ def augment(
             raise GenrepError(f"weak augmentation pad={pad} must be >= 0 and below the image size {h}x{w}")
         return _weak(x, _draw(generator, total, start, x.shape[0], 3), pad)
     if kind == "crop":
-        return _crop(x, _draw(generator, total, start, x.shape[0], CROP_COLUMNS))
-    return _strong(x, _draw(generator, total, start, x.shape[0], STRONG_COLUMNS))
+        return _crop(x, _draw(generator, total, start, x.shape[0], CROP_COLUMNS), scale)
+    return _strong(x, _draw(generator, total, start, x.shape[0], STRONG_COLUMNS), scale)
 
 
 def _check_inputs(x, generator, start, total) -> int:
@@ -202,19 +213,20 @@ class StrongParams(NamedTuple):
     gray_on: torch.Tensor  # bool
 
 
-def _crop_params(u, h, w) -> CropParams:
-    """The crop box and flip from a sample's first CROP_COLUMNS uniforms (further columns are ignored)."""
+def _crop_params(u, h, w, scale=CROP_SCALE[0]) -> CropParams:
+    """The crop box and flip from a sample's first CROP_COLUMNS uniforms (further columns are ignored); the
+    box's area is drawn from (scale, 1) of the image's."""
     t = CROP_TRIES
-    box = _resized_crop_params(u[:, :t], u[:, t : 2 * t], u[:, 2 * t], u[:, 2 * t + 1], h, w)
+    box = _resized_crop_params(u[:, :t], u[:, t : 2 * t], u[:, 2 * t], u[:, 2 * t + 1], h, w, scale)
     return CropParams(*box, flip=u[:, 2 * t + 2] < P_FLIP)
 
 
-def _strong_params(u, h, w) -> StrongParams:
+def _strong_params(u, h, w, scale=CROP_SCALE[0]) -> StrongParams:
     c = CROP_COLUMNS
     lo = torch.tensor([1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]], dtype=torch.float64)
     hi = torch.tensor([1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3]], dtype=torch.float64)
     return StrongParams(
-        *_crop_params(u, h, w),
+        *_crop_params(u, h, w, scale),
         jitter_on=u[:, c] < P_JITTER,
         factors=lo + (hi - lo) * u[:, c + 1 : c + 5],
         order=u[:, c + 5 : c + 9].argsort(dim=1),  # argsort of iid uniforms: a uniform permutation
@@ -222,14 +234,14 @@ def _strong_params(u, h, w) -> StrongParams:
     )
 
 
-def _crop(x, u):
-    p = CropParams(*_to_device(list(_crop_params(u, x.shape[2], x.shape[3])), x.device))
+def _crop(x, u, scale=CROP_SCALE[0]):
+    p = CropParams(*_to_device(list(_crop_params(u, x.shape[2], x.shape[3], scale)), x.device))
     return _resized_crop(x.float() / 255, *p, interpolation=CROP_INTERPOLATION)
 
 
-def _strong(x, u):
+def _strong(x, u, scale=CROP_SCALE[0]):
     # float32 on the device: boxes are small integers (exact), and some accelerators have no float64.
-    params = _strong_params(u, x.shape[2], x.shape[3])
+    params = _strong_params(u, x.shape[2], x.shape[3], scale)
     p = StrongParams(*_to_device(list(params), x.device))
     out = _resized_crop(x.float() / 255, p.top, p.left, p.crop_h, p.crop_w, p.flip,
                         interpolation=STRONG_INTERPOLATION)
@@ -239,14 +251,15 @@ def _strong(x, u):
     return out
 
 
-def _resized_crop_params(u_scale, u_log_ratio, u_top, u_left, h, w):
-    """torchvision's RandomResizedCrop.get_params for every row at once -> float64 (top, left, height, width).
+def _resized_crop_params(u_scale, u_log_ratio, u_top, u_left, h, w, scale=CROP_SCALE[0]):
+    """torchvision's RandomResizedCrop.get_params with scale (scale, 1) for every row at once -> float64 (top,
+    left, height, width).
 
     Each row tries CROP_TRIES (area, log aspect ratio) draws and keeps the first box that fits in the image;
     a row with none falls back to the whole image, cut to the nearest allowed aspect ratio, centred.
     """
     log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    area = h * w * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u_scale)
+    area = h * w * (scale + (CROP_SCALE[1] - scale) * u_scale)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_log_ratio)
     tries_w = torch.round(torch.sqrt(area * aspect))  # half to even, like Python's round in torchvision
     tries_h = torch.round(torch.sqrt(area / aspect))

@@ -100,7 +100,7 @@ def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | No
     """Run the applicable protocols of ``ev`` (default: the run's own ``eval`` section) on RUN's weights;
     ``options`` changes model keys that change how a trained model is read (``Method.read_options``,
     e.g. ``sample_steps``, ``nll_terms``, ``feature_t``)."""
-    from ..runs import read_run_config
+    from ..runs import read_init_record, read_run_config
 
     run = Path(run)
     ev = ev or read_run_config(run).eval
@@ -118,6 +118,9 @@ def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | No
         "flops_per_image": int(method.flops_per_image()), "device": str(ctx.device),
         "protocols": {k: v for k, v in keep.items() if k not in names},
     }
+    init = read_init_record(run)  # provenance: the run this one continued from (genrep pretrain --init)
+    if init is not None:
+        results["init"] = init
     for name, reason in skipped.items():
         results["protocols"][name] = {"skipped": reason}
     results["protocols"] = _ordered(results["protocols"])

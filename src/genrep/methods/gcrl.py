@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.augment import Augmentation
 from ..errors import GenrepError
 from ..fields import setting
 from ..nn.flops import linear_flops
@@ -113,7 +114,8 @@ class GCRL(AutoregressiveTokens):
         return self.branch.norm(h.mean(dim=1))  # Fig. 1: GAP, LN, then (not read) the head
 
     def views(self):
-        return {"weak": self.cfg.augment, "strong": self.cfg.contrastive_augment}
+        return {"weak": self.cfg.augment,
+                "strong": Augmentation(self.cfg.contrastive_augment, crop_scale=self.cfg.crop_scale)}
 
     def flops_per_image(self) -> int:
         """Per training image, averaged over the run: the hybrid step (both views through the encoder and the

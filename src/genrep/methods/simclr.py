@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..data.augment import AUGMENTATIONS
+from ..data.augment import AUGMENTATIONS, DEFAULT_CROP_SCALE, Augmentation
 from ..errors import GenrepError
 from ..fields import setting
 from ..nn.contrastive import ProjectionHead, nt_xent
@@ -41,6 +41,10 @@ class ContrastiveConfig:
     # the contrastive views' augmentation: strong is table 2's; weak (iGPT's crop + flip) is table 9's easier
     # pretext task, and what 8x8 digits need (a 0.2-area crop of 8x8 pixels leaves nothing to match)
     contrastive_augment: str = setting("strong", choices=AUGMENTATIONS)
+    # the strong (and crop) view's smallest crop, as a fraction of the image's area: RandomResizedCrop's scale
+    # (crop_scale, 1); table 2's 0.2, and table 9's "weak augmentation" (an easy pretext task) 0.8
+    crop_scale: float = setting(DEFAULT_CROP_SCALE, above=0, max=1,
+                                only_if={"contrastive_augment": ("strong", "crop")})
 
 
 @dataclass
@@ -87,7 +91,8 @@ class SimCLR(ColourTokenMethod):
         return self.contrastive.norm(h.mean(dim=1))  # Fig. 1: GAP, LN, then (not read) the projection head
 
     def views(self):
-        return {"view1": self.cfg.contrastive_augment, "view2": self.cfg.contrastive_augment}
+        view = Augmentation(self.cfg.contrastive_augment, crop_scale=self.cfg.crop_scale)
+        return {"view1": view, "view2": view}
 
     def flops_per_image(self) -> int:
         # two views through the whole stack and the projection head (NT-Xent's similarities are left out: they

@@ -26,9 +26,10 @@ from ..errors import GenrepError
 from ..eval.periodic import PeriodicEval, check_periodic
 from ..locks import LOCK_FILE, RunLock
 from ..methods import Method
-from ..runs import (CONFIG_FILE, FROZEN_FILE, PREPARED_FILE, RUN_MARKER, build_for_data, check_new_run_dir,
-                    check_no_links, check_resumable, create_run_dir, fit_prepared, install_run_state, is_marked_run,
-                    load_split, load_splits, mark_run, save_prepared, write_frozen)
+from ..runs import (CONFIG_FILE, FROZEN_FILE, INIT_FILE, PREPARED_FILE, RUN_MARKER, build_for_data, check_init_source,
+                    check_new_run_dir, check_no_links, check_resumable, create_run_dir, data_spec, fit_prepared,
+                    install_run_state, is_marked_run, load_split, load_splits, mark_run, read_init_record,
+                    read_init_source, save_prepared, write_frozen, write_init_record)
 from .checkpoint import CKPT_DIR, checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
 from .dist import barrier, cleanup, init_distributed
 from .ema import EMA
@@ -83,8 +84,16 @@ def check_accumulation(cfg: Config, method: Method) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run: Path, resume: bool = False, train_set: ImageSet | None = None):
-        self.cfg, self.run, self.resume = cfg, Path(run), resume
+    """Train ``cfg`` into ``run``: a new run, a resumed one (``resume``), or a new run that continues the trained
+    weights and fitted state of run ``init`` (``genrep pretrain --init RUN``: GCRL's section 4.2, ImageNet32 models
+    continued on CIFAR) with a fresh optimizer and schedule."""
+
+    def __init__(self, cfg: Config, run: Path, resume: bool = False, train_set: ImageSet | None = None,
+                 init: Path | None = None):
+        if resume and init is not None:
+            raise GenrepError("--init starts a new run from another run's weights; a resumed run continues its own "
+                              "checkpoint: drop --init (or --resume)")
+        self.cfg, self.run, self.resume, self.init = cfg, Path(run), resume, init
         self.info, self.device = init_distributed(cfg.train.device)
         check_train_config(cfg, self.info.world)
         # one writer per run (rank 0 holds the lock for all ranks); a resumed run is locked before it is read
@@ -116,8 +125,16 @@ class Trainer:
         self.train_set = train_set
         self.method: Method = build_for_data(cfg, train_set, self.device, training=True)
         check_accumulation(cfg, self.method)
+        self._init = self._init_source(resume)
         self.periodic = self._periodic_eval()
+        self._inherited: dict[str, str] | None = None  # prepared.safetensors' record of a state from --init
         self._prepared = self._prepare(resume)  # before the EMA copies the method: it holds the fitted state
+        if self._init is not None:  # the source's weights replace the fresh ones, before the EMA copies them
+            try:
+                self.method.load_state_dict(self._init[0])
+            except RuntimeError as e:
+                raise GenrepError(f"--init {self._init[2]['run']}: its weights do not fit this config's model "
+                                  f"({str(e).splitlines()[0][:160]})") from None
         self.method.to(self.device)
         self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world,
                               streams=self.method.num_streams)
@@ -142,9 +159,23 @@ class Trainer:
             check_tensorboard()
         self.logger: Logger | None = None  # opened by fit(): a run that fails to build leaves no folder
 
+    def _init_source(self, resume: bool):
+        """(weights, fitted state and its record, INIT_FILE's record) of the run this one continues: ``--init``'s,
+        or, for a continuation resumed before its first checkpoint, the recorded source (the same bytes)."""
+        spec = data_spec(self.train_set)
+        if self.init is not None:
+            check_init_source(self.init, self.cfg, spec)
+            return read_init_source(self.init, self.method)
+        record = read_init_record(self.run) if resume and not checkpoint_dirs(self.run) else None
+        if record is None:
+            return None
+        check_init_source(record["run"], self.cfg, spec)
+        return read_init_source(record["run"], self.method, expect_sha256=record["sha256"])
+
     def _prepare(self, resume: bool) -> dict[str, torch.Tensor] | None:
-        """The method's data-fitted state: read back from the run on resume (never refitted), else fitted on
-        rank 0 and broadcast. Returns the state still to be written into the run folder (None: nothing)."""
+        """The method's data-fitted state: read back from the run on resume (never refitted), taken from the run
+        it continues (``--init``: never refitted either), else fitted on rank 0 and broadcast. Returns the state
+        still to be written into the run folder (None: nothing)."""
         m = self.method
         if not m.has_prepare:
             if resume:
@@ -153,6 +184,10 @@ class Trainer:
         if resume and ((self.run / PREPARED_FILE).exists() or checkpoint_dirs(self.run)):
             install_run_state(self.run, m, self.train_set)
             return None
+        if self._init is not None:
+            state, self._inherited = self._init[1]
+            m.load_prepared(state)
+            return state
         state = [fit_prepared(m, self.train_set, self.device, self.cfg.train.seed) if self.info.main else None]
         if self.info.enabled:
             torch.distributed.broadcast_object_list(state, src=0)
@@ -168,8 +203,10 @@ class Trainer:
                 mark_run(self.run, adopted=True)  # a run from before the marker, recognised by check_resumable
             save_config(self.cfg, self.run / CONFIG_FILE)
             if self._prepared is not None:
-                save_prepared(self.run, self.method, self._prepared, self.train_set)
+                save_prepared(self.run, self.method, self._prepared, self.train_set, self._inherited)
             write_frozen(self.run, self.method)
+            if self._init is not None:
+                write_init_record(self.run, self._init[2])
         self.logger = Logger(self.run, self.info.main, self.cfg.train.tensorboard)
 
     def _discard_run(self) -> None:
@@ -180,7 +217,8 @@ class Trainer:
             self.logger = None
         if not self.info.main or self._made is None:  # not claimed: the folder may be someone else's
             return
-        for name in (LOG_FILE, CONFIG_FILE, PREPARED_FILE, FROZEN_FILE, "tensorboard", CKPT_DIR, RUN_MARKER, LOCK_FILE):
+        for name in (LOG_FILE, CONFIG_FILE, PREPARED_FILE, FROZEN_FILE, INIT_FILE, "tensorboard", CKPT_DIR, RUN_MARKER,
+                     LOCK_FILE):
             path = self.run / name
             if path.is_symlink() or path.is_file():
                 path.unlink()
@@ -399,8 +437,8 @@ class Trainer:
         cleanup(self.info, finished)
 
 
-def pretrain(cfg: Config, run: Path, resume: bool = False) -> TrainResult:
-    trainer = Trainer(cfg, run, resume)
+def pretrain(cfg: Config, run: Path, resume: bool = False, init: Path | None = None) -> TrainResult:
+    trainer = Trainer(cfg, run, resume, init=init)
     finished = False
     try:
         result = trainer.fit()

@@ -16,10 +16,11 @@ Protocol (:func:`finetune`)
     :mod:`genrep.eval.metrics.calibration`), and accuracy and mean cross-entropy (without label smoothing) on the
     un-augmented train set.
 
-    Defaults: GCRL fine-tunes its ImageNet32 models on CIFAR for 15 epochs (section 4.2) and states no other
-    fine-tuning setting, so ``epochs=15`` is the paper's; lr 1e-4, weight decay 0.05, batch 128, clipping
-    at 1 and one warm-up epoch are common ViT fine-tuning values (and the repository's pretraining clip),
-    not the paper's.
+    Defaults: none is a paper's. GCRL's "15 epochs" (section 4.2) are continued *pretraining* of its ImageNet32
+    models on CIFAR with the pretraining objective (``genrep pretrain --init RUN``, the
+    ``*-cifar10-from-imagenet32`` recipes), not supervised fine-tuning, which the paper does not run; 15 epochs
+    here is only a short default. lr 1e-4, weight decay 0.05, batch 128, clipping at 1 and one warm-up epoch
+    are common ViT fine-tuning values (and the repository's pretraining clip).
 
 Causal methods
     An autoregressive (iGPT-like) method trains with a causal attention mask. Such a method declares it with
@@ -62,7 +63,7 @@ _EVAL_BATCH = 512
 
 @dataclass
 class FinetuneSettings:
-    epochs: int = setting(15, min=1)         # GCRL fine-tunes its ImageNet32 models for 15 epochs
+    epochs: int = setting(15, min=1)         # a short default (GCRL's 15 epochs are continued pretraining)
     lr: float = setting(1e-4, above=0)
     batch_size: int = setting(128, min=1)
     layer: int | None = setting(None, min=1)  # the read-out: None = the method's default layer and pooling

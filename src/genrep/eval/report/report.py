@@ -82,6 +82,16 @@ def _label(r: dict) -> str:
     return f"{_e(r['method'])} <span class='note'>({_e(Path(r['run']).name)})</span>"
 
 
+def _init_note(r: dict) -> str:
+    """Where a continued run's weights came from (genrep pretrain --init): the source run, step and weights sha256."""
+    init = r.get("init")
+    if not isinstance(init, dict):
+        return ""
+    step = f" step {init['step']}" if init.get("step") is not None else ""
+    return (f"<br><span class='note'>continued from {_e(str(init.get('run')))}{step} (weights sha256 "
+            f"{_e(str(init.get('sha256'))[:12])})</span>")
+
+
 def _size(r: dict) -> str:
     """Trainable / total parameters (files before the split held the total alone)."""
     p = r["params"]
@@ -474,7 +484,7 @@ def render(runs: list[dict], grids: list[dict] | None = None) -> str:
                "skipped protocols"])
     for r in runs:
         skipped = ", ".join(k for k, v in r["protocols"].items() if "skipped" in v) or "–"
-        t.add([_label(r), _e(r["recipe"]), f"{_e(r['data'])} ({r['image_size']}px, {r['n_train']}/{r['n_test']})",
+        t.add([_label(r), _e(r["recipe"]) + _init_note(r), f"{_e(r['data'])} ({r['image_size']}px, {r['n_train']}/{r['n_test']})",
                _size(r), f"{r['flops_per_image'] / 1e9:.3f}", _e(r["weights"]), _e(r["device"]), _e(skipped)])
     parts.append("<h2>Runs</h2>" + t.html())
     for name, section in SECTIONS.items():
