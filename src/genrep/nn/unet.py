@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GenrepError
+from ..errors import GenrepError, library_warnings
 from .embeddings import timestep_embedding  # guided-diffusion's layout: [cos | sin], max_period 10000
 
 __all__ = ["ADM_256_UNCOND", "UNet", "default_channel_mult", "load_unet_state", "timestep_embedding"]
@@ -347,13 +347,16 @@ def load_unet_state(unet: UNet, path: str | Path) -> None:
     are checked before loading, so a file of another configuration is a one-line error naming what differs.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with library_warnings():  # torch warns of a legacy pickle's protocol just before it refuses the file
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise GenrepError(f"no U-Net weights file {path}") from e
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         # the weights-only unpickler names the class it refused: say which, a long traceback helps nobody
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        first = str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
+        # past torch's paragraph on the weights_only default, its unpickler says what it met (a raw pickle's opcode)
+        met = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        first = met.group(1).strip() if met else str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
         why = f"it pickles {refused.group(1)}" if refused else f"{type(e).__name__}: {first}".rstrip(": ")
         raise GenrepError(f"cannot read {path} as a plain state dict with torch.load(weights_only=True) "
                           f"({why}); a plain state dict (module.state_dict(), names to tensors) is needed, "

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import GenrepError
+from ..errors import GenrepError, library_warnings
 from ..io import atomic_save_safetensors, atomic_torch_save
 
 CKPT_DIR = "checkpoints"
@@ -122,7 +122,8 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_state(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with library_warnings():  # torch warns of a pickle protocol before refusing a file that is not ours
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise GenrepError(f"training state {path} does not exist; the checkpoint folder is incomplete") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, a non-allow-listed global...

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...errors import GenrepError
+from ...errors import GenrepError, library_warnings
 from ...io import atomic_save_safetensors
 
 __all__ = ["INCEPTION_ENV", "INCEPTION_FILE", "INCEPTION_LABEL", "INCEPTION_URL", "Extractor", "content_digest",
@@ -128,7 +128,8 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> Extrac
     # the file is read once, safely; torch-fidelity would unpickle it again without weights_only, so a file
     # swapped between the two reads could run code. It gets an in-memory copy of the checked tensors instead.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with library_warnings():  # torch warns of a legacy pickle's protocol just before it refuses the file
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - bad zip, pickle opcode, non-allow-listed global...
         raise GenrepError(f"cannot read Inception weights {path}: {_one_line(e)}; {expect}") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
