@@ -181,7 +181,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     creates the folder once the data and the model have been built, so bad input leaves nothing behind."""
     from .config import parse_overrides, resolve_config
     from .io import check_can_write
-    from .runs import check_new_run_dir, check_resumable, claim_new_run_dir
+    from .runs import check_new_run_dir, claim_new_run_dir
     from .train.dist import init_distributed
 
     overrides = parse_overrides(rest)
@@ -193,8 +193,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
     if resume is not None:
         if args.out is not None:
             raise GenrepError("--resume continues RUN in place; drop --out")
-        check_resumable(resume)
-        check_can_write(resume, "resumed run folder")
+        check_can_write(resume, "resumed run folder", decide=_resumable)
         cfg = _config_for_resume(resume, args.recipe, overrides)
         run = resume
     else:
@@ -202,8 +201,7 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
         if recipe is None:
             raise GenrepError("genrep pretrain needs --recipe NAME (see genrep recipes) or --resume RUN")
         if args.out is not None:
-            check_can_write(args.out, "run folder --out")
-            check_new_run_dir(args.out)
+            check_can_write(args.out, "run folder --out", decide=check_new_run_dir)
         else:
             check_can_write(args.runs_dir, "runs folder --runs-dir")
         cfg = resolve_config(recipe, overrides)
@@ -224,6 +222,14 @@ def _prepare_run(args, rest: list[str], default_recipe: str | None = None):
         dist.broadcast_object_list(box, src=0)
         run = Path(box[0])
     return cfg, Path(run), resume is not None
+
+
+def _resumable(run: Path) -> bool:
+    """check_can_write's rule for --resume RUN: a run genrep made, or a one-line refusal."""
+    from .runs import check_resumable
+
+    check_resumable(run)
+    return True
 
 
 def _pretrain(cfg, run: Path, resume: bool, claimed: bool, init: Path | None = None):
@@ -343,7 +349,7 @@ def cmd_sweep(args, rest: list[str]) -> int:
 
 def cmd_grid(args, rest: list[str]) -> int:
     from .config import parse_overrides
-    from .grid import check_grid_out, grid_table, plan_grid, preflight, run_grid, split_axes
+    from .grid import check_grid_out, grid_table, is_grid_folder, plan_grid, preflight, run_grid, split_axes
     from .io import check_can_write
     from .runs import claim_new_run_dir
 
@@ -355,8 +361,11 @@ def cmd_grid(args, rest: list[str]) -> int:
         raise GenrepError("genrep grid needs --recipe NAME (see genrep recipes)")
     plan = plan_grid(args.recipe, axes, parse_overrides(rest))
     if args.out is not None:
-        check_can_write(args.out, "grid folder --out")
-        check_grid_out(args.out, plan)
+        def ours(out: Path) -> bool:  # a new or empty folder, or a grid of these settings; refused otherwise
+            check_grid_out(out, plan)
+            return is_grid_folder(out)
+
+        check_can_write(args.out, "grid folder --out", decide=ours)
     else:
         check_can_write(args.runs_dir, "runs folder --runs-dir")
     t0 = time.perf_counter()
@@ -385,8 +394,8 @@ def cmd_report(args, rest: list[str]) -> int:
     from .eval.report.report import write_report
     from .io import check_can_write, check_overwrite
 
-    check_can_write(args.out, "report")
-    check_overwrite(args.out, _is_genrep_report, "report", args.force)
+    check_can_write(args.out, "report", decide=lambda out: check_overwrite(out, _is_genrep_report, "report",
+                                                                          args.force))
     out = write_report(args.runs, args.out)
     print(f"report of {len(args.runs)} folder(s): {out}")
     return 0

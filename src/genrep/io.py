@@ -7,6 +7,7 @@ genrep write outside the run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -115,11 +116,17 @@ def check_overwrite(path: Path, ours: Callable[[Path], bool], what: str, force: 
                           f"overwrite it")
 
 
-def check_can_write(path: Path, what: str) -> None:
+def check_can_write(path: Path, what: str, decide: Callable[[Path], bool | None] | None = None) -> None:
     """Refuse, in one line and before any expensive work, an output path the file system would refuse later:
     a name longer than the OS allows, a parent that is a file, a read-only or pseudo file system (/proc).
-    Writability is tried for real (a probe file made and removed in the deepest existing folder): as root,
-    permission bits say nothing, and only the kernel knows a read-only mount."""
+
+    ``decide`` is the caller's rule for what already exists at ``path`` (it raises GenrepError to refuse it, and
+    returns True where the folder is genrep's own); it runs once the names are known to be valid and before
+    writability is tried, so a refused folder is never touched. Writability is tried for real (a probe file
+    made and removed: as root, permission bits say nothing, and only the kernel knows a read-only mount or
+    /proc) only where genrep is about to write anyway: the deepest existing folder above a path it will make,
+    or a folder of its own. In any other existing folder (a user's empty one) the kernel is asked instead, which
+    writes nothing there and leaves its modification time alone."""
     from .errors import GenrepError
 
     path = Path(path)
@@ -141,6 +148,12 @@ def check_can_write(path: Path, what: str) -> None:
     if len(os.fsencode(str(full))) >= path_max:
         raise GenrepError(f"cannot write the {what}: its path is longer than the {path_max} bytes the OS allows; "
                           f"choose a shorter one")
+    ours = bool(decide(path)) if decide is not None else False
+    if here == full and not ours:
+        if not os.access(here, os.W_OK | os.X_OK):
+            raise GenrepError(f"cannot write the {what} {path}: {here} is not writable ({_why_not_writable(here)}); "
+                              f"choose another path")
+        return
     try:
         fd, probe = tempfile.mkstemp(prefix=".genrep-write-test-", dir=here)
         os.close(fd)
@@ -148,3 +161,11 @@ def check_can_write(path: Path, what: str) -> None:
     except OSError as e:
         raise GenrepError(f"cannot write the {what} {path}: {here} is not writable ({e.strerror}); choose another "
                           f"path") from None
+
+
+def _why_not_writable(folder: Path) -> str:
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return os.strerror(errno.EROFS if read_only else errno.EACCES)
