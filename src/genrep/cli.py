@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import GenrepError
+from .errors import GenrepError, WriteError
 
 DEFAULT_RECIPE = "hybvit-digits"  # the product's point is the hybrid
 
@@ -122,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             raise GenrepError(f"'genrep {args.command}' takes no arguments, got {' '.join(rest)}")
         return COMMANDS[args.command](args, rest)
     except GenrepError as e:
-        print(f"genrep: error: {e}", file=sys.stderr)
-        return 2
+        # a refused write (a full disk) is no user error: say what is left and how to go on, as for Ctrl-C
+        left = f"; {INTERRUPTED.get(args.command, 'nothing was written')}" if isinstance(e, WriteError) else ""
+        print(f"genrep: error: {e}{left}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print(f"genrep: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
-    except OSError as e:  # the file system refused a write or read the checks could not foresee (disk full)
-        where = f" {e.filename}" if e.filename else ""
-        print(f"genrep: error: file-system error on{where}: {e.strerror or e}; nothing genrep had written "
-              f"complete is lost (files are replaced atomically)", file=sys.stderr)
+    except OSError as e:  # the file system refused something outside genrep's writers (io.writing)
+        print(f"genrep: error: file-system error on {e.filename or 'a file'}: {e.strerror or e}; nothing genrep had "
+              f"written complete is lost (files are replaced atomically)", file=sys.stderr)
         return 1
 
 

@@ -14,6 +14,15 @@ class GenrepError(Exception):
     so the message must say what was wrong and what would be right.
     """
 
+    exit_status = 2
+
+
+class WriteError(GenrepError):
+    """The file system refused a write (a full disk, a quota, a read-only mount, an I/O error): not bad input, so
+    the CLI exits with status 1. Made only by ``io.write_error``, so every such line names the path."""
+
+    exit_status = 1
+
 
 @contextlib.contextmanager
 def library_warnings():

@@ -1,4 +1,6 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
+"""Every file genrep writes goes through here: atomic writes (a temporary file in the same folder, fsync, then a
+rename), the one boundary that turns the file system's refusals into one line, and the check of an output path
+before the work.
 
 A reader (or a resumed run) sees either the old file or the complete new one, never half of one. The rename
 replaces a symbolic link at the path rather than writing through it, so a link in a run folder never lets
@@ -7,51 +9,118 @@ genrep write outside the run.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .errors import GenrepError, WriteError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# torch.save reports a short write (a full disk, a quota) by these, without the OS's errno
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "inline_container.cc", "unexpected pos")
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
+
+def write_error(e: BaseException, path, what: str | None = None) -> WriteError | None:
+    """The one line for a write the file system refused: ``e`` is an OSError, or torch's or safetensors' wrapper of
+    one (which carry no path); None for anything else, which is a bug and keeps its traceback."""
+    reason = _refusal(e, Path(path).parent)
+    if reason is None:
+        return None
+    return WriteError(f"cannot write {path}{f' ({what})' if what else ''}: {reason}")
+
+
+def _refusal(e: BaseException, folder: Path) -> str | None:
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    text = str(e)
+    first = (text.strip().splitlines() or [""])[0][:120]
+    if type(e).__name__ == "SafetensorError" and ("I/O error" in text or "os error" in text):
+        code = re.search(r"os error (\d+)", text)
+        return os.strerror(int(code.group(1))) if code else first
+    if isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
+        return _full_or_read_only(folder) or f"torch could not write the whole file ({first})"
+    return None
+
+
+def _full_or_read_only(folder: Path) -> str | None:
+    """What torch's short write most likely was, asked of the file system while the partial file still fills it."""
     try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if st.f_bavail == 0 or (st.f_files and st.f_favail == 0):  # some file systems count no inodes (0 of 0)
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, what: str | None = None) -> Iterator[list[Path]]:
+    """The boundary every writer goes through: a refusal inside the block becomes a WriteError naming ``path``
+    and ``what``. The block registers the temporaries it makes (``partial.append(tmp)``); they are removed on
+    every way out but success (a failed checkpoint leaves no ``.tmp-step_*`` behind)."""
+    partial: list[Path] = []
+    try:
+        yield partial
+    except BaseException as e:
+        error = None if isinstance(e, GenrepError) else write_error(e, path, what)  # before the partial is removed
+        for p in reversed(partial):
+            _remove(Path(p))
+        if error is None:
+            raise
+        raise error from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _atomic(path: Path, write: Callable[[str], None], what: str | None = None) -> None:
+    path = Path(path)
+    with writing(path, what) as partial:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        partial.append(Path(tmp))
         write(tmp)
+        # mkstemp makes 0600 files (and safetensors makes its file anew): give the permissions open() would
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, what: str | None = None) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic(path, write)
+    _atomic(path, write, what)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, what: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), what)
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path: Path, obj, what: str | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", what)
 
 
-def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None,
+                            what: str | None = None) -> None:
     from safetensors.torch import save_file
 
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -60,7 +129,7 @@ def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] 
         save_file(contiguous, tmp, metadata=metadata)
         _sort_safetensors_metadata(tmp)
 
-    _atomic(path, write)
+    _atomic(path, write, what)
 
 
 def _sort_safetensors_metadata(path) -> None:
@@ -80,15 +149,15 @@ def _sort_safetensors_metadata(path) -> None:
         f.write(text + b" " * (n - len(text)))  # safetensors pads its header with spaces
 
 
-def atomic_torch_save(path: Path, obj) -> None:
+def atomic_torch_save(path: Path, obj, what: str | None = None) -> None:
     import torch
 
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    _atomic(path, lambda tmp: torch.save(obj, tmp), what)
 
 
 def atomic_savefig(path: Path, fig) -> None:
     _atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120,
-                                          bbox_inches="tight"))
+                                          bbox_inches="tight"), "figure")
 
 
 def save_figure(path: Path, fig) -> Path:
@@ -107,8 +176,6 @@ def check_overwrite(path: Path, ours: Callable[[Path], bool], what: str, force: 
     path = Path(path)
     if force or not (path.exists() or path.is_symlink()):
         return
-    from .errors import GenrepError
-
     if path.is_dir():
         raise GenrepError(f"{path} is a folder; name a file for the {what}")
     if not ours(path):
@@ -127,8 +194,6 @@ def check_can_write(path: Path, what: str, decide: Callable[[Path], bool | None]
     /proc) only where genrep is about to write anyway: the deepest existing folder above a path it will make,
     or a folder of its own. In any other existing folder (a user's empty one) the kernel is asked instead, which
     writes nothing there and leaves its modification time alone."""
-    from .errors import GenrepError
-
     path = Path(path)
     full = Path(os.path.abspath(path))
     missing, here = ([], full) if os.path.isdir(full) else ([full.name], full.parent)

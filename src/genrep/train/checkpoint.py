@@ -8,9 +8,9 @@ Layout of a run folder::
     log.jsonl, results/, figures/
 
 A checkpoint folder is written as ``.tmp-step_N`` and renamed when complete, so the newest
-``step_*`` folder is always whole; a kill mid-write leaves only a ``.tmp-`` folder, removed at the
-next save. ``state.pt`` holds only tensors and plain containers, loadable with
-``torch.load(weights_only=True)``; nothing is unpickled.
+``step_*`` folder is always whole; a write the file system refuses (a full disk) removes the ``.tmp-`` folder at
+once, and a kill mid-write leaves only that folder, removed at the next save. ``state.pt`` holds only tensors
+and plain containers, loadable with ``torch.load(weights_only=True)``; nothing is unpickled.
 
 Pruning deletes only folders that hold exactly genrep's three files: a ``step_*`` folder with anything else in
 it (or that is a link) was not written by genrep and is never deleted.
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import GenrepError, library_warnings
-from ..io import atomic_save_safetensors, atomic_torch_save
+from ..io import atomic_save_safetensors, atomic_torch_save, writing
 
 CKPT_DIR = "checkpoints"
 MAX_STEP = 99_999_999  # step folders have 8 digits: a larger step is a damaged file, not a long run
@@ -61,35 +61,41 @@ def checkpoint_step(path: Path) -> int:
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Atomically point ``dst`` at the bytes of ``src`` (a hard link when the file system allows)."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with writing(dst, "the latest weights") as partial:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+        partial.append(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 def save_checkpoint(run: Path, step: int, model: dict, ema: dict, state: dict, metadata: dict[str, str],
                     keep: int = 2) -> Path:
     root = Path(run) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     if final.exists() and not is_genrep_checkpoint(final):
         raise GenrepError(f"{final} holds files genrep did not write; move it out of {root} (genrep writes and "
                           f"deletes only its own checkpoints there)")
-    for stale in root.glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-{final.name}"
-    tmp.mkdir()
-    meta = {**metadata, "step": str(step)}
-    atomic_save_safetensors(tmp / "model.safetensors", model, meta)
-    atomic_save_safetensors(tmp / "ema.safetensors", ema, meta)
-    atomic_torch_save(tmp / "state.pt", {**state, "step": step})
-    if final.exists():  # re-saving the same step (e.g. a resumed run that was already finished)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    what = f"checkpoint of step {step}"
+    # a failure anywhere here (a full disk) removes the unfinished folder; the last complete checkpoint stays
+    with writing(final, what) as partial:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".tmp-{final.name}"
+        tmp.mkdir()
+        partial.append(tmp)
+        meta = {**metadata, "step": str(step)}
+        atomic_save_safetensors(tmp / "model.safetensors", model, meta, what=what)
+        atomic_save_safetensors(tmp / "ema.safetensors", ema, meta, what=what)
+        atomic_torch_save(tmp / "state.pt", {**state, "step": step}, what=what)
+        if final.exists():  # re-saving the same step (e.g. a resumed run that was already finished)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
     for name in ("model.safetensors", "ema.safetensors"):
         _link_or_copy(final / name, Path(run) / name)
     for old in checkpoint_dirs(run)[:-keep] if keep > 0 else []:
