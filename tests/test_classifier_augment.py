@@ -139,6 +139,8 @@ def test_the_op_comparison_catches_a_wrong_kernel(monkeypatch, name, bug):
 
 
 def _replay_policy(img, tv, pick, on, u_signs, h, w):
+    """torchvision's result of the sub-policy, and the pixels a nearest-neighbour tie may have decided."""
+    ties = torch.zeros(h, w, dtype=torch.bool)
     for slot, (name, _, mag_idx) in enumerate(tv._policies[pick]):
         if not on[slot]:
             continue
@@ -147,7 +149,35 @@ def _replay_policy(img, tv, pick, on, u_signs, h, w):
         if AA.OP_ID[name] in AA.SIGNED and u_signs[slot] < 0.5:
             m = -m
         img = _tv_op(name, img, m, PAPER_FILL)
-    return img
+        ties = _carry_ties(name, m, ties, h, w)
+    return img, ties
+
+
+_WHOLE_IMAGE = ("Contrast", "AutoContrast", "Equalize")  # each output pixel depends on every input pixel
+
+
+def _carry_ties(name, m, ties, h, w):
+    """Where ``ties`` stand after op ``name``, plus the op's own: an output pixel whose source coordinate lies on a
+    half pixel. Which neighbour nearest sampling picks there is decided by the last bit of the map's float32
+    arithmetic (torchvision's bmm, whose rounding depends on the BLAS kernel of the machine and of the release);
+    both picks are the op's value, so the comparison is exact everywhere else."""
+    if name in _WHOLE_IMAGE:
+        return torch.full((h, w), bool(ties.any()))
+    if name == "Sharpness":  # a 3x3 neighbourhood
+        return F.max_pool2d(ties[None, None].float(), 3, 1, 1)[0, 0] > 0.5
+    if AA.OP_ID[name] not in AA.GEOMETRIC:
+        return ties
+    moved = _tv_op(name, ties[None].float(), m, 0.0)[0] > 0.5
+    theta = AA._geometric_theta(torch.tensor([AA.OP_ID[name]]), torch.tensor([m], dtype=torch.float64), h, w)[0]
+    px = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
+    py = (torch.arange(h, dtype=torch.float64) - (h - 1) / 2)[:, None]
+    src_x = px * theta[0, 0] + py * theta[0, 1] + theta[0, 2] + (w - 1) / 2
+    src_y = px * theta[1, 0] + py * theta[1, 1] + theta[1, 2] + (h - 1) / 2
+
+    def on_half(s):
+        return ((s - s.floor()) - 0.5).abs() < 1e-4
+
+    return moved | on_half(src_x) | on_half(src_y)
 
 
 @pytest.mark.parametrize("policy", ["cifar10", "imagenet", "svhn"])
@@ -160,11 +190,15 @@ def test_each_samples_sub_policy_replays_torchvision(policy, c, h, w):
     ours = AA.autoaugment(x, p)
     tv = T.AutoAugment(T.AutoAugmentPolicy(policy), fill=[PAPER_FILL] * c)
     assert [tuple(s) for s in tv._policies] == [tuple(s) for s in AA.POLICIES[policy]]  # the same table
+    compared = 0
     with _one_thread():
         for i in range(n):
             pick = int(u[i, 0] * len(tv._policies))
-            expected = _replay_policy(x[i], tv, pick, p.on[i].tolist(), u[i, [2, 4]].tolist(), h, w)
-            torch.testing.assert_close(ours[i], expected, atol=1e-6, rtol=0)
+            expected, ties = _replay_policy(x[i], tv, pick, p.on[i].tolist(), u[i, [2, 4]].tolist(), h, w)
+            keep = ~ties.expand_as(expected)
+            torch.testing.assert_close(ours[i][keep], expected[keep], atol=1e-6, rtol=0)
+            compared += int(keep.sum())
+    assert compared >= 0.95 * x.numel()  # ties are rare: nearly every pixel is compared exactly
 
 
 def test_policy_parameters_follow_the_table():
@@ -330,16 +364,20 @@ def test_classifier_augmentation_replays_the_papers_order_with_torchvision_ops(c
     aa = AA.autoaugment_params(u[:, CA._AA:CA._ERASE], "cifar10", h, w)
     on, etop, eleft, eh, ew = CA.erase_params(u[:, CA._ERASE:], h, w, 0.25)
     tv = T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
+    compared = 0
     with _one_thread():
         for i in range(n):
             img = x[i].float() / 255
             img = TF.horizontal_flip(img) if u[i, 0] < 0.5 else img
             img = TF.crop(TF.pad(img, [4] * 4, fill=0), int(u[i, 1] * 9), int(u[i, 2] * 9), h, w)
-            img = _replay_policy(img, tv, int(u[i, CA._AA] * 25), aa.on[i].tolist(),
-                                 u[i, [CA._AA + 2, CA._AA + 4]].tolist(), h, w)
+            img, ties = _replay_policy(img, tv, int(u[i, CA._AA] * 25), aa.on[i].tolist(),
+                                       u[i, [CA._AA + 2, CA._AA + 4]].tolist(), h, w)
             if on[i]:
                 img = TF.erase(img, int(etop[i]), int(eleft[i]), int(eh[i]), int(ew[i]), torch.tensor(0.75))
-            torch.testing.assert_close(ours[i], img, atol=1e-6, rtol=0)
+            keep = ~ties.expand_as(img)
+            torch.testing.assert_close(ours[i][keep], img[keep], atol=1e-6, rtol=0)
+            compared += int(keep.sum())
+    assert compared >= 0.95 * x.numel()
 
 
 def test_classifier_options_change_the_output_and_bad_ones_are_refused():
