@@ -286,3 +286,44 @@ def test_a_real_full_disk_at_the_second_checkpoint(reference, tmp_path, capsys, 
         filler.unlink()
         assert main(["pretrain", "--resume", str(run)]) == 0
         assert _same_weights(run, reference)
+
+
+# ------------------------------------------------------------------ the training log, a grid's cells
+
+def _refuse_log_write(monkeypatch, code: int) -> None:
+    """The kernel refusing the training log's append (flushed per row) on a full disk."""
+    import genrep.train.logger as logger
+
+    real = logger._open_for_append
+
+    class Refusing:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            raise OSError(code, os.strerror(code))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(logger, "_open_for_append", lambda path: Refusing(real(path)))
+
+
+def test_a_refused_log_row_is_one_line_naming_the_log(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _refuse_log_write(m, errno.ENOSPC)
+        assert main([*PRETRAIN, "--out", str(run)]) == 1
+    _one_error_line(capsys, str(run / "log.jsonl"), "training log row of step 5", "No space left on device")
+    assert _leftovers(run) == []
+
+
+def test_a_refused_write_in_a_grid_cell_keeps_exit_status_1(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "grid"
+    with monkeypatch.context() as m:
+        _refuse_log_write(m, errno.EDQUOT)
+        assert main(["grid", "--recipe", "supervised-digits", "--out", str(out), "--axis", "train.seed", "0,1",
+                     *TINY_ARGS]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("genrep: error: grid cell seed=0 (1/2): cannot write "), err
+    assert "log.jsonl" in err[0] and "Disk quota exceeded" in err[0]

@@ -671,7 +671,7 @@ def _run_cell(plan: GridPlan, out: Path, doc: dict, k: int, cell: Cell, say) -> 
         atomic_write_json(out / GRID_FILE, doc)
         probe = run_probes(run, device=cell.cfg.train.device, progress=cell.cfg.train.progress)
     except GenrepError as e:
-        raise GenrepError(f"grid cell {cell.name} ({k + 1}/{n}): {e}") from None
+        raise type(e)(f"grid cell {cell.name} ({k + 1}/{n}): {e}") from None  # a refused write keeps its exit 1
     entry.update(status="done", weights=probe["weights"], linear_acc=probe["linear_probe"]["test_acc"],
                  knn=probe["knn"], readout=_readout(cell.cfg, probe, cell.causal), probe_seconds=probe["seconds"])
     if "classifier_test_acc" in probe:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import GenrepError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, writing
 
 LOG_FILE = "log.jsonl"
 
@@ -67,7 +67,8 @@ def _open_for_append(path: Path):
 class Logger:
     def __init__(self, run: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
-        self.file = _open_for_append(Path(run) / LOG_FILE) if enabled else None
+        self.path = Path(run) / LOG_FILE
+        self.file = _open_for_append(self.path) if enabled else None
         self.tb = None
         if enabled and tensorboard:
             check_tensorboard()
@@ -78,8 +79,10 @@ class Logger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        # a row cut by a full disk ends the log as a kill's would: read_log stops at it
+        with writing(self.path, f"training log row of step {row['step']}"):
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -87,8 +90,9 @@ class Logger:
 
     def close(self) -> None:
         if self.file:
-            self.file.close()
-            self.file = None
+            file, self.file = self.file, None
+            with writing(self.path, "training log"):
+                file.close()
         if self.tb is not None:
             self.tb.close()
             self.tb = None
