@@ -189,14 +189,13 @@ def test_resized_crop_matches_torchvision_resized_crop():
     torch.testing.assert_close(ours[1], x[1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("h,w", [(32, 32), (24, 40)])
-def test_crop_box_distribution_matches_torchvision(h, w):
-    n = 6000
-    u = torch.rand(n, A.STRONG_COLUMNS, generator=_gen(11), dtype=torch.float64)
-    ours = A._strong_params(u, h, w)
-    torch.manual_seed(12)
+def _boxes_like_torchvision(u, h, w, scale, seed):
+    """Our strong crop boxes for the draws ``u`` and torchvision's RandomResizedCrop boxes (as many, from
+    ``seed``), checked to have the same distribution of area, aspect and position."""
+    ours = A._strong_params(u, h, w, scale)
+    torch.manual_seed(seed)
     img = torch.zeros(1, h, w)
-    boxes = [T1.RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+    boxes = [T1.RandomResizedCrop.get_params(img, [scale, 1.0], [3 / 4, 4 / 3]) for _ in range(len(u))]
     theirs = torch.tensor(boxes, dtype=torch.float64)
     for name, a, b in [
         ("area", ours.crop_h * ours.crop_w, theirs[:, 2] * theirs[:, 3]),
@@ -206,6 +205,13 @@ def test_crop_box_distribution_matches_torchvision(h, w):
     ]:
         # KS 5-sigma-ish bound for two samples of 6000: 2.3 * sqrt(2 / n) = 0.042. Scale (0.08, 1) gives ~0.2.
         assert _ks(a, b) < 0.045, name
+    return ours, theirs
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (24, 40)])
+def test_crop_box_distribution_matches_torchvision(h, w):
+    u = torch.rand(6000, A.STRONG_COLUMNS, generator=_gen(11), dtype=torch.float64)
+    ours, _ = _boxes_like_torchvision(u, h, w, 0.2, seed=12)
     assert (ours.top >= 0).all() and (ours.top + ours.crop_h <= h).all()
     assert (ours.left >= 0).all() and (ours.left + ours.crop_w <= w).all()
 
@@ -510,20 +516,8 @@ def test_strong_colour_statistics_match_torchvision():
 
 @pytest.mark.parametrize("h,w", [(32, 32), (24, 40)])
 def test_crop_scale_box_distribution_matches_torchvision(h, w):
-    n = 6000
-    u = torch.rand(n, A.STRONG_COLUMNS, generator=_gen(41), dtype=torch.float64)
-    ours = A._strong_params(u, h, w, 0.8)
-    torch.manual_seed(42)
-    img = torch.zeros(1, h, w)
-    theirs = torch.tensor([T1.RandomResizedCrop.get_params(img, [0.8, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
-                          dtype=torch.float64)
-    for name, a, b in [
-        ("area", ours.crop_h * ours.crop_w, theirs[:, 2] * theirs[:, 3]),
-        ("aspect", ours.crop_w / ours.crop_h, theirs[:, 3] / theirs[:, 2]),
-        ("top", ours.top, theirs[:, 0]),
-        ("left", ours.left, theirs[:, 1]),
-    ]:
-        assert _ks(a, b) < 0.045, name
+    u = torch.rand(6000, A.STRONG_COLUMNS, generator=_gen(41), dtype=torch.float64)
+    ours, theirs = _boxes_like_torchvision(u, h, w, 0.8, seed=42)
     # never below 0.8 of the area: each side is the rounding of a box of area >= 0.8 h w (so within half a pixel
     # of it), or the fallback, the largest box of an allowed aspect (0.8 of a 24x40 image); torchvision alike
     for box_h, box_w in ((ours.crop_h, ours.crop_w), (theirs[:, 2], theirs[:, 3])):
