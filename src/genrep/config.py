@@ -9,8 +9,10 @@ section is typed by the chosen method's own config dataclass (``Method.config_cl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -309,14 +311,25 @@ def load_recipe(name: str) -> dict:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise GenrepError(f"unknown recipe '{name}'{hint}; shipped recipes: {', '.join(recipe_names())} "
                               f"(or pass a path to a .yaml file)")
-        text = resources.files("genrep.recipes").joinpath(f"{name}.yaml").read_text()
+        return copy.deepcopy(_shipped_recipe(name))
+    return _parse_recipe(text, name, path.stem)
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_recipe(name: str) -> dict:
+    """A shipped recipe, parsed once per process (the package's files do not change under it); callers get a
+    deep copy."""
+    return _parse_recipe(resources.files("genrep.recipes").joinpath(f"{name}.yaml").read_text(), name, name)
+
+
+def _parse_recipe(text: str, name: str, default_name: str) -> dict:
     try:
         d = yaml.safe_load(text) or {}
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
         raise GenrepError(f"recipe '{name}' is not valid YAML: {one_line(e)}") from None
     if not isinstance(d, dict):
         raise GenrepError(f"recipe '{name}' must be a YAML mapping, got {type(d).__name__}")
-    d.setdefault("recipe", path.stem if path.suffix in (".yaml", ".yml") else name)
+    d.setdefault("recipe", default_name)
     return d
 
 
@@ -356,7 +369,7 @@ def _yaml_scalar(text: str) -> Any:
 
 def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
     """Set dotted keys in a nested dict (validation happens when the Config is built)."""
-    d = yaml.safe_load(yaml.safe_dump(d))  # deep copy of plain data
+    d = copy.deepcopy(d)
     for dotted, value in overrides.items():
         node = d
         parts = dotted.split(".")
