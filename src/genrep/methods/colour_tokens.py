@@ -8,7 +8,6 @@ user's file (``model.palette``, e.g. iGPT's published ``kmeans_centers.npy``).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -21,7 +20,7 @@ from ..data.palette import DEFAULT_COLOURS, cached_palette, decode, encode, pale
 from ..errors import GenrepError
 from ..fields import setting
 from ..nn.token_transformer import ATTENTIONS, TokenTransformer
-from .base import DataSpec, Method, check_heads
+from .base import DataSpec, Method, check_heads, file_sha256
 
 FITTED_PALETTE_CAVEAT = "not comparable with the paper, which uses iGPT's published kmeans_centers.npy"
 NLL_UNIT = "bits per sub-pixel of the colour-quantized image (bits per token / channels; not pixel bits/dim)"
@@ -112,7 +111,11 @@ class ColourTokenMethod(Method):
         """Which palette the tokens use, for every result that depends on it: iGPT's published palette (a file,
         by sha256) is the paper's; a palette fitted here gives numbers not comparable with the paper's."""
         if self.cfg.palette:
-            return f"file {self.cfg.palette} sha256 {sha256_file(self.cfg.palette)}"
+            try:
+                digest = file_sha256(self.cfg.palette)
+            except OSError as e:  # a record, not a refusal: the palette itself lives in the run
+                digest = f"unreadable ({e.strerror})"
+            return f"file {self.cfg.palette} sha256 {digest}"
         return f"k-means fitted on the training set ({FITTED_PALETTE_CAVEAT})"
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,17 +253,6 @@ class AutoregressiveTokens(ColourTokenMethod):
         u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
         return (logits.double() / self.cfg.temperature + gumbel).argmax(dim=-1)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as e:
-        return f"unreadable ({e.strerror})"  # a record, not a refusal: the palette itself lives in the run
-    return h.hexdigest()
 
 
 def bits(nats: torch.Tensor) -> torch.Tensor:
