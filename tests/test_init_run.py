@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import TINY_RUN, assert_one_line_error, one_line, rng_images, run_cli, tiny_config
 from genrep.config import resolve_config
 from genrep.errors import GenrepError
-from genrep.runs import INIT_FILE, PREPARED_FILE, check_init_source
+from genrep.runs import INIT_FILE, PREPARED_FILE, check_init_source, load_trained
 from genrep.train import loop
 from genrep.train.loop import Trainer, pretrain
 
@@ -69,6 +69,13 @@ def test_init_starts_from_the_sources_weights_and_palette(source, tmp_path, monk
     # the new run's fingerprint is its own data (resume and evaluation check it); the fitted-on data is the source's
     assert meta["data"].startswith("npz:") and meta["fitted_data"] == src_meta["data"] == "digits"
     assert meta["inherited_from"] == str(source.resolve())
+    # results record the source's palette, not one "fitted on the training set" of this run
+    assert src_meta["origin"].startswith("k-means fitted on its run's training set") and "origin" not in meta
+    assert meta["fitted_origin"] == src_meta["origin"]
+    assert trainer.method.palette_record() == (f"inherited from run {source.resolve()} (trained on digits): "
+                                               f"{src_meta['origin']}")
+    reloaded = load_trained(run)[1]
+    assert reloaded.palette_record() == trainer.method.palette_record()
     record = json.loads((run / INIT_FILE).read_text())
     import hashlib
     assert record["sha256"] == hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
@@ -181,5 +188,8 @@ def test_the_76m_recipes_and_their_cifar_continuations():
         n = sum(v.numel() for k, v in a.items() if k.startswith("net.blocks"))
         assert 70e6 < n < 80e6, n  # table 1's 76M (GCRL: 38 + 38)
     for m in ("gcrl", "simclr"):
-        assert resolve_config(f"{m}-cifar10-table9-weak").model.crop_scale == 0.8
+        weak = resolve_config(f"{m}-cifar10-table9-weak")
+        assert weak.model.crop_scale == 0.8
+        # table 9's curve: the 5-NN test loss every 20 epochs of CIFAR-10 at batch 512
+        assert "knn5_loss" in weak.train.eval_metrics and weak.train.eval_every == 20 * (50_000 // 512)
         assert resolve_config(f"{m}-cifar10").model.crop_scale == 0.2

@@ -356,7 +356,9 @@ def save_prepared(run: Path, method: Method, state: dict[str, torch.Tensor], tra
     resuming or evaluating the run on other data is refused as for a state fitted here."""
     from .io import atomic_save_safetensors
 
-    meta = {"format": _PREPARED_FORMAT, "method": method.name, **data_fingerprint(train_set), **(inherited or {})}
+    origin = {} if inherited else {"origin": method.prepared_origin()}
+    meta = {"format": _PREPARED_FORMAT, "method": method.name, **data_fingerprint(train_set), **origin,
+            **(inherited or {})}
     atomic_save_safetensors(Path(run) / PREPARED_FILE, state, meta)
 
 
@@ -371,6 +373,7 @@ def read_prepared(run: Path, method: Method, train_set: ImageSet) -> dict[str, t
                           f"{fitted['shape']}, sha256 {str(fitted['images_sha256'])[:12]}) but the training set "
                           f"is now {now['data']} ({now['images']} images of {now['shape']}, sha256 "
                           f"{now['images_sha256'][:12]}); use the data the run was trained on, or start a new run")
+    method.prepared_meta = meta
     return state
 
 
@@ -402,7 +405,9 @@ def inherited_prepared_meta(source: Path, meta: dict[str, str]) -> dict[str, str
     ``meta``): the source, and the data the state was fitted on (the source's own, or what the source itself
     inherited)."""
     fitted = {f"fitted_{k}": meta.get(f"fitted_{k}", meta.get(k, "?")) for k in _FINGERPRINT_KEYS}
-    return {"inherited_from": str(Path(source).resolve()), **fitted}
+    # a source from before origins were recorded: what it was fitted on is all that is known
+    origin = meta.get("fitted_origin") or meta.get("origin") or f"fitted on {fitted['fitted_data']}"
+    return {"inherited_from": str(Path(source).resolve()), **fitted, "fitted_origin": origin}
 
 
 def write_frozen(run: Path, method: Method) -> None:

@@ -141,6 +141,9 @@ class Method(nn.Module):
         self.data = data
         self.causal_mask: bool = self.causal_readout  # what the attention reads at forward time
         self._frozen: dict[str, FrozenPart] = {}
+        # what the run's prepared.safetensors says of the installed fitted state (where it came from: fitted here,
+        # or inherited from another run by --init); set by whoever installs it, {} until then
+        self.prepared_meta: dict[str, str] = {}
 
     # ---- what the data pipeline must deliver
     def views(self) -> dict[str, str | Augmentation]:
@@ -178,6 +181,11 @@ class Method(nn.Module):
         follows the module to its device but stays out of checkpoints, which reference the run's copy)."""
         for key, value in state.items():
             self.register_buffer(key, value, persistent=False)
+
+    def prepared_origin(self) -> str:
+        """What the state ``prepare`` fits came from, in words (recorded with it as ``origin``, and carried into
+        a run that continues this one): e.g. the file it was read from, or what it was fitted on."""
+        return "fitted on the training set"
 
     @property
     def has_prepare(self) -> bool:

@@ -109,14 +109,22 @@ class ColourTokenMethod(Method):
 
     def palette_record(self) -> str:
         """Which palette the tokens use, for every result that depends on it: iGPT's published palette (a file,
-        by sha256) is the paper's; a palette fitted here gives numbers not comparable with the paper's."""
+        by sha256) is the paper's; a palette fitted here gives numbers not comparable with the paper's; a palette
+        inherited with the weights (``--init``) is the source run's, whatever this run's config says."""
+        meta = self.prepared_meta
+        if "inherited_from" in meta:
+            return (f"inherited from run {meta['inherited_from']} (trained on {meta.get('fitted_data', '?')}): "
+                    f"{meta.get('fitted_origin', 'origin not recorded')}")
+        return meta.get("origin") or self.prepared_origin()
+
+    def prepared_origin(self) -> str:
         if self.cfg.palette:
             try:
                 digest = file_sha256(self.cfg.palette)
             except OSError as e:  # a record, not a refusal: the palette itself lives in the run
                 digest = f"unreadable ({e.strerror})"
             return f"file {self.cfg.palette} sha256 {digest}"
-        return f"k-means fitted on the training set ({FITTED_PALETTE_CAVEAT})"
+        return f"k-means fitted on its run's training set ({FITTED_PALETTE_CAVEAT})"
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] in [0, 1] -> colour tokens [B, H*W] in raster order."""

@@ -187,6 +187,7 @@ class Trainer:
         if self._init is not None:
             state, self._inherited = self._init[1]
             m.load_prepared(state)
+            m.prepared_meta = dict(self._inherited)
             return state
         state = [fit_prepared(m, self.train_set, self.device, self.cfg.train.seed) if self.info.main else None]
         if self.info.enabled:
