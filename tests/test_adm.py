@@ -14,12 +14,12 @@ from eval_helpers import no_extraction
 from safetensors import safe_open
 
 from genrep.cli import main
-from genrep.config import EvalConfig
+from genrep.config import EvalConfig, resolve_config
 from genrep.errors import GenrepError
 from genrep.eval.protocols.context import EvalContext
 from genrep.methods import DataSpec, build_method, get_method
 from genrep.methods.adm import ADM, ADMConfig, unet_kwargs
-from genrep.nn.unet import ADM_256_UNCOND, UNet
+from genrep.nn.unet import ADM_256_UNCOND, UNet, Upsample
 from genrep.runs import FROZEN_FILE, load_trained
 from genrep.train.loop import pretrain
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def adm_run(tmp_path_factory, one_thread) -> Path:
-    """A tiny trained adm run (blocks 1..9: encoder 1-4, middle 5, decoder 6-9; default block 8)."""
+    """A tiny trained adm run (blocks 1..9: encoder 1-4, middle 5, decoder 6-9; default block 9)."""
     run = tmp_path_factory.mktemp("adm") / "run"
     pretrain(tiny_config("adm", **{"train.steps": 2}), run)
     return run
@@ -98,8 +98,38 @@ def test_adm256_blocks_through_the_method(tmp_path):
 
 def test_tiny_adm_blocks():
     m = build_method("adm", tiny_config("adm").model, SPEC)
-    assert m.num_layers == 9 and m.middle_block == 5 and m.default_layer == 8
+    assert m.num_layers == 9 and m.middle_block == 5 and m.default_layer == 9
     assert [m.feature_map_size(b) for b in range(1, 10)] == [8, 8, 4, 4, 4, 4, 8, 8, 8]
+
+
+def _second_block_of_second_decoder_level(unet: UNet) -> int:
+    """Counted on the modules, not by the method's rule: the first decoder level ends with the first output block
+    that upsamples; the block after the next one is the second level's second. A U-Net that never upsamples (one
+    level) has no second level: its last block."""
+    def upsamples(block) -> bool:
+        return any(isinstance(layer, Upsample) or getattr(layer, "direction", None) == "up" for layer in block)
+
+    ups = [i for i, block in enumerate(unet.output_blocks) if upsamples(block)]
+    if not ups:
+        return unet.num_blocks
+    return len(unet.input_blocks) + 1 + (ups[0] + 1) + 2  # encoder, middle, the first level, two blocks in
+
+
+@pytest.mark.parametrize("recipe, image_size, channels, overrides, block", [
+    ("adm-digits", 8, 1, {}, 11),             # R = 1: encoder 1-6, middle 7, decoder levels 8-9, 10-11, 12-13
+    ("adm-cifar10", 32, 3, {}, 23),           # R = 3: middle 17, decoder levels 18-21, 22-25, ...
+    ("adm-imagenet256", 256, 3, {}, 24),      # R = 2: middle 19, decoder levels 20-22, 23-25, ... (the paper's 24)
+    ("adm-digits", 8, 1, {"model.channel_mult": [1], "model.attention_resolutions": [8]}, 5),  # one level: 1-2, 3, 4-5
+])
+def test_the_default_block_is_the_second_block_of_the_second_decoder_level(tmp_path, recipe, image_size, channels,
+                                                                            overrides, block):
+    fake = tmp_path / "256x256_diffusion_uncond.pt"  # adm-imagenet256 names a frozen file; the meta build reads none
+    fake.write_bytes(b"not read on the meta device")
+    cfg = resolve_config(recipe, {"model.pretrained": str(fake)} if recipe == "adm-imagenet256" else overrides)
+    with torch.device("meta"):
+        m = build_method("adm", cfg.model, DataSpec(image_size=image_size, channels=channels, num_classes=10))
+    assert m.default_layer == _second_block_of_second_decoder_level(m.unet) == block
+    assert m.check_feature_args(None, None)[0] == block
 
 
 # ------------------------------------------------------------------------------------- a pretrained U-Net
@@ -125,9 +155,9 @@ def test_a_pretrained_state_dict_is_a_frozen_part(tmp_path, capsys):
     assert not method.unet.training
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
-        acts = src.activations(2 * x - 1, torch.zeros(5, dtype=torch.long), {3, 8})
+        acts = src.activations(2 * x - 1, torch.zeros(5, dtype=torch.long), {3, 8, 9})
         torch.testing.assert_close(method.features(x, layer=3, pool="map"), acts[3])
-        torch.testing.assert_close(method.features(x), acts[8].mean((2, 3)))  # default: block 8, pool 1
+        torch.testing.assert_close(method.features(x), acts[9].mean((2, 3)))  # default: block 9, pool 1
         torch.testing.assert_close(method.features(x, layer=8, pool="2"),
                                    torch.nn.functional.adaptive_avg_pool2d(acts[8], 2).flatten(1))
 
@@ -135,7 +165,7 @@ def test_a_pretrained_state_dict_is_a_frozen_part(tmp_path, capsys):
     assert main(["probe", str(run), *PROBE_ARGS]) == 0
     assert "linear probe" in capsys.readouterr().out
     probe = json.loads((run / "results" / "probe.json").read_text())
-    assert probe["method"] == "adm" and probe["layer"] == 8 and probe["feature_dim"] == 32
+    assert probe["method"] == "adm" and probe["layer"] == 9 and probe["feature_dim"] == 32
 
 
 def test_a_state_dict_of_another_configuration_is_refused_before_a_run_exists(tmp_path):
@@ -199,7 +229,7 @@ def test_feature_sets_is_one_pass_equal_to_separate_reads():
     m.unet.activations = lambda *a, **k: calls.append(a[2]) or real(*a, **k)
     with torch.no_grad():
         sets = m.feature_sets(x, reads)
-        assert len(calls) == 1 and set(calls[0]) == {2, 5, 8}
+        assert len(calls) == 1 and set(calls[0]) == {2, 5, 8, 9}  # 9: the default block
         for (layer, pool), f in zip(reads, sets):
             torch.testing.assert_close(f, m.features(x, layer=layer, pool=pool))
     assert sets[2].shape == (4, 64, 4, 4) and sets[1].shape == (4, 32 * 4) and sets[3].shape == (4, 32)
@@ -251,7 +281,7 @@ def test_a_trained_run_loads_and_samples(adm_run, tmp_path, capsys):
     (["--probe.layer", "99"], "layer 99 does not exist in adm; choose 1..9"),
     (["--probe.layer", "0"], "probe.layer must be at least 1"),
     (["--model.feature_t", "1000"], "model.feature_t 1000 is not a diffusion step; choose 0..999"),
-    (["--probe.pool", "99"], "pool 99 is larger than the 8x8 map of layer 8 in adm"),
+    (["--probe.pool", "99"], "pool 99 is larger than the 8x8 map of layer 9 in adm"),
     (["--probe.pool", "mean"], "pooling 'mean' is not offered by adm"),
     (["--model.num_channels", "64"], "cannot change model.num_channels of a trained adm run"),
 ])
@@ -345,7 +375,7 @@ def test_probe_heads_are_trained_at_the_read_out_and_recorded(adm_run, capsys):
     assert main(["probe", str(adm_run), *PROBE_ARGS, *HEAD_ARGS]) == 0
     out = capsys.readouterr().out
     probe = json.loads((adm_run / "results" / "probe.json").read_text())
-    assert probe["layer"] == 8 and probe["pool"] == "1"
+    assert probe["layer"] == 9 and probe["pool"] == "1"
     assert list(probe["heads"]) == ["attention", "cnn"]
     for kind, r in probe["heads"].items():
         assert r["pool"] == "map" and 0 <= r["test_acc"] <= 1 and r["params"] > 0 and r["epochs"] == 2

@@ -8,7 +8,8 @@ state dict (``256x256_diffusion_uncond.pt`` into ``adm-imagenet256``) as a froze
 sha256, never copied into the run, no trainable parameter.
 
 Blocks are numbered 1..N in forward order as the paper numbers them (ADM-256: encoder 1-18, middle 19, decoder
-20-37, a decoder block's activation taken after the skip concatenation and the block); a read-out is that map,
+20-37 in levels of R + 1 = 3 blocks, a decoder block's activation taken after the skip concatenation and the block;
+the default read-out is the second block of the second decoder level, the paper's 24); a read-out is that map,
 average-pooled to p x p and flattened (pool "p"), or the map itself (pool "map", for the CNN and attention heads).
 """
 
@@ -149,9 +150,10 @@ class ADM(DiffusionMethod):
 
     @property
     def default_layer(self) -> int:
-        # the paper's best ImageNet block (24 of ADM-256: the decoder's second block at 16x16) sits 2R + 1 blocks
-        # after the middle, R residual blocks per level; the same place in any configuration
-        return self.cfg.feature_layer or min(self.middle_block + 2 * self.cfg.num_res_blocks + 1, self.num_layers)
+        # the paper's best ImageNet block (24 of ADM-256) is the second block of the second decoder level; a decoder
+        # level has R + 1 blocks, so it is R + 3 after the middle for any R (with R = 1 that block is the level's
+        # upsampling one). A one-level U-Net has no second decoder level: its last block
+        return self.cfg.feature_layer or min(self.middle_block + self.cfg.num_res_blocks + 3, self.num_layers)
 
     @property
     def default_pool(self) -> str:
