@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .data.resize import RESIZES
 from .errors import GenrepError
 from .eval.metrics.heads import HEADS
 from .eval.metrics.probes import LR_SCHEDULES, SOLVERS
@@ -53,6 +54,10 @@ class DataConfig:
     name: str = "digits"            # registry name, or npz:PATH / folder:PATH
     # resize to this; None keeps the data set's own (digits: 8). The bound keeps a typo from allocating terabytes
     image_size: int | None = setting(None, min=1, max=MAX_IMAGE_SIZE)
+    # how image_size is reached: squash (the whole image, bilinear) or center_crop (guided-diffusion's: the short
+    # side to image_size, then the centred square, as the diffusion-features paper reads its inputs); None: the data
+    # set's own, squash for every set but the fine-grained transfer sets (cub, aircraft, ...), which centre-crop
+    resize: str | None = setting(None, choices=RESIZES)
     root: str | None = None         # cache folder for torchvision data sets ($GENREP_DATA by default)
     download: bool = True
     device_resident: bool | None = None  # None: on the device when the uint8 set fits comfortably

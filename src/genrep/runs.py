@@ -43,7 +43,7 @@ WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 def load_split(cfg: Config, split: str) -> ImageSet:
     d = cfg.data
-    return load_dataset(d.name, split, image_size=d.image_size, root=d.root, download=d.download)
+    return load_dataset(d.name, split, image_size=d.image_size, root=d.root, download=d.download, resize=d.resize)
 
 
 def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:

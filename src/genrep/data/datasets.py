@@ -27,6 +27,7 @@ from pathlib import Path
 from ..errors import GenrepError
 from .imageset import SPLITS, ImageSet, _finish, _resize
 from .local_sets import _load_folder, _load_npz
+from .resize import RESIZES, SQUASH
 from .torchvision_sets import _REGISTRY, _load_digits, _load_torchvision, _missing
 
 __all__ = ["ImageSet", "dataset_names", "default_data_root", "describe_datasets", "load_dataset", "registered_spec"]
@@ -54,12 +55,14 @@ def _valid_names_text() -> str:
 
 
 def load_dataset(name: str, split: str = "train", *, image_size: int | None = None,
-                 root: str | os.PathLike | None = None, download: bool = True) -> ImageSet:
+                 root: str | os.PathLike | None = None, download: bool = True, resize: str | None = None) -> ImageSet:
     """Load one split of a data set as uint8 [N, C, H, W] images and int64 labels on the CPU.
 
-    ``image_size`` resizes to ``image_size x image_size`` (bilinear, antialiased when shrinking);
-    ``None`` keeps the native size (digits: 16). ``root`` is the cache folder of the torchvision sets
-    (default :func:`default_data_root`); ``download`` lets them be fetched when missing.
+    ``image_size`` resizes to ``image_size x image_size``; ``None`` keeps the native size (digits: 16).
+    ``resize`` says how (:mod:`genrep.data.resize`): ``squash`` (the whole image, bilinear, antialiased when
+    shrinking) or ``center_crop`` (guided-diffusion's); ``None``: the set's own (``squash``). ``root`` is the
+    cache folder of the torchvision sets (default :func:`default_data_root`); ``download`` lets them be fetched
+    when missing.
     """
     if not isinstance(name, str) or not name.strip():
         raise GenrepError(f"data set name must be a non-empty string, got {name!r}; valid: "
@@ -69,13 +72,15 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or image_size < 1):
         raise GenrepError(f"image_size must be a positive integer or None (native size), got {image_size!r}")
+    if resize is not None and resize not in RESIZES:
+        raise GenrepError(f"resize must be one of {', '.join(RESIZES)} or None (the data set's own), got {resize!r}")
     text = name.strip()
     kind, sep, rest = text.partition(":")
     if sep and kind.lower() == "npz":
-        images, labels, classes, full = _load_npz(rest.strip(), split, image_size)
+        images, labels, classes, full = _load_npz(rest.strip(), split, image_size, resize or SQUASH)
         return _finish(images, labels, classes, full, split)
     if sep and kind.lower() == "folder":
-        images, labels, classes, full = _load_folder(rest.strip(), split, image_size)
+        images, labels, classes, full = _load_folder(rest.strip(), split, image_size, resize or SQUASH)
         return _finish(images, labels, classes, full, split)
     reg = _REGISTRY.get(text.lower())
     if reg is None:
@@ -85,12 +90,13 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
         hint = f"did you mean {close[0]}? " if close else ""
         raise GenrepError(f"unknown data set {text!r}; {hint}valid: {_valid_names_text()}")
     size = image_size if image_size is not None else reg.default_size
+    how = resize or reg.resize
     if reg.name == "digits":
         images, labels, classes = _load_digits(split)
     else:
         data_root = Path(root).expanduser() if root is not None else default_data_root()
-        images, labels, classes = _load_torchvision(reg, split, data_root, download, size)
-    return _finish(_resize(images, size), labels, classes, reg.name, split)
+        images, labels, classes = _load_torchvision(reg, split, data_root, download, size, how)
+    return _finish(_resize(images, size, how, f"{reg.name} ({split})"), labels, classes, reg.name, split)
 
 
 def registered_spec(name: str, image_size: int | None) -> tuple[int, int, int] | None:

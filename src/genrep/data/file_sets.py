@@ -4,7 +4,7 @@
 their files, says where to get them when they are missing, and reports a damaged file in one line.
 
 Each set has ``make(folder, split, download)`` (find the split's files, fetching them where genrep can) and
-``convert(made, size)`` -> (uint8 [N, C, H, W] images, int64 labels, class names).
+``convert(made, size, resize)`` -> (uint8 [N, C, H, W] images, int64 labels, class names).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from ..errors import GenrepError
 from .imageset import _stack
+from .resize import CENTER_CROP, SQUASH, center_crop_pil, check_center_crop
 
 _Converted = tuple[torch.Tensor, torch.Tensor, list[str]]
 
@@ -26,24 +27,47 @@ _Converted = tuple[torch.Tensor, torch.Tensor, list[str]]
 _DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
-def decode_files(paths: list[Path], size: int | None, what: str) -> torch.Tensor:
-    """RGB uint8 [N, 3, H, W] from image files. With ``size`` each image is resized to size x size as it is
-    decoded, by PIL's bilinear filter: what torchvision's ``Resize((size, size))`` does to a PIL image (the
-    HybViT code's transform of CelebA), so the pixels are the paper's and only the resized set is held."""
+def decode_files(paths: list[Path], size: int | None, what: str, how: str = SQUASH) -> torch.Tensor:
+    """RGB uint8 [N, 3, H, W] from image files, each resized as it is decoded, so only the resized set is held.
+    ``squash``: PIL's bilinear filter to size x size, what torchvision's ``Resize((size, size))`` does to a PIL
+    image (the HybViT code's transform of CelebA). ``center_crop``: guided-diffusion's centre crop
+    (:mod:`.resize`), every header checked first, so a file it refuses stops the load before any decoding."""
     from PIL import Image
+
+    crop = how == CENTER_CROP and size is not None
+
+    def header(path: Path) -> None:
+        with Image.open(path) as im:
+            check_center_crop(im.width, im.height, size, f"{what}: {path}")
 
     def one(path: Path) -> torch.Tensor:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
+            if crop:
+                im = center_crop_pil(im, size)
+            elif size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
     with ThreadPoolExecutor(_DECODE_THREADS) as pool:
+        if crop:
+            list(pool.map(header, paths))
         images = list(pool.map(one, paths))
     if not images:
         return torch.empty(0, 3, size or 1, size or 1, dtype=torch.uint8)
     return _stack(images, None, what).contiguous()
+
+
+@dataclass
+class LabelledFiles:
+    """A split as image files, their labels (0..K-1) and the K class names: what a set's ``make`` finds."""
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+
+def convert_files(files: LabelledFiles, size: int | None, how: str, what: str) -> _Converted:
+    return decode_files(files.paths, size, what, how), torch.tensor(files.labels, dtype=torch.int64), files.classes
 
 
 # ----------------------------------------------------------------------------------------------- CelebA
@@ -63,10 +87,10 @@ def make_celeba(folder: Path, split: str, download: bool):
     return tvd.CelebA(str(folder), split=split, target_type=[], download=download)
 
 
-def convert_celeba(ds, size: int | None) -> _Converted:
+def convert_celeba(ds, size: int | None, how: str) -> _Converted:
     """The aligned 178x218 faces of the split (list_eval_partition.txt: train 162,770, test 19,962)."""
     base = Path(ds.root) / ds.base_folder / "img_align_celeba"
-    images = decode_files([base / f for f in ds.filename], size, "celeba")
+    images = decode_files([base / f for f in ds.filename], size, "celeba", how)
     return images, torch.zeros(len(images), dtype=torch.int64), list(CELEBA_CLASSES)
 
 
@@ -84,14 +108,7 @@ def tiny_files(split: str) -> list[str]:
     return [f"{TINY_DIR}/wnids.txt", f"{TINY_DIR}/val/val_annotations.txt", f"{TINY_DIR}/val/images/"]
 
 
-@dataclass
-class TinyImageNetFiles:
-    paths: list[Path]
-    labels: list[int]
-    classes: list[str]
-
-
-def make_tiny(folder: Path, split: str, download: bool) -> TinyImageNetFiles:
+def make_tiny(folder: Path, split: str, download: bool) -> LabelledFiles:
     if download:
         from torchvision.datasets.utils import download_and_extract_archive
 
@@ -120,14 +137,13 @@ def make_tiny(folder: Path, split: str, download: bool) -> TinyImageNetFiles:
                                   f"an image and a class of wnids.txt ({line[:80]!r}); the file is damaged")
             paths.append(root / "val" / "images" / fields[0])
             labels.append(index[fields[1]])
-    return TinyImageNetFiles(paths, labels, classes)
+    return LabelledFiles(paths, labels, classes)
 
 
-def convert_tiny(files: TinyImageNetFiles, size: int | None) -> _Converted:
+def convert_tiny(files: LabelledFiles, size: int | None, how: str) -> _Converted:
     """200 classes of 64x64 images: 100,000 train, the 10,000 labelled val images as test (some are grey:
     read as RGB)."""
-    images = decode_files(files.paths, size, "tinyimagenet")
-    return images, torch.tensor(files.labels, dtype=torch.int64), files.classes
+    return convert_files(files, size, how, "tinyimagenet")
 
 
 # ----------------------------------------------------------------------------------------------- ImageNet32
@@ -159,9 +175,10 @@ def _imagenet32_labels(path: Path) -> np.ndarray:
     return y.astype(np.int64) - 1     # published 1-based
 
 
-def convert_imagenet32(paths: list[Path], size: int | None) -> _Converted:
+def convert_imagenet32(paths: list[Path], size: int | None, how: str) -> _Converted:
     """Each batch holds 'data', uint8 [N, 3072]: the 32x32 R, G and B planes in turn (CHW), and 'labels' 1..1000.
-    The labels are read first, so the images go straight into one tensor (1.28 M train images: 3.9 GB, not twice)."""
+    The labels are read first, so the images go straight into one tensor (1.28 M train images: 3.9 GB, not twice).
+    Native images: load_dataset resizes them afterwards."""
     labels = [_imagenet32_labels(p) for p in paths]
     images = torch.empty((sum(len(y) for y in labels), 3, 32, 32), dtype=torch.uint8)
     at = 0

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GenrepError
+from .resize import CENTER_CROP, SQUASH, center_crop_tensor, check_center_crop
 
 SPLITS = ("train", "test")
 _RESIZE_CHUNK = 2048               # images per interpolation call (bounds the float32 working memory)
@@ -80,10 +81,13 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> uint8 [N, C, size, size]: bilinear, antialiased where it shrinks."""
+def _resize(images: torch.Tensor, size: int | None, how: str = SQUASH, what: str = "the data set") -> torch.Tensor:
+    """uint8 [N, C, H, W] -> uint8 [N, C, size, size]: squashed whole (bilinear, antialiased where it shrinks) or
+    centre-cropped (:mod:`genrep.data.resize`); ``what`` names the images in a refusal."""
     if size is None:
         return images
+    if how == CENTER_CROP:
+        return center_crop_tensor(images, size, f"image 0 of {what}") if len(images) else images
     h, w = images.shape[-2:]
     if (h, w) == (size, size):
         return images
@@ -96,34 +100,41 @@ def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return out
 
 
-def _stack(images: list[torch.Tensor], size: int | None, what: str) -> torch.Tensor:
-    """Stack [C, H, W] uint8 tensors, resizing when ``size`` is given; mixed sizes need ``size``."""
+def _stack(images: list[torch.Tensor], size: int | None, what: str, how: str = SQUASH) -> torch.Tensor:
+    """Stack [C, H, W] uint8 tensors, resizing (``how``) when ``size`` is given; mixed sizes need ``size``."""
     shapes = {tuple(t.shape[1:]) for t in images}
     if len(shapes) <= 1:
-        return _resize(torch.stack(images), size)
+        return _resize(torch.stack(images), size, how, what)
     if size is None:
         a, b = sorted(shapes)[:2]
         raise GenrepError(f"{what} has images of {len(shapes)} different sizes (e.g. {a[0]}x{a[1]} and "
                           f"{b[0]}x{b[1]}); pass image_size=N (data.image_size=N) to resize them all to NxN")
-    out = torch.empty((len(images), images[0].shape[0], size, size), dtype=torch.uint8)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(images):
         groups.setdefault(tuple(t.shape[1:]), []).append(i)
+    if how == CENTER_CROP:   # every size checked before any image is cropped
+        for (h, w), idx in groups.items():
+            check_center_crop(w, h, size, f"image {idx[0]} of {what}")
+    out = torch.empty((len(images), images[0].shape[0], size, size), dtype=torch.uint8)
     for idx in groups.values():
-        out[idx] = _resize(torch.stack([images[i] for i in idx]), size)
+        group = torch.stack([images[i] for i in idx])
+        out[idx] = (center_crop_tensor(group, size, f"image {idx[0]} of {what}") if how == CENTER_CROP
+                    else _resize(group, size))
     return out
 
 
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
-def _pil_decode(data: bytes | str | os.PathLike, mode: str, what: str) -> torch.Tensor:
-    """One image (bytes or a path) -> uint8 [C, H, W] in ``mode`` ("L" or "RGB")."""
+def _pil_decode(data: bytes | str | os.PathLike, mode: str, what: str, transform=None) -> torch.Tensor:
+    """One image (bytes or a path) -> uint8 [C, H, W] in ``mode`` ("L" or "RGB"), through ``transform`` (a PIL
+    image to a PIL image: a centre crop) where one is given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            arr = np.asarray(im.convert(mode))
+            im = im.convert(mode)
+            arr = np.asarray(transform(im) if transform is not None else im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise GenrepError(f"cannot decode {what}: {_one_line(e)}; it must be an image file Pillow can read")
     t = torch.from_numpy(arr.copy())

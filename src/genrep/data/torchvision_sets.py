@@ -20,6 +20,7 @@ import torch
 from ..errors import GenrepError
 from . import file_sets as fs
 from .imageset import _one_line
+from .resize import SQUASH
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -56,11 +57,12 @@ class _Registered:
     # sets kept under <root>/<name> only:
     files: Callable[[str], list[str]] | None = None         # split -> files (a trailing / names a folder)
     make: Callable[[Path, str, bool], Any] | None = None     # (folder, split, download) -> torchvision set
-    # (made, size) -> images, labels, classes; a converter that decodes image files resizes as it decodes (to
-    # hold 162,770 CelebA faces at 32x32, not at 218x178); the others give native images, resized afterwards
-    convert: Callable[[Any, int | None], tuple[torch.Tensor, torch.Tensor, list[str]]] | None = None
+    # (made, size, resize) -> images, labels, classes; a converter that decodes image files resizes as it decodes
+    # (to hold 162,770 CelebA faces at 32x32, not at 218x178); the others give native images, resized afterwards
+    convert: Callable[[Any, int | None, str], tuple[torch.Tensor, torch.Tensor, list[str]]] | None = None
     fetch: bool = True   # False: genrep cannot download it (an account is needed); ``source`` says where
     source: str = ""     # how to get the files, said when they are missing
+    resize: str = SQUASH  # how image_size is reached unless data.resize says (genrep.data.resize)
 
 
 def _tv():
@@ -111,7 +113,7 @@ def _convert_svhn(ds) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 def _native(convert: Callable[[Any], tuple[torch.Tensor, torch.Tensor, list[str]]]):
     """A converter of a torchvision set's in-memory arrays: native images, which load_dataset resizes."""
-    return lambda ds, size: convert(ds)
+    return lambda ds, size, how: convert(ds)
 
 
 _STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
@@ -180,7 +182,7 @@ def _missing(folder: Path, files: list[str]) -> list[str]:
 
 
 def _load_torchvision(reg: _Registered, split: str, data_root: Path, download: bool,
-                      size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                      size: int | None, how: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     assert reg.files is not None and reg.make is not None and reg.convert is not None
     folder = data_root / reg.name
     files = reg.files(split)
@@ -189,7 +191,7 @@ def _load_torchvision(reg: _Registered, split: str, data_root: Path, download: b
     if missing and download and reg.fetch:
         try:
             with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-                return reg.convert(reg.make(folder, split, True), size)
+                return reg.convert(reg.make(folder, split, True), size, how)
         except GenrepError:
             raise
         except Exception as e:  # noqa: BLE001 - network failures come as many types; reported below
@@ -208,7 +210,7 @@ def _load_torchvision(reg: _Registered, split: str, data_root: Path, download: b
                           f"download=True (it downloads there), {_OFFLINE_FIXES}"
                           f"{'; ' + reg.source if reg.source else ''}")
     try:
-        return reg.convert(reg.make(folder, split, False), size)
+        return reg.convert(reg.make(folder, split, False), size, how)
     except GenrepError:
         raise
     except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, pickle/scipy/PIL errors on bad files
