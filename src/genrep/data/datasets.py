@@ -11,6 +11,9 @@ Names (see ``docs/data.md``):
 - ``celeba`` (torchvision's CelebA: the aligned 178x218 faces, one class), ``tinyimagenet`` (its folder
   layout; val is the test split) and ``imagenet32`` (the published npz batches; val is the test split, never
   downloaded: it needs an ImageNet account), kept under ``<root>/<name>`` too.
+- ``aircraft``, ``cars``, ``cub``, ``dogs``, ``flowers``, ``nabirds``: the diffusion-features paper's
+  fine-grained transfer sets (its table 5 splits) from their published files under ``<root>/<name>``, never
+  downloaded; served centre-cropped at 256 unless ``image_size`` / ``resize`` say otherwise.
 - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test`` (+ optional ``classes``), or the
   JPEG-bytes layout ``train_jpeg, train_offsets, y_train, test_jpeg, test_offsets, y_test``.
 - ``folder:PATH``: ``PATH/<class>/<image>``, or ``PATH/train/<class>/...`` and ``PATH/test/...``;
@@ -58,11 +61,11 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
                  root: str | os.PathLike | None = None, download: bool = True, resize: str | None = None) -> ImageSet:
     """Load one split of a data set as uint8 [N, C, H, W] images and int64 labels on the CPU.
 
-    ``image_size`` resizes to ``image_size x image_size``; ``None`` keeps the native size (digits: 16).
-    ``resize`` says how (:mod:`genrep.data.resize`): ``squash`` (the whole image, bilinear, antialiased when
-    shrinking) or ``center_crop`` (guided-diffusion's); ``None``: the set's own (``squash``). ``root`` is the
-    cache folder of the torchvision sets (default :func:`default_data_root`); ``download`` lets them be fetched
-    when missing.
+    ``image_size`` resizes to ``image_size x image_size``; ``None`` keeps the native size (digits: 16, the
+    fine-grained sets: 256). ``resize`` says how (:mod:`genrep.data.resize`): ``squash`` (the whole image,
+    bilinear, antialiased when shrinking) or ``center_crop`` (guided-diffusion's); ``None``: the set's own, which
+    is ``squash`` for every set but the fine-grained ones. ``root`` is the cache folder of the torchvision sets
+    (default :func:`default_data_root`); ``download`` lets them be fetched when missing.
     """
     if not isinstance(name, str) or not name.strip():
         raise GenrepError(f"data set name must be a non-empty string, got {name!r}; valid: "
@@ -129,13 +132,15 @@ def describe_datasets(root: str | os.PathLike | None = None) -> list[dict]:
     ``native_size`` (int: the height), ``size`` (HxW, e.g. "32x32"), ``channels``, ``num_classes``, ``available``
     (usable offline right now: embedded, or every file present under ``where``; presence only, no
     checksum), ``where`` (the folder it looks in) and ``files`` (what it looks for there). The
-    ``npz:PATH`` / ``folder:PATH`` forms read the user's own files and are not listed."""
+    ``npz:PATH`` / ``folder:PATH`` forms read the user's own files and are not listed. ``native_size`` is None
+    (``size`` "varies") for the sets of photographs of many sizes."""
     data_root = Path(root).expanduser() if root is not None else default_data_root()
     rows = []
     for reg in _REGISTRY.values():
+        size = "varies" if reg.native_size is None else f"{reg.native_size}x{reg.native_width or reg.native_size}"
         row = {"name": reg.name, "description": reg.description, "splits": list(SPLITS),
-               "native_size": reg.native_size, "size": f"{reg.native_size}x{reg.native_width or reg.native_size}",
-               "channels": reg.channels, "num_classes": reg.num_classes}
+               "native_size": reg.native_size, "size": size, "channels": reg.channels,
+               "num_classes": reg.num_classes}
         if reg.files is None:
             row.update(available=True, where="embedded (scikit-learn)", files=[])
         else:

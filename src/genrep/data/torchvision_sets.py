@@ -1,7 +1,9 @@
 """The registered data sets: the embedded ``digits``, the torchvision-backed ``mnist``, ``cifar10``,
-``cifar100``, ``svhn`` and ``stl10``, and the sets read from their published files, ``celeba``, ``tinyimagenet``
-and ``imagenet32`` (:mod:`.file_sets`): file lists, converters, download under a socket timeout, and the
-error that says how to get the files when they are missing offline.
+``cifar100``, ``svhn`` and ``stl10``, the sets read from their published files, ``celeba``, ``tinyimagenet``
+and ``imagenet32`` (:mod:`.file_sets`), and the diffusion-features paper's fine-grained transfer sets
+``aircraft``, ``cars``, ``cub``, ``dogs``, ``flowers`` and ``nabirds`` (:mod:`.fgvc_sets`): file lists,
+converters, download under a socket timeout, and the error that says how to get the files when they are
+missing offline.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import numpy as np
 import torch
 
 from ..errors import GenrepError
+from . import fgvc_sets as fg
 from . import file_sets as fs
 from .imageset import _one_line
-from .resize import SQUASH
+from .resize import CENTER_CROP, SQUASH
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -49,7 +52,7 @@ def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 class _Registered:
     name: str
     description: str
-    native_size: int                                         # the height (and width, unless native_width)
+    native_size: int | None                                  # the height (and width, unless native_width); None: varies
     channels: int
     num_classes: int = 10
     default_size: int | None = None
@@ -60,7 +63,7 @@ class _Registered:
     # (made, size, resize) -> images, labels, classes; a converter that decodes image files resizes as it decodes
     # (to hold 162,770 CelebA faces at 32x32, not at 218x178); the others give native images, resized afterwards
     convert: Callable[[Any, int | None, str], tuple[torch.Tensor, torch.Tensor, list[str]]] | None = None
-    fetch: bool = True   # False: genrep cannot download it (an account is needed); ``source`` says where
+    fetch: bool = True   # False: genrep never downloads it (an account, or none at run time); ``source`` says where
     source: str = ""     # how to get the files, said when they are missing
     resize: str = SQUASH  # how image_size is reached unless data.resize says (genrep.data.resize)
 
@@ -124,6 +127,30 @@ def _convert_stl10(ds) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return torch.from_numpy(np.ascontiguousarray(ds.data)), _labels(ds.labels), classes
 
 
+def _fgvc_convert(name: str):
+    return lambda files, size, how: fs.convert_files(files, size, how, name)
+
+
+# the diffusion-features paper's transfer sets (table 5): name, description with table 5's split, classes, files,
+# make, where to get them; none is downloaded at run time
+_FGVC = [
+    ("aircraft", "FGVC Aircraft variants, 6,667 trainval as train / 3,333 test, 100 classes", 100,
+     fg.aircraft_files, fg.make_aircraft,
+     f"download fgvc-aircraft-2013b.tar.gz from {fg.AIRCRAFT_URL} and unpack it there"),
+    ("cars", "Stanford Cars, 8,144 train / 8,041 test, 196 classes", 196, fg.cars_files, fg.make_cars,
+     "the Stanford site no longer serves it: put the original release's devkit/ (car_devkit.tgz), cars_train/, "
+     "cars_test/ and cars_test_annos_withlabels.mat in its stanford_cars/ sub-folder (torchvision's layout)"),
+    ("cub", "CUB-200-2011 birds, 5,994 train / 5,794 test, 200 classes", 200, fg.cub_files, fg.make_cub,
+     f"download CUB_200_2011.tgz from {fg.CUB_URL} and unpack it there"),
+    ("dogs", "Stanford Dogs, 12,000 train / 8,580 test, 120 classes", 120, fg.dogs_files, fg.make_dogs,
+     f"download images.tar and lists.tar from {fg.DOGS_URL} and unpack both there"),
+    ("flowers", "Oxford Flowers-102, 2,040 train+val as train / 6,149 test, 102 classes", 102, fg.flowers_files,
+     fg.make_flowers, f"download 102flowers.tgz (unpack it: jpg/), imagelabels.mat and setid.mat from "
+     f"{fg.FLOWERS_URL} into its flowers-102/ sub-folder"),
+    ("nabirds", "NABirds species, 23,929 train / 24,633 test, 555 classes", 555, fg.nabirds_files, fg.make_nabirds,
+     f"download nabirds.tar.gz from {fg.NABIRDS_URL} (after accepting its terms) and unpack it there"),
+]
+
 _REGISTRY: dict[str, _Registered] = {
     r.name: r for r in [
         _Registered("digits", "scikit-learn's bundled 8x8 handwritten digits, 1,797 images, 10 classes "
@@ -163,6 +190,10 @@ _REGISTRY: dict[str, _Registered] = {
                     files=fs.imagenet32_files, make=fs.make_imagenet32, convert=fs.convert_imagenet32, fetch=False,
                     source=f"download Imagenet32_train_npz.zip and Imagenet32_val_npz.zip from {fs.IMAGENET32_URL} "
                            f"(an ImageNet account) and unzip both there"),
+        *[_Registered(name, f"{text}; any size, served centre-cropped at {fg.FGVC_SIZE}", None, 3, classes,
+                      default_size=fg.FGVC_SIZE, files=files, make=make, convert=_fgvc_convert(name), fetch=False,
+                      source=source, resize=CENTER_CROP)
+          for name, text, classes, files, make, source in _FGVC],
     ]
 }
 
