@@ -17,7 +17,8 @@ from genrep.cli import main
 from genrep.config import ON_DEMAND, EvalConfig, resolve_config
 from genrep.eval.evaluate import evaluate_run, plan, read_results
 from genrep.eval.protocols.head_training import HeadSettings
-from genrep.eval.protocols.sweep import SweepSettings, sweep_blocks
+from genrep.eval.protocols.sweep import SweepSettings, pool_fits, sweep_blocks
+from genrep.eval.report.summary import headline, sweep_table
 from genrep.methods import DataSpec, build_method, get_method
 from genrep.runs import load_trained, read_run_config
 from genrep.train.loop import pretrain
@@ -86,7 +87,12 @@ def test_the_grid_has_every_cell_the_best_per_head_and_figures(swept, runs, name
         assert acc[(b["block"], b["t"], b["pool"], head)] == b["acc"]
     o = s["best_overall"]
     assert o["acc"] == max(acc.values()) and acc[(o["block"], o["t"], o["pool"], o["head"])] == o["acc"]
-    assert s["noise"] == "fixed"
+    assert s["noise"] == "fixed per image, cached" and s["left_out"] == []
+    # every cell says how its head was fitted: the linear head by L-BFGS, the attention head by the paper's schedule
+    assert s["linear_solver"] == "lbfgs" and s["training"]["linear"] == {"solver": "lbfgs", "weight_decay": [1e-3]}
+    assert s["training"]["attention"]["solver"] == "paper" and s["training"]["attention"]["epochs"] == 1
+    assert {(c["head"], c["solver"], c.get("epochs")) for c in s["cells"]} == {("linear", "lbfgs", None),
+                                                                             ("attention", "paper", 1)}
     # heatmaps over block x t, and accuracy over pool size (two sizes here)
     assert len(s["figures"]) == 2
     for rel in s["figures"].values():
@@ -130,6 +136,91 @@ def test_cached_noised_features_equal_a_fresh_extraction(swept, runs):
     torch.testing.assert_close(cached[:100], direct)
 
 
+@pytest.mark.slow
+def test_a_pool_larger_than_a_blocks_map_is_left_out_there_and_listed(runs):
+    """Tiny adm: block 3's map is 4x4, block 9's 8x8; pool 8 is read at block 9 only, and the result says so."""
+    part = replace(SWEEP, sweep=replace(SWEEP.sweep, blocks=[3, 9], t=[0], pools=["1", "8"], heads=["linear"]))
+    s = evaluate_run(runs["adm"], part, progress=False, say=lambda m: None)["protocols"]["sweep"]
+    assert {(c["block"], c["pool"]) for c in s["cells"]} == {(3, "1"), (9, "1"), (9, "8")}
+    assert s["left_out"] == [{"block": 3, "pool": "8", "map_size": 4}]
+    assert "left out (pool larger than the block's map): block 3 pool 8 (4x4)" in sweep_table(s)
+
+
+@pytest.mark.slow
+def test_the_papers_linear_head_trains_with_the_head_schedule_for_linear_epochs(runs, monkeypatch):
+    """linear_solver paper: the linear head is fit_head's, for linear_epochs (not head.epochs), never L-BFGS; the
+    cells, the best cells, the training record, the table and the headline say so."""
+    from genrep.eval.protocols import sweep
+
+    schedules = []
+    real = sweep.fit_head
+    monkeypatch.setattr(sweep, "fit_head",
+                        lambda ctx, kind, s, *a: schedules.append((kind, s)) or real(ctx, kind, s, *a))
+    monkeypatch.setattr(sweep, "linear_probe", lambda *a, **k: pytest.fail("the L-BFGS solver ran"))
+    head = HeadSettings(epochs=1, batch_size=512, step_every=1)
+    part = replace(SWEEP, sweep=SweepSettings(blocks=[2], t=[0], pools=["1"], heads=["linear"],
+                                              linear_solver="paper", linear_epochs=2, head=head))
+    s = evaluate_run(runs["adm"], part, progress=False, say=lambda m: None)["protocols"]["sweep"]
+    assert schedules == [("linear", replace(head, epochs=2))]
+    (cell,) = s["cells"]
+    assert cell["solver"] == "paper" and cell["epochs"] == 2 and "weight_decay" not in cell and 0 <= cell["acc"] <= 1
+    assert s["linear_solver"] == "paper" and s["best"]["linear"]["epochs"] == 2
+    record = s["training"]["linear"]
+    assert {k: record[k] for k in ("solver", "epochs", "lr", "batch_size")} == {"solver": "paper", "epochs": 2,
+                                                                             "lr": head.lr, "batch_size": 512}
+    table = sweep_table(s)
+    assert "linear: Adam, 2 epochs, lr 0.001, batch 512" in table
+    assert "best linear (Adam, 2 epochs): block 2, t=0, pool 1: " in table
+    assert headline("sweep", s).startswith("best linear (Adam, 2 epochs) at block 2, t=0, pool 1: ")
+
+
+@pytest.mark.slow
+def test_a_grid_larger_than_memory_is_read_in_several_passes_with_the_same_features(runs, monkeypatch):
+    """With little memory free each read is its own pass (in block order); the accuracies are those of one pass."""
+    from genrep.eval.protocols import context, sweep
+
+    run = runs["adm"]
+    part = replace(SWEEP, sweep=replace(SWEEP.sweep, blocks=[1, 4], t=[7], heads=["linear"]))
+    passes = []
+    real = context.extract_feature_sets
+    monkeypatch.setattr(context, "extract_feature_sets",
+                        lambda m, x, reads, **k: passes.append(reads) or real(m, x, reads, **k))
+    share = sweep.MEMORY_SHARE
+    monkeypatch.setattr(sweep, "MEMORY_SHARE", 1e-30)  # no read fits with another
+    split = _accuracies(evaluate_run(run, part, progress=False, say=lambda m: None)["protocols"]["sweep"])
+    assert passes == [[r] for r in [(1, "1"), (1, "2"), (4, "1"), (4, "2")] for _ in ("train", "test")]
+    for p in (run / "cache").glob("*feature_t7-*"):
+        p.unlink()
+    passes.clear()
+    monkeypatch.setattr(sweep, "MEMORY_SHARE", share)  # the tiny grid fits in one pass
+    whole = _accuracies(evaluate_run(run, part, progress=False, say=lambda m: None)["protocols"]["sweep"])
+    assert passes == [[(1, "1"), (1, "2"), (4, "1"), (4, "2")]] * 2 and whole == split
+
+
+def test_heatmap_titles_and_pool_lines_name_how_each_head_was_fitted(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from genrep.eval.report import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda path, fig: drawn.append(fig) or path)
+    paper15, paper28 = {"solver": "paper", "epochs": 15}, {"solver": "paper", "epochs": 28}
+    cells = [{"block": b, "t": t, "pool": p, "head": h, "acc": 0.5, **fit} for b in (1, 2) for t in (0, 50)
+             for h, p, fit in (("linear", "1", paper15), ("linear", "2", paper15), ("attention", "map", paper28))]
+    old = [{"block": 1, "t": 0, "pool": "1", "head": "linear", "acc": 0.5}]  # eval.json before the solver was named
+    figures.sweep_heatmaps(cells, tmp_path / "h.png")
+    figures.sweep_pool_lines(cells, tmp_path / "p.png")
+    figures.sweep_heatmaps(old, tmp_path / "o.png")
+    heat, lines, before = drawn
+    for fig in drawn:
+        plt.close(fig)
+    assert [ax.get_title() for ax in heat.axes if ax.get_title()] == [
+        "linear (Adam, 15 epochs), pool 1", "linear (Adam, 15 epochs), pool 2", "attention (Adam, 28 epochs), pool map"]
+    assert [t.get_text() for t in lines.axes[0].get_legend().get_texts()] == [
+        "linear (Adam, 15 epochs), pool 1", "linear (Adam, 15 epochs), pool 2", "attention (Adam, 28 epochs), pool map"]
+    assert before.axes[0].get_title() == "linear (L-BFGS), pool 1"
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 
 @pytest.mark.slow
@@ -151,7 +242,9 @@ def test_genrep_sweep_prints_a_table_and_keeps_the_other_protocols(runs, capsys)
         for t in STEPS:
             row = next(line for line in lines if line.startswith(f"linear pool {p} t={t} "))
             assert len(row.split()) == 4 + len(BLOCKS)
-    assert any(line.startswith("best linear: block ") for line in lines)
+    assert any(line.startswith("best linear (L-BFGS): block ") for line in lines)
+    assert "linear: full-batch L-BFGS on standardised features, weight decay 0.001" in out
+    assert "noise of the read-out: fixed per image, cached" in out
     assert "results: " in out and "eval.json" in out
     results = read_results(run)
     assert list(results["protocols"]) == ["probes", "sweep"]  # registry order, the probes kept
@@ -184,6 +277,9 @@ def test_the_report_shows_the_sweep_of_both_runs(swept, runs, tmp_path, capsys):
         assert name in section
     # (genrep sweep in the CLI test may have replaced adm's grid by a linear one; genvit's has both heads)
     assert "best block" in section and "attention" in section and "linear" in section
+    # how each head was fitted, and the read-out's noise (genvit's grid holds both heads)
+    assert "fitted by" in section and "full-batch L-BFGS on standardised features" in section
+    assert "Adam, 1 epochs, lr 0.001, batch 512" in section and "fixed per image, cached" in section
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -196,7 +292,11 @@ def test_the_report_shows_the_sweep_of_both_runs(swept, runs, tmp_path, capsys):
     ("adm", ["--blocks", "2,99"], ("layer 99 does not exist in adm; choose 1..9",)),
     ("genvit", ["--blocks", "3"], ("layer 3 does not exist in genvit; choose 1..2",)),
     ("adm", ["--pool", "1,map"], ("eval.sweep.pools", "'map'")),
-    ("adm", ["--pool", "99"], ("pool 99 is larger than the",)),
+    ("adm", ["--pool", "99", "--blocks", "1,3"], ("eval.sweep.pools: pool 99 is larger than the map of every swept "
+                                                  "block (the largest is 8x8, at block 1); choose pools up to 8",)),
+    ("adm", ["--eval.sweep.linear_solver", "sgd"], ("eval.sweep.linear_solver 'sgd' is unknown; choose lbfgs, "
+                                                    "paper",)),
+    ("adm", ["--eval.sweep.linear_epochs", "0"], ("eval.sweep.linear_epochs must be at least 1",)),
     (VECTOR, ["--pool", "2", "--blocks", "1"], (f"pooling '2' is not offered by {VECTOR}",)),
     (VECTOR, ["--head", "linear,cnn", "--blocks", "1"], ("eval.sweep.heads: the cnn head needs feature maps, "
                                                          f"and {VECTOR}'s features are vectors",)),
@@ -216,6 +316,27 @@ def test_bad_sweep_input_is_one_line_before_any_work(runs, capsys, monkeypatch, 
     assert all(f in lines[0] for f in fragments), lines[0]
     assert work == []
     assert (path.read_bytes() if path.exists() else None) == before
+
+
+@pytest.mark.parametrize("recipe, image_size, channels", [("adm-digits", 8, 1), ("adm-cifar10", 32, 3),
+                                                         ("adm-imagenet256", 256, 3)])
+def test_the_adm_recipes_sweep_the_papers_grid_at_its_places_in_their_u_net(tmp_path, recipe, image_size, channels):
+    """Figures 2 and 5's blocks 15, 19, 24 of ADM-256 are, in any U-Net: the encoder's last block at twice the
+    bottleneck's side, the middle, and the default read-out; figure 3's noise steps; the paper's pools 1, 2, 4, 8 up
+    to half of the default block's map (all four on ADM-256's 16x16); every pool reads some block."""
+    fake = tmp_path / "256x256_diffusion_uncond.pt"  # adm-imagenet256 names a frozen file; the meta build reads none
+    fake.write_bytes(b"not read on the meta device")
+    cfg = resolve_config(recipe, {"model.pretrained": str(fake)} if recipe == "adm-imagenet256" else {})
+    with torch.device("meta"):
+        m = build_method("adm", cfg.model, DataSpec(image_size=image_size, channels=channels, num_classes=10))
+    side, middle, s = m.feature_map_size, m.middle_block, cfg.eval.sweep
+    encoder = max(b for b in range(1, middle) if side(b) == 2 * side(middle))
+    assert s.blocks == [encoder, middle, m.default_layer]
+    assert s.t == [0, 10, 30, 50, 90, 150, 300, 500]
+    assert s.pools == [str(p) for p in (1, 2, 4, 8) if 2 * p <= side(m.default_layer)]
+    assert all(any(pool_fits(m, b, p) for b in s.blocks) for p in s.pools)
+    if recipe == "adm-imagenet256":
+        assert s.blocks == [15, 19, 24] and s.pools == ["1", "2", "4", "8"]
 
 
 def test_default_blocks_for_every_method(method_name):

@@ -54,10 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("run", type=Path, metavar="RUN")
     sw.add_argument("--blocks", help="comma-separated blocks (default: about 10 spread over the network)")
     sw.add_argument("--t", help="comma-separated noise steps (default: the run's model.feature_t)")
-    sw.add_argument("--pool", help="comma-separated poolings: p for a p x p average pool (default: the "
-                    "method's default pooling)")
-    sw.add_argument("--head", help="comma-separated heads: linear (the fast solver), mlp, cnn, attention "
-                    "(default linear)")
+    sw.add_argument("--pool", help="comma-separated poolings: p for a p x p average pool, left out at a block whose "
+                    "map is smaller (default: the method's default pooling)")
+    sw.add_argument("--head", help="comma-separated heads: linear (fitted as --eval.sweep.linear_solver says: lbfgs, "
+                    "the fast solver, or paper, figure 2's Adam schedule), mlp, cnn, attention (default linear)")
     sw.add_argument("--device", default=None, help="default: the run's eval.device")
 
     grid = sub.add_parser(

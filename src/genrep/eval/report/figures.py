@@ -19,6 +19,7 @@ from ...train.logger import read_log
 from ..metrics.calibration import calibration_bins
 from ..metrics.ood import _scores, ood_metrics
 from ..metrics.robustness import _check_eps, _check_norm
+from .summary import fit_text
 
 __all__ = ["cka_heatmap", "energy_histograms", "reliability_diagram", "robustness_figure", "score_histogram",
            "summary_figure"]
@@ -275,8 +276,8 @@ def _panels(cells: list[dict]) -> list[tuple[str, str]]:
 
 
 def sweep_heatmaps(cells: list[dict], path: Path, title: str = "") -> Path:
-    """One heatmap of test accuracy over block x t per (head, pool) of a read-out sweep (the paper's figure 2),
-    the best cell of each panel outlined."""
+    """One heatmap of test accuracy over block x t per (head, pool) of a read-out sweep (the paper's figure 2), each
+    titled with how its head was fitted (L-BFGS, or Adam for so many epochs), the best cell of each panel outlined."""
     panels = _panels(cells)
     blocks = sorted({c["block"] for c in cells})
     steps = sorted({c["t"] for c in cells}, key=lambda t: -1 if t is None else t)
@@ -300,7 +301,9 @@ def sweep_heatmaps(cells: list[dict], path: Path, title: str = "") -> Path:
                     ax.text(k, r, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white")
         ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
         ax.set_yticks(range(len(steps)), ["clean" if t is None else str(t) for t in steps], fontsize=7)
-        ax.set(xlabel="block", ylabel="t", title=f"{head}, pool {pool}")
+        fit = fit_text(next(c for c in cells if (c["head"], c["pool"]) == (head, pool)))
+        ax.set(xlabel="block", ylabel="t")
+        ax.set_title(f"{head} ({fit}), pool {pool}", fontsize=8)
         fig.colorbar(im, ax=ax, label="accuracy (%)")
     if title:
         fig.suptitle(title)
@@ -315,7 +318,7 @@ def sweep_pool_lines(cells: list[dict], path: Path, title: str = "") -> Path:
         mine = [c for c in cells if (c["head"], c["pool"]) == (head, pool)]
         blocks = sorted({c["block"] for c in mine})
         best = [100 * max(c["acc"] for c in mine if c["block"] == b) for b in blocks]
-        ax.plot(blocks, best, marker="o", label=f"{head}, pool {pool}")
+        ax.plot(blocks, best, marker="o", label=f"{head} ({fit_text(mine[0])}), pool {pool}")
     ax.set(xlabel="block", ylabel="best accuracy over t (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -24,7 +24,7 @@ from ...io import atomic_write_text
 from ..evaluate import EVAL_FILE, read_results
 from ..protocols import PROTOCOLS
 from ..protocols.context import RESULTS_DIR
-from .summary import attack_text, gaussian_text, linear_text, mask_text, sampling_text
+from .summary import attack_text, fit_text, gaussian_text, linear_text, mask_text, sampling_text, training_text
 
 TITLES = {"probes": "Representation probes", "calibration": "Calibration", "ood": "Out-of-distribution detection",
           "likelihood": "Likelihood", "generation": "Generation", "completion": "Image completion",
@@ -278,15 +278,20 @@ def _similarity(runs: list[dict]) -> str:
 
 
 def _sweep(runs: list[dict]) -> str:
-    t = Table(["run", "head", "best block", "best t", "best pool", "accuracy", "cells", "noise"])
+    t = Table(["run", "head", "fitted by", "best block", "best t", "best pool", "accuracy", "cells", "noise"])
     for r, s in _results(runs, "sweep"):
         for head, b in s["best"].items():
             cells = sum(1 for c in s["cells"] if c["head"] == head)
-            t.add([_label(r), _e(head), str(b["block"]), "clean" if b["t"] is None else str(b["t"]), _e(b["pool"]),
-                   _pct(b["acc"]), str(cells), _e(s.get("noise") or "–")])
+            how = s.get("training", {}).get(head)
+            t.add([_label(r), _e(head), _e(training_text(how) if how else fit_text({"head": head, **b})),
+                   str(b["block"]), "clean" if b["t"] is None else str(b["t"]), _e(b["pool"]), _pct(b["acc"]),
+                   str(cells), _e(s.get("noise") or "–")])
     return t.html() + ("<p class='note'>Test accuracy of each head on frozen features over the grid of blocks, noise "
                        "steps and poolings; the best cell is selected on the test split, as the paper's ablations "
-                       "report. Heatmaps are among the figures.</p>")
+                       "report. The linear head is fitted by full-batch L-BFGS, the fast screening solver "
+                       "(eval.sweep.linear_solver lbfgs), or by the paper's head schedule for as many epochs as figure "
+                       "2's ablations (paper); the read-out is the cached one, its noise drawn as the last column "
+                       "says. Heatmaps are among the figures.</p>")
 
 
 def _finetune(runs: list[dict]) -> str:

@@ -72,18 +72,57 @@ def _t(t) -> str:
 
 
 def sweep_table(r: dict) -> str:
-    """The sweep's grid as text: one row per (head, pool, t), one column per block; the best cell per head."""
+    """The sweep's grid as text: how it was fitted, one row per (head, pool, t), one column per block; the best
+    cell per head."""
     blocks = sorted({c["block"] for c in r["cells"]})
     acc = {(c["head"], c["pool"], c["t"], c["block"]): c["acc"] for c in r["cells"]}
     rows = list(dict.fromkeys((c["head"], c["pool"], c["t"]) for c in r["cells"]))
     width = max(len(f"{h} pool {p} t={_t(t)}") for h, p, t in rows)
-    lines = [f"{'head, pool, t':<{width}}  " + " ".join(f"{'b' + str(b):>6}" for b in blocks)]
+    lines = [*sweep_setup(r), f"{'head, pool, t':<{width}}  " + " ".join(f"{'b' + str(b):>6}" for b in blocks)]
     for h, p, t in rows:
         cells = [f"{100 * acc[(h, p, t, b)]:6.1f}" if (h, p, t, b) in acc else f"{'-':>6}" for b in blocks]
         lines.append(f"{f'{h} pool {p} t={_t(t)}':<{width}}  " + " ".join(cells))
     for head, b in r["best"].items():
-        lines.append(f"best {head}: block {b['block']}, t={_t(b['t'])}, pool {b['pool']}: {pct(b['acc'])}")
+        lines.append(f"best {head} ({fit_text({'head': head, **b})}): block {b['block']}, t={_t(b['t'])}, "
+                     f"pool {b['pool']}: {pct(b['acc'])}")
     return "\n".join(lines)
+
+OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+
+
+def fit_text(cell: dict) -> str:
+    """How a sweep cell's (or best cell's) head was fitted, in a few words (files before issue 26 record no solver:
+    their linear head was L-BFGS, the other heads Adam with the paper's schedule)."""
+    solver = cell.get("solver") or ("lbfgs" if cell.get("head", "linear") == "linear" else "paper")
+    if solver == "lbfgs":
+        return "L-BFGS"
+    name = OPTIMIZER_NAMES.get(cell.get("optimizer", "adam"), cell.get("optimizer"))
+    return f"{name}, {cell['epochs']} epochs" if "epochs" in cell else name
+
+
+def training_text(t: dict) -> str:
+    """A sweep head's training record (``sweep.training``) in words, with what its trainer reported."""
+    if t["solver"] == "lbfgs":
+        wds = ", ".join(f"{w:g}" for w in t["weight_decay"])
+        return (f"full-batch L-BFGS on standardised features, weight decay {wds}"
+                + (" chosen on a held-out part of the train split" if len(t["weight_decay"]) > 1 else ""))
+    text = f"{fit_text(t)}, lr {t['lr']:g}, batch {t['batch_size']}"
+    if "step_every" in t:
+        text += f", the rate x{t['gamma']:g} every {t['step_every']} epochs"
+    return text + (", raw features" if t.get("standardize") is False else "")
+
+
+def sweep_setup(r: dict) -> list[str]:
+    """What produced a sweep's numbers: each head's training and the noise of the read-out (files before issue
+    26 record neither)."""
+    lines = [f"{head}: {training_text(t)}" for head, t in r.get("training", {}).items()]
+    if r.get("noise"):
+        lines.append(f"noise of the read-out: {r['noise']}")
+    if r.get("left_out"):
+        lines.append("left out (pool larger than the block's map): " + ", ".join(
+            f"block {c['block']} pool {c['pool']} ({c['map_size']}x{c['map_size']})" for c in r["left_out"]))
+    return lines
+
 
 
 def evaluation_summary(results: dict) -> str:
@@ -159,8 +198,9 @@ def headline(name: str, r: dict) -> str:
         return f"accuracy {pct(r['test_acc'])}, ECE {pct(r['test_ece'])} ({r['epochs']} epochs){mask_text(r)}"
     if name == "sweep":
         b = r["best_overall"]
-        return (f"best {b['head']} at block {b['block']}, t={_t(b['t'])}, pool {b['pool']}: {pct(b['acc'])} "
-                f"({len(r['cells'])} cells)")
+        noise = f"; noise {r['noise']}" if r.get("noise") else ""
+        return (f"best {b['head']} ({fit_text(b)}) at block {b['block']}, t={_t(b['t'])}, pool {b['pool']}: "
+                f"{pct(b['acc'])} ({len(r['cells'])} cells{noise})")
     if name == "lowshot":
         return ", ".join(f"{100 * float(f):g}%: {pct(v['acc_mean'])} ± {100 * v['acc_std']:.2f}"
                          for f, v in r["fractions"].items()) + f" ({r['readout']} read-out)"
