@@ -18,7 +18,7 @@ from genrep.config import ON_DEMAND, EvalConfig, resolve_config
 from genrep.eval.evaluate import evaluate_run, plan, read_results
 from genrep.eval.protocols.head_training import HeadSettings
 from genrep.eval.protocols.sweep import SweepSettings, pool_fits, sweep_blocks
-from genrep.eval.report.summary import headline, sweep_table
+from genrep.eval.report.summary import headline, sweep_panels, sweep_table
 from genrep.methods import DataSpec, build_method, get_method
 from genrep.runs import load_trained, read_run_config
 from genrep.train.loop import pretrain
@@ -221,6 +221,18 @@ def test_heatmap_titles_and_pool_lines_name_how_each_head_was_fitted(tmp_path, m
     assert before.axes[0].get_title() == "linear (L-BFGS), pool 1"
 
 
+def test_rows_and_panels_keep_each_heads_pools_in_size_order_when_a_pool_is_left_out_at_the_first_block():
+    fit = {"solver": "paper", "epochs": 1}
+    cells = [{"block": b, "t": t, "pool": p, "head": h, "acc": 0.5, **fit} for t in (50, 0) for b in (3, 9)
+             for h, p in (("linear", "1"), ("linear", "8"), ("attention", "map")) if (b, p) != (3, "8")]
+    order = [("linear", "1"), ("linear", "8"), ("attention", "map")]
+    assert sweep_panels(cells) == order
+    best = {"linear": {"block": 9, "t": 0, "pool": "8", "acc": 0.5, **fit}}
+    rows = [line.split()[:4] for line in sweep_table({"cells": cells, "best": best}).splitlines()
+            if line.startswith(("linear pool", "attention pool"))]
+    assert rows == [[h, "pool", p, f"t={t}"] for t in (0, 50) for h, p in order]
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 
 @pytest.mark.slow
@@ -279,7 +291,7 @@ def test_the_report_shows_the_sweep_of_both_runs(swept, runs, tmp_path, capsys):
     assert "best block" in section and "attention" in section and "linear" in section
     # how each head was fitted, and the read-out's noise (genvit's grid holds both heads)
     assert "fitted by" in section and "full-batch L-BFGS on standardised features" in section
-    assert "Adam, 1 epochs, lr 0.001, batch 512" in section and "fixed per image, cached" in section
+    assert "Adam, 1 epoch, lr 0.001, batch 512" in section and "fixed per image, cached" in section
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -19,7 +19,7 @@ from ...train.logger import read_log
 from ..metrics.calibration import calibration_bins
 from ..metrics.ood import _scores, ood_metrics
 from ..metrics.robustness import _check_eps, _check_norm
-from .summary import fit_text
+from .summary import fit_text, sweep_panels
 
 __all__ = ["cka_heatmap", "energy_histograms", "reliability_diagram", "robustness_figure", "score_histogram",
            "summary_figure"]
@@ -270,15 +270,10 @@ def cka_heatmap(matrix, path: Path, row_labels: Sequence | None = None, col_labe
 
 
 
-def _panels(cells: list[dict]) -> list[tuple[str, str]]:
-    """(head, pool) pairs of a sweep, in the order met."""
-    return list(dict.fromkeys((c["head"], c["pool"]) for c in cells))
-
-
 def sweep_heatmaps(cells: list[dict], path: Path, title: str = "") -> Path:
     """One heatmap of test accuracy over block x t per (head, pool) of a read-out sweep (the paper's figure 2), each
     titled with how its head was fitted (L-BFGS, or Adam for so many epochs), the best cell of each panel outlined."""
-    panels = _panels(cells)
+    panels = sweep_panels(cells)
     blocks = sorted({c["block"] for c in cells})
     steps = sorted({c["t"] for c in cells}, key=lambda t: -1 if t is None else t)
     cols = min(3, len(panels))
@@ -314,7 +309,7 @@ def sweep_heatmaps(cells: list[dict], path: Path, title: str = "") -> Path:
 def sweep_pool_lines(cells: list[dict], path: Path, title: str = "") -> Path:
     """Best accuracy over t per block, one line per (head, pool): what the pooling size does (figure 2, right)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for head, pool in _panels(cells):
+    for head, pool in sweep_panels(cells):
         mine = [c for c in cells if (c["head"], c["pool"]) == (head, pool)]
         blocks = sorted({c["block"] for c in mine})
         best = [100 * max(c["acc"] for c in mine if c["block"] == b) for b in blocks]

@@ -71,21 +71,16 @@ def _t(t) -> str:
     return "clean" if t is None else str(t)
 
 
-def sweep_table(r: dict) -> str:
-    """The sweep's grid as text: how it was fitted, one row per (head, pool, t), one column per block; the best
-    cell per head."""
-    blocks = sorted({c["block"] for c in r["cells"]})
-    acc = {(c["head"], c["pool"], c["t"], c["block"]): c["acc"] for c in r["cells"]}
-    rows = list(dict.fromkeys((c["head"], c["pool"], c["t"]) for c in r["cells"]))
-    width = max(len(f"{h} pool {p} t={_t(t)}") for h, p, t in rows)
-    lines = [*sweep_setup(r), f"{'head, pool, t':<{width}}  " + " ".join(f"{'b' + str(b):>6}" for b in blocks)]
-    for h, p, t in rows:
-        cells = [f"{100 * acc[(h, p, t, b)]:6.1f}" if (h, p, t, b) in acc else f"{'-':>6}" for b in blocks]
-        lines.append(f"{f'{h} pool {p} t={_t(t)}':<{width}}  " + " ".join(cells))
-    for head, b in r["best"].items():
-        lines.append(f"best {head} ({fit_text({'head': head, **b})}): block {b['block']}, t={_t(b['t'])}, "
-                     f"pool {b['pool']}: {pct(b['acc'])}")
-    return "\n".join(lines)
+def _pool_key(pool: str) -> tuple:
+    """Pool sizes by size, then named poolings: a pool left out at the first block is met late in the cells."""
+    return (0, int(pool), "") if pool.isdigit() else (1, 0, pool)
+
+
+def sweep_panels(cells: list[dict]) -> list[tuple[str, str]]:
+    """(head, pool) pairs of a sweep: the heads in the order met, each head's pools by size."""
+    heads = list(dict.fromkeys(c["head"] for c in cells))
+    return sorted({(c["head"], c["pool"]) for c in cells}, key=lambda hp: (heads.index(hp[0]), _pool_key(hp[1])))
+
 
 OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
@@ -97,7 +92,9 @@ def fit_text(cell: dict) -> str:
     if solver == "lbfgs":
         return "L-BFGS"
     name = OPTIMIZER_NAMES.get(cell.get("optimizer", "adam"), cell.get("optimizer"))
-    return f"{name}, {cell['epochs']} epochs" if "epochs" in cell else name
+    if "epochs" not in cell:
+        return name
+    return f"{name}, {cell['epochs']} epoch{'' if cell['epochs'] == 1 else 's'}"
 
 
 def training_text(t: dict) -> str:
@@ -123,6 +120,24 @@ def sweep_setup(r: dict) -> list[str]:
             f"block {c['block']} pool {c['pool']} ({c['map_size']}x{c['map_size']})" for c in r["left_out"]))
     return lines
 
+
+def sweep_table(r: dict) -> str:
+    """The sweep's grid as text: how it was fitted, one row per (head, pool, t), one column per block; the best
+    cell per head."""
+    blocks = sorted({c["block"] for c in r["cells"]})
+    acc = {(c["head"], c["pool"], c["t"], c["block"]): c["acc"] for c in r["cells"]}
+    met = {(c["head"], c["pool"], c["t"]) for c in r["cells"]}
+    steps = sorted({t for *_, t in met}, key=lambda t: -1 if t is None else t)
+    rows = [(h, p, t) for t in steps for h, p in sweep_panels(r["cells"]) if (h, p, t) in met]
+    width = max(len(f"{h} pool {p} t={_t(t)}") for h, p, t in rows)
+    lines = [*sweep_setup(r), f"{'head, pool, t':<{width}}  " + " ".join(f"{'b' + str(b):>6}" for b in blocks)]
+    for h, p, t in rows:
+        cells = [f"{100 * acc[(h, p, t, b)]:6.1f}" if (h, p, t, b) in acc else f"{'-':>6}" for b in blocks]
+        lines.append(f"{f'{h} pool {p} t={_t(t)}':<{width}}  " + " ".join(cells))
+    for head, b in r["best"].items():
+        lines.append(f"best {head} ({fit_text({'head': head, **b})}): block {b['block']}, t={_t(b['t'])}, "
+                     f"pool {b['pool']}: {pct(b['acc'])}")
+    return "\n".join(lines)
 
 
 def evaluation_summary(results: dict) -> str:
