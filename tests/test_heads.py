@@ -226,6 +226,141 @@ def test_result_fields():
     assert isinstance(r, HeadResult)
     d = r.to_dict()
     assert set(d) == {"head", "test_acc", "train_acc", "params", "epochs", "lr", "batch_size", "seconds",
-                      "spec"}
-    assert d["spec"] == {"kind": "mlp", "hidden": [8, 8], "channels": [256, 256], "blocks": 1}
+                      "spec", "optimizer", "momentum", "step_every", "gamma", "weight_decay", "standardize",
+                      "train_acc_on"}
+    assert d["spec"] == {"kind": "mlp", "hidden": [8, 8], "channels": [256, 256], "blocks": 1, "relu": True}
     assert d["batch_size"] == 5 and d["lr"] == 1e-3 and d["seconds"] > 0
+    assert d["optimizer"] == "adam" and d["standardize"] is True and d["train_acc_on"] == "train split"
+
+
+# --------------------------------------------------------------------------------------------------
+# the authors' choices as options (issue 26)
+
+
+def _authors_block(block, x):
+    """The authors' timm-style block (ssl_diff/attention_head.py) written out on ``block``'s parameters: LayerNorm
+    eps 1e-5, q/k/v from one Linear split as (3, heads, head dim), softmax(q k^T / sqrt(d)) v, exact GELU."""
+    heads = block.attn.num_heads
+    b, n, c = x.shape
+
+    def ln(t, norm):
+        return torch.nn.functional.layer_norm(t, (c,), norm.weight, norm.bias, 1e-5)
+
+    q, k, v = block.attn.qkv(ln(x, block.norm1)).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-2, -1) * (c // heads) ** -0.5).softmax(-1)
+    x = x + block.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+    mlp = block.mlp
+    return x + mlp.fc2(torch.nn.functional.gelu(mlp.fc1(ln(x, block.norm2))))
+
+
+def test_the_attention_heads_blocks_are_the_authors_and_block_keeps_its_own():
+    from genrep.nn.transformer import Block
+
+    torch.manual_seed(0)
+    head = build_head(HeadSpec("attention", blocks=2), (64, 4, 4), 5)
+    x = torch.randn(3, 17, 64)
+    for block in head.blocks:
+        torch.testing.assert_close(block(x), _authors_block(block, x), rtol=1e-5, atol=1e-5)
+    plain = Block(64, 2, qkv_bias=False)  # ViT's block for every other user: eps 1e-6, the tanh GELU
+    assert plain.norm1.eps == plain.norm2.eps == 1e-6 and plain.mlp.act.approximate == "tanh"
+    plain.load_state_dict(head.blocks[0].state_dict())  # the same parameters, another function
+    assert (plain(x) - head.blocks[0](x)).abs().max() > 5e-5  # float32 noise at these values is ~1e-6
+
+
+def test_the_cnn_heads_relu_is_an_option():
+    torch.manual_seed(0)
+    with_relu = build_head(HeadSpec("cnn", channels=(4, 4)), (3, 8, 8), 2)
+    without = build_head(HeadSpec("cnn", channels=(4, 4), relu=False), (3, 8, 8), 2)
+    without.load_state_dict(with_relu.state_dict())
+    x = torch.randn(5, 3, 8, 8)
+    f = torch.nn.functional
+    plain = f.max_pool2d(without.conv2(f.max_pool2d(without.conv1(x), 2)), 2)
+    torch.testing.assert_close(without(x), without.fc(f.adaptive_avg_pool2d(plain, 2).flatten(1)))
+    assert not torch.allclose(with_relu(x), without(x))
+
+
+def _recording_heads(monkeypatch) -> list:
+    """Every head train_head builds, with the inputs of its forward calls kept in ``head.seen``."""
+    built = []
+    real_build = heads.build_head
+
+    def build(*args):
+        head = real_build(*args)
+        head.seen = []
+        head.register_forward_pre_hook(lambda m, inputs: m.seen.append(inputs[0].clone()))
+        built.append(head)
+        return head
+
+    monkeypatch.setattr(heads, "build_head", build)
+    return built
+
+
+def test_standardize_false_feeds_the_raw_features(monkeypatch):
+    built = _recording_heads(monkeypatch)
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    x, tx = x.flatten(1), tx.flatten(1)
+    for standardized in (False, True):
+        train_head(HeadSpec("linear"), x, y, tx, ty, 4, epochs=1, batch_size=16, standardize=standardized)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))  # the first epoch's shuffle, seed 0
+    raw, standardised = built[0].seen[0], built[1].seen[0]
+    torch.testing.assert_close(raw, x[perm])
+    torch.testing.assert_close(standardised, standardize(x)[0][perm])
+
+
+def test_sgd_without_momentum_takes_the_plain_gradient_step(monkeypatch):
+    built = _recording_heads(monkeypatch)
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    x, tx = x.flatten(1), tx.flatten(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        start = heads.nn.Linear(x.shape[1], 4)  # what train_head builds from seed 5
+    r = train_head(HeadSpec("linear"), x, y, tx, ty, 4, epochs=1, batch_size=16, optimizer="sgd", lr=0.5, seed=5,
+                   standardize=False)
+    loss = torch.nn.functional.cross_entropy(start(x), y)  # one full batch: the order does not change the mean
+    loss.backward()
+    torch.testing.assert_close(built[0].weight, start.weight - 0.5 * start.weight.grad)
+    assert r.optimizer == "sgd" and r.momentum == 0 and r.lr == 0.5
+
+
+def test_momentum_with_adam_is_a_one_line_error():
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    with pytest.raises(GenrepError) as e:
+        train_head(HeadSpec("linear"), x.flatten(1), y, tx.flatten(1), ty, 4, epochs=1, momentum=0.9)
+    assert "momentum 0.9 applies to the sgd optimizer" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        train_head(HeadSpec("linear"), x.flatten(1), y, tx.flatten(1), ty, 4, epochs=1, optimizer="lion")
+    assert "optimizer 'lion' is unknown; choose adam, sgd" in one_line(e)
+
+
+@pytest.mark.parametrize("kind", ["linear", "attention"])
+def test_streamed_training_on_the_cached_features_is_train_head(kind, monkeypatch):
+    """The streamed path is the cached one's loop: served the cached features batch by batch, it trains the same
+    head (the same shuffle, steps and standardisation) and scores the same test accuracy."""
+    built = _recording_heads(monkeypatch)
+    x, y, tx, ty = maps(n_train=48, n_test=24)
+    if kind == "linear":
+        x, tx = x.flatten(1), tx.flatten(1)
+    spec = HeadSpec(kind)
+    cached = train_head(spec, x, y, tx, ty, 4, epochs=3, batch_size=16, seed=2)
+    epochs_seen = []
+
+    def batch(rows, epoch):
+        epochs_seen.append(epoch)
+        return x[rows]
+
+    streamed = heads.train_head_streamed(spec, tuple(x.shape[1:]), y, ty, 4, train_batch=batch,
+                                         test_batches=lambda: tx.split(5), stats_batches=lambda: x.split(7),
+                                         epochs=3, batch_size=16, seed=2)
+    for a, b in zip(built[0].state_dict().values(), built[1].state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert streamed.test_acc == cached.test_acc and epochs_seen == [0] * 3 + [1] * 3 + [2] * 3
+    assert streamed.train_acc_on == "last epoch's training batches" and streamed.standardize
+
+
+def test_streamed_test_features_must_cover_the_test_labels():
+    x, y, tx, ty = maps(n_train=16, n_test=8)
+    with pytest.raises(GenrepError) as e:
+        heads.train_head_streamed(HeadSpec("linear"), (x[0].numel(),), y, ty, 4,
+                                  train_batch=lambda rows, e: x.flatten(1)[rows],
+                                  test_batches=lambda: [tx.flatten(1)[:5]], epochs=1)
+    assert "covered 5 rows but there are 8 test labels" in one_line(e)
