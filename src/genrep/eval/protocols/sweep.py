@@ -4,9 +4,10 @@ heatmaps and the best cell.
 
 The linear head is fitted one of two ways (``linear_solver``): ``lbfgs``, the fast screening solver (full batch on
 standardised features, the weight decay chosen on a held-out part of the train split), or ``paper``, figure 2's
-ablations (appendix B: the paper's Adam / StepLR head schedule for 15 epochs instead of its full 28). Every cell,
-the best cells and the figures name which. The read-out is the cached one either way: a noised image's noise is
-fixed per image (``model.feature_noise``), so a cell's features are the same in any sweep; the result says so.
+ablations (appendix B: the heads' schedule, ``head``, for ``linear_epochs`` = 15 instead of the full recipe's 28).
+Every cell, the best cells and the figures name which. The read-out is the cached one either way: with
+``model.feature_noise fixed`` (the default) a noised image's noise is a function of the image, so a cell's features
+are the same in any sweep; the result names the noise ("fixed per image, cached").
 
 Any method sweeps its blocks and poolings; the noise steps need a method read from a noised image
 (``feature_t``: ADM, GenViT, HybViT), so a U-Net and a ViT denoiser land in one table. Features of every
