@@ -196,8 +196,8 @@ def test_probes_read_features_at_a_chosen_step_without_retraining(tmp_path):
     noisy = run_probes(run, progress=False, options={"feature_t": 300})
     assert clean["feature_t"] is None and noisy["feature_t"] == 300
     assert sorted(p.name for p in (run / "cache").iterdir() if "train" in p.name) == [
-        "features-train-layer1-mean-feature_t300-feature_noisefixed-feature_noise_seed0-ema.safetensors",
-        "features-train-layer1-mean-feature_tNone-feature_noisefixed-feature_noise_seed0-ema.safetensors"]
+        "features-train-layer1-mean-feature_t300-feature_noisefixed-feature_noise_seed0-fp32-ema.safetensors",
+        "features-train-layer1-mean-feature_tNone-feature_noisefixed-feature_noise_seed0-fp32-ema.safetensors"]
     with pytest.raises(GenrepError) as e:
         run_probes(run, progress=False, options={"dim": 64})
     assert "cannot change model.dim of a trained genvit run" in one_line(e) and "model.feature_t" in one_line(e)

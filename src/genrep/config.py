@@ -24,6 +24,7 @@ import yaml
 
 from .data.resize import RESIZES
 from .errors import GenrepError
+from .eval.features import PRECISIONS
 from .eval.metrics.heads import HEADS
 from .eval.metrics.probes import LR_SCHEDULES, SOLVERS
 from .eval.periodic import PERIODIC_METRICS
@@ -164,6 +165,9 @@ class EvalConfig:
     device: str = "auto"
     batch_size: int = setting(256, min=1)
     seed: int = setting(0, min=0)
+    # the network's precision while extracting features (every protocol's; part of the feature-cache key): auto is
+    # bf16 on CUDA and fp32 elsewhere, fp16 needs CUDA
+    precision: str = setting("auto", choices=PRECISIONS)
     # the labelled data of fine-tuning and low-shot: "" = the run's own; or a data set name, loaded at the
     # run's image size and channel count (GCRL fine-tunes and low-shot-transfers ImageNet32 models to CIFAR-10)
     transfer_data: str = ""

@@ -116,6 +116,7 @@ def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | No
         "image_size": int(ctx.train.image_size), "n_train": len(ctx.train), "n_test": len(ctx.test),
         "num_classes": ctx.train.num_classes, "weights": ctx.version, "params": method.param_counts(),
         "flops_per_image": int(method.flops_per_image()), "device": str(ctx.device),
+        "precision": ctx.precision,  # of the feature extraction, as eval.precision resolved on this device
         "protocols": {k: v for k, v in keep.items() if k not in names},
     }
     init = read_init_record(run)  # provenance: the run this one continued from (genrep pretrain --init)

@@ -1,19 +1,50 @@
-"""Batched frozen-feature extraction, cached in the run folder.
+"""Batched frozen-feature extraction, cached in the run folder, at a chosen precision.
 
-Features are a pure function of (weights, data split, layer, pool), so they are cached as
+Features are a pure function of (weights, data split, layer, pool, extraction precision), so they are cached as
 safetensors under ``RUN/cache/`` keyed by those; a cache entry records the weights' checkpoint step
 and is ignored when the weights changed (a resumed run that trained further).
+
+The network runs under autocast at the extraction precision (``eval.precision``, ``probe.precision``): ``fp32``
+(no autocast), ``bf16``, ``fp16`` (CUDA only; the diffusion-features paper's authors run their U-Net in fp16), or
+``auto`` (bf16 on CUDA, fp32 elsewhere: what genrep always did). The features come back float32 either way.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import GenrepError
 from ..io import atomic_save_safetensors
 from ..methods import Method
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(name: str, device: torch.device | str) -> str:
+    """The extraction precision ``name`` on ``device`` as fp32, fp16 or bf16; one line for one it cannot run."""
+    device = torch.device(device)
+    if name not in PRECISIONS:
+        raise GenrepError(f"extraction precision {name!r} is unknown; choose {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        # CPU autocast to float16 is missing or emulated for most kernels: nothing to gain and untested here
+        raise GenrepError(f"extraction precision fp16 needs a CUDA device, and this evaluation runs on {device.type}; "
+                          f"choose fp32, bf16 or auto")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise GenrepError("extraction precision bf16 needs a GPU with bfloat16 (Ampere or newer); choose fp16 or fp32")
+    return name
+
+
+def precision_autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
+    """Autocast of the network at a resolved precision (fp32: none)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=_DTYPES.get(precision, torch.bfloat16), enabled=precision in _DTYPES)
 
 
 def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | str, *, progress: bool = False,
@@ -29,23 +60,26 @@ def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | 
 
 def extract_features(method: Method, images: torch.Tensor, *, layer: int | None = None, pool: str | None = None,
                      batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False,
-                     progress: bool = False, desc: str = "features") -> torch.Tensor:
+                     precision: str | None = None, progress: bool = False, desc: str = "features") -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32 [N, D] (or maps [N, C, h, w]) on the CPU, with the method in eval mode."""
     return extract_feature_sets(method, images, [(layer, pool)], batch_size=batch_size, device=device, bf16=bf16,
-                                progress=progress, desc=desc)[0]
+                                precision=precision, progress=progress, desc=desc)[0]
 
 
 @torch.no_grad()
 def extract_feature_sets(method: Method, images: torch.Tensor, reads: list[tuple[int | None, str | None]], *,
-                         batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False, progress: bool = False,
+                         batch_size: int = 512, device: torch.device | str = "cpu", bf16: bool = False,
+                         precision: str | None = None, progress: bool = False,
                          desc: str = "features") -> list[torch.Tensor]:
     """Several (layer, pool) read-outs of uint8 [N, C, H, W] images from one pass per batch
-    (``Method.feature_sets``), each float32 [N, ...] on the CPU."""
+    (``Method.feature_sets``), each float32 [N, ...] on the CPU. ``precision`` (fp32, fp16, bf16; see
+    :func:`resolve_precision`) wins over ``bf16``, which older callers pass (True: bf16 autocast)."""
     method.eval()
     device = torch.device(device)
+    precision = resolve_precision(precision or ("bf16" if bf16 else "fp32"), device)
     chunks: list[list[torch.Tensor]] = [[] for _ in reads]
     for x in image_batches(images, batch_size, device, progress=progress, desc=desc):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with precision_autocast(device, precision):
             outs = method.feature_sets(x, reads)
         for chunk, f in zip(chunks, outs):
             chunk.append(f.float().cpu())

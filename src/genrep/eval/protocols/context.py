@@ -14,7 +14,14 @@ from safetensors import safe_open
 from ...data.imageset import ImageSet
 from ...errors import GenrepError
 from ...methods import Method
-from ..features import cached_features, extract_feature_sets, extract_features, read_cache, write_cache
+from ..features import (
+    cached_features,
+    extract_feature_sets,
+    extract_features,
+    read_cache,
+    resolve_precision,
+    write_cache,
+)
 
 if TYPE_CHECKING:
     from ...config import Config, EvalConfig
@@ -97,6 +104,7 @@ class EvalContext:
 
         run = Path(run)
         device = resolve_device(ev.device)
+        resolve_precision(ev.precision, device)  # a precision this device cannot run: refused before any loading
         cfg, trained = reading_config(run, options, image_size)
         cfg, method, train, test = load_trained_with_test(run, ev.weights, device, cfg=cfg)
         for split, s in (("train", train), ("test", test)):
@@ -107,7 +115,13 @@ class EvalContext:
 
     @property
     def bf16(self) -> bool:
+        """bf16 autocast of trained heads and classifiers (CUDA only); extraction follows :attr:`precision`."""
         return self.device.type == "cuda"
+
+    @property
+    def precision(self) -> str:
+        """The network's precision while extracting features (``eval.precision`` resolved: fp32, fp16 or bf16)."""
+        return resolve_precision(self.ev.precision, self.device)
 
     @property
     def feature_options(self) -> dict:
@@ -115,11 +129,12 @@ class EvalContext:
         return {k: getattr(self.cfg.model, k) for k in self.method.feature_options}
 
     def feature_key(self, split: str, layer: int, pool: str, source: str = "") -> str:
-        """The cache key of frozen features: everything they depend on but the weights' step (checked apart)."""
+        """The cache key of frozen features: everything they depend on but the weights' step (checked apart), the
+        extraction precision included, so an entry of one precision is never read as another."""
         causal = f"-causal{int(self.method.causal_mask)}" if self.method.causal_readout else ""
         size = f"-at{self.train.image_size}px" if self.trained_size else ""
         return (f"features{source}-{split}-layer{layer}-{pool}{self.method.feature_tag()}{causal}{size}-"
-                f"{self.ev.weights}")
+                f"{self.precision}-{self.ev.weights}")
 
     def features(self, split: str, layer: int, pool: str, data: ImageSet | None = None) -> torch.Tensor:
         """Frozen features of ``split`` of the run's data (or of ``data``, e.g. a transfer set), cached."""
@@ -148,14 +163,16 @@ class EvalContext:
                      desc: str | None = None) -> list[torch.Tensor]:
         """Uncached read-outs of any images from one pass per batch (``Method.feature_sets``)."""
         return extract_feature_sets(method or self.method, images, reads, batch_size=self.ev.batch_size,
-                                    device=self.device, bf16=self.bf16, progress=self.progress and desc is not None,
+                                    device=self.device, precision=self.precision,
+                                    progress=self.progress and desc is not None,
                                     desc=desc or "features")
 
     def extract(self, images: torch.Tensor, layer: int, pool: str, *, method: Method | None = None,
                 desc: str | None = None) -> torch.Tensor:
         """Uncached features of any images (subsets, OOD sets, another run's ``method``); a bar with ``desc``."""
         return extract_features(method or self.method, images, layer=layer, pool=pool, batch_size=self.ev.batch_size,
-                                device=self.device, bf16=self.bf16, progress=self.progress and desc is not None,
+                                device=self.device, precision=self.precision,
+                                progress=self.progress and desc is not None,
                                 desc=desc or "features")
 
     def transfer_sets(self) -> tuple[ImageSet, ImageSet]:
