@@ -162,7 +162,7 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     p = probe or cfg.probe
     # the probe's seed is the run's, as the features' batch size is the probe's
     ev = replace(EvalConfig(), protocols=["probes"], weights=p.weights, device=device, batch_size=p.batch_size,
-                 seed=cfg.train.seed, probes=probes_protocol.from_probe_config(p))
+                 seed=cfg.train.seed, precision=p.precision, probes=probes_protocol.from_probe_config(p))
     t0 = time.perf_counter()
     ctx = EvalContext.open(run, ev, options=options, progress=progress, image_size=image_size)
     probes_protocol.check(ctx)
@@ -172,7 +172,8 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
         "data": ctx.cfg.data.name, "image_size": int(ctx.train.image_size),
         **({"trained_image_size": ctx.trained_size} if ctx.trained_size else {}),
         "n_train": len(ctx.train), "n_test": len(ctx.test), "num_classes": ctx.train.num_classes, "layer": r["layer"], "pool": r["pool"], **ctx.feature_options,
-        "feature_dim": r["feature_dim"], "linear_probe": r["linear_probe"], "knn": r["knn"],
+        "precision": r["precision"], "feature_dim": r["feature_dim"], "headline": r["headline"],
+        "linear_probe": r["linear_probe"], "knn": r["knn"],
     }
     if "classifier_acc" in r:
         results["classifier_test_acc"] = r["classifier_acc"]

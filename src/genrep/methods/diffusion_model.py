@@ -7,6 +7,8 @@ inputs; everything here drives that call, so the ViT and the U-Net are sampled, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +21,9 @@ from ..fields import setting
 from .base import Method
 
 FEATURE_NOISES = ("fixed", "fresh")
+# the seeds of fresh_noise's draws start here, above every model.feature_noise_seed, so a training draw never
+# repeats a read-out's own noise
+DRAW_SEEDS = 2**31
 
 
 @dataclass
@@ -90,14 +95,33 @@ class DiffusionMethod(Method):
         return {"loss": diff, "diff": diff.detach()}
 
     # ---- representation
+    _noise_draw: int | None = None  # set inside fresh_noise()
+
+    @contextmanager
+    def fresh_noise(self, draw: int) -> Iterator[None]:
+        """Read-outs in the block noise every image with draw ``draw`` (a head's training epoch) of a sequence
+        apart from the read-out's own noise: a function of (image, feature_noise_seed, draw, t), so a rerun
+        repeats it, drawn on the device in any batch; ``feature_noise`` applies again after the block."""
+        if isinstance(draw, bool) or not isinstance(draw, int) or draw < 0:
+            raise GenrepError(f"a noise draw is a number >= 0, got {draw!r}")
+        self._noise_draw = draw
+        try:
+            yield
+        finally:
+            self._noise_draw = None
+
     def feature_input(self, x: torch.Tensor, clean_t: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(network input in [-1, 1], its steps) of a read-out: x noised to ``feature_t`` with ``feature_noise``,
-        or the clean image at step 0 (None when ``clean_t`` is False: HybViT's untimed classification pass)."""
+        """(network input in [-1, 1], its steps) of a read-out: x noised to ``feature_t`` with ``feature_noise``
+        (or the draw of :meth:`fresh_noise`), or the clean image at step 0 (None when ``clean_t`` is False:
+        HybViT's untimed classification pass)."""
         x0 = self.normalize(x)
         t = self.cfg.feature_t
         if t is None:
             return x0, (torch.zeros(x0.shape[0], device=x0.device, dtype=torch.long) if clean_t else None)
-        if self.cfg.feature_noise == "fixed":
+        if self._noise_draw is not None:
+            seed = DRAW_SEEDS + (self.cfg.feature_noise_seed * 1_000_003 + self._noise_draw) % DRAW_SEEDS
+            noise = fixed_noise(x, seed, t).to(x0.dtype)
+        elif self.cfg.feature_noise == "fixed":
             noise = fixed_noise(x, self.cfg.feature_noise_seed, t).to(x0.dtype)
         else:
             noise = torch.randn_like(x0)

@@ -6,7 +6,8 @@ weight decay 1e-4, lr 0.01; genrep's defaults also standardise the features and 
 which the GCRL/iGPT/SimCLR recipes turn off, as section 4.2 names nothing else); `genrep probe` runs it with
 the run's ``probe`` section (:func:`from_probe_config`: its read-out and solver, no sweep) and writes
 ``results/probe.json``. The linear probe's test ECE (``eval.calibration.bins`` bins) is reported beside its
-accuracy (GCRL's table 9 reports it).
+accuracy (GCRL's table 9 reports it). ``headline`` names the result reported first: genrep's linear probe, or
+one of the diffusion-features paper's heads (its own linear head is that paper's headline number).
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...errors import GenrepError
 from ...fields import Pool, setting
 from ...methods import Method
 from ..metrics.heads import HEADS
 from ..metrics.calibration import expected_calibration_error
 from ..metrics.probes import LR_SCHEDULES, SOLVERS, knn_classify, linear_probe
 from .context import EvalContext, check_causal
-from .head_training import HeadSettings, check_head_features, fit_head, head_pool
+from .head_training import HeadSettings, check_head_features, train_head_at
+
+HEADLINES = ("linear_probe", *HEADS)
+
+
+def check_headline(headline: str, heads: list[str], section: str) -> None:
+    """A headline head that is not trained: one line at the config boundary."""
+    if headline != "linear_probe" and headline not in heads:
+        raise GenrepError(f"{section}.headline {headline} is not among {section}.heads "
+                          f"({', '.join(heads) or 'none'}); add it to {section}.heads or set {section}.headline "
+                          f"linear_probe")
 
 # L-BFGS line searches and hundreds of tiny AdamW steps are latency-bound on a GPU (the digits probes took
 # 25 s on an H200 and 5.7 s on 2 CPU cores), so probe problems smaller than this many train-feature
@@ -52,6 +64,11 @@ class ProbesSettings:
     # pooled vector; cnn and attention on the layer's map)
     heads: list[str] = setting([], choices=HEADS, unique=True)
     head: HeadSettings = field(default_factory=HeadSettings)
+    # the result reported first: genrep's linear probe above, or one of the heads
+    headline: str = setting("linear_probe", choices=HEADLINES)
+
+    def validate(self, section: str) -> None:
+        check_headline(self.headline, self.heads, section)
 
 
 def from_probe_config(p) -> ProbesSettings:
@@ -59,7 +76,7 @@ def from_probe_config(p) -> ProbesSettings:
     return ProbesSettings(layer=p.layer, pool=p.pool, solver=p.solver, weight_decay=list(p.weight_decay),
                           epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, knn_k=list(p.knn_k),
                           knn_temperature=p.knn_temperature, sweep=False, heads=list(p.heads), head=p.head,
-                          standardize=p.standardize, lr_schedule=p.lr_schedule)
+                          standardize=p.standardize, lr_schedule=p.lr_schedule, headline=p.headline)
 
 
 def sweep_layers(method: Method, asked: list[int]) -> list[int]:
@@ -87,6 +104,13 @@ def check(ctx: EvalContext) -> None:
             m.check_feature_args(layer, None)
         for pool in s.sweep_pools:
             m.check_feature_args(None, pool)
+
+
+def headline(name: str, out: dict) -> dict:
+    """The result reported first: its name as the summary prints it and its test accuracy."""
+    if name == "linear_probe":
+        return {"name": "linear probe", "test_acc": out["linear_acc"]}
+    return {"name": f"{name} head", "test_acc": out["heads"][name]["test_acc"]}
 
 
 def classifier_accuracy(ctx: EvalContext) -> float:
@@ -125,7 +149,8 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
     bins = ctx.ev.calibration.bins
     ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature)
-    out = {"layer": layer, "pool": pool, **ctx.feature_options, "feature_dim": int(xtr.shape[1]),
+    out = {"layer": layer, "pool": pool, **ctx.feature_options, "precision": ctx.precision,
+           "feature_dim": int(xtr.shape[1]),
            "solver_device": str(dev), "linear_acc": lin.test_acc, "linear_ece": ece,
            "linear": {"solver": s.solver, "epochs": s.epochs, "lr": s.lr, "weight_decay": lin.weight_decay,
                       "batch_size": s.batch_size, "standardize": s.standardize,
@@ -134,11 +159,8 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
                             "standardize": s.standardize, "lr_schedule": s.lr_schedule if s.solver == "adamw" else None},
            "knn": {str(k): v for k, v in knn.items()}}
     if s.heads:
-        out["heads"] = {}
-        for kind in s.heads:
-            hp = head_pool(kind, pool)
-            a, b = ctx.features("train", layer, hp), ctx.features("test", layer, hp)
-            out["heads"][kind] = {"pool": hp, **fit_head(ctx, kind, s.head, a, b)}
+        out["heads"] = {kind: train_head_at(ctx, kind, s.head, layer, pool) for kind in s.heads}
+    out["headline"] = headline(s.headline, out)
     if s.sweep:
         sweep = []
         for ly in sweep_layers(m, s.sweep_layers):

@@ -143,14 +143,19 @@ def _probes(runs: list[dict]) -> str:
             "the GCRL protocol, section 4.2) is at the method's default read-out; the sweep uses the "
             "full-batch L-BFGS solver, and its best cell is selected on test accuracy, as the papers' layer sweeps "
             "report.</p>")
-    heads = Table(["run", "head", "layer / pool", "parameters", "accuracy", "epochs"])
+    heads = Table(["run", "head", "layer / pool", "parameters", "accuracy", "epochs", "schedule", "training features"])
     for r, p in _results(runs, "probes"):
         for kind, h in p.get("heads", {}).items():
+            # files before issue 26 record no schedule: Adam, x0.1 every 8 epochs, on cached features
+            schedule = (f"{h.get('optimizer', 'adam')} lr {h['lr']:g}, x{h.get('gamma', 0.1):g} every "
+                        f"{h.get('step_every', 8)}, batch {h['batch_size']}")
+            seen = (f"{h['features']}, {h['train_noise']} noise, augment {h['augment']}" if "features" in h
+                    else "cached")
             heads.add([_label(r), _e(kind), f"{p['layer']} / {_e(h['pool'])}", f"{h['params']:,}",
-                       _pct(h["test_acc"]), str(h["epochs"])])
+                       _pct(h["test_acc"]), str(h["epochs"]), _e(schedule), _e(seen)])
     if heads.rows:
-        note += ("<p class='note'>Heads of the diffusion-features paper (appendix A) at the same read-out, trained "
-                 "with its schedule (Adam, the rate x0.1 every 8 epochs):</p>" + heads.html())
+        note += ("<p class='note'>Heads of the diffusion-features paper (appendix A) at the same read-out, each with "
+                 "the schedule and training features its results record:</p>" + heads.html())
     return t.html() + note + "".join(sweeps)
 
 

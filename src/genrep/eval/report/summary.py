@@ -10,21 +10,35 @@ def probe_table(r: dict) -> str:
     lp = r["linear_probe"]
     rows.append((f"linear probe ({linear_text(lp)})", lp["test_acc"]))
     rows += [(f"kNN k={k}", acc) for k, acc in r["knn"].items()]
-    rows += [(f"{kind} head ({h['pool']} pool, {h['params']:,} parameters)", h["test_acc"])
-             for kind, h in r.get("heads", {}).items()]
+    first = r.get("headline", {}).get("name")
+    for kind, h in r.get("heads", {}).items():
+        row = (f"{kind} head ({h['pool']} pool, {h['params']:,} parameters){head_text(h)}", h["test_acc"])
+        if f"{kind} head" == first:
+            rows.insert(0, row)
+        else:
+            rows.append(row)
     width = max(len(name) for name, _ in rows)
     t = f", at step t={r['feature_t']}" if r.get("feature_t") is not None else ""
     size = r.get("image_size")
     at = (f" read at {size}x{size} (trained at {r['trained_image_size']}x{r['trained_image_size']})"
           if r.get("trained_image_size") else "")
     head = (f"{r['method']} on {r['data']}{at} ({r['n_train']} train / {r['n_test']} test), features: layer "
-            f"{r['layer']}, {r['pool']} pool{t}, dim {r['feature_dim']}, {r['weights']} weights")
+            f"{r['layer']}, {r['pool']} pool{t}, dim {r['feature_dim']}, {r['weights']} weights"
+            + (f", {r['precision']} extraction" if "precision" in r else ""))
     lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
     lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
     lines.append(f"{'chance':<{width}}  {100 / r['num_classes']:12.2f}%")
     if "test_ece" in lp:
         lines.append(f"linear probe ECE {pct(lp['test_ece'])} ({lp['ece_bins']} bins)")
     return "\n".join(lines)
+
+
+def head_text(h: dict) -> str:
+    """How a head trained, where its results say (files before issue 26 do not: Adam, cached features)."""
+    if "optimizer" not in h:
+        return ""
+    seen = f", {h['train_noise']} noise, augment {h['augment']}" if "augment" in h else ""
+    return f": {h['optimizer']} lr {h['lr']:g}{seen}"
 
 
 def linear_text(lp: dict) -> str:
@@ -183,7 +197,10 @@ def headline(name: str, r: dict) -> str:
         b = r.get("best")
         sweep = f"; best of sweep: layer {b['layer']}, {b['pool']} pool {pct(b['linear_acc'])}" if b else ""
         ece = f" (ECE {pct(r['linear_ece'])})" if "linear_ece" in r else ""
-        return f"{head}linear {pct(r['linear_acc'])}{ece}, kNN k={k} {pct(r['knn'][k])}{sweep}{mask_text(r)}"
+        first = r.get("headline", {}).get("name", "linear probe")
+        lead = f"{first} {pct(r['headline']['test_acc'])}, " if first != "linear probe" else ""
+        return (f"{lead}{head}linear {pct(r['linear_acc'])}{ece}, kNN k={k} {pct(r['knn'][k])}{sweep}"
+                f"{mask_text(r)}")
     if name == "calibration":
         return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
     if name == "ood":
