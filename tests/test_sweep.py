@@ -314,6 +314,8 @@ def test_the_report_shows_the_sweep_of_both_runs(swept, runs, tmp_path, capsys):
                                                          f"and {VECTOR}'s features are vectors",)),
     (VECTOR, ["--head", "attention", "--blocks", "1"], ("the attention head needs feature maps",)),
     ("adm", ["--head", "svm"], ("svm",)),
+    ("adm", ["--eval.sweep.head.augment", "flip"], ("eval.sweep.head.augment flip read new features every epoch",
+                                                     "the sweep trains its heads on the cached read-out")),
     ("adm", ["--model.num_channels", "64"], ("cannot change model.num_channels of a trained adm run",)),
 ])
 def test_bad_sweep_input_is_one_line_before_any_work(runs, capsys, monkeypatch, name, args, fragments):

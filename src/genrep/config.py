@@ -37,7 +37,7 @@ from .eval.protocols.likelihood import LikelihoodSettings
 from .eval.protocols.head_training import HeadSettings
 from .eval.protocols.lowshot import LowshotSettings
 from .eval.protocols.ood import OODSettings
-from .eval.protocols.probes import HEADLINES, ProbesSettings, check_headline
+from .eval.protocols.probes import HEADLINES, ProbesSettings
 from .eval.protocols.robustness import RobustnessSettings
 from .eval.protocols.similarity import SimilaritySettings
 from .eval.protocols.sweep import SweepSettings
@@ -146,13 +146,11 @@ class ProbeConfig:
     # pooled vector; cnn and attention on the layer's map)
     heads: list[str] = setting([], choices=HEADS, unique=True)
     head: HeadSettings = field(default_factory=HeadSettings)
-    # the result the summary prints first and probe.json names: genrep's linear probe, or one of the heads
+    # the result the summary prints first and probe.json names: genrep's linear probe, or one of the heads (trained
+    # whether or not heads names it)
     headline: str = setting("linear_probe", choices=HEADLINES)
     # the network's precision while extracting features: auto is bf16 on CUDA and fp32 elsewhere; fp16 needs CUDA
     precision: str = setting("auto", choices=PRECISIONS)
-
-    def validate(self, section: str) -> None:
-        check_headline(self.headline, self.heads, section)
 
 
 PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "completion", "energy", "robustness",

@@ -29,12 +29,11 @@ from .head_training import HeadSettings, check_head_features, train_head_at
 HEADLINES = ("linear_probe", *HEADS)
 
 
-def check_headline(headline: str, heads: list[str], section: str) -> None:
-    """A headline head that is not trained: one line at the config boundary."""
-    if headline != "linear_probe" and headline not in heads:
-        raise GenrepError(f"{section}.headline {headline} is not among {section}.heads "
-                          f"({', '.join(heads) or 'none'}); add it to {section}.heads or set {section}.headline "
-                          f"linear_probe")
+def trained_heads(s) -> list[str]:
+    """The heads a probe trains: those asked for, and the headline's when it names a head (a recipe's headline
+    head is trained whatever ``heads`` a command line gives)."""
+    return list(dict.fromkeys([*s.heads, *([s.headline] if s.headline != "linear_probe" else [])]))
+
 
 # L-BFGS line searches and hundreds of tiny AdamW steps are latency-bound on a GPU (the digits probes took
 # 25 s on an H200 and 5.7 s on 2 CPU cores), so probe problems smaller than this many train-feature
@@ -65,10 +64,7 @@ class ProbesSettings:
     heads: list[str] = setting([], choices=HEADS, unique=True)
     head: HeadSettings = field(default_factory=HeadSettings)
     # the result reported first: genrep's linear probe above, or one of the heads
-    headline: str = setting("linear_probe", choices=HEADLINES)
-
-    def validate(self, section: str) -> None:
-        check_headline(self.headline, self.heads, section)
+    headline: str = setting("linear_probe", choices=HEADLINES)  # a head named here is trained even if not in heads
 
 
 def from_probe_config(p) -> ProbesSettings:
@@ -97,7 +93,7 @@ def check(ctx: EvalContext) -> None:
     s, m = ctx.ev.probes, ctx.method
     m.check_feature_args(s.layer, s.pool)
     check_causal(m, s.causal, "eval.probes.causal")
-    for kind in s.heads:
+    for kind in trained_heads(s):
         check_head_features(m, kind, "probes.heads")
     if s.sweep:
         for layer in s.sweep_layers:
@@ -158,8 +154,8 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
            "linear_probe": {**lin.to_dict(), "test_ece": ece, "ece_bins": bins,
                             "standardize": s.standardize, "lr_schedule": s.lr_schedule if s.solver == "adamw" else None},
            "knn": {str(k): v for k, v in knn.items()}}
-    if s.heads:
-        out["heads"] = {kind: train_head_at(ctx, kind, s.head, layer, pool) for kind in s.heads}
+    if trained_heads(s):
+        out["heads"] = {kind: train_head_at(ctx, kind, s.head, layer, pool) for kind in trained_heads(s)}
     out["headline"] = headline(s.headline, out)
     if s.sweep:
         sweep = []

@@ -29,7 +29,7 @@ from ...methods.base import MAP_POOL
 from ..metrics.heads import HEADS, MAP_HEADS
 from ..metrics.probes import linear_probe
 from .context import EvalContext, check_noise_steps, noise_step, reads_noised
-from .head_training import HeadSettings, check_head_features, fit_head
+from .head_training import HeadSettings, check_head_features, draws_per_epoch, fit_head
 
 MAX_DEFAULT_BLOCKS = 10
 BEST_KEYS = ("block", "t", "pool", "acc")
@@ -110,6 +110,11 @@ def check(ctx: EvalContext) -> None:
     check_noise_steps(m, s.t, "eval.sweep.t")
     for kind in s.heads:
         check_head_features(m, kind, "eval.sweep.heads")
+    if draws_per_epoch(m, s.head):
+        raise GenrepError(f"eval.sweep.head.noise {s.head.noise} and eval.sweep.head.augment {s.head.augment} read "
+                          f"new features every epoch, and the sweep trains its heads on the cached read-out of each "
+                          f"cell; set eval.sweep.head.noise fixed and eval.sweep.head.augment none (genrep probe "
+                          f"trains a head on fresh noise and flips at one read-out)")
     blocks = sweep_blocks(m, s.blocks)
     for b in blocks:
         m.check_feature_args(b, None)
