@@ -178,6 +178,7 @@ def test_bad_input_is_one_line_before_any_work(evaluated, trained_runs, tmp_path
         (["--eval.protocols", "[ood]", "--eval.ood.gaussian_covariance", "full"], "choose shared, class"),
         (["--eval.protocols", "[finetune]", "--eval.finetune.causal", "true"], "eval.finetune.causal"),
         (["--eval.protocols", "[probes]", "--eval.probes.layer", "9"], "layer 9 does not exist"),
+        (["--eval.protocols", "[ood]", "--eval.ood.layer", "9"], "layer 9 does not exist"),
         (["--eval.ood_n", "32"], "'eval.ood_n' is now 'eval.ood.n'"),
         (["--eval.protoclos", "[ood]"], "protocols"),
         (["--model.dim", "64"], "cannot change model.dim"),

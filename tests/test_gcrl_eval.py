@@ -62,6 +62,12 @@ def test_token_model_reports_bits_per_token_first_and_the_summary_and_report_lab
     assert g["covariance"] == "class" and isinstance(g["fallback_classes"], list) and g["ridge"]["relative"] == 1e-4
     assert "ridge 0.0001 x mean variance" in headline("ood", out["ood"])
 
+    # the Gaussian score on another read-out (the raw mean): recorded, and a different score
+    ev_mean = EvalConfig(device="cpu", batch_size=64, protocols=["ood"],
+                         ood=OODSettings(n=16, sets=["noise"], scores=["gaussian"], pool="mean"))
+    raw = evaluate_run(run, ev_mean, progress=False, say=lambda m: None)["protocols"]["ood"]
+    assert (out["ood"]["pool"], raw["pool"]) == ("ln", "mean") and raw["layer"] == out["ood"]["layer"]
+
     html = render(load_runs([run]))
     assert "bits per token of the colour-quantized image (the GCRL paper&#x27;s bpd)" in html
     assert "bits per sub-pixel" in html and "linear ECE" in html and "The Gaussian score's fit" in html

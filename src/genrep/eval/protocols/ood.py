@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 
 from ...errors import GenrepError
-from ...fields import setting
+from ...fields import Pool, setting
 from ..features import image_batches
 from ..metrics.ood import COVARIANCES, KINDS, GaussianOODScore, energy_score, msp_score, ood_metrics
 from ..ood_sets import INTERP_PAIRS
-from .context import EvalContext, default_readout, methods_with
+from .context import EvalContext, methods_with
 
 __all__ = ["OODSettings", "applicable_scores", "method_scores", "run"]
 
@@ -37,6 +37,11 @@ class OODSettings:
     gaussian_covariance: str = setting("shared", choices=COVARIANCES)
     # random: the HybViT code's pairs of any two test images; different_class: only pairs of two classes
     interp_pairs: str = setting("random", choices=INTERP_PAIRS)
+    # the Gaussian score's read-out; None: the method's default. The colour-token models' default LN read-out
+    # gives every image the same norm, which the score on interpolations relies on (docs/benchmarks.md, issue 25):
+    # their raw read-out is pool mean
+    layer: int | None = setting(None, min=1)
+    pool: Pool | None = None
 
 
 def applicable_scores(method) -> dict[str, str | None]:
@@ -129,6 +134,7 @@ def check(ctx: EvalContext) -> None:
     here, not after the features are extracted), and at least one asked-for score must apply to the method,
     before any work. A registry set is loaded whole once; the run reuses it."""
     kinds, skipped = score_kinds(ctx)
+    ctx.method.check_feature_args(ctx.ev.ood.layer, ctx.ev.ood.pool)
     if not kinds:
         offered = [k for k, why in applicable_scores(ctx.method).items() if why is None]
         reasons = "; ".join(f"{k} {why}" for k, why in skipped.items())
@@ -143,7 +149,7 @@ def run(ctx: EvalContext) -> dict:
 
     s = ctx.ev.ood
     kinds, skipped = score_kinds(ctx)
-    layer, pool = default_readout(ctx.method)
+    layer, pool = ctx.method.check_feature_args(s.layer, s.pool)
     gaussian = None
     if "gaussian" in kinds:
         gaussian = GaussianOODScore().fit(ctx.features("train", layer, pool), ctx.train.labels,
