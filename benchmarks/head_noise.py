@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=None, help="read-out block (default: the run's)")
     p.add_argument("--pool", default=None, help="the linear and mlp heads' pooling (default: the run's)")
     p.add_argument("--batch", type=int, default=256, help="extraction batch of the test split and of the fixed mode")
+    p.add_argument("--standardize", action="store_true",
+                   help="standardise the heads' inputs (genrep's habit; the paper's heads read raw features)")
     p.add_argument("--precision", default="auto", help=f"extraction precision, from {', '.join(PRECISIONS)}")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             raise GenrepError(f"unknown head in --heads {args.heads}; choose from {', '.join(HEADS)}")
         device = resolve_device(args.device)
         settings = build_dataclass(HeadSettings, {"epochs": args.epochs, "preset": args.preset,
-                                                  "standardize": False}, "head")
+                                                  "standardize": args.standardize}, "head")
         t = None if args.feature_t.lower() == "none" else int(args.feature_t)
         run = args.run or train_run(args.out or Path(tempfile.mkdtemp(prefix="head-noise-")) / "run",
                                     args.train_steps, parse_overrides(rest), str(device))
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genrep: error: {e}", file=sys.stderr)
         return 2
     print(f"{run}: block {layer}, pool {pool}, t={t}, {len(ctx.train)} train / {len(ctx.test)} test images, "
-          f"{args.epochs} epochs, preset {args.preset}, on {rows[0]['device']} ({rows[0]['precision']} extraction)")
+          f"{args.epochs} epochs, preset {args.preset}, {'standardised' if args.standardize else 'raw'} inputs, "
+          f"on {rows[0]['device']} ({rows[0]['precision']} extraction)")
     for r in rows:
         extra = f", extraction once {r['extract_s']:.1f} s" if r["extract_s"] is not None else (
             f", {r['readout_tflops']:.3f} TFLOP/s in the read-out" + (f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r
