@@ -1,5 +1,8 @@
 """DARL: the causal property for every ordering and decoder, the orderings, the Beta noise levels, read-outs with and
-without the mask, the positional-encoding options and bad input."""
+without the mask, the positional-encoding options, table 2's decoders and gamma conditioning, MAE's initialisation,
+appendix F's sampling grid, runs from before issue 27 and bad input."""
+
+import math
 
 import pytest
 import torch
@@ -15,6 +18,11 @@ from genrep.nn.patch import patchify
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
 T = 16  # 8x8 images, 2x2 patches: a 4x4 grid
 ORDERS = ["raster", "nested", "round_robin", "random"]
+# (order, two_stream): every fixed order through one stream, raster through two (figure 6), random (always two)
+STREAMS = [(o, False) for o in ORDERS[:3]] + [("raster", True), ("random", False)]
+# the denoising decoders of table 2 and the ways they are told gamma
+DECODERS = [{}, {"gamma_conditioning": "channel"}, {"gamma_conditioning": "embedding"}, {"decoder_depth": 2},
+            {"decoder_net": "mlp", "decoder_depth": 2, "gamma_conditioning": "channel"}]
 
 
 def _darl(seed=0, **model):
@@ -39,12 +47,13 @@ def test_orderings_are_the_papers():
         assert sorted(patch_order(kind, 8, 4).tolist()) == list(range(64))
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order,two_stream", STREAMS)
 @pytest.mark.parametrize("decoder", ["mse", "diffusion"])
-def test_the_prediction_of_a_patch_reads_only_earlier_patches(order, decoder):
+def test_the_prediction_of_a_patch_reads_only_earlier_patches(order, two_stream, decoder):
     """The backbone row that predicts step k has a zero gradient by the patches at steps k and later, and a non-zero
     one by every earlier patch; the diffusion decoder adds only the patch's own corrupted copy."""
-    model = _darl(seed=1, order=order, decoder=decoder)
+    model = _darl(seed=1, order=order, decoder=decoder, two_stream=two_stream)
+    assert model.two_stream == (two_stream or order == "random") == hasattr(model, "query_token")
     batch = example_batch(model, n=1, seed=4)
     steps = batch["order"][0] if order == "random" else model.order
     x = batch["image"].clone().requires_grad_(True)
@@ -109,9 +118,8 @@ def test_two_dimensional_rope_sees_the_grid():
     assert _darl(pos_embed="rope1d")._positions(model.order, True).tolist() == list(range(T + 1))
 
 
-@pytest.mark.parametrize("decoder,extra", [("mse", {}), ("mse", {"norm_pix": True}), ("diffusion", {}),
-                                          ("diffusion", {"prediction": "eps"}),
-                                          ("diffusion", {"gamma_embedding": False})])
+@pytest.mark.parametrize("decoder,extra", [("mse", {}), ("mse", {"norm_pix": True}),
+                                          ("diffusion", {"prediction": "eps"})] + [("diffusion", d) for d in DECODERS])
 def test_flops_are_the_counted_ones(decoder, extra):
     from genrep.methods.base import count_flops_per_image
 
@@ -127,6 +135,19 @@ def test_flops_are_the_counted_ones(decoder, extra):
     ({"model.order": "nested", "model.block": 3}, "does not tile the 4x4 patch grid"),
     ({"model.dim": 36, "model.num_heads": 6}, "must be divisible by 4"),
     ({"model.norm_pix": True}, "norm_pix"),
+    ({"model.order": "random", "model.pos_embed": "rope1d"},
+     "model.order random: the query stream learns which patch it predicts from its position, and model.pos_embed "
+     "rope1d gives it only its place in the sequence, the same whatever the order; choose model.pos_embed rope2d"),
+    ({"model.order": "random", "model.pos_embed": "none"}, "model.pos_embed none gives it no position"),
+    ({"model.decoder_depth": 9}, "model.decoder_depth must be at least 1 and at most 8, got 9"),
+    ({"model.decoder_depth": 0}, "model.decoder_depth must be at least 1"),
+    ({"model.decoder_net": "resnet"}, "model.decoder_net 'resnet' is unknown; choose transformer, mlp"),
+    ({"model.gamma_conditioning": "film"}, "choose none, channel, embedding"),
+    ({"model.init": "kaiming"}, "model.init 'kaiming' is unknown; choose xavier, trunc_normal"),
+    ({"model.sample_grid": "log"}, "model.sample_grid 'log' is unknown; choose cosine, linear"),
+    ({"model.rope_base": 1.0}, "model.rope_base must be above 1"),
+    ({"model.pos_embed": "learned", "model.rope_base": 100.0}, "model.rope_base sets RoPE's frequencies"),
+    ({"model.gamma_embedding": True}, "gamma_embedding"),
 ])
 def test_bad_settings_are_one_line_errors(override, fragment):
     with pytest.raises(GenrepError) as e:
@@ -178,9 +199,118 @@ def test_sampling_and_random_order_models_generate(decoder):
     assert "raster" in random.capability_settings("sample")["order"]
 
 
-def test_the_reverse_process_runs_from_noise_to_clean():
-    levels = _darl(sample_steps=10).reverse_levels()
+@pytest.mark.parametrize("grid", ["cosine", "linear"])
+def test_the_reverse_process_runs_from_noise_to_clean(grid):
+    levels = _darl(sample_steps=10, sample_grid=grid).reverse_levels()
     assert levels[0] == 0 and levels[-1] == pytest.approx(1) and (levels.diff() > 0).all()
+    if grid == "linear":  # appendix F: step size 1 / sample_steps
+        torch.testing.assert_close(levels.diff(), torch.full((10,), 0.1, dtype=torch.float64))
+    else:
+        assert levels[1] < 0.1 and levels[-2] > 0.9
+
+
+@pytest.mark.parametrize("extra", DECODERS[1:])
+def test_every_denoising_decoder_trains_and_reads_only_its_own_patch(extra):
+    model = _darl(**extra).train()
+    out = model(example_batch(model, n=2))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert len(model.decoder_blocks) == extra.get("decoder_depth", 1)
+    model.eval()
+    z, noisy, gamma = torch.randn(1, T, 32), torch.randn(1, T, 4, requires_grad=True), torch.rand(1, T)
+    (grad,) = torch.autograd.grad((model.decode(z, noisy, gamma)[0, 5] * torch.randn(4)).sum(), noisy)
+    assert (grad[0].abs().sum(-1) > 0).tolist() == [k == 5 for k in range(T)]
+
+
+@pytest.mark.parametrize("how", ["none", "channel", "embedding"])
+def test_gamma_conditioning(how):
+    """none: the decoder never sees gamma; channel (section 4.1): gamma is one more channel of the corrupted patch,
+    at every pixel in patchify's (p, p, C + 1) layout, through the patch's linear projection; embedding: a
+    sinusoidal embedding and an MLP."""
+    model = _darl(gamma_conditioning=how)
+    z, noisy = torch.randn(2, T, 32), torch.randn(2, T, 4)
+    low, high = model.decode(z, noisy, torch.full((2, T), 0.1)), model.decode(z, noisy, torch.full((2, T), 0.9))
+    assert torch.equal(low, high) == (how == "none")
+    assert (model.gamma_embed is not None) == (how == "embedding")
+    assert model.noisy_embed.in_features == (4 + 4 if how == "channel" else 4)  # 2x2 patches of one channel
+    if how == "channel":
+        gamma = torch.rand(2, T)
+        w = model.noisy_embed.weight.view(32, 4, 2)  # [D, pixel, (grey, gamma)]
+        direct = noisy @ w[:, :, 0].T + gamma[..., None] * w[:, :, 1].sum(1) + model.noisy_embed.bias
+        seen = []
+        model.noisy_embed.register_forward_hook(lambda m, i, o: seen.append(o))
+        model.decode(z, noisy, gamma)
+        torch.testing.assert_close(seen[0], direct)
+
+
+def _xavier_bound(w):
+    return math.sqrt(6 / (w.shape[0] + w[0].numel()))
+
+
+@pytest.mark.parametrize("decoder", ["mse", "diffusion"])
+def test_initialisation_is_maes_or_the_old_trunc_normal(decoder):
+    """xavier (table 8, MAE's code): every Linear Xavier-uniform with a zero bias, the patch embedding Xavier on its
+    flattened weight, LayerNorms 1 and 0; trunc_normal: the draws of the code before issue 27, bit for bit."""
+    extra = {"gamma_conditioning": "embedding"} if decoder == "diffusion" else {}
+    model = _darl(decoder=decoder, order="random", pos_embed="learned", **extra)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) > 4
+    for m in linears:
+        bound = _xavier_bound(m.weight)
+        assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound and not m.bias.any()
+    conv = model.encoder.patch_embed.proj.weight
+    assert conv.abs().max() <= _xavier_bound(conv.flatten(1)) and conv.abs().max() > 0.8 * _xavier_bound(conv.flatten(1))
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+        assert (norm.weight == 1).all() and not norm.bias.any()
+    for token in (model.encoder.cls_token, model.query_token, model.encoder.pos_embed.pos):
+        assert 0 < token.std() < 0.04
+    # state-dict sums of the pre-issue-27 code (seed 0, tiny config; gamma embedded), recorded before the change
+    old = _darl(decoder=decoder, init="trunc_normal", **extra)
+    total = sum(v.double().sum().item() for v in old.state_dict().values())
+    assert total == pytest.approx(242.8668648144286 if decoder == "diffusion" else 146.38132370945823, abs=1e-9)
+    qkv = old.encoder.blocks[0].attn.qkv.weight
+    assert qkv.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_a_run_from_before_issue_27_loads_and_reads_as_it_trained(tmp_path):
+    """Its config (version 2: gamma_embedding, no init) migrates to what it meant; its one decoder block's weights
+    (decoder_block.*) load into decoder_blocks.0."""
+    import yaml
+
+    from genrep.config import load_config_file
+
+    cfg = tiny_config("darl").to_dict()
+    for told, meant in ((True, "embedding"), (False, "none")):
+        model = {k: v for k, v in cfg["model"].items() if k not in ("gamma_conditioning", "init")}
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({**cfg, "config_version": 2,
+                                                              "model": {**model, "gamma_embedding": told}}))
+        loaded = load_config_file(tmp_path / "config.yaml").model
+        assert (loaded.gamma_conditioning, loaded.init) == (meant, "trunc_normal")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))  # today's: unchanged
+    assert load_config_file(tmp_path / "config.yaml").model.init == "xavier"
+    new = _darl(gamma_conditioning="embedding", init="trunc_normal")
+    old_names = {k.replace("decoder_blocks.0.", "decoder_block."): v for k, v in new.state_dict().items()}
+    assert any(k.startswith("decoder_block.") for k in old_names)
+    fresh = _darl(seed=5, gamma_conditioning="embedding", init="trunc_normal")
+    fresh.load_state_dict(old_names)
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(fresh.features(x), new.features(x), rtol=0, atol=0)
+
+
+def test_a_two_stream_fixed_order_model_generates_without_a_cache():
+    model = _darl(two_stream=True, sample_steps=2, sampler="ddpm", sample_grid="linear")
+    assert model.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+    assert "without a cache" in model.capability_settings("sample")["cache"]
+    assert model.capability_settings("sample")["sample_grid"] == "linear"
+    assert "query_token" in model.no_weight_decay()
+
+
+def test_the_rope_base_reaches_every_attention():
+    assert _darl().encoder.rope.base == 10000.0
+    model = _darl(rope_base=100.0)
+    assert model.encoder.rope.base == 100.0
+    x = torch.rand(2, 1, 8, 8)
+    assert not torch.equal(model.features(x), _darl().features(x))
 
 
 def test_rope_positions_interpolate_to_the_trained_grid():

@@ -44,8 +44,9 @@ from .eval.protocols.sweep import SweepSettings
 from .fields import Pool, check_fields, one_line, setting, show
 
 # 1: flat eval keys (eval.ood_n, eval.sample_steps...); 2: one eval section per protocol, sampling and
-# likelihood options in the model section (load_config_file migrates 1 to 2)
-CONFIG_VERSION = 2
+# likelihood options in the model section; 3: DARL's gamma_embedding is gamma_conditioning and its initialisation a
+# key, both with new defaults (load_config_file migrates each to the next)
+CONFIG_VERSION = 3
 MAX_IMAGE_SIZE = 1024  # the largest side any recipe uses is 256 (ADM on ImageNet); 1024 leaves room
 WEIGHTS = ("ema", "model")
 
@@ -486,7 +487,23 @@ def _migrate_1_to_2(d: dict) -> dict:
     return out
 
 
-_MIGRATIONS = {1: _migrate_1_to_2}
+def _migrate_2_to_3(d: dict) -> dict:
+    """A DARL run before issue 27 told its decoder gamma by an embedding unless gamma_embedding was false, and drew
+    its backbone and decoder trunc-normal: what the new keys' defaults (none, xavier) no longer mean."""
+    model = d.get("model") or {}  # none written: every default of its day
+    if d.get("method", Config.method) != "darl" or not isinstance(model, dict):
+        return {**d, "config_version": 3}
+    model = dict(model)
+    told = model.pop("gamma_embedding", True)
+    if isinstance(told, bool):
+        model.setdefault("gamma_conditioning", "embedding" if told else "none")
+    else:
+        model["gamma_embedding"] = told  # building it names the key that no longer exists
+    model.setdefault("init", "trunc_normal")
+    return {**d, "model": model, "config_version": 3}
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def migrate(d: dict, version: Any, source: str = "the config") -> dict:

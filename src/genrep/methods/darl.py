@@ -6,18 +6,27 @@ blocks, section 4.4), behind a start-of-sequence token, go through a ViT with ca
 predicts patch k. Positions (``model.pos_embed``, table 1): decomposed 2D RoPE (the paper's), 1D RoPE over the
 sequence, or an absolute embedding (learned, sin-cos) or none.
 
-Patch decoders (section 3.1-3.3):
+Patch decoders (section 3.1-3.3, table 2):
 - ``mse``: a linear layer to the patch's pixels, MSE (``norm_pix``: MAE's per-patch normalised target, appendix B.2);
-- ``diffusion``: one transformer block (no mask) over two tokens, the backbone's output and the embedding of the
-  patch corrupted to noise level gamma (x_s = sqrt(gamma) x_0 + sqrt(1 - gamma) eps, every patch with its own gamma
-  ~ Beta(a, b), a = 0.03, b = 1 by default), predicting the clean patch (x_0, the paper's choice) or the noise. The
-  paper does not say whether the decoder is told gamma; ``gamma_embedding`` (on by default) adds a sinusoidal
-  embedding of gamma to the corrupted patch's token, as a DDPM denoiser is told its step.
+- ``diffusion``: ``decoder_depth`` transformer blocks (no mask; one by default, the paper's choice after table 2) over
+  two tokens, the backbone's output and the embedding of the patch corrupted to noise level gamma (x_s = sqrt(gamma)
+  x_0 + sqrt(1 - gamma) eps, every patch with its own gamma ~ Beta(a, b), a = 0.03, b = 1 by default), predicting the
+  clean patch (x_0, the paper's choice) or the noise; or (``decoder_net: mlp``) a residual MLP of that depth on the
+  sum of the two. ``gamma_conditioning``: the decoder is not told gamma (``none``, the default: table 2's best with
+  one block, kept thereafter), or, as section 4.1 does it, gamma is "added as a channel to the noise corrupted image
+  patch and linearly projected" (``channel``; appendix F's generation model), or a sinusoidal embedding of gamma and
+  an MLP are added to the corrupted patch's token as a DDPM denoiser is told its step (``embedding``, genrep's own).
+
+Initialisation (``init``): MAE's (``xavier``, table 8; ``nn.vit.mae_init``), or timm's trunc-normal with std 0.02 for
+the backbone and the decoder and Xavier for the head (``trunc_normal``, the runs before issue 27).
 
 Random order (``order: random``) is the paper's two-stream (XLNet) variant: the content stream is the causal
 sequence itself, permuted per sample (appendix A.5: the permuted tokens are fed, the masks stay the same), and a
 query stream of a learnable token at the next patch's position reads the content before it; the two share every
-weight (``nn.two_stream``).
+weight (``nn.two_stream``). A fixed order runs through the same model with ``two_stream`` (figure 6 compares raster
+and random order both so). The query says which patch it predicts only through its position: a random order needs
+2D RoPE (appendix A.5) or absolute positions, and is refused with 1D RoPE (the place in the sequence, the same for
+every order) or none.
 
 Read-outs: any block, mean-pooled over the patch tokens or the last token, with the causal mask (the paper's linear
 evaluation) or without (``causal_mask`` off: table 3's fine-tuning options), the patches in the trained fixed order
@@ -42,14 +51,18 @@ from ..nn.embeddings import TimestepEmbedder
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.orderings import ORDERINGS, patch_order
 from ..nn.patch import patchify, unpatchify
-from ..nn.transformer import Block
+from ..nn.transformer import Block, ResidualMlp
 from ..nn.two_stream import two_streams
-from ..nn.vit import ViT, _init_weights
+from ..nn.vit import ViT, _init_weights, mae_init
 from .base import TINY_VIT, DataSpec, Method, check_vit_shape
 from .positions import POSITIONS, PositionsConfig, position_parameters, size_options, vit_positions
 from .registry import register
 
 DECODERS = ("diffusion", "mse")
+DECODER_NETS = ("transformer", "mlp")
+GAMMA_CONDITIONINGS = ("none", "channel", "embedding")
+INITS = ("xavier", "trunc_normal")
+SAMPLE_GRIDS = ("cosine", "linear")
 GAMMA_SCALE = 1000.0  # gamma in [0, 1] is embedded like a DDPM step in [0, 1000)
 
 
@@ -65,15 +78,25 @@ class DARLConfig(PositionsConfig):
     # gamma ~ Beta(a, b) per patch (figure 3)
     beta_a: float = setting(0.03, above=0, max=1000, only_if={"decoder": "diffusion"})
     beta_b: float = setting(1.0, above=0, max=1000, only_if={"decoder": "diffusion"})
-    # the decoder is told gamma (the paper does not say)
-    gamma_embedding: bool = setting(True, only_if={"decoder": "diffusion"})
+    # how the decoder is told gamma (table 2): not at all (the paper's choice with one block), as a channel of the
+    # corrupted patch (section 4.1, appendix F), or by a sinusoidal embedding and an MLP (genrep's own)
+    gamma_conditioning: str = setting("none", choices=GAMMA_CONDITIONINGS, only_if={"decoder": "diffusion"})
+    # table 2's denoising decoders: transformer blocks over the two tokens, or a residual MLP on their sum
+    decoder_net: str = setting("transformer", choices=DECODER_NETS, only_if={"decoder": "diffusion"})
+    decoder_depth: int = setting(1, min=1, max=8, only_if={"decoder": "diffusion"})  # table 2: 1, 2, 4, 8
+    # xavier: MAE's initialisation (table 8); trunc_normal: std 0.02 but a Xavier head (runs before issue 27)
+    init: str = setting("xavier", choices=INITS)
     order: str = setting("raster", choices=ORDERINGS + ("random",))  # section 4.4; random: the two-stream variant
+    # a fixed order through the two-stream model (figure 6); a random order always is
+    two_stream: bool = setting(False, only_if={"order": ORDERINGS})
     # a block's side in patches (2, 4, 8)
     block: int = setting(2, min=1, max=4096, only_if={"order": ("nested", "round_robin")})
     feature_pool: str = setting("mean", choices=("mean", "last"))  # the default read-out (table 3)
     # sample, complete: each patch of the denoising decoder by the reverse process over sample_steps noise levels
-    # (DDIM or DDPM steps on a cosine grid of gamma, see ``reverse_levels``); the MSE decoder gives its mean
+    # (DDIM, or DDPM's ancestral steps, on a cosine or linear grid of gamma, see ``reverse_levels``; appendix F:
+    # ddpm, linear, 1000 steps); the MSE decoder gives its mean
     sampler: str = setting("ddim", choices=("ddim", "ddpm"))
+    sample_grid: str = setting("cosine", choices=SAMPLE_GRIDS)
     sample_steps: int = setting(50, min=1, max=100000)
     cache: bool = True  # fixed orders decode with a key/value cache (false: recompute the sequence at every patch)
     # the training view: none, or crop (random resized crop and flip: table 8's "spatial" augmentation, MAE's)
@@ -84,6 +107,12 @@ class DARLConfig(PositionsConfig):
         if self.norm_pix and self.decoder != "mse":
             raise GenrepError(f"{section}.norm_pix normalises the MSE decoder's targets; with {section}.decoder "
                               f"{self.decoder} set it false")
+        if self.order == "random" and self.pos_embed in ("rope1d", "none"):
+            given = "only its place in the sequence, the same whatever the order" if self.pos_embed == "rope1d" \
+                else "no position"
+            raise GenrepError(f"{section}.order random: the query stream learns which patch it predicts from its position, "
+                              f"and {section}.pos_embed {self.pos_embed} gives it {given}; choose {section}.pos_embed "
+                              f"rope2d (appendix A.5), learned or sincos")
 
 
 @register
@@ -94,8 +123,9 @@ class DARL(Method):
     feature_options = ("rope_grid",)  # another resolution's read-out, on trained weights
     causal_readout = True
     capabilities = frozenset({"sample", "complete"})
-    capability_options: ClassVar[dict[str, tuple[str, ...]]] = {"sample": ("sampler", "sample_steps", "cache"),
-                                                                "complete": ("sampler", "sample_steps", "cache")}
+    capability_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sample": ("sampler", "sample_grid", "sample_steps", "cache"),
+        "complete": ("sampler", "sample_grid", "sample_steps", "cache")}
     tiny_config = {**TINY_VIT, "patch_size": 2}
 
     @classmethod
@@ -115,21 +145,38 @@ class DARL(Method):
         with torch.device("cpu"):  # also when the model is sized on the meta device
             order = patch_order("raster" if cfg.order == "random" else cfg.order, self.grid, cfg.block)
         self.register_buffer("order", order, persistent=False)
-        if cfg.order == "random":
+        self.two_stream = cfg.order == "random" or cfg.two_stream
+        if self.two_stream:
             self.query_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
             nn.init.trunc_normal_(self.query_token, std=0.02)
         if cfg.decoder == "mse":
             self.head = nn.Linear(cfg.dim, self.patch_dim)
         else:
-            self.noisy_embed = nn.Linear(self.patch_dim, cfg.dim)
-            self.gamma_embed = TimestepEmbedder(cfg.dim) if cfg.gamma_embedding else None
-            self.decoder_block = Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop=cfg.drop)
+            # the channel: gamma at every pixel of the patch, in patchify's (p, p, C + 1) layout
+            pixels = cfg.patch_size ** 2 if cfg.gamma_conditioning == "channel" else 0
+            self.noisy_embed = nn.Linear(self.patch_dim + pixels, cfg.dim)
+            self.gamma_embed = TimestepEmbedder(cfg.dim) if cfg.gamma_conditioning == "embedding" else None
+            layer = (lambda: Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop=cfg.drop)) \
+                if cfg.decoder_net == "transformer" else (lambda: ResidualMlp(cfg.dim, cfg.mlp_ratio, cfg.drop))
+            self.decoder_blocks = nn.ModuleList(layer() for _ in range(cfg.decoder_depth))
             self.decoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
             self.head = nn.Linear(cfg.dim, self.patch_dim)
-            for m in (self.noisy_embed, self.decoder_block, self.decoder_norm):
-                m.apply(_init_weights)
-        nn.init.xavier_uniform_(self.head.weight)  # the paper's initialisation (table 8)
-        nn.init.zeros_(self.head.bias)
+            if cfg.init == "trunc_normal":  # the embedding's MLP kept PyTorch's default
+                for m in (self.noisy_embed, self.decoder_blocks, self.decoder_norm):
+                    m.apply(_init_weights)
+        if cfg.init == "xavier":
+            tokens = [self.encoder.cls_token] + ([self.query_token] if self.two_stream else [])
+            mae_init(self, tuple(tokens) + ((self.encoder.pos_embed.pos,) if cfg.pos_embed == "learned" else ()))
+        else:
+            nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a run before issue 27 named its one decoder block decoder_block
+        old = prefix + "decoder_block."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[f"{prefix}decoder_blocks.0.{key[len(old):]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- what the loop delivers
     def views(self) -> dict[str, str]:
@@ -172,9 +219,9 @@ class DARL(Method):
 
     def backbone(self, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, D]: row k is what predicts the k-th patch of the order (the fixed one, or ``order`` [B, T] for a
-        random-order model) from the patches before it."""
+        random-order model) from the patches before it: the causal sequence's output, or the query stream's."""
         B = len(x)
-        if self.cfg.order != "random":
+        if not self.two_stream:
             seq = self._tokens(x, self.order)[:, :-1]
             h = torch.cat([self._start(B), seq], 1)
             return self.encoder.forward_tokens(h, is_causal=True, positions=self._positions(self.order[:-1], True))
@@ -200,12 +247,22 @@ class DARL(Method):
         if self.cfg.decoder == "mse":
             return self.head(z)
         B, T, D = z.shape
+        if self.cfg.gamma_conditioning == "channel":
+            pixels = noisy.view(B, T, -1, self.data.channels)
+            level = gamma.to(noisy.dtype).view(B, T, 1, 1).expand(-1, -1, pixels.shape[2], 1)
+            noisy = torch.cat([pixels, level], -1).view(B, T, -1)
         e = self.noisy_embed(noisy)
         if self.gamma_embed is not None:
             e = e + self.gamma_embed(gamma.reshape(-1) * GAMMA_SCALE).view(B, T, D)
+        if self.cfg.decoder_net == "mlp":  # the paper does not say how its MLP joins the two inputs: their sum
+            h = z + e
+            for layer in self.decoder_blocks:
+                h = layer(h)
+            return self.head(self.decoder_norm(h))
         pair = torch.stack([z, e], 2).view(B * T, 2, D)  # each patch its own two-token sequence
-        out = self.decoder_block(pair)[:, 1]
-        return self.head(self.decoder_norm(out)).view(B, T, -1)
+        for block in self.decoder_blocks:
+            pair = block(pair)
+        return self.head(self.decoder_norm(pair[:, 1])).view(B, T, -1)
 
     def _patches(self, images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> its patches [B, T, P] in ``order``."""
@@ -267,6 +324,8 @@ class DARL(Method):
             out = {"decoder": "mse (the predicted mean)", "cache": out["cache"]}
         if self.cfg.order == "random":
             out["order"] = "raster (a random-order model decodes in raster order, without a cache)"
+        elif self.two_stream:
+            out["cache"] = "off (the two-stream model's query stream decodes without a cache)"
         return out
 
     @torch.no_grad()
@@ -298,8 +357,7 @@ class DARL(Method):
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=f"{self.name}: {B} images, {self.T} patches", leave=False, disable=None)
-        fixed = self.cfg.order != "random"
-        cache = self.encoder.new_cache(self.T) if fixed and self.cfg.cache else None
+        cache = self.encoder.new_cache(self.T) if not self.two_stream and self.cfg.cache else None
         positions = self._positions(order, True)
         for k in steps:
             if cache is not None:  # the new token: the start token, or the patch decided at step k - 1
@@ -330,11 +388,12 @@ class DARL(Method):
 
     def reverse_levels(self) -> torch.Tensor:
         """The noise levels the reverse process visits, float64 [sample_steps + 1], from gamma = 0 (pure noise) to 1
-        (clean): the cosine grid gamma = sin^2(pi/2 u) at u = 0, 1/S, ..., 1. Training drew gamma from Beta(a, b) over
-        all of (0, 1), so any grid stays where the decoder was trained; the cosine one spends its steps at both ends,
-        where a Beta with a < 1 or b < 1 puts its mass."""
+        (clean) at u = 0, 1/S, ..., 1: the cosine grid gamma = sin^2(pi/2 u), or the linear one gamma = u (appendix F:
+        "step size 0.001, that is T = 1000", for a decoder trained on Beta(1, 1)). Training drew gamma from Beta(a, b)
+        over all of (0, 1), so any grid stays where the decoder was trained; the cosine one spends its steps at both
+        ends, where a Beta with a < 1 or b < 1 puts its mass."""
         u = torch.linspace(0, 1, self.cfg.sample_steps + 1, dtype=torch.float64)
-        return torch.sin(math.pi / 2 * u) ** 2
+        return u if self.cfg.sample_grid == "linear" else torch.sin(math.pi / 2 * u) ** 2
 
     def _decode_patch(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One patch [B, P] (in [-1, 1]) from its backbone row z [B, D]: the MSE decoder's mean, or the denoising
@@ -357,7 +416,9 @@ class DARL(Method):
                 x0 = (x - math.sqrt(1 - g) * eps) / math.sqrt(max(g, 1e-4))  # gamma 0: the prediction is pure noise
             if g_next >= 1:
                 break
-            if self.cfg.sampler == "ddpm":  # DDPM's posterior step: sigma^2 = (1 - g') / (1 - g) (1 - g / g')
+            # DDPM's ancestral step, the posterior q(x' | x, x_0) of appendix E eq. 4 with x_0 predicted:
+            # sigma^2 = (1 - g') / (1 - g) (1 - g / g')
+            if self.cfg.sampler == "ddpm":
                 var = (1 - g_next) / (1 - g) * (1 - g / g_next)
                 noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
                 x = math.sqrt(g_next) * x0 + math.sqrt(max(1 - g_next - var, 0.0)) * eps + math.sqrt(var) * noise
@@ -367,17 +428,22 @@ class DARL(Method):
 
     # ---- optimisation hints
     def no_weight_decay(self) -> set[str]:
-        names = {"encoder.cls_token"} | ({"query_token"} if self.cfg.order == "random" else set())
+        names = {"encoder.cls_token"} | ({"query_token"} if self.two_stream else set())
         return names | position_parameters(self.cfg)
 
     def flops_per_image(self) -> int:
         c = self.cfg
-        if c.order == "random":  # the two streams' uneven shapes: counted, not derived
+        if self.two_stream:  # the two streams' uneven shapes: counted, not derived
             return super().flops_per_image()
         T, D, P = self.T, c.dim, self.patch_dim
         flops = linear_flops(T, P, D) + c.depth * transformer_block_flops(T, D, c.mlp_ratio)
         if c.decoder == "diffusion":
-            flops += linear_flops(T, P, D) + T * transformer_block_flops(2, D, c.mlp_ratio)
-            if c.gamma_embedding:
+            flops += linear_flops(T, self.noisy_embed.in_features, D)
+            if c.decoder_net == "transformer":
+                flops += c.decoder_depth * T * transformer_block_flops(2, D, c.mlp_ratio)
+            else:
+                hidden = int(D * c.mlp_ratio)
+                flops += c.decoder_depth * (linear_flops(T, D, hidden) + linear_flops(T, hidden, D))
+            if self.gamma_embed is not None:
                 flops += linear_flops(T, self.gamma_embed.freq_dim, D) + linear_flops(T, D, D)
         return flops + linear_flops(T, D, P)

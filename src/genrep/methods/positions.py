@@ -13,6 +13,9 @@ from ..fields import setting
 from .base import ViTConfig
 
 POSITIONS = ("rope2d", "rope1d", "learned", "sincos", "none")
+# 1D RoPE's base (Su et al.); the DARL paper names the base max_wavelength (appendix D) without its value, and 10000
+# is that name's default in the JAX implementations it comes from. rope-vit's axial 2D RoPE uses 100
+ROPE_BASE = 10000.0
 
 
 @dataclass
@@ -21,6 +24,9 @@ class PositionsConfig(ViTConfig):
     # RoPE positions interpolated to the patch grid they were trained on (0: this data's grid): a run trained at 224 px
     # (14x14 patches) read at 384 px with --model.rope_grid 14 sees every position inside the trained range
     rope_grid: int = setting(0, min=0, max=65536)
+    # RoPE's frequencies theta_i = rope_base ** (-2i / d) per axis. Refused unless RoPE is on (as rope_grid), not
+    # declared only_if: the supervised ViT's default positions are learned and its keys are all read by default
+    rope_base: float = setting(ROPE_BASE, above=1, max=1e12)
 
     def validate(self, section: str) -> None:
         super().validate(section)
@@ -33,12 +39,16 @@ class PositionsConfig(ViTConfig):
         if self.rope_grid and not self.pos_embed.startswith("rope"):
             raise GenrepError(f"{section}.rope_grid interpolates RoPE positions; {section}.pos_embed {self.pos_embed} "
                               f"has none: set {section}.rope_grid 0")
+        if self.rope_base != ROPE_BASE and not self.pos_embed.startswith("rope"):
+            raise GenrepError(f"{section}.rope_base sets RoPE's frequencies; {section}.pos_embed {self.pos_embed} has "
+                              f"no RoPE: leave {section}.rope_base at {ROPE_BASE:g}")
 
 
 def vit_positions(cfg: PositionsConfig) -> dict:
     """The ``nn.vit.ViT`` keywords of ``cfg``'s positions."""
     return {"pos_embed": cfg.pos_embed if cfg.pos_embed in ("learned", "sincos") else "none",
-            "rope": {"rope2d": "2d", "rope1d": "1d"}.get(cfg.pos_embed), "rope_grid": cfg.rope_grid}
+            "rope": {"rope2d": "2d", "rope1d": "1d"}.get(cfg.pos_embed), "rope_grid": cfg.rope_grid,
+            "rope_base": cfg.rope_base}
 
 
 def position_parameters(cfg: PositionsConfig, prefix: str = "encoder.") -> set[str]:

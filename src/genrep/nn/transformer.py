@@ -26,6 +26,18 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
+class ResidualMlp(nn.Module):
+    """x + MLP(LN(x)): one layer of a residual MLP (DARL table 2's MLP patch decoder)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_ratio, drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
 class DropPath(nn.Module):
     """Stochastic depth: in training, each sample's residual branch is dropped with probability ``rate`` and
     the kept ones are scaled by 1 / (1 - rate), so the expected branch is unchanged; identity in eval mode.

@@ -150,3 +150,25 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.Conv2d):  # patch embedding: initialise like a linear layer (MAE)
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
         nn.init.zeros_(m.bias)
+
+
+def mae_init(module: nn.Module, tokens: tuple[nn.Parameter, ...] = ()) -> None:
+    """MAE's initialisation (facebookresearch/mae models_mae.py, ``initialize_weights`` and ``_init_weights``, after
+    the JAX ViT), in its order: each patch embedding's convolution Xavier-uniform on its weight flattened to a linear
+    layer's (its bias drawn as PyTorch's default, which MAE leaves it at), the learned ``tokens`` normal with std 0.02
+    (MAE: "timm's trunc_normal_(std=.02) is effectively normal_(std=0.02)"), then every Linear Xavier-uniform with a
+    zero bias and every LayerNorm weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
+            nn.init.xavier_uniform_(m.weight.data.view(m.weight.shape[0], -1))
+    for token in tokens:
+        nn.init.normal_(token, std=0.02)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
