@@ -1,8 +1,9 @@
-"""Tests for genrep.eval.metrics.probes: linear probe (LBFGS / AdamW) and weighted kNN on frozen features."""
+"""Tests for genrep.eval.metrics.probes: linear probe (LBFGS / AdamW / LARS) and weighted kNN on frozen features."""
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import numpy as np
@@ -406,3 +407,134 @@ def test_constant_lr_schedule_is_plain_adamw():
 def test_unknown_lr_schedule_is_one_line():
     with pytest.raises(GenrepError, match="unknown linear-probe lr_schedule 'step'; choose one of cosine, constant"):
         linear_probe(*_data(), 3, solver="adamw", lr_schedule="step")
+
+
+# --------------------------------------------------------------------------------------------------
+# MAE's linear probe (solver lars; issue 27): BatchNorm on the features, LARS, warm-up and cosine
+
+
+def test_lars_fit_is_maes_batchnorm_and_linear_head_trained_as_written():
+    """A transcription of main_linprobe.py's head (BatchNorm1d(affine=False, eps 1e-6) then Linear, trunc-normal
+    0.01, LARS, lr_sched per step, whole batches only), scored in eval mode, equals the folded fit."""
+    import torch.nn.functional as F
+
+    from genrep.eval.metrics.lars import LARS
+    from genrep.eval.metrics.probes import _fit_lars
+
+    x, y, xt, _ = blobs(200, 50, 6, 3, spread=0.8, seed=13)
+    epochs, warmup, batch, blr = 4, 1, 64, 0.1
+    w, b, _, _ = _fit_lars(x, y, 3, 1e-3, epochs=epochs, batch_size=batch, base_lr=blr, warmup_epochs=warmup,
+                           momentum=0.9, trust_coefficient=0.001, seed=5)
+    gen = _gen(5)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(6, affine=False, eps=1e-6), torch.nn.Linear(6, 3))
+    torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
+    torch.nn.init.zeros_(head[1].bias)
+    lr = blr * batch / 256
+    opt = LARS(head.parameters(), lr=lr, weight_decay=1e-3)
+    per_epoch = 200 // batch  # drop_last: 3 batches of 64, 8 rows left out each epoch
+    head.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(200, generator=gen)
+        for i in range(per_epoch):
+            e = epoch + i / per_epoch
+            rate = lr * e / warmup if e < warmup else lr * 0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = rate
+            idx = perm[i * batch:(i + 1) * batch]
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.addmm(b, xt, w.t()), head(xt), rtol=1e-4, atol=1e-5)
+
+
+def test_lars_probe_clamps_the_batch_records_its_settings_and_learns():
+    from genrep.eval.metrics.probes import lars_rate
+
+    x, y, xt, yt = blobs(600, 600, 16, 4, spread=0.5, seed=4)
+    ref = linear_probe(x, y, xt, yt, 4, solver="lbfgs", weight_decay=1e-4)
+    # the trust ratio moves W by about lr x 0.001 / (1 - momentum) of its norm per step: 90 steps at 0.1 x 600 / 256
+    # leave it near its start (chance), so this set needs a larger base rate than ImageNet's 7,000 steps at 6.4
+    kw = dict(solver="lars", weight_decay=0.0, epochs=90, batch_size=16384, base_lr=5.0, seed=2,
+              standardize_features=False)
+    res = linear_probe(x, y, xt, yt, 4, **kw)
+    s = res.solver_settings
+    assert (s["batch_size"], s["batch_size_asked"], s["steps_per_epoch"]) == (600, 16384, 1)
+    assert s["lr"] == pytest.approx(5.0 * 600 / 256) and s["base_lr"] == 5.0
+    assert (s["warmup_epochs"], s["momentum"], s["trust_coefficient"]) == (10, 0.9, 0.001)
+    assert "affine=False" in s["feature_norm"] and res.epochs_or_iters == 90 and res.solver == "lars"
+    assert res.test_acc >= ref.test_acc - 0.03  # on raw features: its BatchNorm standardises them
+    again = linear_probe(x, y, xt, yt, 4, **kw)
+    assert (again.test_acc, again.train_loss) == (res.test_acc, res.train_loss)
+    # MAE's lr_sched: 0 at the first step, the peak at the end of the warm-up, half of it midway through the cosine
+    assert lars_rate(1.0, 0, 5, 90, 10) == 0 and lars_rate(1.0, 25, 5, 90, 10) == pytest.approx(0.5)
+    assert lars_rate(1.0, 50, 5, 90, 10) == pytest.approx(1.0) and lars_rate(1.0, 250, 5, 90, 10) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(solver="lars", epochs=10, warmup_epochs=10), r"warmup_epochs must be at least 0 and below epochs \(10\)"),
+    (dict(solver="lars", batch_size=1), "needs at least 2 rows: batch_size is 1"),
+    (dict(solver="lars", momentum=1.0), r"momentum must be in \[0, 1\)"),
+    (dict(solver="lars", base_lr=0.0), "base_lr"),
+])
+def test_bad_lars_options(kwargs, pattern):
+    with pytest.raises(GenrepError, match=pattern) as info:
+        linear_probe(*_data(), 3, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_lars_settings_are_checked_where_the_config_is_built():
+    from genrep.config import ProbeConfig, build_dataclass
+    from genrep.fields import inert_fields
+    from genrep.eval.protocols.probes import ProbesSettings
+
+    for cls, section in ((ProbesSettings, "eval.probes"), (ProbeConfig, "probe")):
+        with pytest.raises(GenrepError, match=rf"{section}.lars.warmup_epochs \(10\) must be below {section}.epochs "
+                                              r"\(5\)"):
+            build_dataclass(cls, {"solver": "lars", "epochs": 5}, section)
+        with pytest.raises(GenrepError, match=f"{section}.batch_size 1 cannot be normalised"):
+            build_dataclass(cls, {"solver": "lars", "batch_size": 1}, section)
+        with pytest.raises(GenrepError, match=f"{section}.lars.momentum must be at least 0 and below 1"):
+            build_dataclass(cls, {"solver": "lars", "lars": {"momentum": 1}}, section)
+        s = build_dataclass(cls, {"solver": "lars", "epochs": 5, "lars": {"warmup_epochs": 1}}, section)
+        assert set(inert_fields(s, section)) >= {"lr", "standardize", "lr_schedule"}
+        assert build_dataclass(cls, {"epochs": 5}, section).solver != "lars"  # warm-up 10 is read only by lars
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, one_thread):
+    from conftest import tiny_config
+
+    from genrep.train.loop import pretrain
+
+    run = tmp_path_factory.mktemp("lars") / "sup"
+    pretrain(tiny_config("supervised", **{"train.steps": 2}), run)
+    return run
+
+
+def test_probe_and_evaluate_take_the_lars_solver_on_a_run_and_record_it(tiny_run):
+    """`genrep probe RUN --probe.solver lars` and `--eval.probes.solver lars` (their overrides built as the CLI
+    builds them): the result names the solver and every setting, the scaled rate and the batch it used."""
+    from dataclasses import replace
+
+    from eval_helpers import FAST
+
+    from genrep.config import ProbeConfig, build_dataclass
+    from genrep.eval.evaluate import evaluate_run, run_probes
+    from genrep.eval.protocols.probes import ProbesSettings
+
+    over = {"solver": "lars", "epochs": 3, "batch_size": 64, "weight_decay": [0.0], "lars": {"warmup_epochs": 1}}
+    out = run_probes(tiny_run, build_dataclass(ProbeConfig, over, "probe"), device="cpu", progress=False)
+    lp = out["linear_probe"]
+    assert lp["solver"] == "lars" and lp["standardize"] is False and lp["epochs_or_iters"] == 3
+    s = lp["solver_settings"]
+    assert (s["base_lr"], s["lr"], s["batch_size"], s["warmup_epochs"]) == (0.1, 0.1 * 64 / 256, 64, 1)
+    assert (s["momentum"], s["trust_coefficient"]) == (0.9, 0.001) and s["steps_per_epoch"] == out["n_train"] // 64
+    assert json.loads((tiny_run / "results" / "probe.json").read_text())["linear_probe"]["solver_settings"] == s
+    ev = replace(FAST, protocols=["probes"], probes=build_dataclass(ProbesSettings, {**over, "sweep": False},
+                                                                    "eval.probes"))
+    got = evaluate_run(tiny_run, ev, progress=False, say=lambda m: None)["protocols"]["probes"]["linear"]
+    assert got["solver"] == "lars" and got["lr"] == 0.1 * 64 / 256 and got["batch_size"] == 64
+    assert got["batch_size_asked"] == 64 and got["base_lr"] == 0.1 and got["standardize"] is False

@@ -37,7 +37,7 @@ from .eval.protocols.likelihood import LikelihoodSettings
 from .eval.protocols.head_training import HeadSettings
 from .eval.protocols.lowshot import LowshotSettings
 from .eval.protocols.ood import OODSettings
-from .eval.protocols.probes import HEADLINES, ProbesSettings
+from .eval.protocols.probes import HEADLINES, LarsSettings, ProbesSettings, check_lars
 from .eval.protocols.robustness import RobustnessSettings
 from .eval.protocols.similarity import SimilaritySettings
 from .eval.protocols.sweep import SweepSettings
@@ -132,17 +132,19 @@ class ProbeConfig:
     layer: int | None = setting(None, min=1)   # None: the method's default layer
     pool: Pool | None = None        # None: the method's default pooling
     weights: str = setting("ema", choices=WEIGHTS)
-    solver: str = setting("lbfgs", choices=SOLVERS)  # lbfgs (full batch) | adamw (the GCRL protocol)
+    # lbfgs (full batch) | adamw (the GCRL protocol) | lars (MAE's linear probe: BatchNorm on the features, LARS)
+    solver: str = setting("lbfgs", choices=SOLVERS)
     weight_decay: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2], min=0, nonempty=True)  # several: held-out choice
-    epochs: int = setting(100, min=1)
-    lr: float = setting(0.01, above=0)
+    epochs: int = setting(100, min=1, only_if={"solver": ("adamw", "lars")})
+    lr: float = setting(0.01, above=0, only_if={"solver": "adamw"})  # lars: lars.base_lr
     knn_k: list[int] = setting([20, 200], min=1, nonempty=True)
     knn_temperature: float = setting(0.07, above=0)
-    batch_size: int = setting(512, min=1)
+    batch_size: int = setting(512, min=1, only_if={"solver": ("adamw", "lars")})  # lars: clamped to the train set
     # genrep's habits beyond GCRL's section 4.2 (which the paper recipes turn off): standardised features, and
-    # the adamw rate decayed on a cosine
-    standardize: bool = True
+    # the adamw rate decayed on a cosine (lars normalises with its BatchNorm instead)
+    standardize: bool = setting(True, only_if={"solver": ("lbfgs", "adamw")})
     lr_schedule: str = setting("cosine", choices=LR_SCHEDULES, only_if={"solver": "adamw"})
+    lars: LarsSettings = field(default_factory=LarsSettings)  # the lars solver's own keys
     # heads of the diffusion-features paper trained at the read-out's layer besides the linear probe (mlp on the
     # pooled vector; cnn and attention on the layer's map)
     heads: list[str] = setting([], choices=HEADS, unique=True)
@@ -152,6 +154,9 @@ class ProbeConfig:
     headline: str = setting("linear_probe", choices=HEADLINES)
     # the network's precision while extracting features: auto is bf16 on CUDA and fp32 elsewhere; fp16 needs CUDA
     precision: str = setting("auto", choices=PRECISIONS)
+
+    def validate(self, section: str) -> None:
+        check_lars(self, section)
 
 
 PROTOCOLS = ("probes", "calibration", "ood", "likelihood", "generation", "completion", "energy", "robustness",

@@ -19,6 +19,14 @@ Linear probe (:func:`linear_probe`)
       applied to ``W`` only), ``epochs`` passes over a seeded shuffle, zero initialisation; the learning rate
       follows ``lr_schedule`` (``LR_SCHEDULES``): ``cosine`` per step from ``lr`` to 0, or ``constant``
       (section 4.2 names no schedule).
+    * ``solver="lars"``: MAE's linear probe (``main_linprobe.py``; DARL's table 13): a parameter-free BatchNorm
+      (``affine=False``, eps 1e-6: batch statistics while training, running statistics, momentum 0.1, at test)
+      before the linear layer, :class:`~genrep.eval.metrics.lars.LARS` (momentum, trust coefficient; weight decay
+      on ``W`` only, and ``W`` alone gets the trust ratio), ``W`` drawn from a truncated normal of std 0.01 and
+      ``b = 0``, the rate ``base_lr * batch / 256`` with the batch clamped to the rows fitted, linear warm-up over
+      ``warmup_epochs`` then a half-cycle cosine to 0, both per step, and whole batches only (the remainder of
+      each seeded shuffle is dropped, as MAE's loader). The fitted BatchNorm is folded into ``W`` and ``b``, so
+      the classifier reported and scored is linear on the raw features.
 
     If ``weight_decay`` is a sequence of several values, each is fitted on a seeded random split of the
     train set (``1 - val_fraction`` for fitting, ``val_fraction`` held out; standardised with the
@@ -45,10 +53,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import GenrepError
+from .lars import LARS
 
 __all__ = ["LR_SCHEDULES", "SOLVERS", "LinearProbeResult", "knn_classify", "knn_predict", "linear_probe", "standardize"]
 
-SOLVERS = ("lbfgs", "adamw")
+SOLVERS = ("lbfgs", "adamw", "lars")
 LR_SCHEDULES = ("cosine", "constant")  # the adamw solver's learning rate over its steps
 
 
@@ -64,7 +73,9 @@ class LinearProbeResult:
     (``{"weight_decay", "val_acc", "val_loss"}``, in the order given), empty when no sweep ran.
     ``test_probs`` is the final fit's softmax over the test rows (float32 ``[N_test, K]`` on the CPU) when
     :func:`linear_probe` was asked for it (``return_test_probs=True``, e.g. for an ECE), else ``None``;
-    :meth:`to_dict` leaves it out.
+    :meth:`to_dict` leaves it out. ``solver_settings`` holds what the final fit ran with beyond the fields above
+    (adamw: lr, batch size, schedule; lars: the base and scaled rate, the batch asked for and used, steps per epoch,
+    warm-up, momentum, trust coefficient, the feature BatchNorm and the head's start).
     """
 
     test_acc: float
@@ -81,6 +92,7 @@ class LinearProbeResult:
     val_fraction: float | None = None
     sweep: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    solver_settings: dict = field(default_factory=dict)
     test_probs: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -296,6 +308,66 @@ def _fit_adamw(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, *, e
     return weight.detach(), bias.detach(), epochs, None
 
 
+LARS_BN_MOMENTUM, LARS_BN_EPS = 0.1, 1e-6  # torch's BatchNorm1d momentum; MAE's eps
+LARS_HEAD_STD = 0.01  # MAE's linear probe draws the head as MoCo v3 does
+
+
+def lars_batch(n: int, batch_size: int, base_lr: float) -> tuple[int, float, int]:
+    """(batch used, peak rate, steps per epoch) of the lars solver on ``n`` rows: the batch is clamped to ``n``
+    and the rate is MAE's ``base_lr * batch / 256`` of the batch used."""
+    batch = min(batch_size, n)
+    return batch, base_lr * batch / 256, n // batch
+
+
+def lars_rate(lr: float, step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
+    """MAE's ``lr_sched.adjust_learning_rate`` at a step: the fractional epoch rises linearly over the warm-up,
+    then a half-cycle cosine to 0."""
+    epoch = step / steps_per_epoch
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def _fit_lars(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, *, epochs: int, batch_size: int,
+              base_lr: float, warmup_epochs: float, momentum: float, trust_coefficient: float,
+              seed: int) -> tuple[Tensor, Tensor, int, None]:
+    """BatchNorm(affine=False) + linear layer trained with LARS; returns the BatchNorm folded into (W, b)."""
+    n, d = x.shape
+    batch, lr, steps_per_epoch = lars_batch(n, batch_size, base_lr)
+    if batch < 2:  # a weight-decay sweep's fitting part of a 2-row set
+        raise GenrepError(f"the lars solver's BatchNorm needs batches of at least 2 rows; it was given {n} rows to fit")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # the draw is made on the CPU so a seed gives the same head on any device; MAE's bounds are timm's absolute
+    # -2 and 2, which cut nothing at std 0.01
+    w0 = torch.nn.init.trunc_normal_(torch.empty(num_classes, d), std=LARS_HEAD_STD, a=-2.0, b=2.0, generator=gen)
+    weight = w0.to(x.device).requires_grad_(True)
+    bias = torch.zeros(num_classes, device=x.device, dtype=torch.float32, requires_grad=True)
+    running_mean = torch.zeros(d, device=x.device, dtype=torch.float32)
+    running_var = torch.ones(d, device=x.device, dtype=torch.float32)
+    opt = LARS([weight, bias], lr=lr, weight_decay=weight_decay, momentum=momentum,
+               trust_coefficient=trust_coefficient)
+    step = 0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(x.device)
+            for start in range(0, steps_per_epoch * batch, batch):
+                idx = perm[start:start + batch]
+                for group in opt.param_groups:
+                    group["lr"] = lars_rate(lr, step, steps_per_epoch, epochs, warmup_epochs)
+                # the whole batch's statistics; MAE's recipe (512 per GPU on 32 GPUs) normalised each GPU's 512 apart,
+                # its BatchNorm not being synchronised
+                h = F.batch_norm(x[idx], running_mean, running_var, training=True, momentum=LARS_BN_MOMENTUM,
+                                 eps=LARS_BN_EPS)
+                loss = F.cross_entropy(torch.addmm(bias, h, weight.t()), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+    scale = (running_var + LARS_BN_EPS).rsqrt()
+    w = weight.detach() * scale
+    return w, bias.detach() - w @ running_mean, epochs, None
+
+
 def _check_weight_decays(weight_decay) -> list[float]:
     values = list(weight_decay) if isinstance(weight_decay, Sequence) and not isinstance(
         weight_decay, str) else [weight_decay]
@@ -317,11 +389,13 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
                  solver: str = "lbfgs", weight_decay: float | Sequence[float] = 1e-4, epochs: int = 100,
                  batch_size: int = 512, lr: float = 0.01, max_iter: int = 1000, val_fraction: float = 0.1,
                  seed: int = 0, return_test_probs: bool = False, standardize_features: bool = True,
-                 lr_schedule: str = "cosine") -> LinearProbeResult:
+                 lr_schedule: str = "cosine", base_lr: float = 0.1, warmup_epochs: float = 10,
+                 momentum: float = 0.9, trust_coefficient: float = 0.001) -> LinearProbeResult:
     """Fit a linear classifier on (by default standardised) frozen features; report train/test accuracy.
 
-    See the module docstring for the objective and the two solvers.  ``max_iter`` applies to
-    ``"lbfgs"``; ``epochs``, ``batch_size`` and ``lr`` to ``"adamw"``.  ``weight_decay`` may be a
+    See the module docstring for the objective and the three solvers.  ``max_iter`` applies to
+    ``"lbfgs"``; ``epochs`` and ``batch_size`` to ``"adamw"`` and ``"lars"``; ``lr`` to ``"adamw"``; ``base_lr``,
+    ``warmup_epochs``, ``momentum`` and ``trust_coefficient`` to ``"lars"``.  ``weight_decay`` may be a
     sequence, in which case it is chosen on a held-out ``val_fraction`` of the train set (split seeded
     by ``seed``) and the model is refitted on the full train set.  ``return_test_probs=True`` also
     returns the test rows' softmax probabilities in :attr:`LinearProbeResult.test_probs`.
@@ -342,10 +416,24 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     lr = _positive_float(lr, "lr")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise GenrepError(f"seed must be an integer, got {seed!r}")
+    if solver == "lars":
+        base_lr = _positive_float(base_lr, "base_lr")
+        trust_coefficient = _positive_float(trust_coefficient, "trust_coefficient")
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise GenrepError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs < epochs):
+            raise GenrepError(f"warmup_epochs must be at least 0 and below epochs ({epochs}), got {warmup_epochs!r}")
+        if min(batch_size, train_x.shape[0]) < 2:
+            raise GenrepError("the lars solver normalises each batch with a BatchNorm, which needs at least 2 rows: "
+                              f"batch_size is {batch_size} and the train set has {train_x.shape[0]} rows")
 
     def fit(x, y, wd):
         if solver == "lbfgs":
             return _fit_lbfgs(x, y, num_classes, wd, max_iter)
+        if solver == "lars":
+            return _fit_lars(x, y, num_classes, wd, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
+                             warmup_epochs=warmup_epochs, momentum=momentum, trust_coefficient=trust_coefficient,
+                             seed=seed)
         return _fit_adamw(x, y, num_classes, wd, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           lr_schedule=lr_schedule)
 
@@ -386,11 +474,23 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     train_acc, train_loss = _evaluate(w, b, sx, train_y)
     test_acc, _ = _evaluate(w, b, tx, test_y)
     test_probs = _probabilities(w, b, tx) if return_test_probs else None
+    if solver == "lars":
+        used, lr_used, steps = lars_batch(n, batch_size, base_lr)
+        settings = {"base_lr": base_lr, "lr": lr_used, "batch_size": used, "batch_size_asked": batch_size,
+                    "steps_per_epoch": steps, "warmup_epochs": warmup_epochs, "momentum": momentum,
+                    "trust_coefficient": trust_coefficient, "schedule": "linear warm-up, then half-cycle cosine "
+                    "to 0, per step", "feature_norm": f"BatchNorm1d(affine=False, eps={LARS_BN_EPS:g}, "
+                    f"momentum={LARS_BN_MOMENTUM:g})", "head_init": f"trunc_normal std {LARS_HEAD_STD:g}, bias 0"}
+    elif solver == "adamw":
+        settings = {"lr": lr, "batch_size": batch_size, "lr_schedule": lr_schedule}
+    else:
+        settings = {"max_iter": max_iter}
     return LinearProbeResult(
         test_acc=test_acc, train_acc=train_acc, weight_decay=chosen, solver=solver, epochs_or_iters=iters,
         train_loss=train_loss, converged=converged,
         num_classes=num_classes, n_train=n, n_test=test_x.shape[0], dim=train_x.shape[1],
-        val_fraction=used_val_fraction, sweep=sweep, seconds=time.perf_counter() - t0, test_probs=test_probs)
+        val_fraction=used_val_fraction, sweep=sweep, seconds=time.perf_counter() - t0, solver_settings=settings,
+        test_probs=test_probs)
 
 
 # --------------------------------------------------------------------------------------------------

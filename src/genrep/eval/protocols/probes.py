@@ -6,7 +6,9 @@ weight decay 1e-4, lr 0.01; genrep's defaults also standardise the features and 
 which the GCRL/iGPT/SimCLR recipes turn off, as section 4.2 names nothing else); `genrep probe` runs it with
 the run's ``probe`` section (:func:`from_probe_config`: its read-out and solver, no sweep) and writes
 ``results/probe.json``. The linear probe's test ECE (``eval.calibration.bins`` bins) is reported beside its
-accuracy (GCRL's table 9 reports it). ``headline`` names the result reported first: genrep's linear probe, or
+accuracy (GCRL's table 9 reports it). ``solver: lars`` is MAE's linear probe (DARL's table 13, GVP's linear
+evaluation): its own keys are the ``lars`` section, and it reads the probe's ``epochs``, ``batch_size`` and
+``weight_decay`` (MAE's are 90, 16384 and 0; the recipes of those papers set them). ``headline`` names the result reported first: genrep's linear probe, or
 one of the diffusion-features paper's heads (its own linear head is that paper's headline number).
 """
 
@@ -42,15 +44,39 @@ SMALL_PROBE = 1 << 22
 
 
 @dataclass
+class LarsSettings:
+    """The lars solver's own keys (read only with ``solver: lars``; MAE's ``main_linprobe.py`` defaults)."""
+    base_lr: float = setting(0.1, above=0)       # the rate is base_lr x batch / 256, of the batch used
+    warmup_epochs: int = setting(10, min=0)      # linear warm-up, then a half-cycle cosine to 0, per step
+    momentum: float = setting(0.9, min=0, below=1)
+    trust_coefficient: float = setting(0.001, above=0)  # LARS's eta: the step of W is eta ||W|| / ||grad||
+
+
+def check_lars(s, section: str) -> None:
+    """The lars solver's rules across keys (``s``: the probes settings or a run's probe section)."""
+    if s.solver != "lars":
+        return
+    if s.lars.warmup_epochs >= s.epochs:
+        raise GenrepError(f"{section}.lars.warmup_epochs ({s.lars.warmup_epochs}) must be below {section}.epochs "
+                          f"({s.epochs}): the cosine follows the warm-up (MAE: 10 of 90)")
+    if s.batch_size < 2:
+        raise GenrepError(f"{section}.batch_size 1 cannot be normalised by the lars solver's BatchNorm; give 2 or more "
+                          f"(MAE: 16384, clamped to the train set)")
+
+
+@dataclass
 class ProbesSettings:
     layer: int | None = setting(None, min=1)   # the read-out; None: the method's default layer
     pool: Pool | None = None                    # None: the method's default pooling
-    solver: str = setting("adamw", choices=SOLVERS)  # adamw: the GCRL protocol; lbfgs: full batch
+    # adamw: the GCRL protocol; lbfgs: full batch; lars: MAE's linear probe (BatchNorm on the features, LARS)
+    solver: str = setting("adamw", choices=SOLVERS)
     weight_decay: list[float] = setting([1e-4], min=0, nonempty=True)  # several: chosen on a held-out 10%
-    epochs: int = setting(100, min=1)           # adamw
-    lr: float = setting(0.01, above=0)          # adamw
-    batch_size: int = setting(512, min=1)       # adamw
-    standardize: bool = True                    # features standardised with train statistics before the fit
+    epochs: int = setting(100, min=1, only_if={"solver": ("adamw", "lars")})
+    lr: float = setting(0.01, above=0, only_if={"solver": "adamw"})  # lars: lars.base_lr
+    batch_size: int = setting(512, min=1, only_if={"solver": ("adamw", "lars")})  # lars: clamped to the train set
+    # features standardised with train statistics before the fit (lars normalises with its BatchNorm instead)
+    standardize: bool = setting(True, only_if={"solver": ("lbfgs", "adamw")})
+    lars: LarsSettings = field(default_factory=LarsSettings)
     lr_schedule: str = setting("cosine", choices=LR_SCHEDULES, only_if={"solver": "adamw"})
     knn_k: list[int] = setting([20, 200], min=1, nonempty=True)
     knn_temperature: float = setting(0.07, above=0)
@@ -66,13 +92,17 @@ class ProbesSettings:
     # the result reported first: genrep's linear probe above, or one of the heads
     headline: str = setting("linear_probe", choices=HEADLINES)  # a head named here is trained even if not in heads
 
+    def validate(self, section: str) -> None:
+        check_lars(self, section)
+
 
 def from_probe_config(p) -> ProbesSettings:
     """`genrep probe`'s settings (a run's ``probe`` section) as the protocol's: one read-out, no sweep."""
     return ProbesSettings(layer=p.layer, pool=p.pool, solver=p.solver, weight_decay=list(p.weight_decay),
                           epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, knn_k=list(p.knn_k),
                           knn_temperature=p.knn_temperature, sweep=False, heads=list(p.heads), head=p.head,
-                          standardize=p.standardize, lr_schedule=p.lr_schedule, headline=p.headline)
+                          standardize=p.standardize, lr_schedule=p.lr_schedule, headline=p.headline,
+                          lars=p.lars)
 
 
 def sweep_layers(method: Method, asked: list[int]) -> list[int]:
@@ -139,9 +169,13 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
     dev = ctx.device if xtr.numel() >= SMALL_PROBE else torch.device("cpu")
     xtr, xte = xtr.to(dev), xte.to(dev)
     ytr, yte = ctx.train.labels.to(dev), ctx.test.labels.to(dev)
+    lars = s.solver == "lars"
+    standardize = s.standardize and not lars
     lin = linear_probe(xtr, ytr, xte, yte, n_cls, solver=s.solver, weight_decay=s.weight_decay, epochs=s.epochs,
                        lr=s.lr, batch_size=s.batch_size, seed=ctx.ev.seed, return_test_probs=True,
-                       standardize_features=s.standardize, lr_schedule=s.lr_schedule)
+                       standardize_features=standardize, lr_schedule=s.lr_schedule, base_lr=s.lars.base_lr,
+                       warmup_epochs=s.lars.warmup_epochs, momentum=s.lars.momentum,
+                       trust_coefficient=s.lars.trust_coefficient)
     bins = ctx.ev.calibration.bins
     ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature)
@@ -149,10 +183,11 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
            "feature_dim": int(xtr.shape[1]),
            "solver_device": str(dev), "linear_acc": lin.test_acc, "linear_ece": ece,
            "linear": {"solver": s.solver, "epochs": s.epochs, "lr": s.lr, "weight_decay": lin.weight_decay,
-                      "batch_size": s.batch_size, "standardize": s.standardize,
-                      **({"lr_schedule": s.lr_schedule} if s.solver == "adamw" else {})},
+                      "batch_size": s.batch_size, "standardize": standardize,
+                      **({"lr_schedule": s.lr_schedule} if s.solver == "adamw" else {}),
+                      **(lin.solver_settings if lars else {})},  # lars: the scaled rate and the batch it used
            "linear_probe": {**lin.to_dict(), "test_ece": ece, "ece_bins": bins,
-                            "standardize": s.standardize, "lr_schedule": s.lr_schedule if s.solver == "adamw" else None},
+                            "standardize": standardize, "lr_schedule": s.lr_schedule if s.solver == "adamw" else None},
            "knn": {str(k): v for k, v in knn.items()}}
     if trained_heads(s):
         out["heads"] = {kind: train_head_at(ctx, kind, s.head, layer, pool) for kind in trained_heads(s)}
