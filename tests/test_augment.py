@@ -547,3 +547,45 @@ def test_crop_scale_outside_0_1_is_refused(scale):
     with pytest.raises(GenrepError, match="crop_scale"):
         augment(_images(2), A.Augmentation("strong", crop_scale=scale), _gen())
     augment(_images(2), A.Augmentation("strong", crop_scale=1.0), _gen())  # the whole image is allowed
+
+
+# ----------------------------------------------------------------------------------------------------
+# random erasing as MAE fine-tunes (timm's mode 'pixel'): torchvision's RandomErasing box, noise fill
+
+
+def test_erase_boxes_follow_torchvisions_random_erasing():
+    n, h, w = 4000, 32, 24
+    u = torch.rand(n, A.ERASE_COLUMNS, generator=_gen(50), dtype=torch.float64)
+    on, top, left, box_h, box_w = A.erase_box_params(u, h, w, 1.0)
+    torch.manual_seed(51)
+    img = torch.zeros(3, h, w)
+    theirs = torch.tensor([T1.RandomErasing.get_params(img, scale=A.ERASE_SCALE, ratio=A.ERASE_RATIO, value=[0])[:4]
+                           for _ in range(n)], dtype=torch.float64)
+    assert on.all() and (theirs[:, 2] < h).all()  # 32x24 always fits within 10 tries
+    for name, a, b in [("area", box_h * box_w, theirs[:, 2] * theirs[:, 3]), ("aspect", box_h / box_w,
+                       theirs[:, 2] / theirs[:, 3]), ("top", top, theirs[:, 0]), ("left", left, theirs[:, 1])]:
+        assert _ks(a, b) < 0.05, name  # 2.2 * sqrt(2 / 4000); a uniform aspect or area 0.4 gives > 0.08
+    assert ((top + box_h <= h) & (left + box_w <= w)).all()
+
+
+def test_erasing_fills_its_box_with_normalised_noise_and_keeps_the_rest():
+    x = torch.rand(400, 3, 16, 16, generator=_gen(52))
+    g = _gen(53)
+    out = A.random_erase(x, 0.25, g)
+    u = torch.rand(400, A.ERASE_COLUMNS, generator=_gen(53), dtype=torch.float64)
+    on, top, left, box_h, box_w = A.erase_box_params(u, 16, 16, 0.25)
+    assert abs(on.double().mean() - 0.25) < 0.09  # 4 sigma at n = 400
+    inside = torch.zeros(400, 16, 16, dtype=torch.bool)
+    for i in range(400):
+        if on[i]:
+            inside[i, int(top[i]):int(top[i] + box_h[i]), int(left[i]):int(left[i] + box_w[i])] = True
+    keep = ~inside[:, None].expand_as(x)
+    assert torch.equal(out[keep], x[keep])
+    fill = out.permute(1, 0, 2, 3)[inside[None].expand(3, -1, -1, -1)].view(3, -1)
+    mean, std = torch.tensor(A.IMAGENET_MEAN), torch.tensor(A.IMAGENET_STD)
+    assert ((fill.mean(1) - mean).abs() < 0.01).all() and ((fill.std(1) / std - 1).abs() < 0.03).all()
+    assert fill.min() < 0  # timm leaves the noise unclipped
+    assert torch.equal(out, A.random_erase(x, 0.25, _gen(53)))
+    assert A.random_erase(x, 0.0, _gen(53)) is x
+    with pytest.raises(GenrepError, match="random erasing probability must be in"):
+        A.random_erase(x, 1.5, _gen())

@@ -442,3 +442,62 @@ def _color_jitter(x, factors, order, apply):
             mine = (apply & (order[:, slot] == op_id)).view(-1, 1, 1, 1)
             x = torch.where(mine, op(x, factors[:, op_id]), x)
     return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random erasing as MAE fine-tunes: timm's RandomErasing(re_prob, mode="pixel", max_count=1), whose box is
+# torchvision's RandomErasing(p, scale=(0.02, 1/3), ratio=(0.3, 1/0.3)) box (area uniform, aspect log-uniform,
+# 10 tries, a box strictly smaller than the image, else no erasing) and whose fill is N(0, 1) per pixel and
+# channel after Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), i.e. mean + std * N(0, 1) on the [0, 1]
+# pixels here, left unclipped as timm leaves it (grey images: the three channels' mean mean and std).
+
+ERASE_SCALE = (0.02, 1 / 3)
+ERASE_RATIO = (0.3, 1 / 0.3)
+ERASE_TRIES = 10
+ERASE_COLUMNS = 1 + 2 * ERASE_TRIES + 2  # fires, (area, log aspect) per try, top, left
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def erase_box_params(u: torch.Tensor, h: int, w: int, prob: float):
+    """From uniforms u [B, ERASE_COLUMNS] (float64): (on, top, left, box_h, box_w) as torchvision's
+    RandomErasing.get_params draws them, for every row at once."""
+    t = ERASE_TRIES
+    area = h * w * (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * u[:, 1:1 + t])
+    lo, hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, 1 + t:1 + 2 * t])
+    tries_h = torch.round(torch.sqrt(area * aspect))  # half to even, like Python's round in torchvision
+    tries_w = torch.round(torch.sqrt(area / aspect))
+    fits = (tries_h < h) & (tries_w < w)
+    first = fits.double().argmax(dim=1, keepdim=True)
+    box_h, box_w = tries_h.gather(1, first).squeeze(1), tries_w.gather(1, first).squeeze(1)
+    top = (u[:, 1 + 2 * t] * (h - box_h + 1)).floor()  # randint(0, h - box_h + 1)
+    left = (u[:, 2 + 2 * t] * (w - box_w + 1)).floor()
+    return (u[:, 0] < prob) & fits.any(dim=1), top, left, box_h, box_w
+
+
+def random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Erase one box of each image of x (float [B, C, H, W], any device) with probability ``prob``, filled with
+    per-pixel noise (see above). The boxes come from ``generator`` (CPU); the noise from a generator on x's device
+    seeded from it, so a step is reproducible on its device without moving B x C x H x W numbers from the host."""
+    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+        raise GenrepError(f"random erasing probability must be in [0, 1], got {prob!r}")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise GenrepError("random_erase needs a CPU torch.Generator (torch.Generator() or torch.Generator('cpu'))")
+    b, c, h, w = x.shape
+    if prob == 0 or b == 0:
+        return x
+    u = torch.rand(b, ERASE_COLUMNS, generator=generator, dtype=torch.float64)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    on, top, left, box_h, box_w = _to_device(list(erase_box_params(u, h, w, prob)), x.device)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    if c == 1:
+        mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+    noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device)
+    fill = mean.to(x.device).view(1, c, 1, 1) + std.to(x.device).view(1, c, 1, 1) * noise
+    rows = torch.arange(h, device=x.device, dtype=top.dtype)
+    cols = torch.arange(w, device=x.device, dtype=left.dtype)
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
+    box = on.bool().view(-1, 1, 1) & in_rows[:, :, None] & in_cols[:, None, :]
+    return torch.where(box[:, None], fill.to(x.dtype), x)
