@@ -53,6 +53,31 @@ def test_rope_2d_rotates_rows_and_columns_by_halves():
     torch.testing.assert_close(RoPE2D(8)(x, pos.expand(2, 6, 2)), out)
 
 
+@pytest.mark.parametrize("base", [10000.0, 100.0])
+def test_the_base_sets_every_axis_frequencies(base):
+    """RoPE2D(base) is a 1D RoPE of that base per half; make_rope and the ViT pass it on (model.rope_base)."""
+    from genrep.nn.vit import ViT
+
+    torch.manual_seed(0)
+    x, pos = torch.randn(1, 2, 4, 8), torch.tensor([[0, 0], [1, 3], [4, 2], [7, 7]])
+    expected = torch.cat([_complex_reference(x[..., :4], pos[:, 0], base),
+                          _complex_reference(x[..., 4:], pos[:, 1], base)], -1)
+    for rope in (RoPE2D(8, base), make_rope("2d", 8, base)):
+        torch.testing.assert_close(rope(x, pos).double(), expected, rtol=1e-5, atol=1e-5)
+    assert make_rope("1d", 8, base).base == ViT(8, 2, 1, 16, 1, 2, rope="2d", rope_base=base).rope.base == base
+
+
+def test_a_small_base_turns_every_frequency_across_a_vit_l16_grid():
+    """Issue 27's arithmetic: a 64-wide head's axis half (16 frequencies) across the 14 patches of a 224-px image
+    turns 9 of its frequencies by less than 0.25 rad with base 10000, 2 with rope-vit's axial 100."""
+    from genrep.nn.rope import _frequencies
+
+    def slow(base):
+        return int((14 * _frequencies(32, base, torch.device("cpu")) < 0.25).sum())
+
+    assert (slow(10000.0), slow(100.0)) == (9, 2)
+
+
 def _scores(rope, q, k, pq, pk):
     return rope(q, pq) @ rope(k, pk).transpose(-1, -2)
 

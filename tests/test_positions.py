@@ -66,6 +66,13 @@ def test_a_supervised_vit_reads_a_larger_grid_with_interpolated_positions():
 
 
 @pytest.mark.parametrize("method", TAKERS)
+@pytest.mark.parametrize("rope", ["rope2d", "rope1d"])
+def test_the_rope_base_is_a_key_of_every_taker(method, rope):
+    assert _build(method, pos_embed=rope).encoder.rope.base == 10000.0  # the default: the runs before the key
+    assert _build(method, pos_embed=rope, rope_base=100.0).encoder.rope.base == 100.0
+
+
+@pytest.mark.parametrize("method", TAKERS)
 @pytest.mark.parametrize("override,fragment", [
     ({"pos_embed": "rope2d", "dim": 24, "num_heads": 4}, "head width model.dim / model.num_heads = 6 must be "
                                                          "divisible by 4"),
@@ -74,6 +81,9 @@ def test_a_supervised_vit_reads_a_larger_grid_with_interpolated_positions():
     ({"pos_embed": "learned", "rope_grid": 4}, "model.rope_grid interpolates RoPE positions; model.pos_embed learned "
                                                "has none"),
     ({"pos_embed": "alibi"}, "model.pos_embed 'alibi' is unknown"),
+    ({"pos_embed": "sincos", "rope_base": 100.0}, "model.rope_base sets RoPE's frequencies; model.pos_embed sincos "
+                                                  "has no RoPE: leave model.rope_base at 10000"),
+    ({"pos_embed": "rope2d", "rope_base": 0.5}, "model.rope_base must be above 1 and at most 1e+12, got 0.5"),
 ])
 def test_bad_positions_are_one_line_errors(method, override, fragment):
     with pytest.raises(GenrepError) as e:
