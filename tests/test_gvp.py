@@ -119,12 +119,56 @@ def test_every_segmentation_builds_on_the_meta_device(segmentation):
     assert model.head.weight.is_meta and model.readout_bounds.device.type == "cpu"
 
 
-def test_feature_sets_equal_single_reads():
+@pytest.mark.parametrize("causal", [True, False])
+def test_feature_sets_equal_single_reads(causal):
     model = _gvp()
+    model.causal_mask = causal
     x = torch.rand(3, 1, 8, 8)
-    reads = [(1, "mean"), (2, "cls"), (2, "2"), (1, "map")]
+    reads = [(1, "mean"), (2, "2"), (1, "map")] + ([] if causal else [(2, "cls")])  # cls under the mask: refused
     for got, (layer, pool) in zip(model.feature_sets(x, reads), reads):
         torch.testing.assert_close(got, model.features(x, layer=layer, pool=pool))
+
+
+def test_cls_under_the_causal_mask_sees_only_the_context_and_is_refused():
+    """Item 13 of issue 27: with the probe's mask the CLS token attends to the condition and G_0 only (the first
+    floor(T / (K + 1)) = 3 patches), so an edit of the bottom half changes it by exactly 0.0; reading it is one
+    line, at the preflight for the default read-out and before the forward pass for an asked one."""
+    from genrep.eval.protocols.context import check_causal
+
+    model = _gvp()
+    x = torch.rand(2, 1, 8, 8)
+    edited = x.clone()
+    edited[:, :, 4:] = torch.rand(2, 1, 4, 8)
+    with torch.no_grad():
+        assert torch.equal(model._content(x, 2)[:, 0], model._content(edited, 2)[:, 0])
+        model.causal_mask = False
+        assert not torch.equal(model.features(x, pool="cls"), model.features(edited, pool="cls"))
+        model.causal_mask = True
+        for read in (lambda: model.features(x, pool="cls"), lambda: model.feature_sets(x, [(1, "mean"), (2, "cls")])):
+            with pytest.raises(GenrepError) as e:
+                read()
+            assert one_line(e).startswith("pool cls: under GVP's causal mask the CLS token reads only")
+            assert "(the first 3 of 16 patches in raster order)" in one_line(e)
+    cls_default = _gvp(feature_pool="cls")
+    with pytest.raises(GenrepError) as e:
+        check_causal(cls_default, True, "eval.probes.causal")
+    assert one_line(e).startswith("eval.probes.causal=True: model.feature_pool cls, the default read-out")
+    check_causal(cls_default, False, "eval.probes.causal")  # fine-tuning drops the mask: the CLS token sees all
+    check_causal(model, True, "eval.probes.causal")
+
+
+def test_the_query_stream_needs_the_target_position():
+    """Item 14 of issue 27: section 4.1's literal start, w alone, gives every token of a group one prediction
+    (they attend to the same content keys and values); w plus the target's position tells them apart."""
+    model = _gvp(segmentation="fixed")
+    x = torch.rand(2, 1, 8, 8)
+    pred, levels = model.predict(x, None, model.fixed_bounds[None])
+    group = levels[0] == 2
+    assert group.sum() >= 2
+    assert (pred[:, group] - pred[:, group][:, :1]).abs().amax() > 1e-4
+    model._queries = lambda B: model.query_token.expand(B, model.S + model.T, -1)
+    literal, _ = model.predict(x, None, model.fixed_bounds[None])
+    torch.testing.assert_close(literal[:, group], literal[:, group][:, :1].expand_as(literal[:, group]))
 
 
 @pytest.mark.parametrize("streams,norm_pix", [("two", False), ("two", True), ("one", False)])
@@ -173,6 +217,11 @@ def test_the_ablations_cost_what_they_run():
     ({"model.streams": "one"}, "--model.segmentation autoregressive"),
     ({"model.norm_pix": True, "model.target": "d2d", "model.tokenizer": "x"}, "norm_pix normalises pixel targets"),
     ({"model.tokenizer": "runs/vq"}, "model.tokenizer is read only by the p2d and d2d targets"),
+    ({"model.vqgan": "x.ckpt"}, "model.vqgan is read only by the p2d and d2d targets"),
+    ({"model.target": "p2d", "model.vqgan": "x", "model.tokenizer": "y"}, "tokenizer and model.vqgan both name"),
+    ({"model.target": "p2d", "model.vqgan": "x"}, "one code per 16x16 pixels (5 levels in model.vqgan_ch_mult)"),
+    ({"model.target": "p2d", "model.vqgan": "x", "model.vqgan_ch_mult": [1, 2], "model.vqgan_ch": 40},
+     "model.vqgan_ch 40 x model.vqgan_ch_mult [1, 2] gives a level of 40 channels"),
 ])
 def test_bad_settings_are_one_line_errors(override, fragment):
     with pytest.raises(GenrepError) as e:
@@ -301,3 +350,42 @@ def test_results_say_whether_the_causal_mask_was_kept():
     finetune = {"test_acc": 0.95, "test_ece": 0.1, "epochs": 20, "causal": False}
     assert headline("finetune", finetune).endswith("(causal mask off)")
     assert "mask" not in headline("finetune", {**finetune, "causal": None})
+
+
+# a VQGAN for the digits: 1 channel, one code per 2x2 pixels (GVP's patch), attention at the 4x4 level
+VQGAN_KEYS = {"vqgan_n_embed": 16, "vqgan_embed_dim": 8, "vqgan_ch": 32, "vqgan_ch_mult": [1, 2],
+              "vqgan_num_res_blocks": 1, "vqgan_attn_resolutions": [4], "vqgan_z_channels": 8, "vqgan_resolution": 8}
+
+
+@pytest.fixture(scope="module")
+def vqgan_file(tmp_path_factory):
+    from genrep.methods.gvp import GVPConfig
+    from genrep.nn.vqgan import VQGAN
+
+    cfg = GVPConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in VQGAN_KEYS.items()})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vqgan") / "last.ckpt"
+    torch.save({"state_dict": VQGAN(cfg.vqgan_arch(1)).state_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("target", ["p2d", "d2d"])
+def test_a_vqgan_checkpoint_is_the_frozen_tokenizer(target, vqgan_file, monkeypatch):
+    from genrep.methods.gvp import GVP
+    from genrep.nn.vqgan import VQGAN
+
+    model = _gvp(target=target, vqgan=vqgan_file, **VQGAN_KEYS).train()
+    assert isinstance(model.tokenizer, VQGAN) and model.frozen_parts["tokenizer"].sha256
+    assert not any(k.startswith("tokenizer.") for k in model.state_dict())
+    batch = example_batch(model, n=4, seed=1)
+    out = model(batch)
+    assert "ce" in out and torch.isfinite(out["loss"]) and model.head.out_features == 16
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.tokenizer.parameters()) and not model.tokenizer.training
+    cfg = tiny_config("gvp", **{"model.target": target, "model.vqgan": vqgan_file,
+                                **{f"model.{k}": v for k, v in VQGAN_KEYS.items()}})
+    assert not any(k.startswith("vqgan_") for k in GVP.inert_keys(cfg.model))
+    assert "vqgan_ch" in GVP.inert_keys(tiny_config("gvp").model)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    with torch.device("meta"):
+        assert build_method("gvp", cfg.model, SPEC).tokenizer.quant_conv.weight.is_meta

@@ -4,11 +4,13 @@ and universal causal masks (section 4; masks in ``nn/gvp_masks.py``, the streams
 A step draws, per sample (or per batch, ``model.segment_per``), an index order z and group boundaries
 n_0 < ... < n_K = T; group k is predicted from the condition tokens (a CLS token), the context G_0 and the groups
 before it (eq. 6). The content stream h starts from the embedded tokens plus their positions, the query stream g from
-a learnable vector w plus the position of the token it predicts; g's last layer goes through a linear head to the
-target: the patch's pixels (p2p, MSE; MAE's per-patch normalisation with ``model.norm_pix``), or a tokenizer's code
-of the patch (p2d: pixels in; d2d: codes in and out; cross-entropy). The tokenizer is a genrep run folder
-(``model.tokenizer``: a ``vq`` run, see ``tokenizers.py``), a frozen part. The condition tokens are a CLS token
-and, with ``model.condition`` (appendix E's y_extra), a trained genrep run's pooled features of the image, projected.
+a learnable vector w plus the position of the token it predicts (section 4.1 writes w alone; see below); g's last
+layer goes through a linear head to the target: the patch's pixels (p2p, MSE; MAE's per-patch normalisation with
+``model.norm_pix``), or a tokenizer's code of the patch (p2d: pixels in; d2d: codes in and out; cross-entropy). The
+tokenizer, a frozen part, is a genrep run folder (``model.tokenizer``: a ``vq`` run) or, as in the paper, a
+taming-transformers VQGAN checkpoint (``model.vqgan``, its architecture the ``vqgan_*`` keys; ``tokenizers.py``,
+``nn/vqgan.py``). The condition tokens are a CLS token and, with ``model.condition`` (appendix E's y_extra), a
+trained genrep run's pooled features of the image, projected.
 
 The fast path (``mask_layout: permuted``, the default): the tokens are permuted into factorisation order (each
 keeping its original position embedding), where the masks are block-causal and, with one segmentation per batch,
@@ -25,12 +27,20 @@ Read-outs: the content stream over the image in raster order, with the causal ma
 fixed-length segmentation with K groups (``causal_mask`` on: the paper's linear probe keeps it) or without any mask
 (fine-tuning drops it), after any block, pooled (CLS, mean, or the patch grid). The paper does not say which order
 or segmentation its probe's mask uses; the raster order with fixed-length groups is deterministic, which a read-out
-must be.
+must be. Under that mask the CLS token, a condition token, attends only to the condition tokens and the context
+G_0 (editing any later patch changes it by 0.0), so pool ``cls`` with the mask on is refused in one line; with the
+mask off (fine-tuning) it reads the whole image.
+
+The query stream's start departs from section 4.1's text, which writes G^(0) = [w; w; ...; w] (w alone): the
+position embedding of the token a query predicts is added to w (as XLNet's query stream, whose relative positions
+tell each query where it is). It is required: every token of one group attends to the same content keys and
+values, so with w alone their queries stay equal through every layer and the whole group gets one prediction
+(tested).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -47,6 +57,7 @@ from ..nn.gvp_masks import (boundaries_from_cuts, fixed_length_boundaries, masks
 from ..nn.patch import PatchEmbed, patchify, unpatchify
 from ..nn.pooling import is_map_pool, pool_feature_map
 from ..nn.two_stream import TwoStreamTransformer
+from ..nn.vqgan import VQGAN_IMAGENET_F16_1024, VQGANArch, arch_problem
 from .base import TINY_VIT, DataSpec, Method, ViTConfig, check_vit_shape
 from .registry import register
 
@@ -63,6 +74,19 @@ class GVPConfig(ViTConfig):
     # each target patch normalised by its own mean and variance (MAE's option)
     norm_pix: bool = setting(False, only_if={"target": "p2p"})
     tokenizer: str = ""     # p2d, d2d: a tokenizer run folder (genrep pretrain --recipe vq-digits)
+    # p2d, d2d instead of tokenizer: a taming-transformers VQGAN checkpoint (the paper's tokenizer, section 4.1:
+    # vqgan_imagenet_f16_1024's ckpts/last.ckpt), read as a frozen part; its architecture is the vqgan_* keys
+    # (defaults: that checkpoint's model.yaml), its input channels the data's
+    vqgan: str = ""
+    vqgan_n_embed: int = setting(VQGAN_IMAGENET_F16_1024.n_embed, min=2, max=1 << 20)
+    vqgan_embed_dim: int = setting(VQGAN_IMAGENET_F16_1024.embed_dim, min=1, max=1 << 16)
+    vqgan_ch: int = setting(VQGAN_IMAGENET_F16_1024.ch, min=1, max=1 << 16)
+    vqgan_ch_mult: list[int] = setting(list(VQGAN_IMAGENET_F16_1024.ch_mult), min=1, max=64, nonempty=True)
+    vqgan_num_res_blocks: int = setting(VQGAN_IMAGENET_F16_1024.num_res_blocks, min=1, max=64)
+    vqgan_attn_resolutions: list[int] = setting(list(VQGAN_IMAGENET_F16_1024.attn_resolutions), min=1, max=1 << 20)
+    vqgan_z_channels: int = setting(VQGAN_IMAGENET_F16_1024.z_channels, min=1, max=1 << 16)
+    # the side the VQGAN was built for: it only places the attention blocks (levels whose side is listed above)
+    vqgan_resolution: int = setting(VQGAN_IMAGENET_F16_1024.resolution, min=1, max=1 << 20)
     # y_extra (appendix E): a trained genrep run whose features (its default read-out) of the image, projected to
     # the width, are a second condition token after the CLS token; "" = the CLS token alone (section 5)
     condition: str = ""
@@ -90,18 +114,41 @@ class GVPConfig(ViTConfig):
 
     def validate(self, section: str) -> None:
         super().validate(section)
-        if self.target != "p2p" and not self.tokenizer:
+        if self.target != "p2p" and not self.tokenizer and not self.vqgan:
             raise GenrepError(f"{section}.target {self.target} predicts a tokenizer's codes; train one (genrep pretrain "
-                              f"--recipe vq-digits --out runs/vq-digits) and pass --{section}.tokenizer runs/vq-digits")
-        if self.target == "p2p" and self.tokenizer:
-            raise GenrepError(f"{section}.tokenizer is read only by the p2d and d2d targets; {section}.target p2p "
-                              f"predicts pixels: drop {section}.tokenizer or choose --{section}.target p2d")
+                              f"--recipe vq-digits --out runs/vq-digits) and pass --{section}.tokenizer runs/vq-digits, "
+                              f"or give a taming-transformers VQGAN checkpoint with --{section}.vqgan PATH/last.ckpt")
+        if self.tokenizer and self.vqgan:
+            raise GenrepError(f"{section}.tokenizer and {section}.vqgan both name a tokenizer; give one of them")
+        for name in ("tokenizer", "vqgan"):
+            if self.target == "p2p" and getattr(self, name):
+                raise GenrepError(f"{section}.{name} is read only by the p2d and d2d targets; {section}.target p2p "
+                                  f"predicts pixels: drop {section}.{name} or choose --{section}.target p2d")
+        if self.vqgan:
+            why = arch_problem(self.vqgan_arch(1), f"{section}.vqgan_")
+            if why:
+                raise GenrepError(why)
+            f = self.vqgan_arch(1).downsample
+            if self.patch_size != f:
+                raise GenrepError(f"{section}.vqgan gives one code per {f}x{f} pixels ({len(self.vqgan_ch_mult)} "
+                                  f"levels in {section}.vqgan_ch_mult), but {section}.patch_size is "
+                                  f"{self.patch_size}: a code per patch needs --{section}.patch_size {f}")
         if self.norm_pix and self.target != "p2p":
             raise GenrepError(f"{section}.norm_pix normalises pixel targets; {section}.target {self.target} predicts "
                               f"codes: set {section}.norm_pix false")
         if self.streams == "one" and self.segmentation != "autoregressive":
             raise GenrepError(f"{section}.streams one predicts each token from the output of the token before it, "
                               f"which needs one token per group: set --{section}.segmentation autoregressive")
+
+    def vqgan_arch(self, channels: int) -> VQGANArch:
+        """The ``vqgan_*`` keys as the VQGAN's architecture, for images of ``channels`` channels."""
+        return VQGANArch(n_embed=self.vqgan_n_embed, embed_dim=self.vqgan_embed_dim, ch=self.vqgan_ch,
+                         ch_mult=tuple(self.vqgan_ch_mult), num_res_blocks=self.vqgan_num_res_blocks,
+                         attn_resolutions=tuple(self.vqgan_attn_resolutions), z_channels=self.vqgan_z_channels,
+                         resolution=self.vqgan_resolution, in_channels=channels)
+
+
+VQGAN_KEYS = tuple(f.name for f in fields(GVPConfig) if f.name.startswith("vqgan_"))
 
 
 def segment_count(cfg: GVPConfig, T: int) -> tuple[int, int | None]:
@@ -172,15 +219,27 @@ class GVP(Method):
         self.register_buffer("readout_bounds", readout, persistent=False)
 
     def _load_tokenizer(self, cfg: GVPConfig, data: DataSpec) -> None:
-        from .tokenizers import load_tokenizer
+        from .tokenizers import load_tokenizer, load_vqgan
 
-        module, source = load_tokenizer(cfg.tokenizer, data, key="model.tokenizer")
+        key = "model.vqgan" if cfg.vqgan else "model.tokenizer"
+        if cfg.vqgan:
+            module, source = load_vqgan(cfg.vqgan, cfg.vqgan_arch(data.channels), data, key)
+        else:
+            module, source = load_tokenizer(cfg.tokenizer, data, key=key)
         if module.downsample != cfg.patch_size:
-            raise GenrepError(f"model.tokenizer {cfg.tokenizer} gives one code per {module.downsample}x"
+            raise GenrepError(f"{key} {cfg.vqgan or cfg.tokenizer} gives one code per {module.downsample}x"
                               f"{module.downsample} pixels, but model.patch_size is {cfg.patch_size}: a code per patch "
                               f"needs --model.patch_size {module.downsample} or a tokenizer with downsample "
                               f"{cfg.patch_size}")
         self.freeze("tokenizer", module, source)
+
+    @classmethod
+    def inert_keys(cls, cfg: GVPConfig) -> dict[str, str]:
+        out = super().inert_keys(cfg)
+        if not cfg.vqgan:
+            out.update({k: f"model.{k} is read only with model.vqgan (a VQGAN checkpoint), which is not set"
+                        for k in VQGAN_KEYS})
+        return out
 
     def _load_condition(self, cfg: GVPConfig, data: DataSpec) -> int:
         """Hold the run ``model.condition`` as the frozen part ``condition_model``; its feature width."""
@@ -355,12 +414,30 @@ class GVP(Method):
             return pool_feature_map(grid, pool)
         return h[:, 0] if pool == "cls" else h[:, self.S:].mean(1)
 
+    def _cls_blind(self) -> str:
+        n0 = int(self.readout_bounds[0])
+        return (f"under GVP's causal mask the CLS token reads only the condition tokens and the context G_0 (the "
+                f"first {n0} of {self.T} patches in raster order), so the rest of the image cannot change it: read "
+                f"pool mean or a map pool with the mask, or cls without it (causal false)")
+
+    def readout_refusal(self, causal: bool) -> str | None:
+        if causal and self.cfg.feature_pool == "cls":
+            return f"model.feature_pool cls, the default read-out: {self._cls_blind()}"
+        return None
+
+    def _check_reads(self, reads: list[tuple[int | None, str | None]]) -> list[tuple[int, str]]:
+        """The read-outs checked, and refused (before any forward pass) where the mask blinds the CLS token."""
+        reads = [self.check_feature_args(layer, pool) for layer, pool in reads]
+        if self.causal_mask and any(pool == "cls" for _, pool in reads):
+            raise GenrepError(f"pool cls: {self._cls_blind()}")
+        return reads
+
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
-        layer, pool = self.check_feature_args(layer, pool)
+        [(layer, pool)] = self._check_reads([(layer, pool)])
         return self._pool(self._content(x, layer), pool)
 
     def feature_sets(self, x: torch.Tensor, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
-        reads = [self.check_feature_args(layer, pool) for layer, pool in reads]
+        reads = self._check_reads(reads)
         hidden: list[torch.Tensor] = []
         self._content(x, max(layer for layer, _ in reads), hidden)
         return [self._pool(hidden[layer - 1], pool) for layer, pool in reads]

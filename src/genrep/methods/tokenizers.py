@@ -1,9 +1,10 @@
-"""Discrete patch tokenizers: the interface a method that reads image codes (GVP) takes, and the loader of one
-from a genrep run folder (``model.tokenizer: runs/vq-digits``).
+"""Discrete patch tokenizers: the interface a method that reads image codes (GVP) takes, and its two readers: a
+genrep run folder (``load_tokenizer``, ``model.tokenizer: runs/vq-digits``) and a taming-transformers VQGAN
+checkpoint (``load_vqgan``, ``model.vqgan: PATH/last.ckpt``).
 
 A tokenizer maps each f x f patch of an image to one of ``codebook_size`` codes, in raster order, and back. The
-``vq`` method implements it; any method with the same members does, so a later tokenizer (a VQGAN read from its
-own file) is one more method, not a change to its readers. The reader holds it as a frozen part
+``vq`` method implements it, and so does ``nn.vqgan.VQGAN`` (a module, not a method: genrep reads it, never trains
+it); any module with the same members does, so its readers need no change. The reader holds it as a frozen part
 (``Method.freeze(name, module, weights_file)``), so its run records the weights' path and sha256.
 """
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import GenrepError
+from ..nn.vqgan import VQGAN, VQGANArch, load_vqgan_state
 from .base import DataSpec
 
 TOKENIZER_API = ("codebook_size", "downsample", "encode", "decode", "code_vectors")
@@ -64,3 +66,29 @@ def load_tokenizer(run: str | Path, data: DataSpec, key: str = "model.tokenizer"
                                             "--recipe vq-digits, with this run's --data.name and --data.image_size)",
                                             accept)
     return tokenizer, weights
+
+
+def load_vqgan(path: str | Path, arch: VQGANArch, data: DataSpec, key: str = "model.vqgan",
+               arch_keys: str = "model.vqgan_*") -> tuple[VQGAN, Path]:
+    """The VQGAN of architecture ``arch`` read from the taming-transformers checkpoint ``path`` (``last.ckpt``, or
+    a plain state dict of its VQModel) for images of ``data``, in eval mode, and the file (the caller's
+    ``Method.freeze`` source). Refused in one line: a path that is not a file, an image side the downsampling does
+    not divide, a file that is not weights-only readable or of another architecture (``arch_keys`` say where to
+    describe it). While the holder is sized on the meta device the file is not read."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenrepError(f"{key} {path} is not a file; give a taming-transformers VQGAN checkpoint, e.g. "
+                          f"vqgan_imagenet_f16_1024's ckpts/last.ckpt")
+    f = arch.downsample
+    if data.image_size % f:
+        raise GenrepError(f"{key} gives one code per {f}x{f} pixels ({len(arch.ch_mult)} levels in "
+                          f"{arch_keys.replace('*', 'ch_mult')}), which does not divide the {data.image_size}-pixel "
+                          f"images; choose --data.image_size a multiple of {f}")
+    model = VQGAN(arch)
+    if not model.quant_conv.weight.is_meta:  # the memory check builds on the meta device: read nothing
+        try:
+            load_vqgan_state(model, path, hint=f"set {arch_keys} to the checkpoint's model.yaml (its ddconfig, "
+                                               f"n_embed, embed_dim) and the data's channels to its in_channels")
+        except GenrepError as e:
+            raise GenrepError(f"{key} {e}") from None
+    return model.eval(), path
