@@ -52,3 +52,22 @@ def phased_lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_
         return lr_at(step, second_start, min(warmup_steps, second_start - 1), lr, min_lr)
     rest = total_steps - second_start
     return lr_at(step - second_start, rest, min(warmup_steps, max(rest - 1, 0)), second_lr, min_lr)
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, extra_no_decay: set[str], layer_of,
+                       num_layers: int, layer_decay: float) -> list[dict]:
+    """MAE's ``param_groups_lrd`` (util/lr_decay.py): one group per (layer, decayed or not), each with
+    ``lr_scale`` = layer_decay ** (num_layers - layer), where ``layer_of(name)`` is 0 for the embeddings,
+    i + 1 for block i and ``num_layers`` (the block count + 1) for everything after the blocks; decay exclusions
+    as :func:`param_groups`. A caller's schedule multiplies each group's lr by its ``lr_scale``."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        spared = p.ndim <= 1 or name in extra_no_decay
+        layer = layer_of(name)
+        group = groups.setdefault((layer, spared), {"params": [], "weight_decay": 0.0 if spared else weight_decay,
+                                                    "lr_scale": layer_decay ** (num_layers - layer),
+                                                    "layer": layer})
+        group["params"].append(p)
+    return list(groups.values())
