@@ -219,7 +219,7 @@ def test_the_ablations_cost_what_they_run():
     ({"model.tokenizer": "runs/vq"}, "model.tokenizer is read only by the p2d and d2d targets"),
     ({"model.vqgan": "x.ckpt"}, "model.vqgan is read only by the p2d and d2d targets"),
     ({"model.target": "p2d", "model.vqgan": "x", "model.tokenizer": "y"}, "tokenizer and model.vqgan both name"),
-    ({"model.target": "p2d", "model.vqgan": "x"}, "one code per 16x16 pixels (5 levels in model.vqgan_ch_mult)"),
+    ({"model.target": "p2d", "model.vqgan": "x"}, "16x16 pixels (model.vqgan_ch_mult has 5 entries: 4 halvings)"),
     ({"model.target": "p2d", "model.vqgan": "x", "model.vqgan_ch_mult": [1, 2], "model.vqgan_ch": 40},
      "model.vqgan_ch 40 x model.vqgan_ch_mult [1, 2] gives a level of 40 channels"),
 ])

@@ -130,9 +130,10 @@ class GVPConfig(ViTConfig):
                 raise GenrepError(why)
             f = self.vqgan_arch(1).downsample
             if self.patch_size != f:
-                raise GenrepError(f"{section}.vqgan gives one code per {f}x{f} pixels ({len(self.vqgan_ch_mult)} "
-                                  f"levels in {section}.vqgan_ch_mult), but {section}.patch_size is "
-                                  f"{self.patch_size}: a code per patch needs --{section}.patch_size {f}")
+                n = len(self.vqgan_ch_mult)
+                raise GenrepError(f"{section}.vqgan gives one code per {f}x{f} pixels ({section}.vqgan_ch_mult has "
+                                  f"{n} entries: {n - 1} halvings), but {section}.patch_size is {self.patch_size}: a "
+                                  f"code per patch needs --{section}.patch_size {f}")
         if self.norm_pix and self.target != "p2p":
             raise GenrepError(f"{section}.norm_pix normalises pixel targets; {section}.target {self.target} predicts "
                               f"codes: set {section}.norm_pix false")

@@ -81,9 +81,10 @@ def load_vqgan(path: str | Path, arch: VQGANArch, data: DataSpec, key: str = "mo
                           f"vqgan_imagenet_f16_1024's ckpts/last.ckpt")
     f = arch.downsample
     if data.image_size % f:
-        raise GenrepError(f"{key} gives one code per {f}x{f} pixels ({len(arch.ch_mult)} levels in "
-                          f"{arch_keys.replace('*', 'ch_mult')}), which does not divide the {data.image_size}-pixel "
-                          f"images; choose --data.image_size a multiple of {f}")
+        n = len(arch.ch_mult)
+        raise GenrepError(f"{key} gives one code per {f}x{f} pixels ({arch_keys.replace('*', 'ch_mult')} has {n} "
+                          f"entries: {n - 1} halvings), which does not divide the {data.image_size}-pixel images; "
+                          f"choose --data.image_size a multiple of {f}")
     model = VQGAN(arch)
     if not model.quant_conv.weight.is_meta:  # the memory check builds on the meta device: read nothing
         try:
