@@ -3,8 +3,11 @@ models, digits."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from genrep.data.datasets import load_dataset
 from genrep.data.imageset import ImageSet
 from genrep.errors import GenrepError
 from genrep.eval.metrics.probes import linear_probe
-from genrep.eval.protocols.finetune import finetune
+from genrep.eval.protocols.finetune import FinetuneSettings, finetune, finetune_kwargs, layer_ids
 from genrep.eval.protocols.lowshot import low_shot, stratified_subset
 from genrep.runs import build_for_data
 
@@ -133,6 +136,128 @@ def test_finetune_reports_divergence(digits):
     with pytest.raises(GenrepError) as e:
         finetune(method, _subset(train, 64), _subset(test, 32), epochs=1, lr=1e30, clip_grad=0)
     assert "fine-tuning diverged" in one_line(e)
+
+
+# ----------------------------------------------------------------------------------------------- MAE's recipe
+MAE_KEYS = dict(blr=5e-4, min_lr=1e-6, warmup_epochs=0.5, weight_decay=0.05, betas=(0.9, 0.999), clip_grad=0.0,
+                layer_decay=0.65, drop_path=0.1, augment="crop", crop_scale=0.08, randaug_ops=2, randaug_magnitude=27,
+                randaug_mstd=1.5, randaug_policy="timm", mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5,
+                erase_prob=0.25, label_smoothing=0.1, readout="fc_norm")
+
+
+@pytest.fixture(scope="module")
+def gvp(digits):
+    return _build("gvp", digits[0])
+
+
+def test_layer_ids_are_maes_and_the_groups_scale_the_lr(digits, gvp):
+    from genrep.train.optim import layer_decay_groups
+
+    ids = layer_ids(gvp, gvp)
+    assert {n for n, i in ids.items() if i == 0} == {"cls_token", "query_token", "patch_embed.proj.weight",
+                                                     "patch_embed.proj.bias", "pos_embed.pos"}
+    assert ids["net.blocks.0.attn.qkv.weight"] == 1 and ids["net.blocks.1.mlp.fc2.bias"] == 2
+    assert ids["net.norm.weight"] == ids["head.weight"] == 3  # after the blocks: depth + 1
+    darl = _build("darl", digits[0])
+    darl_ids = layer_ids(darl, darl, "")
+    assert darl_ids["encoder.cls_token"] == darl_ids["encoder.patch_embed.proj.weight"] == 0
+    assert darl_ids["encoder.blocks.1.norm1.weight"] == 2 and darl_ids["encoder.norm.bias"] == 3
+    groups = layer_decay_groups(gvp, 0.05, {"cls_token"}, ids.__getitem__, 3, 0.5)
+    for g in groups:
+        assert g["lr_scale"] == 0.5 ** (3 - g["layer"])  # MAE: decay ** (num_layers + 1 - layer_id)
+        names = {n for n, p in gvp.named_parameters() if any(p is q for q in g["params"])}
+        assert {ids[n] for n in names} == {g["layer"]}
+        assert (g["weight_decay"] == 0) == all(gvp.get_parameter(n).ndim <= 1 or n == "cls_token" for n in names)
+    assert sum(len(g["params"]) for g in groups) == len(ids)
+
+
+def test_maes_recipe_trains_and_records_every_setting(digits, gvp):
+    train, test = digits
+    before = [b.drop_path.rate for b in gvp.net.blocks]
+    r = finetune(gvp, _subset(train, 96), _subset(test, 32), epochs=1, batch_size=32, causal=False, **MAE_KEYS)
+    assert r["lr"] == 5e-4 * 32 / 256 and r["blr"] == 5e-4
+    assert r["drop_path_rates"] == pytest.approx([0.0, 0.1])  # timm's ramp, on the copy only
+    assert [b.drop_path.rate for b in gvp.net.blocks] == before
+    for key, value in MAE_KEYS.items():
+        assert r[key] == (list(value) if key == "betas" else value), key
+    assert math.isfinite(r["train_loss"]) and r["steps"] == 3
+    json.dumps(r)
+    # every key of eval.finetune reaches finetune() through the protocol (layer and pool beside the rest)
+    fields = {f.name for f in dataclasses.fields(FinetuneSettings)}
+    ctx = types.SimpleNamespace(ev=types.SimpleNamespace(finetune=FinetuneSettings()), cfg=types.SimpleNamespace(
+        model=types.SimpleNamespace(augment="weak")))
+    kwargs = finetune_kwargs(ctx)
+    assert set(kwargs) | {"layer", "pool"} == fields and set(kwargs) <= set(inspect.signature(finetune).parameters)
+    assert set(kwargs) <= set(r)  # and each is recorded
+
+
+def test_mixing_is_timms_batch_mixup(digits):
+    from genrep.eval.protocols.finetune import _mixing
+
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.arange(8)
+    g = torch.Generator().manual_seed(0)
+    mixed, target = _mixing(10, 0.8, 0.0, 1.0, 0.5)(x, y, g)  # Mixup only, every batch
+    lam = target[0, 0]
+    assert 0 < lam < 1 and torch.allclose(target.sum(1), torch.ones(8))
+    torch.testing.assert_close(mixed[0], lam * x[0] + (1 - lam) * x[1])
+    cut, target = _mixing(10, 0.0, 1.0, 1.0, 0.5)(x, y, g)  # CutMix only: pasted boxes, the kept area as lambda
+    kept = (cut == x).flatten(1).float().mean(1)
+    torch.testing.assert_close(target[torch.arange(8), y], kept)
+    assert _mixing(10, 0.0, 0.0, 1.0, 0.5) is None
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(lr=1e-3, blr=5e-4), "lr 0.001 and blr 0.0005 are both set; set one and the other null"),
+    (dict(layer_decay=0.0), "layer_decay must be a number > 0 and <= 1"),
+    (dict(layer_decay=1.5), "layer_decay must be a number > 0 and <= 1"),
+    (dict(randaug_ops=2, randaug_magnitude=31), "RandAugment magnitude must be in 0..30"),
+    (dict(betas=(0.9,)), "betas must be two numbers in [0, 1)"),
+    (dict(readout="cls"), "unknown fine-tuning readout 'cls'"),
+    (dict(erase_prob=1.5), "erase_prob must be a number >= 0 and <= 1"),
+])
+def test_maes_keys_refuse_bad_values_in_one_line(digits, gvp, kwargs, fragment):
+    train, test = digits
+    with pytest.raises(GenrepError) as e:
+        finetune(gvp, train, test, **kwargs)
+    assert fragment in one_line(e)
+
+
+def test_layer_decay_and_drop_path_need_numbered_blocks(digits):
+    vq = _build("vq", digits[0])
+    for kwargs, key in ((dict(layer_decay=0.75), "layer_decay"), (dict(drop_path=0.1), "drop_path")):
+        with pytest.raises(GenrepError) as e:
+            finetune(vq, digits[0], digits[1], **kwargs)
+        assert f"{key} needs a stack of 1 transformer blocks" in one_line(e)
+
+
+# the papers' fine-tuning in the recipes (DARL table 9's ViT-L column, MAE's FINETUNE.md ViT-B for GVP)
+_DARL = dict(layer_decay=0.75, betas=[0.9, 0.95], weight_decay=0.05, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
+             randaug_ops=2, randaug_magnitude=27.0, randaug_mstd=1.5, randaug_policy="timm", warmup_epochs=5.0,
+             blr=1e-3, lr=None, readout="linear", pool="last", causal=False)
+_GVP = dict(layer_decay=0.65, betas=[0.9, 0.999], weight_decay=0.05, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
+            randaug_ops=2, randaug_magnitude=27.0, randaug_mstd=1.5, randaug_policy="timm", warmup_epochs=5.0,
+            blr=5e-4, lr=None, drop_path=0.1, epochs=100, erase_prob=0.25, min_lr=1e-6, clip_grad=0.0,
+            readout="fc_norm", pool="mean", causal=False, augment="crop", crop_scale=0.08)
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("darl-mse-imagenet", {**_DARL, "epochs": 90, "drop_path": 0.1, "batch_size": 4096}),
+    ("darl-diff-imagenet", {**_DARL, "epochs": 90, "drop_path": 0.1, "batch_size": 4096}),
+    ("darl-mse-cifar10", {**_DARL, "epochs": 90, "drop_path": 0.0, "batch_size": 512}),
+    ("darl-diff-cifar10", {**_DARL, "epochs": 90, "drop_path": 0.0, "batch_size": 512}),
+    ("gvp-p2p-imagenet", {**_GVP, "batch_size": 1024}),
+    ("gvp-p2d-imagenet", {**_GVP, "batch_size": 1024}),
+    ("gvp-d2d-imagenet", {**_GVP, "batch_size": 1024}),
+    ("gvp-p2p-cifar10", {**_GVP, "batch_size": 512}),
+    ("gvp-p2d-cifar10", {**_GVP, "batch_size": 512}),
+])
+def test_recipes_carry_the_papers_fine_tuning(recipe, expected):
+    from genrep.config import resolve_config
+
+    s = resolve_config(recipe).eval.finetune
+    for key, value in expected.items():
+        assert getattr(s, key) == value, key
 
 
 # ----------------------------------------------------------------------------------------------- subsets
