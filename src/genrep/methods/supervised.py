@@ -1,5 +1,15 @@
 """Supervised ViT classifier: the baseline of the HybViT paper (CE on augmented images; its code trains it like
-HybViT's classification stream: ``augment: classifier``, Mixup/CutMix, label smoothing, see classification.py)."""
+HybViT's classification stream: ``augment: classifier``, Mixup/CutMix, label smoothing, see classification.py), and
+the DARL paper's supervised baselines (table 1: the positions of ``pos_embed``; ``causal`` for its "Supervised +
+Causal" column).
+
+Causal mode is DARL's sequence without its objective: the CLS token first (DARL's start-of-sequence token), then the
+patches in raster order, each token attending to itself and the tokens before it (the fused ``is_causal`` kernels,
+as darl.py). Its CLS token then sees nothing of the image, so the classifier reads the mean of the patch tokens, as
+appendix A.2 (item 4) says of both supervised columns, or the last patch (``head_pool last``: DARL's own read-out for
+fine-tuning, section 4); CLS is refused. The features are read with the mask as trained (the probes'
+``eval.probes.causal`` and fine-tuning's ``eval.finetune.causal`` may switch it), from the mean or the last patch.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ import torch
 from torch import nn
 
 from ..data.augment import AUGMENTATIONS, Augmentation
+from ..errors import GenrepError
 from ..fields import setting
 from ..nn.flops import linear_flops, transformer_block_flops
 from ..nn.vit import ViT
@@ -23,7 +34,17 @@ from .registry import register
 class SupervisedConfig(PositionsConfig, ClassifierTrainingConfig):  # positions: the DARL paper's table 1
     label_smoothing: float = setting(0.0, min=0, max=1)
     augment: str = setting("weak", choices=AUGMENTATIONS)
-    head_pool: str = setting("cls", choices=("cls", "mean"))  # the token the classifier reads
+    # the token the classifier reads: cls, the patch tokens' mean (the DARL paper's supervised baselines, appendix
+    # A.2), or the last patch (DARL's read-out)
+    head_pool: str = setting("cls", choices=("cls", "mean", "last"))
+    causal: bool = False  # causal attention over the CLS token and the patches in raster order (DARL's table 1)
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        if self.causal and self.head_pool == "cls":
+            raise GenrepError(f"{section}.head_pool cls reads the CLS token, which under {section}.causal sees only "
+                              f"itself: set {section}.head_pool mean (the DARL paper's supervised baselines, appendix "
+                              f"A.2) or last (the last patch, DARL's read-out)")
 
 
 @register
@@ -32,9 +53,7 @@ class SupervisedViT(Method):
     config_class = SupervisedConfig
     capabilities = frozenset({"logits"})
     needs_labels = True
-    feature_pools = ("cls", "mean")
     feature_maps = True  # the patch tokens on their grid
-    default_pool = "cls"
     tiny_config = TINY_VIT
     feature_options = ("rope_grid",)  # another resolution's read-out, on trained weights
 
@@ -51,6 +70,17 @@ class SupervisedViT(Method):
         self.head = nn.Linear(cfg.dim, data.num_classes)
         nn.init.zeros_(self.head.weight)  # a zero head starts at the uniform prediction (timm/DeiT)
         nn.init.zeros_(self.head.bias)
+        # an instance's causal mode: the evaluation reads these as it reads a causal method's class attributes
+        self.causal_readout = self.causal_mask = cfg.causal
+
+    @property
+    def feature_pools(self) -> tuple[str, ...]:
+        # under the mask the CLS token sees only itself: its feature would be one vector for every image
+        return ("mean", "last") if self.cfg.causal else ("cls", "mean")
+
+    @property
+    def default_pool(self) -> str:
+        return self.cfg.head_pool if self.cfg.causal else "cls"
 
     def views(self) -> dict[str, str | Augmentation]:
         return {"image": image_view(self.cfg.augment, self.cfg)}
@@ -63,7 +93,7 @@ class SupervisedViT(Method):
         return self.cfg.depth
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(self.normalize(x))
+        h = self.encoder(self.normalize(x), is_causal=self.causal_mask)
         return self.head(self.encoder.pool(h, self.cfg.head_pool))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,7 +105,7 @@ class SupervisedViT(Method):
 
     def features(self, x: torch.Tensor, layer: int | None = None, pool: str | None = None) -> torch.Tensor:
         layer, pool = self.check_feature_args(layer, pool)
-        return self.encoder.pool(self.encoder(self.normalize(x), layer=layer), pool)
+        return self.encoder.pool(self.encoder(self.normalize(x), layer=layer, is_causal=self.causal_mask), pool)
 
     def feature_map_size(self, layer: int) -> int:
         return self.encoder.patch_embed.grid
