@@ -538,3 +538,12 @@ def test_probe_and_evaluate_take_the_lars_solver_on_a_run_and_record_it(tiny_run
     got = evaluate_run(tiny_run, ev, progress=False, say=lambda m: None)["protocols"]["probes"]["linear"]
     assert got["solver"] == "lars" and got["lr"] == 0.1 * 64 / 256 and got["batch_size"] == 64
     assert got["batch_size_asked"] == 64 and got["base_lr"] == 0.1 and got["standardize"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lars_probe_runs_on_gpu():
+    x, y, xt, yt = blobs(600, 300, 16, 4, spread=0.5, seed=8)
+    kw = dict(solver="lars", weight_decay=0.0, epochs=20, batch_size=128, base_lr=5.0, warmup_epochs=2)
+    cpu = linear_probe(x, y, xt, yt, 4, **kw)
+    gpu = linear_probe(x.cuda(), y.cuda(), xt.cuda(), yt.cuda(), 4, **kw)
+    assert abs(cpu.test_acc - gpu.test_acc) <= 0.01 and gpu.solver_settings == cpu.solver_settings
