@@ -415,7 +415,8 @@ def test_unknown_lr_schedule_is_one_line():
 
 def test_lars_fit_is_maes_batchnorm_and_linear_head_trained_as_written():
     """A transcription of main_linprobe.py's head (BatchNorm1d(affine=False, eps 1e-6) then Linear, trunc-normal
-    0.01, LARS, lr_sched per step, whole batches only), scored in eval mode, equals the folded fit."""
+    0.01, LARS, lr_sched per step, whole batches only; DARL table 13's label smoothing), scored in eval mode, equals
+    the folded fit."""
     import torch.nn.functional as F
 
     from genrep.eval.metrics.lars import LARS
@@ -424,7 +425,7 @@ def test_lars_fit_is_maes_batchnorm_and_linear_head_trained_as_written():
     x, y, xt, _ = blobs(200, 50, 6, 3, spread=0.8, seed=13)
     epochs, warmup, batch, blr = 4, 1, 64, 0.1
     w, b, _, _ = _fit_lars(x, y, 3, 1e-3, epochs=epochs, batch_size=batch, base_lr=blr, warmup_epochs=warmup,
-                           momentum=0.9, trust_coefficient=0.001, seed=5)
+                           momentum=0.9, trust_coefficient=0.001, seed=5, label_smoothing=0.1)
     gen = _gen(5)
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(6, affine=False, eps=1e-6), torch.nn.Linear(6, 3))
     torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
@@ -441,7 +442,7 @@ def test_lars_fit_is_maes_batchnorm_and_linear_head_trained_as_written():
             for group in opt.param_groups:
                 group["lr"] = rate
             idx = perm[i * batch:(i + 1) * batch]
-            loss = F.cross_entropy(head(x[idx]), y[idx])
+            loss = F.cross_entropy(head(x[idx]), y[idx], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -463,7 +464,7 @@ def test_lars_probe_clamps_the_batch_records_its_settings_and_learns():
     s = res.solver_settings
     assert (s["batch_size"], s["batch_size_asked"], s["steps_per_epoch"]) == (600, 16384, 1)
     assert s["lr"] == pytest.approx(5.0 * 600 / 256) and s["base_lr"] == 5.0
-    assert (s["warmup_epochs"], s["momentum"], s["trust_coefficient"]) == (10, 0.9, 0.001)
+    assert (s["warmup_epochs"], s["momentum"], s["trust_coefficient"], s["label_smoothing"]) == (10, 0.9, 0.001, 0)
     assert "affine=False" in s["feature_norm"] and res.epochs_or_iters == 90 and res.solver == "lars"
     assert res.test_acc >= ref.test_acc - 0.03  # on raw features: its BatchNorm standardises them
     again = linear_probe(x, y, xt, yt, 4, **kw)
@@ -478,6 +479,7 @@ def test_lars_probe_clamps_the_batch_records_its_settings_and_learns():
     (dict(solver="lars", batch_size=1), "needs at least 2 rows: batch_size is 1"),
     (dict(solver="lars", momentum=1.0), r"momentum must be in \[0, 1\)"),
     (dict(solver="lars", base_lr=0.0), "base_lr"),
+    (dict(solver="lars", label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
 ])
 def test_bad_lars_options(kwargs, pattern):
     with pytest.raises(GenrepError, match=pattern) as info:
@@ -525,13 +527,15 @@ def test_probe_and_evaluate_take_the_lars_solver_on_a_run_and_record_it(tiny_run
     from genrep.eval.evaluate import evaluate_run, run_probes
     from genrep.eval.protocols.probes import ProbesSettings
 
-    over = {"solver": "lars", "epochs": 3, "batch_size": 64, "weight_decay": [0.0], "lars": {"warmup_epochs": 1}}
+    over = {"solver": "lars", "epochs": 3, "batch_size": 64, "weight_decay": [0.0],
+            "lars": {"warmup_epochs": 1, "label_smoothing": 0.1}}
     out = run_probes(tiny_run, build_dataclass(ProbeConfig, over, "probe"), device="cpu", progress=False)
     lp = out["linear_probe"]
     assert lp["solver"] == "lars" and lp["standardize"] is False and lp["epochs_or_iters"] == 3
     s = lp["solver_settings"]
     assert (s["base_lr"], s["lr"], s["batch_size"], s["warmup_epochs"]) == (0.1, 0.1 * 64 / 256, 64, 1)
-    assert (s["momentum"], s["trust_coefficient"]) == (0.9, 0.001) and s["steps_per_epoch"] == out["n_train"] // 64
+    assert (s["momentum"], s["trust_coefficient"], s["label_smoothing"]) == (0.9, 0.001, 0.1)
+    assert s["steps_per_epoch"] == out["n_train"] // 64
     assert json.loads((tiny_run / "results" / "probe.json").read_text())["linear_probe"]["solver_settings"] == s
     ev = replace(FAST, protocols=["probes"], probes=build_dataclass(ProbesSettings, {**over, "sweep": False},
                                                                     "eval.probes"))

@@ -25,7 +25,8 @@ Linear probe (:func:`linear_probe`)
       on ``W`` only, and ``W`` alone gets the trust ratio), ``W`` drawn from a truncated normal of std 0.01 and
       ``b = 0``, the rate ``base_lr * batch / 256`` with the batch clamped to the rows fitted, linear warm-up over
       ``warmup_epochs`` then a half-cycle cosine to 0, both per step, and whole batches only (the remainder of
-      each seeded shuffle is dropped, as MAE's loader). The fitted BatchNorm is folded into ``W`` and ``b``, so
+      each seeded shuffle is dropped, as MAE's loader); the cross-entropy may be label-smoothed (``label_smoothing``:
+      DARL's table 13 has 0.1, MAE's code none). The fitted BatchNorm is folded into ``W`` and ``b``, so
       the classifier reported and scored is linear on the raw features.
 
     If ``weight_decay`` is a sequence of several values, each is fitted on a seeded random split of the
@@ -75,7 +76,7 @@ class LinearProbeResult:
     :func:`linear_probe` was asked for it (``return_test_probs=True``, e.g. for an ECE), else ``None``;
     :meth:`to_dict` leaves it out. ``solver_settings`` holds what the final fit ran with beyond the fields above
     (adamw: lr, batch size, schedule; lars: the base and scaled rate, the batch asked for and used, steps per epoch,
-    warm-up, momentum, trust coefficient, the feature BatchNorm and the head's start).
+    warm-up, momentum, trust coefficient, label smoothing, the feature BatchNorm and the head's start).
     """
 
     test_acc: float
@@ -330,7 +331,7 @@ def lars_rate(lr: float, step: int, steps_per_epoch: int, epochs: int, warmup_ep
 
 def _fit_lars(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, *, epochs: int, batch_size: int,
               base_lr: float, warmup_epochs: float, momentum: float, trust_coefficient: float,
-              seed: int) -> tuple[Tensor, Tensor, int, None]:
+              seed: int, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, int, None]:
     """BatchNorm(affine=False) + linear layer trained with LARS; returns the BatchNorm folded into (W, b)."""
     n, d = x.shape
     batch, lr, steps_per_epoch = lars_batch(n, batch_size, base_lr)
@@ -358,7 +359,7 @@ def _fit_lars(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, *, ep
                 # its BatchNorm not being synchronised
                 h = F.batch_norm(x[idx], running_mean, running_var, training=True, momentum=LARS_BN_MOMENTUM,
                                  eps=LARS_BN_EPS)
-                loss = F.cross_entropy(torch.addmm(bias, h, weight.t()), y[idx])
+                loss = F.cross_entropy(torch.addmm(bias, h, weight.t()), y[idx], label_smoothing=label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -390,12 +391,13 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
                  batch_size: int = 512, lr: float = 0.01, max_iter: int = 1000, val_fraction: float = 0.1,
                  seed: int = 0, return_test_probs: bool = False, standardize_features: bool = True,
                  lr_schedule: str = "cosine", base_lr: float = 0.1, warmup_epochs: float = 10,
-                 momentum: float = 0.9, trust_coefficient: float = 0.001) -> LinearProbeResult:
+                 momentum: float = 0.9, trust_coefficient: float = 0.001,
+                 label_smoothing: float = 0.0) -> LinearProbeResult:
     """Fit a linear classifier on (by default standardised) frozen features; report train/test accuracy.
 
     See the module docstring for the objective and the three solvers.  ``max_iter`` applies to
     ``"lbfgs"``; ``epochs`` and ``batch_size`` to ``"adamw"`` and ``"lars"``; ``lr`` to ``"adamw"``; ``base_lr``,
-    ``warmup_epochs``, ``momentum`` and ``trust_coefficient`` to ``"lars"``.  ``weight_decay`` may be a
+    ``warmup_epochs``, ``momentum``, ``trust_coefficient`` and ``label_smoothing`` to ``"lars"``.  ``weight_decay`` may be a
     sequence, in which case it is chosen on a held-out ``val_fraction`` of the train set (split seeded
     by ``seed``) and the model is refitted on the full train set.  ``return_test_probs=True`` also
     returns the test rows' softmax probabilities in :attr:`LinearProbeResult.test_probs`.
@@ -423,6 +425,8 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
             raise GenrepError(f"momentum must be in [0, 1), got {momentum!r}")
         if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs < epochs):
             raise GenrepError(f"warmup_epochs must be at least 0 and below epochs ({epochs}), got {warmup_epochs!r}")
+        if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+            raise GenrepError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if min(batch_size, train_x.shape[0]) < 2:
             raise GenrepError("the lars solver normalises each batch with a BatchNorm, which needs at least 2 rows: "
                               f"batch_size is {batch_size} and the train set has {train_x.shape[0]} rows")
@@ -433,7 +437,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         if solver == "lars":
             return _fit_lars(x, y, num_classes, wd, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
                              warmup_epochs=warmup_epochs, momentum=momentum, trust_coefficient=trust_coefficient,
-                             seed=seed)
+                             seed=seed, label_smoothing=label_smoothing)
         return _fit_adamw(x, y, num_classes, wd, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           lr_schedule=lr_schedule)
 
@@ -478,7 +482,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         used, lr_used, steps = lars_batch(n, batch_size, base_lr)
         settings = {"base_lr": base_lr, "lr": lr_used, "batch_size": used, "batch_size_asked": batch_size,
                     "steps_per_epoch": steps, "warmup_epochs": warmup_epochs, "momentum": momentum,
-                    "trust_coefficient": trust_coefficient, "schedule": "linear warm-up, then half-cycle cosine "
+                    "trust_coefficient": trust_coefficient, "label_smoothing": label_smoothing, "schedule": "linear warm-up, then half-cycle cosine "
                     "to 0, per step", "feature_norm": f"BatchNorm1d(affine=False, eps={LARS_BN_EPS:g}, "
                     f"momentum={LARS_BN_MOMENTUM:g})", "head_init": f"trunc_normal std {LARS_HEAD_STD:g}, bias 0"}
     elif solver == "adamw":

@@ -50,6 +50,7 @@ class LarsSettings:
     warmup_epochs: int = setting(10, min=0)      # linear warm-up, then a half-cycle cosine to 0, per step
     momentum: float = setting(0.9, min=0, below=1)
     trust_coefficient: float = setting(0.001, above=0)  # LARS's eta: the step of W is eta ||W|| / ||grad||
+    label_smoothing: float = setting(0.0, min=0, below=1)  # MAE's code: none; DARL's table 13: 0.1
 
 
 def check_lars(s, section: str) -> None:
@@ -175,7 +176,7 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
                        lr=s.lr, batch_size=s.batch_size, seed=ctx.ev.seed, return_test_probs=True,
                        standardize_features=standardize, lr_schedule=s.lr_schedule, base_lr=s.lars.base_lr,
                        warmup_epochs=s.lars.warmup_epochs, momentum=s.lars.momentum,
-                       trust_coefficient=s.lars.trust_coefficient)
+                       trust_coefficient=s.lars.trust_coefficient, label_smoothing=s.lars.label_smoothing)
     bins = ctx.ev.calibration.bins
     ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature)
