@@ -50,7 +50,8 @@ def test_momentum_carries_the_scaled_step():
 def test_zero_norms_take_the_plain_step(w0, grad):
     w = torch.tensor(w0, dtype=torch.float64)
     _step([(w, grad)], lr=0.5, momentum=0.9)
-    torch.testing.assert_close(w, torch.tensor(w0, dtype=torch.float64) - 0.5 * torch.tensor(grad, dtype=torch.float64))
+    want = torch.tensor(w0, dtype=torch.float64) - 0.5 * torch.tensor(grad, dtype=torch.float64)
+    torch.testing.assert_close(w, want)
 
 
 def test_bad_hyperparameters_are_refused():

@@ -438,7 +438,8 @@ def test_lars_fit_is_maes_batchnorm_and_linear_head_trained_as_written():
         perm = torch.randperm(200, generator=gen)
         for i in range(per_epoch):
             e = epoch + i / per_epoch
-            rate = lr * e / warmup if e < warmup else lr * 0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
+            cosine = 0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
+            rate = lr * e / warmup if e < warmup else lr * cosine
             for group in opt.param_groups:
                 group["lr"] = rate
             idx = perm[i * batch:(i + 1) * batch]

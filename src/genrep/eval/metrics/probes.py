@@ -397,8 +397,8 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
 
     See the module docstring for the objective and the three solvers.  ``max_iter`` applies to
     ``"lbfgs"``; ``epochs`` and ``batch_size`` to ``"adamw"`` and ``"lars"``; ``lr`` to ``"adamw"``; ``base_lr``,
-    ``warmup_epochs``, ``momentum``, ``trust_coefficient`` and ``label_smoothing`` to ``"lars"``.  ``weight_decay`` may be a
-    sequence, in which case it is chosen on a held-out ``val_fraction`` of the train set (split seeded
+    ``warmup_epochs``, ``momentum``, ``trust_coefficient`` and ``label_smoothing`` to ``"lars"``.
+    ``weight_decay`` may be a sequence, in which case it is chosen on a held-out ``val_fraction`` of the train set (split seeded
     by ``seed``) and the model is refitted on the full train set.  ``return_test_probs=True`` also
     returns the test rows' softmax probabilities in :attr:`LinearProbeResult.test_probs`.
     ``standardize_features=False`` fits the raw features; ``lr_schedule`` (``LR_SCHEDULES``) applies to
@@ -482,9 +482,10 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         used, lr_used, steps = lars_batch(n, batch_size, base_lr)
         settings = {"base_lr": base_lr, "lr": lr_used, "batch_size": used, "batch_size_asked": batch_size,
                     "steps_per_epoch": steps, "warmup_epochs": warmup_epochs, "momentum": momentum,
-                    "trust_coefficient": trust_coefficient, "label_smoothing": label_smoothing, "schedule": "linear warm-up, then half-cycle cosine "
-                    "to 0, per step", "feature_norm": f"BatchNorm1d(affine=False, eps={LARS_BN_EPS:g}, "
-                    f"momentum={LARS_BN_MOMENTUM:g})", "head_init": f"trunc_normal std {LARS_HEAD_STD:g}, bias 0"}
+                    "trust_coefficient": trust_coefficient, "label_smoothing": label_smoothing,
+                    "schedule": "linear warm-up, then half-cycle cosine to 0, per step",
+                    "feature_norm": f"BatchNorm1d(affine=False, eps={LARS_BN_EPS:g}, momentum={LARS_BN_MOMENTUM:g})",
+                    "head_init": f"trunc_normal std {LARS_HEAD_STD:g}, bias 0"}
     elif solver == "adamw":
         settings = {"lr": lr, "batch_size": batch_size, "lr_schedule": lr_schedule}
     else:

@@ -8,8 +8,9 @@ the run's ``probe`` section (:func:`from_probe_config`: its read-out and solver,
 ``results/probe.json``. The linear probe's test ECE (``eval.calibration.bins`` bins) is reported beside its
 accuracy (GCRL's table 9 reports it). ``solver: lars`` is MAE's linear probe (DARL's table 13, GVP's linear
 evaluation): its own keys are the ``lars`` section, and it reads the probe's ``epochs``, ``batch_size`` and
-``weight_decay`` (MAE's are 90, 16384 and 0; the recipes of those papers set them). ``headline`` names the result reported first: genrep's linear probe, or
-one of the diffusion-features paper's heads (its own linear head is that paper's headline number).
+``weight_decay`` (MAE's are 90, 16384 and 0; the recipes of those papers set them). ``headline`` names the result
+reported first: genrep's linear probe, or one of the diffusion-features paper's heads (its own linear head is that
+paper's headline number).
 """
 
 from __future__ import annotations
