@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from genrep.config import EvalConfig, build_dataclass, parse_overrides, resolve_config
+from genrep.config import WEIGHTS, EvalConfig, build_dataclass, parse_overrides, resolve_config
 from genrep.devices import resolve_device
 from genrep.errors import GenrepError
 from genrep.eval.features import PRECISIONS
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--standardize", action="store_true",
                    help="standardise the heads' inputs (genrep's habit; the paper's heads read raw features)")
     p.add_argument("--precision", default="auto", help=f"extraction precision, from {', '.join(PRECISIONS)}")
+    p.add_argument("--weights", default="ema", choices=WEIGHTS,
+                   help="the run's EMA or raw weights (a briefly trained run's EMA is still near its initialisation)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         t = None if args.feature_t.lower() == "none" else int(args.feature_t)
         run = args.run or train_run(args.out or Path(tempfile.mkdtemp(prefix="head-noise-")) / "run",
                                     args.train_steps, parse_overrides(rest), str(device))
-        ev = EvalConfig(device=str(device), batch_size=args.batch, precision=args.precision)
+        ev = EvalConfig(device=str(device), batch_size=args.batch, precision=args.precision, weights=args.weights)
         ctx = EvalContext.open(run, ev, options={"feature_t": t, "feature_noise": "fixed"}, progress=False)
         layer, pool = ctx.method.check_feature_args(args.layer, args.pool)
         rows = []
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{run}: block {layer}, pool {pool}, t={t}, {len(ctx.train)} train / {len(ctx.test)} test images, "
           f"{args.epochs} epochs, preset {args.preset}, {'standardised' if args.standardize else 'raw'} inputs, "
-          f"on {rows[0]['device']} ({rows[0]['precision']} extraction)")
+          f"on {rows[0]['device']} ({rows[0]['precision']} extraction, {args.weights} weights)")
     for r in rows:
         extra = f", extraction once {r['extract_s']:.1f} s" if r["extract_s"] is not None else (
             f", {r['readout_tflops']:.3f} TFLOP/s in the read-out" + (f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r
