@@ -155,6 +155,11 @@ def test_cls_under_the_causal_mask_sees_only_the_context_and_is_refused():
     assert one_line(e).startswith("eval.probes.causal=True: model.feature_pool cls, the default read-out")
     check_causal(cls_default, False, "eval.probes.causal")  # fine-tuning drops the mask: the CLS token sees all
     check_causal(model, True, "eval.probes.causal")
+    # a probe checks its read-out before it switches the mask; its sweep reads the poolings offered once switched
+    assert model.check_feature_args(None, "cls") == (2, "cls") and cls_default.check_feature_args(None, None)[1] == "cls"
+    assert model.feature_pools == ("mean",)
+    model.causal_mask = False
+    assert model.feature_pools == ("mean", "cls")
 
 
 def test_the_query_stream_needs_the_target_position():

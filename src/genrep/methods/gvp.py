@@ -28,8 +28,8 @@ fixed-length segmentation with K groups (``causal_mask`` on: the paper's linear 
 (fine-tuning drops it), after any block, pooled (CLS, mean, or the patch grid). The paper does not say which order
 or segmentation its probe's mask uses; the raster order with fixed-length groups is deterministic, which a read-out
 must be. Under that mask the CLS token, a condition token, attends only to the condition tokens and the context
-G_0 (editing any later patch changes it by 0.0), so pool ``cls`` with the mask on is refused in one line; with the
-mask off (fine-tuning) it reads the whole image.
+G_0 (editing any later patch changes it by 0.0), so pool ``cls`` with the mask on is refused in one line and left out
+of the poolings a probe sweep reads; with the mask off (fine-tuning) it reads the whole image.
 
 The query stream's start departs from section 4.1's text, which writes G^(0) = [w; w; ...; w] (w alone): the
 position embedding of the token a query predicts is added to w (as XLNet's query stream, whose relative positions
@@ -175,7 +175,6 @@ class GVP(Method):
     name = "gvp"
     config_class = GVPConfig
     capabilities = frozenset({"complete"})
-    feature_pools = ("mean", "cls")
     feature_maps = True  # the content stream's patch tokens on their grid
     causal_readout = True
     capability_options: ClassVar[dict[str, tuple[str, ...]]] = {"complete": ("complete_groups", "temperature")}
@@ -414,6 +413,20 @@ class GVP(Method):
             grid = h[:, self.S:].transpose(1, 2).reshape(len(h), -1, self.grid, self.grid)
             return pool_feature_map(grid, pool)
         return h[:, 0] if pool == "cls" else h[:, self.S:].mean(1)
+
+    @property
+    def feature_pools(self) -> tuple[str, ...]:
+        """The poolings the read-out offers as the mask is switched now (a probe sweep reads these): without the
+        CLS token under the mask, which sees the context only."""
+        return ("mean",) if self.causal_mask else ("mean", "cls")
+
+    def check_feature_args(self, layer: int | None, pool: str | None) -> tuple[int, str]:
+        # cls is a valid name whichever way the mask is switched now: the probes and fine-tuning check their read-out
+        # before they switch it; a cls read under the mask is refused when it happens (_check_reads)
+        pool = self.default_pool if pool is None or pool == "" else str(pool)
+        if pool == "cls":
+            return super().check_feature_args(layer, "mean")[0], "cls"
+        return super().check_feature_args(layer, pool)
 
     def _cls_blind(self) -> str:
         n0 = int(self.readout_bounds[0])
