@@ -377,3 +377,22 @@ def test_a_run_is_probed_at_another_image_size(tmp_path):
     assert_one_line_error(proc, "a trained genvit run reads only images of the size it was trained on (8x8), not "
                                 "16x16; of genrep's methods, darl and supervised can read other sizes")
     assert not (learned / "results").exists() and not (genvit / "results").exists()
+
+
+def test_the_ablation_script_refuses_bad_input_before_any_work(tmp_path, capsys):
+    """benchmarks/darl_ablation.py checks its variants, seeds and every variant's config before the first run."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "darl_ablation.py"
+    spec = importlib.util.spec_from_file_location("darl_ablation", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "runs"
+    for argv, fragment in ((["--variants", "paper,bogus"], "unknown variant bogus in --variants; choose from paper"),
+                           (["--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
+                           (["--model.order", "random", "--model.pos_embed", "rope1d"], "model.order random")):
+        assert script.main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("genrep: error: ") and fragment in err and err.count("\n") == 1
+    assert not out.exists()
