@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             for s in seeds:
                 rows.append(measure(out, v, s, overrides, args.steps, args.finetune_epochs, args.device))
-                print(f"{v} seed {s}: probe {100 * rows[-1]['probe_acc']:.2f}%, fine-tune "
-                      f"{100 * rows[-1]['finetune_acc']:.2f}% ({rows[-1]['train_s']:.0f} s + {rows[-1]['eval_s']:.0f} s)",
-                      file=sys.stderr, flush=True)
+                r = rows[-1]
+                print(f"{v} seed {s}: probe {100 * r['probe_acc']:.2f}%, fine-tune {100 * r['finetune_acc']:.2f}% "
+                      f"({r['train_s']:.0f} s + {r['eval_s']:.0f} s)", file=sys.stderr, flush=True)
     except GenrepError as e:
         print(f"genrep: error: {e}", file=sys.stderr)
         return 2

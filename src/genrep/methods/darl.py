@@ -110,9 +110,9 @@ class DARLConfig(PositionsConfig):
         if self.order == "random" and self.pos_embed in ("rope1d", "none"):
             given = "only its place in the sequence, the same whatever the order" if self.pos_embed == "rope1d" \
                 else "no position"
-            raise GenrepError(f"{section}.order random: the query stream learns which patch it predicts from its position, "
-                              f"and {section}.pos_embed {self.pos_embed} gives it {given}; choose {section}.pos_embed "
-                              f"rope2d (appendix A.5), learned or sincos")
+            raise GenrepError(f"{section}.order random: the query stream learns which patch it predicts from its "
+                              f"position, and {section}.pos_embed {self.pos_embed} gives it {given}; choose "
+                              f"{section}.pos_embed rope2d (appendix A.5), learned or sincos")
 
 
 @register
