@@ -271,12 +271,17 @@ def _unknown_key(section: str, key: str, valid: list[str]) -> GenrepError:
                        f"{', '.join(valid)}")
 
 
+# Evaluating a dataclass's string annotations was most of the time of building a config (a sweep or a test builds
+# thousands); a class's hints never change, so each class's are evaluated once. Callers only read the dict.
+_type_hints = functools.cache(typing.get_type_hints)
+
+
 def build_dataclass(cls: type, values: dict | None, section: str = "") -> Any:
     """Instantiate ``cls`` from a dict, checking every key and type."""
     values = values or {}
     if not isinstance(values, dict):
         raise GenrepError(f"config section '{section}' must be a mapping of keys to values, got {show(values)}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -317,7 +322,13 @@ def config_from_dict(d: dict, source: str = "the config") -> Config:
 # ---------------------------------------------------------------- recipes and overrides
 
 def recipe_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("genrep.recipes").iterdir() if p.name.endswith(".yaml"))
+    return list(_shipped_names())
+
+
+@functools.cache
+def _shipped_names() -> tuple[str, ...]:
+    """Listed once per process, like ``_shipped_recipe``'s files (every shipped recipe's build looked its name up)."""
+    return tuple(sorted(p.name[:-5] for p in resources.files("genrep.recipes").iterdir() if p.name.endswith(".yaml")))
 
 
 def load_recipe(name: str) -> dict:
