@@ -156,4 +156,4 @@ def test_saved_configs_carry_the_current_version(tmp_path):
     from genrep.config import CONFIG_VERSION
 
     save_config(resolve_config("supervised-digits"), tmp_path / "config.yaml")
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["config_version"] == CONFIG_VERSION == 2
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["config_version"] == CONFIG_VERSION == 3

@@ -194,7 +194,8 @@ def test_every_methods_inert_keys_change_nothing(method_name, one_torch_thread):
 
 def test_darl_declares_its_decoder_and_order_keys():
     cfg = tiny_config("darl", **{"model.decoder": "mse"}).model
-    assert set(get_method("darl").inert_keys(cfg)) == {"prediction", "beta_a", "beta_b", "gamma_embedding", "block"}
+    assert set(get_method("darl").inert_keys(cfg)) == {"prediction", "beta_a", "beta_b", "gamma_conditioning",
+                                                       "decoder_net", "decoder_depth", "block"}
     cfg = tiny_config("darl", **{"model.decoder": "diffusion", "model.order": "nested"}).model
     assert get_method("darl").inert_keys(cfg) == {"norm_pix": "model.norm_pix is read only with model.decoder mse, "
                                                                 "not diffusion"}

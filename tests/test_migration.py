@@ -61,15 +61,15 @@ def test_options_a_method_lacks_are_dropped(tmp_path):
     assert not hasattr(cfg.model, "sample_steps") and cfg.eval.ood.n == d["eval"]["ood_n"]
 
 
-@pytest.mark.parametrize("version", [3, 0, "two"])
+@pytest.mark.parametrize("version", [4, 0, "two"])
 def test_an_unknown_config_version_is_one_line(tmp_path, version):
     d = yaml.safe_load((FIXTURE / "config.yaml").read_text())
     d["config_version"] = version
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(GenrepError) as e:
         load_config_file(tmp_path / "config.yaml")
-    assert f"config_version {version!r}" in one_line(e) and "reads config versions 1 to 2" in one_line(e)
-    assert_one_line_error(run_cli("evaluate", str(tmp_path)), "config versions 1 to 2")
+    assert f"config_version {version!r}" in one_line(e) and "reads config versions 1 to 3" in one_line(e)
+    assert_one_line_error(run_cli("evaluate", str(tmp_path)), "config versions 1 to 3")
 
 
 def test_an_old_eval_json_still_reports(old_run, tmp_path):
