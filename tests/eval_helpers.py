@@ -9,12 +9,19 @@ from genrep.eval.protocols.generation import GenerationSettings
 from genrep.eval.protocols.likelihood import LikelihoodSettings
 from genrep.eval.protocols.lowshot import LowshotSettings
 from genrep.eval.protocols.ood import OODSettings
+from genrep.eval.protocols.probes import ProbesSettings
 from genrep.eval.protocols.robustness import RobustnessSettings
 from genrep.eval.protocols.similarity import SimilaritySettings
+from genrep.eval.protocols.sweep import SweepSettings
 from genrep.methods import get_method
 
-# every protocol at a size that runs in seconds on a tiny model
+# every protocol at a size that runs in seconds on a tiny model. The read-out sweeps keep two weight decays (the
+# held-out choice still runs) but drop the smallest: on a tiny ADM's features full-batch L-BFGS takes 400-800
+# iterations at 1e-5 and 70-160 at these, and those fits were most of the time of evaluating it.
+SWEEP_DECAYS = [1e-3, 1e-2]
 FAST = EvalConfig(device="cpu", batch_size=64, ood=OODSettings(n=48), likelihood=LikelihoodSettings(n=8),
+                  probes=ProbesSettings(epochs=10, sweep_weight_decay=SWEEP_DECAYS),
+                  sweep=SweepSettings(weight_decay=SWEEP_DECAYS),
                   generation=GenerationSettings(samples=24, extractor="classifier"),
                   energy=EnergySettings(n=24, bins=8, classes_shown=4, per_class=2),
                   robustness=RobustnessSettings(n=24, steps=2, linf_eps=[0, 8], l2_eps=[0, 100]),

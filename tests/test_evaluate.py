@@ -3,6 +3,8 @@ HTML report rendered in a real headless browser."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -30,8 +32,13 @@ from genrep.methods import get_method, method_names
 from genrep.train.loop import pretrain
 
 
+# tiny tensors: one intra-op thread (the whole module's runs and evaluations; with two on a loaded machine the
+# tiny ADM's evaluation alone took minutes)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def trained_runs(tmp_path_factory) -> dict[str, Path]:
+def trained_runs(tmp_path_factory, one_thread) -> dict[str, Path]:
     """One tiny trained run per registered method."""
     base = tmp_path_factory.mktemp("runs")
     runs = {}
@@ -161,6 +168,16 @@ def test_sweep_layers_covers_half_last_and_every_kth():
     assert "eval.probes.sweep_layers[0] must be at least 1, got 0" in one_line(e)
 
 
+def _in_process(argv: list[str]) -> SimpleNamespace:
+    """``genrep ARGV`` through the CLI's main() in this interpreter, read like a finished process."""
+    from genrep.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.mark.slow
 def test_bad_input_is_one_line_before_any_work(evaluated, trained_runs, tmp_path, monkeypatch):
     run = trained_runs["hybvit"]
@@ -185,9 +202,12 @@ def test_bad_input_is_one_line_before_any_work(evaluated, trained_runs, tmp_path
         (["--train.steps", "3"], "eval."),
     ]
     mtime = (run / "results" / "eval.json").stat().st_mtime_ns
-    for args, fragment in cases:
-        proc = run_cli("evaluate", str(run), "--eval.device", "cpu", *args, env={"GENREP_INCEPTION_WEIGHTS": ""})
-        assert_one_line_error(proc, fragment)
+    # the first case as a user meets it, in a fresh interpreter; the others through the same main() in this one (a
+    # fresh interpreter per case was most of the test's time)
+    monkeypatch.setenv("GENREP_INCEPTION_WEIGHTS", "")
+    for i, (args, fragment) in enumerate(cases):
+        argv = ["evaluate", str(run), "--eval.device", "cpu", *args]
+        assert_one_line_error(run_cli(*argv) if i == 0 else _in_process(argv), fragment)
     assert (run / "results" / "eval.json").stat().st_mtime_ns == mtime  # nothing half-written
     assert_one_line_error(run_cli("evaluate", str(tmp_path)), "not a genrep run")
     assert_one_line_error(run_cli("report", str(tmp_path), "-o", str(tmp_path / "r.html")), "genrep evaluate")
