@@ -96,9 +96,11 @@ def method_name(request) -> str:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
             ) -> subprocess.CompletedProcess:
-    """Run ``genrep ARGS`` in a fresh interpreter, as a user would."""
+    """Run ``genrep ARGS`` in a fresh interpreter, as a user would; with one intra-op thread, as the in-process
+    tests of tiny models use (two threads on the shared 2-core machine made a tiny run several times slower)."""
     return subprocess.run([sys.executable, "-m", "genrep.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                                                **(env or {})})
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:

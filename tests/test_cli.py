@@ -1,6 +1,7 @@
 """The command line as a user meets it: listings, the main job, resume, and one-line errors."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,10 +29,12 @@ def test_listings():
     assert "npz:PATH" in datasets.stdout and "folder:PATH" in datasets.stdout
 
 
-# the recipe's evaluation sizes are for a result; the folder's completeness is the same at a tenth of them
+# the recipe's evaluation sizes are for a result; the folder's completeness is the same at a tenth of them, and
+# with the linear probes' weight decays chosen from two (L-BFGS at 1e-5 takes several times the iterations)
 SMALL_EVALUATION = ["--model.sample_steps=10", "--model.nll_terms=10", "--eval.generation.samples=100",
                     "--eval.energy.n=100", "--eval.likelihood.n=64", "--eval.ood.n=64", "--eval.robustness.n=64",
-                    "--eval.similarity.cka_n=64", "--eval.similarity.tsne_n=64"]
+                    "--eval.similarity.cka_n=64", "--eval.similarity.tsne_n=64", "--probe.weight_decay=[1e-3,1e-2]",
+                    "--eval.probes.sweep_weight_decay=[1e-3,1e-2]", "--eval.sweep.weight_decay=[1e-3,1e-2]"]
 
 
 @pytest.mark.slow
@@ -70,7 +73,8 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert full.returncode == 0, full.stderr
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "genrep.cli", "pretrain", "--recipe", "supervised-digits",
-                             "--out", str(cut), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--out", str(cut), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # run_cli's one thread: the same sums
     deadline = time.time() + 300
     while time.time() < deadline and len(checkpoint_dirs(cut)) < 2 and proc.poll() is None:
         time.sleep(0.005)

@@ -21,6 +21,7 @@ from genrep.eval.report.summary import evaluation_summary
 from genrep.runs import read_run_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-v1"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 
 @pytest.fixture
