@@ -538,6 +538,9 @@ def test_probe_and_evaluate_take_the_lars_solver_on_a_run_and_record_it(tiny_run
     assert (s["momentum"], s["trust_coefficient"], s["label_smoothing"]) == (0.9, 0.001, 0.1)
     assert s["steps_per_epoch"] == out["n_train"] // 64
     assert json.loads((tiny_run / "results" / "probe.json").read_text())["linear_probe"]["solver_settings"] == s
+    from genrep.eval.report.summary import linear_text
+
+    assert "BatchNorm on the features" in linear_text(lp) and "raw features" not in linear_text(lp)
     ev = replace(FAST, protocols=["probes"], probes=build_dataclass(ProbesSettings, {**over, "sweep": False},
                                                                     "eval.probes"))
     got = evaluate_run(tiny_run, ev, progress=False, say=lambda m: None)["protocols"]["probes"]["linear"]
@@ -552,3 +555,24 @@ def test_lars_probe_runs_on_gpu():
     cpu = linear_probe(x, y, xt, yt, 4, **kw)
     gpu = linear_probe(x.cuda(), y.cuda(), xt.cuda(), yt.cuda(), 4, **kw)
     assert abs(cpu.test_acc - gpu.test_acc) <= 0.01 and gpu.solver_settings == cpu.solver_settings
+
+
+def test_probe_reads_features_in_batches_no_larger_than_evaluates(tiny_run, monkeypatch):
+    """A solver's batch (lars: MAE's 16,384) is not the network's: `genrep probe` extracts in the probe's batches up
+    to evaluate's default, and in the probe's own when they are smaller."""
+    from genrep.config import EvalConfig, ProbeConfig, build_dataclass
+    from genrep.eval import evaluate
+    from genrep.eval.protocols.context import EvalContext
+
+    seen = []
+
+    def stop(run, ev, **kwargs):
+        seen.append(ev.batch_size)
+        raise RuntimeError("stop before any work")
+
+    monkeypatch.setattr(EvalContext, "open", staticmethod(stop))
+    for batch in (16384, 32):
+        with pytest.raises(RuntimeError, match="stop before any work"):
+            evaluate.run_probes(tiny_run, build_dataclass(ProbeConfig, {"solver": "lars", "batch_size": batch},
+                                                          "probe"), device="cpu", progress=False)
+    assert seen == [EvalConfig().batch_size, 32]

@@ -160,8 +160,10 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     run = Path(run)
     cfg = read_run_config(run)
     p = probe or cfg.probe
-    # the probe's seed is the run's, as the features' batch size is the probe's
-    ev = replace(EvalConfig(), protocols=["probes"], weights=p.weights, device=device, batch_size=p.batch_size,
+    # the probe's seed is the run's; the features are read in the probe's batches up to evaluate's default, since
+    # a solver's batch (lars: MAE's 16,384) is no size for the network's forward pass
+    extract_batch = min(p.batch_size, EvalConfig().batch_size)
+    ev = replace(EvalConfig(), protocols=["probes"], weights=p.weights, device=device, batch_size=extract_batch,
                  seed=cfg.train.seed, precision=p.precision, probes=probes_protocol.from_probe_config(p))
     t0 = time.perf_counter()
     ctx = EvalContext.open(run, ev, options=options, progress=progress, image_size=image_size)

@@ -45,7 +45,9 @@ def linear_text(lp: dict) -> str:
     """The linear probe's solver and the habits beyond GCRL's section 4.2 it used (files before issue 25 record
     neither: they standardised, and adamw decayed on a cosine)."""
     parts = [lp["solver"], f"wd {lp['weight_decay']:g}"]
-    if not lp.get("standardize", True):
+    if lp["solver"] == "lars":  # its parameter-free BatchNorm stands for the standardisation it does not read
+        parts.append("BatchNorm on the features")
+    elif not lp.get("standardize", True):
         parts.append("raw features")
     if lp["solver"] == "adamw":
         parts.append(f"{lp.get('lr_schedule') or 'cosine'} lr")
