@@ -30,6 +30,19 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def _assert_close_weights(a, b):
+    """Every tensor within rtol 1e-4 / atol 1e-5, but the key third of DARL's decoder attention's qkv bias: that
+    attention has no RoPE, so a shift shared by every key leaves its softmax unchanged, the bias has no effect and its
+    gradient is round-off, which Adam scales to steps of the learning rate's size (3e-5 with MAE's initialisation)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if k.startswith("decoder_blocks.") and k.endswith("attn.qkv.bias"):
+            d = x.shape[0] // 3
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_lr_schedule_warms_up_then_follows_a_cosine():
     lrs = [lr_at(s, 100, 10, 1.0, 0.1) for s in range(101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -110,9 +123,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, method_name):
         return
     pretrain(tiny_config(method_name, **{"train.steps": 4}), tmp_path / "one")
     pretrain(tiny_config(method_name, **{"train.steps": 4, "train.accum_steps": 4}), tmp_path / "four")
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "four")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_close_weights(_weights(tmp_path / "one"), _weights(tmp_path / "four"))
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -168,8 +179,7 @@ def test_compiled_training_matches_eager(tmp_path, method_name):
     pretrain(tiny_config(method_name, **{"train.steps": 4, "train.compile": True}), tmp_path / "compiled")
     a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
     assert a.keys() == b.keys()  # checkpoints hold the plain module's names, not the compiled wrapper's
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_close_weights(a, b)
 
 
 @pytest.mark.parametrize("override, fragment", [
