@@ -14,7 +14,6 @@ other layer runs in the input's dtype, so the model works under bf16 autocast or
 from __future__ import annotations
 
 import pickle
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..errors import GenrepError, library_warnings
 from .embeddings import timestep_embedding  # guided-diffusion's layout: [cos | sin], max_period 10000
+from .state_files import check_state, refusal_reason
 
 __all__ = ["ADM_256_UNCOND", "UNet", "default_channel_mult", "load_unet_state", "timestep_embedding"]
 
@@ -331,15 +331,6 @@ class UNet(nn.Module):
         return self._run(x, t, y, max(blocks), blocks)[1]
 
 
-def _shape(shape: Iterable[int]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
-
-
-def _listing(keys: list[str], limit: int = 3) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_unet_state(unet: UNet, path: str | Path) -> None:
     """Load a plain state dict (e.g. guided-diffusion's 256x256_diffusion_uncond.pt) into ``unet``.
 
@@ -352,33 +343,14 @@ def load_unet_state(unet: UNet, path: str | Path) -> None:
     except FileNotFoundError as e:
         raise GenrepError(f"no U-Net weights file {path}") from e
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        # the weights-only unpickler names the class it refused: say which, a long traceback helps nobody
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        # past torch's paragraph on the weights_only default, its unpickler says what it met (a raw pickle's opcode)
-        met = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-        first = met.group(1).strip() if met else str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
-        why = f"it pickles {refused.group(1)}" if refused else f"{type(e).__name__}: {first}".rstrip(": ")
         raise GenrepError(f"cannot read {path} as a plain state dict with torch.load(weights_only=True) "
-                          f"({why}); a plain state dict (module.state_dict(), names to tensors) is needed, "
-                          "not a pickled model") from e
+                          f"({refusal_reason(e)}); a plain state dict (module.state_dict(), names to tensors) is "
+                          "needed, not a pickled model") from e
 
     if not isinstance(state, Mapping):
         raise GenrepError(f"{path} holds a value of type {type(state).__name__}; expected a state dict "
                           "(a mapping of parameter names to tensors) of the U-Net")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise GenrepError(f"{path} holds a mapping whose entry {key!r} is not a tensor "
-                              f"({type(value).__name__}); expected a state dict (a mapping of parameter "
-                              "names to tensors) of the U-Net")
-
-    expected = unet.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {_shape(v.shape)} vs model {_shape(expected[k].shape)}"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        parts = [f"{label} {_listing(keys)}" for label, keys in found if keys]
-        raise GenrepError(f"{path}: the file is not a state dict of this configuration: {'; '.join(parts)}")
+    check_state(state, unet.state_dict(), path, entry_hint="a state dict (a mapping of parameter names to tensors) "
+                "of the U-Net", mismatch="the file is not a state dict of this configuration")
     unet.load_state_dict(state, strict=True)
 

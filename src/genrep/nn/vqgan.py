@@ -18,7 +18,6 @@ every genrep tokenizer. Both run in float32 even under autocast, so a reader's t
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GenrepError, library_warnings
-from .unet import _listing, _shape
+from .state_files import check_state, refusal_reason
 
 __all__ = ["VQGAN", "VQGANArch", "VQGAN_IMAGENET_F16_1024", "arch_problem", "load_vqgan_state"]
 
@@ -297,11 +296,8 @@ def _read_weights_only(path: Path) -> object:
     except FileNotFoundError as e:
         raise GenrepError(f"no VQGAN checkpoint file {path}") from e
     except Exception as e:  # noqa: BLE001 -- a foreign file fails the unpickler in many ways, each the file's fault
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        met = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-        first = met.group(1).strip() if met else str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
-        why = f"it pickles {refused.group(1)}" if refused else f"{type(e).__name__}: {first}".rstrip(": ")
-        raise GenrepError(f"cannot read {path} as a VQGAN checkpoint with torch.load(weights_only=True) ({why}); "
+        raise GenrepError(f"cannot read {path} as a VQGAN checkpoint with torch.load(weights_only=True) "
+                          f"({refusal_reason(e)}); "
                           "give taming-transformers' last.ckpt ({'state_dict': ...}) or a plain state dict of its "
                           "VQModel (names to tensors), not a pickled model") from e
 
@@ -320,18 +316,6 @@ def load_vqgan_state(model: VQGAN, path: str | Path, hint: str = "") -> None:
         raise GenrepError(f"{path} holds a value of type {type(state).__name__}; expected taming's checkpoint "
                           "({'state_dict': ...}) or a state dict (parameter names to tensors) of a VQModel")
     state = {k: v for k, v in state.items() if not (isinstance(k, str) and k.startswith(IGNORED_PREFIXES))}
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise GenrepError(f"{path} holds a state dict whose entry {key!r} is not a tensor "
-                              f"({type(value).__name__}); expected VQModel's parameter names to tensors")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {_shape(v.shape)} vs model {_shape(expected[k].shape)}"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        parts = [f"{label} {_listing(keys)}" for label, keys in found if keys]
-        raise GenrepError(f"{path}: the file is not a VQGAN of this configuration: {'; '.join(parts)}"
-                          f"{'; ' + hint if hint else ''}")
+    check_state(state, model.state_dict(), path, entry_hint="VQModel's parameter names to tensors",
+                mismatch="the file is not a VQGAN of this configuration", hint=hint)
     model.load_state_dict(state, strict=True)
