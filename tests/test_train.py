@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_close_weights, tiny_config
 from safetensors.torch import load_file
 
 from genrep.errors import GenrepError
@@ -29,18 +29,6 @@ def _assert_same_weights(a, b):
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
-
-def _assert_close_weights(a, b):
-    """Every tensor within rtol 1e-4 / atol 1e-5, but the key third of DARL's decoder attention's qkv bias: that
-    attention has no RoPE, so a shift shared by every key leaves its softmax unchanged, the bias has no effect and its
-    gradient is round-off, which Adam scales to steps of the learning rate's size (3e-5 with MAE's initialisation)."""
-    assert a.keys() == b.keys()
-    for k in a:
-        x, y = a[k], b[k]
-        if k.startswith("decoder_blocks.") and k.endswith("attn.qkv.bias"):
-            d = x.shape[0] // 3
-            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine():
@@ -123,7 +111,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, method_name):
         return
     pretrain(tiny_config(method_name, **{"train.steps": 4}), tmp_path / "one")
     pretrain(tiny_config(method_name, **{"train.steps": 4, "train.accum_steps": 4}), tmp_path / "four")
-    _assert_close_weights(_weights(tmp_path / "one"), _weights(tmp_path / "four"))
+    assert_close_weights(_weights(tmp_path / "one"), _weights(tmp_path / "four"))
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -179,7 +167,7 @@ def test_compiled_training_matches_eager(tmp_path, method_name):
     pretrain(tiny_config(method_name, **{"train.steps": 4, "train.compile": True}), tmp_path / "compiled")
     a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
     assert a.keys() == b.keys()  # checkpoints hold the plain module's names, not the compiled wrapper's
-    _assert_close_weights(a, b)
+    assert_close_weights(a, b)
 
 
 @pytest.mark.parametrize("override, fragment", [
