@@ -97,13 +97,18 @@ def sample_gamma(shape_param: float, size: tuple[int, ...], generator: torch.Gen
     return out
 
 
+def sample_beta(a: float, b: float, size: tuple[int, ...], generator: torch.Generator,
+                device: torch.device) -> torch.Tensor:
+    """Beta(a, b) draws in float64 from ``generator``: X / (X + Y) of Gamma(a) and Gamma(b) draws, in that order."""
+    x = sample_gamma(float(a), size, generator, device)
+    y = sample_gamma(float(b), size, generator, device)
+    return x / (x + y)
+
+
 @random_kind("beta")
 def _beta(arg, total, like, g):
     a, b, shape = arg
-    size = (total, *_shape(shape))
-    x = sample_gamma(float(a), size, g, like.device)
-    y = sample_gamma(float(b), size, g, like.device)
-    return (x / (x + y)).to(_float(like))
+    return sample_beta(a, b, (total, *_shape(shape)), g, like.device).to(_float(like))
 
 
 @random_kind("permutation")

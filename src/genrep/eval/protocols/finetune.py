@@ -78,7 +78,7 @@ from ...data.randaugment import MAX_MAGNITUDE
 from ...data.randaugment import POLICIES as RANDAUG_POLICIES
 from ...data.randaugment import check_options as check_randaugment
 from ...data.randaugment import randaugment
-from ...data.random_inputs import sample_gamma
+from ...data.random_inputs import sample_beta
 from ...errors import GenrepError
 from ...fields import Pool, setting
 from ...methods import Method
@@ -200,13 +200,21 @@ def layer_ids(model: nn.Module, method: Method, prefix: str = "") -> dict[str, i
     return out
 
 
+def drop_path_blocks(method: nn.Module) -> nn.ModuleList | None:
+    """The block stack when every block has a stochastic-depth layer to ramp, else None."""
+    stack = block_stack(method)
+    if stack is None or not all(isinstance(getattr(b, "drop_path", None), DropPath) for b in stack[1]):
+        return None
+    return stack[1]
+
+
 def set_drop_path(model: Method, rate: float) -> list[float]:
     """timm's stochastic-depth ramp on ``model``'s blocks: linspace(0, rate, depth), as MAE builds its ViT."""
-    stack = block_stack(model)
-    if stack is None or not all(isinstance(getattr(b, "drop_path", None), DropPath) for b in stack[1]):
+    blocks = drop_path_blocks(model)
+    if blocks is None:
         _refuse_structure(model, "drop_path", "with stochastic depth")
-    rates = torch.linspace(0, rate, len(stack[1])).tolist()  # float32, as timm's
-    for block, r in zip(stack[1], rates):
+    rates = torch.linspace(0, rate, len(blocks)).tolist()  # float32, as timm's
+    for block, r in zip(blocks, rates):
         block.drop_path.rate = float(r)
     return rates
 
@@ -293,8 +301,7 @@ def _mixing(n_classes: int, mixup: float, cutmix: float, mix_prob: float, switch
     def beta(alpha: float, g: torch.Generator) -> torch.Tensor:
         if not alpha:
             return torch.ones((), dtype=torch.float64)
-        a, b = sample_gamma(alpha, (), g, torch.device("cpu")), sample_gamma(alpha, (), g, torch.device("cpu"))
-        return a / (a + b)
+        return sample_beta(alpha, alpha, (), g, torch.device("cpu"))
 
     def apply(x: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
         u = torch.rand(4, generator=g, dtype=torch.float64)
@@ -408,11 +415,9 @@ def _check_options(o: dict) -> None:
 
 def check_structure(method: Method, layer_decay: float, drop_path: float | None, section: str = "") -> None:
     """Layer decay and a drop-path ramp need the method's numbered blocks (refused in one line otherwise)."""
-    stack = block_stack(method)
-    if layer_decay < 1 and stack is None:
+    if layer_decay < 1 and block_stack(method) is None:
         _refuse_structure(method, f"{section}layer_decay", "to number its layers")
-    if drop_path is not None and (stack is None or not all(isinstance(getattr(b, "drop_path", None), DropPath)
-                                                           for b in stack[1])):
+    if drop_path is not None and drop_path_blocks(method) is None:
         _refuse_structure(method, f"{section}drop_path", "with stochastic depth")
 
 
