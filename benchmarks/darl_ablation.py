@@ -35,6 +35,9 @@ import torch
 from genrep.config import parse_overrides, resolve_config
 from genrep.errors import GenrepError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import parse_names, parse_seeds  # noqa: E402 - the sibling benchmark's argument helpers
+
 RECIPE = "darl-digits"
 VARIANTS = {
     "paper": {},
@@ -97,15 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        variants = [v for v in args.variants.split(",") if v]
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown or not variants:
-            raise GenrepError(f"unknown variant {', '.join(unknown) or '(none given)'} in --variants; choose from "
-                              f"{', '.join(VARIANTS)}")
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            raise GenrepError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+        variants = parse_names(args.variants, VARIANTS, "variant", "--variants")
+        seeds = parse_seeds(args.seeds)
         if any(n is not None and n < 1 for n in (args.steps, args.finetune_epochs)):
             raise GenrepError("--steps and --finetune-epochs must be at least 1")
         overrides = parse_overrides(rest)

@@ -38,6 +38,9 @@ from torch import nn
 from genrep.config import parse_overrides, resolve_config
 from genrep.errors import GenrepError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import parse_names, parse_seeds  # noqa: E402 - the sibling benchmark's argument helpers
+
 RECIPE, TOKENIZER_RECIPE = "gvp-p2d-digits", "vq-digits"
 TOKENIZERS = ("vq", "vqgan")
 # taming's ddconfig and codebook at the digits' size; the model.vqgan_* keys GVP reads it with
@@ -208,15 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        kinds = [k for k in args.tokenizers.split(",") if k]
-        unknown = [k for k in kinds if k not in TOKENIZERS]
-        if unknown or not kinds:
-            raise GenrepError(f"unknown tokenizer {', '.join(unknown) or '(none given)'} in --tokenizers; choose from "
-                              f"{', '.join(TOKENIZERS)}")
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            raise GenrepError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+        kinds = parse_names(args.tokenizers, TOKENIZERS, "tokenizer", "--tokenizers")
+        seeds = parse_seeds(args.seeds)
         if args.steps is not None and args.steps < 1:
             raise GenrepError("--steps must be at least 1")
         if "vqgan" in kinds:

@@ -114,6 +114,25 @@ def parse_modes(text: str, choices: tuple[str, ...]) -> list[str]:
     return modes
 
 
+def parse_names(text: str, choices, what: str, flag: str) -> list[str]:
+    """A benchmark's comma-separated list of named runs (``--variants``, ``--tokenizers``), each one of ``choices``
+    and at least one."""
+    names = [v for v in text.split(",") if v]
+    unknown = [v for v in names if v not in choices]
+    if unknown or not names:
+        raise GenrepError(f"unknown {what} {', '.join(unknown) or '(none given)'} in {flag}; choose from "
+                          f"{', '.join(choices)}")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    """A benchmark's comma-separated ``--seeds``."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise GenrepError(f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
 def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
