@@ -125,10 +125,11 @@ class GVPConfig(ViTConfig):
                 raise GenrepError(f"{section}.{name} is read only by the p2d and d2d targets; {section}.target p2p "
                                   f"predicts pixels: drop {section}.{name} or choose --{section}.target p2d")
         if self.vqgan:
-            why = arch_problem(self.vqgan_arch(1), f"{section}.vqgan_")
+            arch = self.vqgan_arch(1)
+            why = arch_problem(arch, f"{section}.vqgan_")
             if why:
                 raise GenrepError(why)
-            f = self.vqgan_arch(1).downsample
+            f = arch.downsample
             if self.patch_size != f:
                 n = len(self.vqgan_ch_mult)
                 raise GenrepError(f"{section}.vqgan gives one code per {f}x{f} pixels ({section}.vqgan_ch_mult has "
