@@ -16,16 +16,22 @@ def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: set[str]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        spared = exclusions and (p.ndim <= 1 or name in extra_no_decay)
-        (no_decay if spared else decay).append(p)
+        (no_decay if exclusions and _spared(name, p, extra_no_decay) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _spared(name: str, p: nn.Parameter, extra_no_decay: set[str]) -> bool:
+    """Whether a parameter is exempt from weight decay: a norm's weight or a bias (0/1-D), or a named embedding."""
+    return p.ndim <= 1 or name in extra_no_decay
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
                     extra_no_decay: set[str] = frozenset(), fused: bool = False,
-                    exclusions: bool = True) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay, extra_no_decay, exclusions), lr=lr,
-                             betas=tuple(betas), eps=eps, fused=fused or None)
+                    exclusions: bool = True, groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (default: :func:`param_groups` of ``model``)."""
+    if groups is None:
+        groups = param_groups(model, weight_decay, extra_no_decay, exclusions)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -64,7 +70,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, extra_no_decay: se
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        spared = p.ndim <= 1 or name in extra_no_decay
+        spared = _spared(name, p, extra_no_decay)
         layer = layer_of(name)
         group = groups.setdefault((layer, spared), {"params": [], "weight_decay": 0.0 if spared else weight_decay,
                                                     "lr_scale": layer_decay ** (num_layers - layer),

@@ -319,14 +319,13 @@ def _train(net: _ReadOut, train_set: ImageSet, device: torch.device, o: dict, *,
     warmup = min(round(o["warmup_epochs"] * steps_per_epoch), total - 1)  # as the pretraining loop's schedule
     lr = o["lr"]
     no_decay = {f"method.{name}" for name in net.method.no_weight_decay()}
-    fused = device.type in ("cpu", "cuda")
+    groups = None
     if o["layer_decay"] < 1:
         ids = layer_ids(net, net.method, "method.")
         groups = layer_decay_groups(net, o["weight_decay"], no_decay, ids.__getitem__, net.method.num_layers + 1,
                                     o["layer_decay"])
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), eps=1e-8, fused=fused or None)
-    else:
-        opt = build_optimizer(net, lr, o["weight_decay"], tuple(o["betas"]), 1e-8, no_decay, fused=fused)
+    opt = build_optimizer(net, lr, o["weight_decay"], o["betas"], 1e-8, no_decay,
+                          fused=device.type in ("cpu", "cuda"), groups=groups)
     kind = Augmentation(o["augment"], crop_scale=o["crop_scale"])
     mixing = _mixing(train_set.num_classes, o["mixup"], o["cutmix"], o["mix_prob"], o["switch_prob"])
     images, labels = train_set.images.to(device), train_set.labels.to(device)
