@@ -116,7 +116,7 @@ def test_dataset_names_and_describe(tmp_path, monkeypatch):
     names = dataset_names()
     registered = ["digits", "mnist", "cifar10", "cifar100", "svhn", "stl10", "celeba", "tinyimagenet", "imagenet32",
                   "aircraft", "cars", "cub", "dogs", "flowers", "nabirds"]
-    assert names == registered + ["npz:PATH", "folder:PATH"]
+    assert names == registered + ["npz:PATH", "folder:PATH", "packed:PATH"]
     rows = {r["name"]: r for r in describe_datasets(tmp_path)}
     assert list(rows) == registered
     for r in rows.values():

@@ -105,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
                      "-by-energy.png) even if genrep did not write them as samples")
     smp.add_argument("--device", default="auto")
 
+    pk = sub.add_parser("pack", help="write a compressed, sharded copy of an image folder tree or a registered set, "
+                        "read as --data.name packed:OUT without ever holding it in memory")
+    pk.add_argument("source", help="a folder tree (train/<class>/* beside val/<class>/* or test/<class>/*, or "
+                    "<class>/* split 80/20) or a registered data set name")
+    pk.add_argument("out", type=Path, help="the packed folder to write (new, empty, or an unfinished pack to resume)")
+    pk.add_argument("--image-size", type=int, default=None, help="the side of the square (center_crop) or the short "
+                    "side (short_side) to pack at")
+    pk.add_argument("--resize", default=None, help="center_crop (guided-diffusion's; default with --image-size), "
+                    "short_side (the aspect kept) or none (JPEG files kept byte for byte; default without it)")
+    pk.add_argument("--quality", type=int, default=None, help="JPEG quality of re-encoded images (default 95)")
+    pk.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
+    pk.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     sub.add_parser("datasets", help="list the data sets genrep knows and which are available offline")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("methods", help="list the registered methods and their capabilities")
@@ -144,6 +156,7 @@ INTERRUPTED = {
     "probe": "RUN/results/probe.json was not written; run genrep probe RUN again",
     "sample": "no samples were written; run genrep sample again",
     "report": "the report was not written; run genrep report again",
+    "pack": "the finished shards are kept; run the same genrep pack command again to pack the rest",
     "grid": "the finished cells are kept in the grid's grid.json; run the same genrep grid command again to resume "
             "the rest",
 }
@@ -471,6 +484,20 @@ def cmd_run(args, rest: list[str]) -> int:
 RUN_SKIPS = "finetune"
 
 
+# ------------------------------------------------------------------ pack
+
+def cmd_pack(args, rest) -> int:
+    from .data.pack import DEFAULT_QUALITY, DEFAULT_SHARD_SIZE, PackSettings, pack
+
+    resize = args.resize or ("center_crop" if args.image_size is not None else "none")
+    settings = PackSettings(args.image_size, resize, args.quality or DEFAULT_QUALITY,
+                            args.shard_size or DEFAULT_SHARD_SIZE)
+    if args.workers is not None and args.workers < 1:
+        raise GenrepError(f"--workers must be at least 1, got {args.workers}")
+    pack(args.source, args.out, settings, workers=args.workers)
+    return 0
+
+
 # ------------------------------------------------------------------ listings
 
 def cmd_datasets(args, rest) -> int:
@@ -505,7 +532,7 @@ def cmd_methods(args, rest) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "probe": cmd_probe, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "pack": cmd_pack, "probe": cmd_probe, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
             "grid": cmd_grid, "report": cmd_report, "sample": cmd_sample,
             "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
 

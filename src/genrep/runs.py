@@ -330,11 +330,34 @@ def with_read_options(cfg: Config, options: dict | None) -> Config:
 # ---------------------------------------------------------------- data-fitted state and frozen parts
 
 def data_fingerprint(images: ImageSet) -> dict[str, str]:
-    """What fitted state must match: the data set's name, shape and the sha256 of its uint8 pixels."""
-    x = images.images.contiguous()
-    sha = hashlib.sha256(x.numpy()).hexdigest()  # the buffer itself: no copy of a 150 MB set
+    """What fitted state must match: the data set's name, shape and the sha256 of its uint8 pixels (of a packed
+    set, which is never whole in memory, the sha256 of its shards' digests and its read size, resize and channels:
+    what its decoded pixels are a function of)."""
+    from .data.packed import PackedImages
+
+    x = images.images
+    if isinstance(x, PackedImages):
+        sha = x.digest
+    else:
+        sha = hashlib.sha256(x.contiguous().numpy()).hexdigest()  # the buffer itself: no copy of a 150 MB set
     return {"data": images.name, "images": str(len(x)), "shape": "x".join(map(str, x.shape[1:])),
             "images_sha256": sha}
+
+
+# a packed set's fitted state (a palette) is fitted on this many of its images, drawn with the run's seed: the
+# whole set is never decoded at once (iGPT's k-means also fits a sample of ImageNet's pixels)
+PREPARE_SAMPLE = 20_000
+
+
+def prepare_images(train_set: ImageSet, generator: torch.Generator) -> torch.Tensor:
+    """The uint8 images ``Method.prepare`` fits on: the set itself in memory, or a seeded sample of a packed one."""
+    from .data.packed import PackedImages
+
+    x = train_set.images
+    if not isinstance(x, PackedImages) or len(x) <= PREPARE_SAMPLE:
+        return x if not isinstance(x, PackedImages) else x[:]
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(generator.initial_seed()))
+    return x[pick[:PREPARE_SAMPLE].sort().values]
 
 
 def fit_prepared(method: Method, train_set: ImageSet, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -342,7 +365,7 @@ def fit_prepared(method: Method, train_set: ImageSet, device: torch.device, seed
     from .data.batches import mix_seed
 
     g = torch.Generator().manual_seed(mix_seed(seed, 0x9E9A))
-    state = method.prepare(train_set.images, device=device, generator=g)
+    state = method.prepare(prepare_images(train_set, g), device=device, generator=g)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TypeError(f"{method.name}.prepare must return a dict of tensors, got {type(state).__name__}")
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}

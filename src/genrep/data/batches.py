@@ -13,7 +13,8 @@ separate mini-batches): stream k of a step is a slice of its own permutation, so
 Two paths deliver the uint8 images:
 - device-resident: the whole uint8 set lives on the training device; a batch is one index_select.
 - streamed: a DataLoader gathers batches in worker processes into pinned memory and copies them
-  asynchronously, for sets that do not fit on the device.
+  asynchronously, for sets that do not fit on the device; a packed set (``packed:PATH``) is always streamed, its
+  workers decoding the batch's images from the shards.
 Augmentation always runs on the device, batched (see ``augment``).
 """
 
@@ -119,7 +120,14 @@ class TrainBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, device: torch.device,
                  resident: bool | None = None, num_workers: int = 2):
+        from .packed import PackedImages
+
         self.plan, self.device, self.num_workers = plan, device, num_workers
+        if isinstance(images, PackedImages):   # decoded per batch, in the workers: never whole in memory
+            if resident:
+                raise GenrepError(f"data.device_resident true cannot hold packed:{images.root} on the device; it is "
+                                  f"read image by image: drop the key or set it to false")
+            resident = False
         self.resident = fits_on_device(images, device) if resident is None else resident
         if self.resident:
             self.images, self.labels = images.to(device), labels.to(device)

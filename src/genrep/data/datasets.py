@@ -18,6 +18,7 @@ Names (see ``docs/data.md``):
   JPEG-bytes layout ``train_jpeg, train_offsets, y_train, test_jpeg, test_offsets, y_test``.
 - ``folder:PATH``: ``PATH/<class>/<image>``, or ``PATH/train/<class>/...`` and ``PATH/test/...``;
   without train/ and test/ a seeded stratified 80/20 split per class.
+- ``packed:PATH``: a folder ``genrep pack`` wrote (:mod:`genrep.data.packed`): read image by image, never whole.
 
 Everything the user can get wrong is a one-line :class:`GenrepError`.
 """
@@ -30,12 +31,13 @@ from pathlib import Path
 from ..errors import GenrepError
 from .imageset import SPLITS, ImageSet, _finish, _resize
 from .local_sets import _load_folder, _load_npz
+from .packed import load_packed, parse_packed_name
 from .resize import RESIZES, SQUASH
 from .torchvision_sets import _REGISTRY, _load_digits, _load_torchvision, _missing
 
 __all__ = ["ImageSet", "dataset_names", "default_data_root", "describe_datasets", "load_dataset", "registered_spec"]
 
-_FORMS = ("npz:PATH", "folder:PATH")
+_FORMS = ("npz:PATH", "folder:PATH", "packed:PATH")
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -54,7 +56,7 @@ def dataset_names() -> list[str]:
 
 def _valid_names_text() -> str:
     return f"{', '.join(_REGISTRY)}, npz:PATH (x_train/y_train/x_test/y_test arrays or the JPEG layout) or " \
-           f"folder:PATH (one sub-folder per class)"
+           f"folder:PATH (one sub-folder per class) or packed:PATH (a folder genrep pack wrote)"
 
 
 def load_dataset(name: str, split: str = "train", *, image_size: int | None = None,
@@ -82,6 +84,8 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
     if sep and kind.lower() == "npz":
         images, labels, classes, full = _load_npz(rest.strip(), split, image_size, resize or SQUASH)
         return _finish(images, labels, classes, full, split)
+    if sep and kind.lower() == "packed":
+        return load_packed(parse_packed_name(text), split, image_size, resize)
     if sep and kind.lower() == "folder":
         images, labels, classes, full = _load_folder(rest.strip(), split, image_size, resize or SQUASH)
         return _finish(images, labels, classes, full, split)

@@ -26,16 +26,18 @@ _RESIZE_CHUNK = 2048               # images per interpolation call (bounds the f
 # ----------------------------------------------------------------------------------------------- the set
 @dataclass(repr=False)
 class ImageSet:
-    """One split of an image data set, held in memory on the CPU."""
+    """One split of an image data set, held in memory on the CPU, or read from a packed folder when indexed."""
 
-    images: torch.Tensor   # uint8 [N, C, H, W], C = 1 or 3
+    images: torch.Tensor   # uint8 [N, C, H, W], C = 1 or 3; a packed set's PackedImages decodes when indexed
     labels: torch.Tensor   # int64 [N]
     classes: list[str]
     name: str              # "digits", "cifar10", "npz:/path/x.npz", "folder:/path"
 
     def __post_init__(self) -> None:
         x, y = self.images, self.labels
-        if (not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4
+        from .packed import PackedImages   # here: packed.py builds on this module
+
+        if not isinstance(x, PackedImages) and (not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4
                 or x.shape[1] not in (1, 3)):
             raise ValueError(f"ImageSet.images must be a uint8 [N, C, H, W] tensor with C in (1, 3), got "
                              f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")

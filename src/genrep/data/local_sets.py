@@ -195,23 +195,19 @@ def _split_counts(n: int) -> int:
     return int(np.floor(n * FOLDER_TEST_FRACTION + 0.5))
 
 
-def _load_folder(path_text: str, split: str, size: int | None, how: str) -> _Loaded:
-    from PIL import Image
-
-    name = f"folder:{path_text}"
-    if not path_text:
-        raise GenrepError("folder: needs a directory, e.g. folder:/data/pets with one sub-folder per class")
-    root = Path(path_text).expanduser()
-    if not root.is_dir():
-        raise GenrepError(f"{name}: no such directory {root}; give a folder with one sub-folder of images "
-                          f"per class (optionally under train/ and test/)")
+def folder_splits(root: Path, name: str, test_dirs: tuple[str, ...] = ("test",),
+                  ) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
+    """(classes, {split: [(file, label)]}, where) of an image folder: ``root/<class>/<image>``, or ``root/train/...``
+    beside one of ``test_dirs`` (``folder:`` reads test/; ``genrep pack`` also ImageNet's val/); without them a
+    seeded stratified 80/20 split per class. ``name`` opens every refusal."""
     exts = _image_extensions()
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        per_split = {s: _class_files(root / s, exts) for s in SPLITS}
+    test_dir = next((root / d for d in test_dirs if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        per_split = {"train": _class_files(root / "train", exts), "test": _class_files(test_dir, exts)}
         classes = sorted(set(per_split["train"]) | set(per_split["test"]))
         index = {c: i for i, c in enumerate(classes)}
         files_of = {s: [(f, index[c]) for c, fs in per_split[s].items() for f in fs] for s in SPLITS}
-        where = f"{root}/{{train,test}}"
+        where = f"{root}/{{train,{test_dir.name}}}"
     else:
         per_class = _class_files(root, exts)
         classes = list(per_class)
@@ -225,11 +221,26 @@ def _load_folder(path_text: str, split: str, size: int | None, how: str) -> _Loa
         where = str(root)
     if not classes:
         raise GenrepError(f"{name}: {where} has no class sub-folders; expected {root}/<class>/<image files> "
-                          f"(optionally under train/ and test/)")
+                          f"(optionally under train/ and {'/'.join(test_dirs)}/)")
     total = len(files_of["train"]) + len(files_of["test"])
     if total == 0:
         raise GenrepError(f"{name}: no image files in the class sub-folders of {where} (looked for "
                           f"{', '.join(e for e in ('.png', '.jpg', '.jpeg', '.bmp') if e in exts)}, ...)")
+    return classes, files_of, where
+
+
+def _load_folder(path_text: str, split: str, size: int | None, how: str) -> _Loaded:
+    from PIL import Image
+
+    name = f"folder:{path_text}"
+    if not path_text:
+        raise GenrepError("folder: needs a directory, e.g. folder:/data/pets with one sub-folder per class")
+    root = Path(path_text).expanduser()
+    if not root.is_dir():
+        raise GenrepError(f"{name}: no such directory {root}; give a folder with one sub-folder of images "
+                          f"per class (optionally under train/ and test/)")
+    classes, files_of, _ = folder_splits(root, name)
+    total = len(files_of["train"]) + len(files_of["test"])
     if not files_of[split]:
         raise GenrepError(f"{name}: the {split} split is empty ({total} images in all; the automatic split "
                           f"puts {FOLDER_TEST_FRACTION:.0%} of each class in test, rounded); add images, or "

@@ -49,13 +49,18 @@ def precision_autocast(device: torch.device | str, precision: str) -> AbstractCo
 
 def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | str, *, progress: bool = False,
                   desc: str = "batches"):
-    """uint8 [N, C, H, W] images -> float batches in [0, 1] on ``device``, with a tqdm bar when ``progress``."""
+    """uint8 [N, C, H, W] images -> float batches in [0, 1] on ``device``, with a tqdm bar when ``progress``.
+    A packed set's batches are decoded in DataLoader workers, in order, one batch of each worker ahead."""
+    from ..data.packed import PackedImages, packed_batches
+
     starts = range(0, len(images), batch_size)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
-    for i in starts:
-        yield images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+    batches = (packed_batches(images, starts, batch_size, torch.device(device)) if isinstance(images, PackedImages)
+               else (images[i:i + batch_size] for i in starts))
+    for x in batches:
+        yield x.to(device, non_blocking=True).float().div_(255)
 
 
 def extract_features(method: Method, images: torch.Tensor, *, layer: int | None = None, pool: str | None = None,

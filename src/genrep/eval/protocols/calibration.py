@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ...errors import GenrepError
+from ...data.packed import is_uint8_images
 from ...fields import setting
 from ..features import image_batches
 from ..metrics.calibration import expected_calibration_error
@@ -31,7 +32,7 @@ def predict_probs(method, images_uint8: Tensor, *, device: torch.device | str = 
     if "logits" not in method.capabilities:
         raise GenrepError(f"ECE needs a classifier head, and {method.name} has none; it applies to methods with "
                           f"the 'logits' capability ({', '.join(methods_with('logits')) or 'none registered'})")
-    if not isinstance(images_uint8, Tensor) or images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+    if not is_uint8_images(images_uint8):
         raise GenrepError(f"predict_probs needs uint8 images [N, C, H, W], got "
                           f"{getattr(images_uint8, 'dtype', type(images_uint8).__name__)} "
                           f"{tuple(getattr(images_uint8, 'shape', ()))}")

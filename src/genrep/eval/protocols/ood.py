@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ...errors import GenrepError
+from ...data.packed import is_uint8_images
 from ...fields import Pool, setting
 from ..features import image_batches
 from ..metrics.ood import COVARIANCES, KINDS, GaussianOODScore, energy_score, msp_score, ood_metrics
@@ -86,7 +87,7 @@ def method_scores(method, images_uint8: Tensor, kinds: list[str], *, device: tor
     device). The method is put in eval mode.
     """
     kinds = _check_kinds(method, kinds, gaussian)
-    if not isinstance(images_uint8, Tensor) or images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+    if not is_uint8_images(images_uint8):
         raise GenrepError(f"OOD scoring needs uint8 images [N, C, H, W], got "
                           f"{getattr(images_uint8, 'dtype', type(images_uint8).__name__)} "
                           f"{tuple(getattr(images_uint8, 'shape', ()))}")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ...errors import GenrepError
+from ...data.packed import is_uint8_images
 from ...fields import setting
 from ..metrics.robustness import (CRITERIA, L2_EPS, LINF_EPS, NORMS, STARTS, _check_criterion, _check_eps_list,
                                   _check_norm, _check_start, _check_step_size, _check_steps, pgd_robust)
@@ -65,7 +66,7 @@ def robust_accuracy(method, images_uint8: Tensor, labels: Tensor, *, norm: str,
         raise GenrepError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise GenrepError(f"seed must be an integer, got {seed!r}")
-    if not isinstance(images_uint8, Tensor) or images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+    if not is_uint8_images(images_uint8):
         raise GenrepError(f"robust_accuracy needs uint8 images [N, C, H, W], got "
                           f"{getattr(images_uint8, 'dtype', type(images_uint8).__name__)} "
                           f"{tuple(getattr(images_uint8, 'shape', ()))}")
