@@ -304,6 +304,7 @@ def cmd_probe(args, rest: list[str]) -> int:
     import dataclasses
 
     from .config import ProbeConfig, apply_overrides, build_dataclass
+    from .eval.distributed import evaluation_group
     from .eval.evaluate import run_probes
     from .eval.report.summary import probe_table
     from .runs import read_run_config
@@ -311,9 +312,9 @@ def cmd_probe(args, rest: list[str]) -> int:
     ours, options, image_size = _split_overrides(rest, "probe", "--probe.layer 2", "probe")
     values = apply_overrides(dataclasses.asdict(read_run_config(args.run).probe), ours)
     probe = build_dataclass(ProbeConfig, values, "probe")
-    results = run_probes(args.run, probe, device=args.device, options=options, image_size=image_size)
-    print(probe_table(results))
-    print(f"results: {args.run / 'results' / 'probe.json'}")
+    with evaluation_group(args.device):   # torchrun: the extraction split over the processes
+        results = run_probes(args.run, probe, device=args.device, options=options, image_size=image_size)
+    _say(probe_table(results), f"results: {args.run / 'results' / 'probe.json'}")
     return 0
 
 
@@ -333,19 +334,22 @@ def _eval_config(run: Path, rest: list[str]):
 
 
 def cmd_evaluate(args, rest: list[str]) -> int:
+    from .eval.distributed import evaluation_group
     from .eval.evaluate import EVAL_FILE, evaluate_run
     from .eval.report.summary import evaluation_summary
 
     ev, options = _eval_config(args.run, rest)
     t0 = time.perf_counter()
-    results = evaluate_run(args.run, ev, options=options)
-    print(evaluation_summary(results))
-    print(f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
-          f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
+    with evaluation_group(ev.device):
+        results = evaluate_run(args.run, ev, options=options)
+    _say(evaluation_summary(results),
+         f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
+         f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
     return 0
 
 
 def cmd_sweep(args, rest: list[str]) -> int:
+    from .eval.distributed import evaluation_group
     from .eval.evaluate import EVAL_FILE, evaluate_run
     from .eval.report.summary import sweep_table
 
@@ -354,10 +358,11 @@ def cmd_sweep(args, rest: list[str]) -> int:
     extra = [a for key, value in flags.items() if value is not None for a in (f"--eval.{key}", value)]
     ev, options = _eval_config(args.run, [*rest, *extra, "--eval.protocols", "sweep"])
     t0 = time.perf_counter()
-    results = evaluate_run(args.run, ev, options=options)
-    print(sweep_table(results["protocols"]["sweep"]))
-    print(f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); heatmaps in "
-          f"{args.run / 'figures' / 'eval'}")
+    with evaluation_group(ev.device):
+        results = evaluate_run(args.run, ev, options=options)
+    _say(sweep_table(results["protocols"]["sweep"]),
+         f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); heatmaps in "
+         f"{args.run / 'figures' / 'eval'}")
     return 0
 
 

@@ -88,8 +88,21 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+# False on the non-main ranks of a distributed evaluation (eval/distributed.py): every rank computes the same
+# results, and only rank 0, which holds the run's lock, writes them
+_WRITER = [True]
+
+
+def set_writer(flag: bool) -> bool:
+    """Whether this process writes genrep's files; returns the previous setting."""
+    previous, _WRITER[0] = _WRITER[0], bool(flag)
+    return previous
+
+
 def _atomic(path: Path, write: Callable[[str], None], what: str | None = None) -> None:
     path = Path(path)
+    if not _WRITER[0]:
+        return
     with writing(path, what) as partial:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

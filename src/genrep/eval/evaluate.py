@@ -24,6 +24,7 @@ import torch
 from ..config import EvalConfig, ProbeConfig
 from ..errors import GenrepError
 from ..io import atomic_write_json
+from .distributed import is_main
 from .protocols import PROTOCOLS, skip_reason
 from .protocols import probes as probes_protocol
 from .protocols.context import RESULTS_DIR, EvalContext
@@ -89,10 +90,9 @@ def _ordered(protocols: dict) -> dict:
 def evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
                  say=print) -> dict:
     """See :func:`_evaluate_run`; it holds the run's lock, so two evaluations never interleave eval.json."""
-    from ..runs import lock_trained_run
-
-    with lock_trained_run(run, "evaluate"):
-        return _evaluate_run(run, ev, options=options, progress=progress, say=say)
+    with _run_lock(run, "evaluate"):
+        return _evaluate_run(run, ev, options=options, progress=progress and is_main(),
+                             say=say if is_main() else _silent)
 
 
 def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
@@ -143,10 +143,21 @@ def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | No
 def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
                options: dict | None = None, image_size: int | None = None) -> dict:
     """See :func:`_run_probes`, under the run's lock."""
+    with _run_lock(run, "probe"):
+        return _run_probes(run, probe, device, progress and is_main(), options, image_size)
+
+
+def _run_lock(run: Path, what: str):
+    """The run's lock, held by rank 0 alone under torchrun (the one rank that writes)."""
+    import contextlib
+
     from ..runs import lock_trained_run
 
-    with lock_trained_run(run, "probe"):
-        return _run_probes(run, probe, device, progress, options, image_size)
+    return lock_trained_run(run, what) if is_main() else contextlib.nullcontext()
+
+
+def _silent(*_args) -> None:
+    pass
 
 
 def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import GenrepError
 from ..io import atomic_save_safetensors
 from ..methods import Method
+from .distributed import broadcast_from_main, gather_batches, is_main, my_batches
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,12 +49,12 @@ def precision_autocast(device: torch.device | str, precision: str) -> AbstractCo
 
 
 def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | str, *, progress: bool = False,
-                  desc: str = "batches"):
-    """uint8 [N, C, H, W] images -> float batches in [0, 1] on ``device``, with a tqdm bar when ``progress``.
-    A packed set's batches are decoded in DataLoader workers, in order, one batch of each worker ahead."""
+                  desc: str = "batches", starts=None):
+    """uint8 [N, C, H, W] images -> float batches in [0, 1] on ``device``, with a tqdm bar when ``progress``: every
+    batch, or those starting at ``starts``. A packed set's batches are decoded in DataLoader workers, in order."""
     from ..data.packed import PackedImages, packed_batches
 
-    starts = range(0, len(images), batch_size)
+    starts = range(0, len(images), batch_size) if starts is None else starts
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
@@ -83,12 +84,17 @@ def extract_feature_sets(method: Method, images: torch.Tensor, reads: list[tuple
     device = torch.device(device)
     precision = resolve_precision(precision or ("bf16" if bf16 else "fp32"), device)
     chunks: list[list[torch.Tensor]] = [[] for _ in reads]
-    for x in image_batches(images, batch_size, device, progress=progress, desc=desc):
+    n = len(images)
+    mine = my_batches(n, batch_size)   # every batch, or this rank's share under torchrun
+    for x in image_batches(images, batch_size, device, progress=progress and is_main(), desc=desc, starts=mine):
         with precision_autocast(device, precision):
             outs = method.feature_sets(x, reads)
         for chunk, f in zip(chunks, outs):
             chunk.append(f.float().cpu())
-    return [torch.cat(c) for c in chunks]
+    if not mine:   # no batch for this rank: an empty local part of the features' shape, for the gather
+        shapes = [f.shape[1:] for f in method.feature_sets(images[:1].to(device).float().div_(255), reads)]
+        chunks = [[torch.empty((0, *s))] for s in shapes]
+    return [gather_batches(torch.cat(c), n, batch_size) for c in chunks]
 
 
 def read_cache(run: Path, key: str, version: str) -> torch.Tensor | None:
@@ -111,7 +117,7 @@ def write_cache(run: Path, key: str, version: str, feats: torch.Tensor) -> None:
 
 def cached_features(run: Path, key: str, version: str, compute) -> torch.Tensor:
     """Load ``RUN/cache/<key>.safetensors`` if it was made from weights ``version``, else compute and store."""
-    feats = read_cache(run, key, version)
+    feats = broadcast_from_main(read_cache(run, key, version) if is_main() else None)
     if feats is None:
         feats = compute()
         write_cache(run, key, version, feats)

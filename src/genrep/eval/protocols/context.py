@@ -14,6 +14,7 @@ from safetensors import safe_open
 from ...data.imageset import ImageSet
 from ...errors import GenrepError
 from ...methods import Method
+from ..distributed import broadcast_from_main, is_main, rank_device
 from ..features import (
     cached_features,
     extract_feature_sets,
@@ -99,11 +100,10 @@ class EvalContext:
              image_size: int | None = None) -> EvalContext:
         """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data
         (at ``image_size``: the run read at another size, ``runs.reading_config``)."""
-        from ...devices import resolve_device
         from ...runs import load_trained_with_test, reading_config
 
         run = Path(run)
-        device = resolve_device(ev.device)
+        device = rank_device(ev.device)   # under torchrun, this rank's GPU
         resolve_precision(ev.precision, device)  # a precision this device cannot run: refused before any loading
         cfg, trained = reading_config(run, options, image_size)
         cfg, method, train, test = load_trained_with_test(run, ev.weights, device, cfg=cfg)
@@ -148,7 +148,7 @@ class EvalContext:
     def feature_sets(self, split: str, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
         """Several read-outs of ``split``, cached like ``features``; those missing come from one pass per batch."""
         keys = [self.feature_key(split, layer, pool) for layer, pool in reads]
-        out = [read_cache(self.run, key, self.version) for key in keys]
+        out = [broadcast_from_main(read_cache(self.run, key, self.version) if is_main() else None) for key in keys]
         todo = [i for i, f in enumerate(out) if f is None]
         if todo:
             images = (self.train if split == "train" else self.test).images

@@ -1,0 +1,119 @@
+"""Evaluation across processes: ``torchrun --nproc_per_node N -m genrep.cli probe|evaluate|sweep RUN``.
+
+Every rank runs the same evaluation. Feature extraction is split: the batches of a split (of the evaluation's
+batch size, in order) are dealt out round robin, batch j to rank j mod N, so each batch holds exactly the images it
+holds in one process, and the features are gathered back in order on every rank. On the CPU that makes them bit
+for bit one process's (the same kernels on the same shapes); on GPUs as equal as two runs of one process are.
+What follows the extraction (head training, the metrics) runs on every rank on the same gathered features, so
+every rank holds the same results without sending them; rank 0 alone holds the run's lock and writes
+(``genrep.io`` skips writes on the other ranks), and a feature cache rank 0 finds is broadcast from it, so ranks
+on nodes without a shared file system still agree. Not split yet (every rank computes them whole): sampling for
+FID/KID/IS, the likelihood, completion and the heads' training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..train.dist import DistInfo, cleanup, init_distributed
+
+_ACTIVE: list[tuple[DistInfo, torch.device]] = []
+
+
+def active() -> tuple[DistInfo, torch.device] | None:
+    """The evaluation's process group and this rank's device, while ``evaluation_group`` is open with N > 1."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def evaluation_group(device_name: str) -> Iterator[DistInfo]:
+    """Join torchrun's process group for an evaluation (a single process: nothing to join); non-main ranks write
+    nothing while it is open."""
+    from .. import io
+
+    info, device = init_distributed(device_name)
+    if not info.enabled:
+        yield info
+        return
+    _ACTIVE.append((info, device))
+    previous = io.set_writer(info.main)
+    finished = False
+    try:
+        yield info
+        finished = True
+    finally:
+        io.set_writer(previous)
+        _ACTIVE.pop()
+        cleanup(info, finished)
+
+
+def rank_device(device_name: str) -> torch.device:
+    """The device this rank evaluates on: torchrun's local GPU, or ``device_name`` resolved."""
+    group = active()
+    if group is not None:
+        return group[1]
+    from ..devices import resolve_device
+
+    return resolve_device(device_name)
+
+
+def my_batches(n: int, batch_size: int) -> list[int]:
+    """The starts of the batches this rank extracts (all of them in one process)."""
+    starts = list(range(0, n, batch_size))
+    group = active()
+    if group is None:
+        return starts
+    info, _ = group
+    return starts[info.rank::info.world]   # a rank past the last batch gets none, and gathers the others
+
+
+def gather_batches(local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
+    """This rank's concatenated batches (``my_batches``) -> all ``n`` rows in order, on every rank (CPU)."""
+    group = active()
+    if group is None:
+        return local
+    info, device = group
+    rows = [sum(min(batch_size, n - s) for s in range(0, n, batch_size)[r::info.world]) for r in range(info.world)]
+    width = max(rows)
+    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(info.world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    taken = [0] * info.world
+    for j, start in enumerate(range(0, n, batch_size)):
+        r, size = j % info.world, min(batch_size, n - start)
+        out[start:start + size] = parts[r][taken[r]:taken[r] + size].cpu()
+        taken[r] += size
+    return out
+
+
+def broadcast_from_main(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Rank 0's tensor (or None) on every rank: a cache entry rank 0 found stands for all."""
+    group = active()
+    if group is None:
+        return tensor
+    info, device = group
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]
+    header = torch.full((10,), -1, dtype=torch.int64, device=device)
+    if info.main and tensor is not None:
+        if tensor.dim() > 8 or tensor.dtype not in dtypes:
+            raise ValueError(f"cannot broadcast a {tensor.dtype} tensor of {tensor.dim()} dimensions")
+        header[0], header[1] = dtypes.index(tensor.dtype), tensor.dim()
+        header[2:2 + tensor.dim()] = torch.tensor(tensor.shape)
+    dist.broadcast(header, src=0)
+    if int(header[0]) < 0:
+        return None
+    shape = tuple(int(s) for s in header[2:2 + int(header[1])])
+    buf = tensor.to(device) if info.main else torch.empty(shape, dtype=dtypes[int(header[0])], device=device)
+    dist.broadcast(buf, src=0)
+    return buf.cpu()
+
+
+def is_main() -> bool:
+    group = active()
+    return group is None or group[0].main
