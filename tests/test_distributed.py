@@ -79,3 +79,46 @@ def test_a_finished_run_ends_its_process_group_before_the_interpreter_exits(tmp_
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     # a file per rank: the two ranks' lines on one stdout pipe may interleave
     assert [(tmp_path / f"threads-{rank}").read_text() for rank in (0, 1)] == ["none", "none"]
+
+
+def _two_nodes(tmp_path, *args: str) -> list[subprocess.CompletedProcess]:
+    """``genrep ARGS`` as two one-process "nodes": two torchrun launchers meeting at a c10d rendezvous, the
+    README's multi-node command on one machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+              "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={tmp_path.name}",
+              "-m", "genrep.cli", *args]
+    nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    done = []
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(launch, node.returncode, out, err))
+    return done
+
+
+@pytest.mark.slow
+def test_two_nodes_pretrain_and_evaluate_as_one_process(tmp_path):
+    """Pretraining and the evaluation over two launchers (c10d, gloo): the evaluation's extraction is dealt out by
+    batches and gathered, so the feature caches are one process's byte for byte, the results the same, and only
+    rank 0 writes and talks."""
+    run = tmp_path / "run"
+    args = ["--recipe", "supervised-digits", *ARGS, "--eval.batch_size=128"]
+    nodes = _two_nodes(tmp_path, "pretrain", "--out", str(run), *args)
+    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+    assert sum(n.stdout.count("genrep: done") for n in nodes) == 1
+    # one process on one thread, as each rank: the L-BFGS probe's sums depend on the thread count (0.3 points)
+    one_process = run_cli("probe", str(run), "--device", "cpu")   # 1,437 train images in 12 batches
+    assert one_process.returncode == 0, one_process.stderr
+    one = {p.name: p.read_bytes() for p in (run / "cache").iterdir()}
+    probe_one = json.loads((run / "results" / "probe.json").read_text())
+    for p in (run / "cache").iterdir():
+        p.unlink()
+    (run / "results" / "probe.json").unlink()
+    nodes = _two_nodes(tmp_path, "probe", str(run), "--device", "cpu")
+    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+    assert sum(n.stdout.count("results:") for n in nodes) == 1
+    assert {p.name: p.read_bytes() for p in (run / "cache").iterdir()} == one
+    probe_two = json.loads((run / "results" / "probe.json").read_text())
+    assert probe_two["headline"] == probe_one["headline"] and probe_two["knn"] == probe_one["knn"]
