@@ -130,21 +130,21 @@ def _folder_source(root: Path, settings: PackSettings) -> Source:
     return Source(str(root.resolve()), classes, dict(files_of), digest.hexdigest())
 
 
-def check_headers(source: Source, settings: PackSettings, workers: int, progress: bool) -> int:
-    """Every file's header read before any work (in ``workers`` processes): an image larger than genrep decodes or
-    one the centre crop cannot take is refused here; the channels of the set (1 if every image is grey) returned."""
+def check_headers(source: Source, settings: PackSettings, pool: ProcessPoolExecutor | None, progress: bool) -> int:
+    """Every file's header read before any work (in ``pool``'s processes, or this one): an image larger than genrep
+    decodes or one the centre crop cannot take is refused here; the channels of the set (1 if every image is grey)
+    returned."""
     if source.loaded is not None:
         return int(source.loaded["train"].shape[1])
     files = [str(f) for s in SPLITS for f, _ in source.items[s]]
     chunks = [files[i:i + 2048] for i in range(0, len(files), 2048)]
     job = _HeaderJob(settings.image_size if settings.resize == "center_crop" else None)
     grey = True
-    with _pool(workers) as pool:
-        for refusal, all_grey in _bar(pool.map(job, chunks) if pool else map(job, chunks), len(chunks),
-                                      "headers", progress):
-            if refusal:
-                raise GenrepError(refusal)
-            grey = grey and all_grey
+    for refusal, all_grey in _bar(pool.map(job, chunks) if pool else map(job, chunks), len(chunks), "headers",
+                                  progress):
+        if refusal:
+            raise GenrepError(refusal)
+        grey = grey and all_grey
     return 1 if grey else 3
 
 
@@ -258,20 +258,30 @@ def pack(source: str, out: Path, settings: PackSettings, *, workers: int | None 
             "source_fingerprint": src.fingerprint, "settings": settings.__dict__,
             "source_counts": {s: len(src.items[s]) for s in SPLITS}}
     if (out / MANIFEST).is_file():
-        done = json.loads((out / MANIFEST).read_text())
+        done = _read_json(out / MANIFEST, out)
         if {k: done.get(k) for k in plan} == plan:
             say(f"{out} is already packed from {src.name} with these settings; nothing to do")
             return done
         raise GenrepError(f"OUT {out} already holds a pack of another source or other settings; choose a new folder")
     progress_dir = out / _PROGRESS
     if (progress_dir / "plan.json").is_file():
-        before = json.loads((progress_dir / "plan.json").read_text())
+        before = _read_json(progress_dir / "plan.json", out)
         if before != plan:
             raise GenrepError(f"OUT {out} holds an unfinished pack of another source or other settings; finish it "
                               f"with its own command, or choose a new folder")
-    channels = check_headers(src, settings, workers, progress)
-    atomic_write_json(progress_dir / "plan.json", plan, "the pack's plan")
+    # one pool for the headers and the shards: each spawned process imports genrep (and torch) once, not twice
+    with _pool(workers) as pool:
+        channels = check_headers(src, settings, pool, progress)
+        atomic_write_json(progress_dir / "plan.json", plan, "the pack's plan")
+        _pack_shards(out, src, settings, channels, pool, workers, progress, say)
+    return _finish(out, src, settings, plan, channels, say)
 
+
+def _pack_shards(out: Path, src: Source, settings: PackSettings, channels: int, pool: ProcessPoolExecutor | None,
+                 workers: int, progress: bool, say: Callable[[str], None]) -> None:
+    """Every shard not yet packed (a resumed pack keeps those whose file has its recorded sha256), each one's
+    record written after it."""
+    progress_dir = out / _PROGRESS
     tasks, names = [], []
     for s in SPLITS:
         items = src.items[s]
@@ -287,14 +297,24 @@ def pack(source: str, out: Path, settings: PackSettings, *, workers: int | None 
     for s in SPLITS:
         (out / s).mkdir(parents=True, exist_ok=True)
     job = _ShardJob(settings, channels)
-    total = sum(len(t[1]) for t in tasks)
+    total, parallel = sum(len(t[1]) for t in tasks), pool is not None and len(tasks) > 1
     if total:
-        say(f"packing {total:,} images into {len(tasks)} shards with {workers} processes")
-    with _pool(workers if len(tasks) > 1 else 1) as pool:
-        results = pool.map(job, tasks) if pool else map(job, tasks)
-        for (name, record), result in _bar(zip(names, results), len(tasks), "shards", progress):
-            atomic_write_json(record, {"file": name, **result}, "a shard's record")
-    return _finish(out, src, settings, plan, channels, say)
+        say(f"packing {total:,} images into {len(tasks)} shards with {workers if parallel else 1} processes")
+    results = pool.map(job, tasks) if parallel else map(job, tasks)
+    for (name, record), result in _bar(zip(names, results), len(tasks), "shards", progress):
+        atomic_write_json(record, {"file": name, **result}, "a shard's record")
+
+
+def _read_json(path: Path, out: Path) -> dict:
+    """A manifest or plan of OUT, read back to compare with this command's: one line where it is damaged."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GenrepError(f"OUT {out}: cannot read {path.relative_to(out)} ({_one_line(e, 120)}); pack into a new "
+                          f"folder") from None
+    if not isinstance(d, dict):
+        raise GenrepError(f"OUT {out}: {path.relative_to(out)} is not a JSON object; pack into a new folder")
+    return d
 
 
 def _still_valid(shard: Path, record: Path) -> bool:

@@ -226,10 +226,15 @@ class PackedImages:
             return self.decode(i % n)
         if isinstance(idx, slice):
             order = range(n)[idx]
-        elif isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
-            order = torch.nonzero(idx.cpu()).flatten().tolist()
-        else:
-            order = torch.as_tensor(idx).cpu().flatten().tolist()
+        else:   # a list, an array or a tensor: a bool mask (torch or NumPy) or integer positions
+            idx = torch.as_tensor(idx).cpu()
+            if idx.dtype == torch.bool:
+                if idx.shape != (n,):
+                    raise IndexError(f"a mask of shape {tuple(idx.shape)} does not fit {n} images")
+                idx = torch.nonzero(idx).flatten()
+            elif idx.is_floating_point() or idx.is_complex():
+                raise IndexError(f"images are indexed by integers or a bool mask, got {idx.dtype}")
+            order = idx.flatten().tolist()
         out = torch.empty((len(order), self.channels, self.size, self.size), dtype=torch.uint8)
         for k, i in enumerate(order):
             if not -n <= i < n:
