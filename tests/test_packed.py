@@ -302,11 +302,12 @@ def test_settings_out_of_range_are_refused():
         one_line(e)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_pack reads `args.quality or DEFAULT_QUALITY`: --quality 0 becomes "
-                                       "95 instead of being refused (the same for --shard-size 0)")
-def test_quality_zero_on_the_command_line_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--quality", "--shard-size"])
+def test_zero_quality_or_shard_size_on_the_command_line_is_refused(tmp_path, capsys, flag):
     out = tmp_path / "out"
-    assert main(["pack", "digits", str(out), "--image-size", "16", "--quality", "0", "--workers", "1"]) == 2
+    assert main(["pack", "digits", str(out), "--image-size", "16", flag, "0", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and flag in err
     assert not out.exists()
 
 

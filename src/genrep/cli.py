@@ -495,8 +495,8 @@ def cmd_pack(args, rest) -> int:
     from .data.pack import DEFAULT_QUALITY, DEFAULT_SHARD_SIZE, PackSettings, pack
 
     resize = args.resize or ("center_crop" if args.image_size is not None else "none")
-    settings = PackSettings(args.image_size, resize, args.quality or DEFAULT_QUALITY,
-                            args.shard_size or DEFAULT_SHARD_SIZE)
+    settings = PackSettings(args.image_size, resize, DEFAULT_QUALITY if args.quality is None else args.quality,
+                            DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size)
     if args.workers is not None and args.workers < 1:
         raise GenrepError(f"--workers must be at least 1, got {args.workers}")
     pack(args.source, args.out, settings, workers=args.workers)

@@ -344,9 +344,10 @@ def data_fingerprint(images: ImageSet) -> dict[str, str]:
             "images_sha256": sha}
 
 
-# a packed set's fitted state (a palette) is fitted on this many of its images, drawn with the run's seed: the
-# whole set is never decoded at once (iGPT's k-means also fits a sample of ImageNet's pixels)
-PREPARE_SAMPLE = 20_000
+# a packed set's fitted state (a palette) is fitted on a seeded sample of its images of at most this many bytes of
+# pixels: the whole set is never decoded at once (the palette's k-means reads at most a million pixels of it anyway;
+# iGPT's k-means also fits a sample of ImageNet's pixels)
+PREPARE_BYTES = 256 * 2 ** 20
 
 
 def prepare_images(train_set: ImageSet, generator: torch.Generator) -> torch.Tensor:
@@ -354,10 +355,11 @@ def prepare_images(train_set: ImageSet, generator: torch.Generator) -> torch.Ten
     from .data.packed import PackedImages
 
     x = train_set.images
-    if not isinstance(x, PackedImages) or len(x) <= PREPARE_SAMPLE:
-        return x if not isinstance(x, PackedImages) else x[:]
+    if not isinstance(x, PackedImages):
+        return x
+    n = max(1, min(len(x), PREPARE_BYTES // (x.shape[1] * x.shape[2] * x.shape[3])))
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(generator.initial_seed()))
-    return x[pick[:PREPARE_SAMPLE].sort().values]
+    return x[pick[:n].sort().values]
 
 
 def fit_prepared(method: Method, train_set: ImageSet, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
