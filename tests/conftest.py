@@ -117,6 +117,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
                                                 **(env or {})})
 
 
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``genrep ARGS`` through the CLI's main() in this interpreter, read like a finished process: for a test's
+    further cases after one in a fresh interpreter (each fresh interpreter costs seconds of imports)."""
+    import contextlib
+    import io
+
+    from genrep.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -126,5 +140,5 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0], (fragment, lines[0])
 
 
-__all__ = ["SHARED_DATA", "TINY", "TINY_RUN", "assert_one_line_error", "digits_recipe", "one_line", "recipe_names", "rng_images",
+__all__ = ["SHARED_DATA", "TINY", "TINY_RUN", "assert_one_line_error", "cli_in_process", "digits_recipe", "one_line", "recipe_names", "rng_images",
            "run_cli", "tiny_config"]
