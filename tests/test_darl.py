@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_one_line_error, one_line, run_cli, tiny_config
+from conftest import assert_one_line_error, cli_in_process, one_line, run_cli, tiny_config
 
 from genrep.data.batches import draw_random_inputs
 from genrep.errors import GenrepError
@@ -361,20 +361,22 @@ def test_a_run_is_probed_at_another_image_size(tmp_path):
     assert run_probes(run, progress=False, image_size=16, options={"rope_grid": 8})["rope_grid"] == 8  # given wins
     assert "trained_image_size" not in run_probes(run, progress=False, image_size=8)
 
+    # the first refusal as a user meets it, in a fresh interpreter; the others through the same main() in this one
+    # (a fresh interpreter per command was most of the test's time)
     proc = run_cli("probe", str(run), "--data.image_size", "15")
     assert_one_line_error(proc, "data.image_size 15 is not a multiple of model.patch_size 2")
-    proc = run_cli("probe", str(run), "--data.image_size", "4096")
+    proc = cli_in_process("probe", str(run), "--data.image_size", "4096")
     assert_one_line_error(proc, "data.image_size must be an integer from 1 to 1024", "got 4096")
-    proc = run_cli("evaluate", str(run), "--data.image_size", "16")
+    proc = cli_in_process("evaluate", str(run), "--data.image_size", "16")
     assert_one_line_error(proc, "got data.image_size; genrep probe RUN --data.image_size N reads a run at another size")
     learned = tmp_path / "learned"
     pretrain(tiny_config("darl", **{"train.steps": 1, "model.pos_embed": "learned"}), learned)
-    proc = run_cli("probe", str(learned), "--data.image_size", "16")
+    proc = cli_in_process("probe", str(learned), "--data.image_size", "16")
     assert_one_line_error(proc, "model.pos_embed learned gives absolute positions on the 4x4 patch grid of the trained "
                                 "8x8 images")
     genvit = tmp_path / "genvit"
     pretrain(tiny_config("genvit", **{"train.steps": 1}), genvit)
-    proc = run_cli("probe", str(genvit), "--data.image_size", "16")
+    proc = cli_in_process("probe", str(genvit), "--data.image_size", "16")
     assert_one_line_error(proc, "a trained genvit run reads only images of the size it was trained on (8x8), not "
                                 "16x16; of genrep's methods, darl and supervised can read other sizes")
     assert not (learned / "results").exists() and not (genvit / "results").exists()
