@@ -100,25 +100,39 @@ def _two_nodes(tmp_path, *args: str) -> list[subprocess.CompletedProcess]:
 
 @pytest.mark.slow
 def test_two_nodes_pretrain_and_evaluate_as_one_process(tmp_path):
-    """Pretraining and the evaluation over two launchers (c10d, gloo): the evaluation's extraction is dealt out by
-    batches and gathered, so the feature caches are one process's byte for byte, the results the same, and only
+    """Pretraining and the evaluation over two launchers (c10d, gloo). The evaluation deals out its batches (the
+    probes' extraction, the likelihood's noise draws, the completions' samples) and gathers them in order, each batch
+    with its own generator: the feature caches are one process's byte for byte and every number is the same; only
     rank 0 writes and talks."""
     run = tmp_path / "run"
-    args = ["--recipe", "supervised-digits", *ARGS, "--eval.batch_size=128"]
+    args = ["--recipe", "igpt-digits", *ARGS, "--model.colours=8"]
     nodes = _two_nodes(tmp_path, "pretrain", "--out", str(run), *args)
     assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
     assert sum(n.stdout.count("genrep: done") for n in nodes) == 1
+    evaluate = ["evaluate", str(run), "--eval.device=cpu", "--eval.protocols=probes,likelihood,completion",
+                "--eval.batch_size=128", "--eval.likelihood.n=300", "--eval.completion.n=3",
+                "--eval.completion.samples=1", "--eval.probes.sweep=false"]
     # one process on one thread, as each rank: the L-BFGS probe's sums depend on the thread count (0.3 points)
-    one_process = run_cli("probe", str(run), "--device", "cpu")   # 1,437 train images in 12 batches
+    one_process = run_cli(*evaluate)   # 12 train batches, 3 test batches, 3 likelihood batches, 1 completion batch
     assert one_process.returncode == 0, one_process.stderr
     one = {p.name: p.read_bytes() for p in (run / "cache").iterdir()}
-    probe_one = json.loads((run / "results" / "probe.json").read_text())
+    results_one = json.loads((run / "results" / "eval.json").read_text())["protocols"]
     for p in (run / "cache").iterdir():
         p.unlink()
-    (run / "results" / "probe.json").unlink()
-    nodes = _two_nodes(tmp_path, "probe", str(run), "--device", "cpu")
+    (run / "results" / "eval.json").unlink()
+    nodes = _two_nodes(tmp_path, *evaluate)
     assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
     assert sum(n.stdout.count("results:") for n in nodes) == 1
     assert {p.name: p.read_bytes() for p in (run / "cache").iterdir()} == one
-    probe_two = json.loads((run / "results" / "probe.json").read_text())
-    assert probe_two["headline"] == probe_one["headline"] and probe_two["knn"] == probe_one["knn"]
+    results_two = json.loads((run / "results" / "eval.json").read_text())["protocols"]
+    for name in ("probes", "likelihood", "completion"):
+        assert _timeless(results_one[name]) == _timeless(results_two[name]), name
+
+
+def _timeless(result):
+    """A result without its timings (seconds differ from run to run)."""
+    if isinstance(result, dict):
+        return {k: _timeless(v) for k, v in result.items() if "seconds" not in k}
+    if isinstance(result, list):
+        return [_timeless(v) for v in result]
+    return result

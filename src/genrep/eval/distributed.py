@@ -1,14 +1,16 @@
 """Evaluation across processes: ``torchrun --nproc_per_node N -m genrep.cli probe|evaluate|sweep RUN``.
 
-Every rank runs the same evaluation. Feature extraction is split: the batches of a split (of the evaluation's
-batch size, in order) are dealt out round robin, batch j to rank j mod N, so each batch holds exactly the images it
-holds in one process, and the features are gathered back in order on every rank. On the CPU that makes them bit
-for bit one process's (the same kernels on the same shapes); on GPUs as equal as two runs of one process are.
-What follows the extraction (head training, the metrics) runs on every rank on the same gathered features, so
-every rank holds the same results without sending them; rank 0 alone holds the run's lock and writes
-(``genrep.io`` skips writes on the other ranks), and a feature cache rank 0 finds is broadcast from it, so ranks
-on nodes without a shared file system still agree. Not split yet (every rank computes them whole): sampling for
-FID/KID/IS, the likelihood, completion and the heads' training.
+Every rank runs the same evaluation. What scales with the data is split: the batches of feature extraction, of
+sampling for FID/KID/IS, of the likelihood and of completion (of the evaluation's batch size, in order) are dealt out
+round robin, batch j to rank j mod N, so each batch holds exactly the images it holds in one process, and the
+results are gathered back in order on every rank. A batch that draws noise draws it from its own generator, seeded
+by (eval.seed, the batch), so it draws the same numbers on whichever rank computes it. On the CPU that makes every
+number one process's, bit for bit (the same kernels on the same shapes; tested over two launchers); on GPUs as
+equal as two runs of one process are. What follows (head training, the metrics) runs on every rank on the same
+gathered tensors, so every rank holds the same results without sending them; rank 0 alone holds the run's lock and
+writes (``genrep.io`` skips writes on the other ranks), and a feature cache rank 0 finds is broadcast from it, so
+ranks on nodes without a shared file system still agree. Not split yet (every rank computes them whole): the heads'
+training, FID's reference features of the training set, the OOD scores' own passes and the energy histograms.
 """
 
 from __future__ import annotations
@@ -117,3 +119,34 @@ def broadcast_from_main(tensor: torch.Tensor | None) -> torch.Tensor | None:
 def is_main() -> bool:
     group = active()
     return group is None or group[0].main
+
+
+def batch_generator(seed: int, start: int, batch_size: int) -> torch.Generator:
+    """The CPU generator of the batch of a split that starts at ``start``: one per batch, so a batch draws the same
+    numbers on whichever rank computes it (sampling, the likelihood's noise, completions)."""
+    from ..data.batches import mix_seed
+
+    return torch.Generator().manual_seed(mix_seed(seed, start // batch_size, 0xE7A1))
+
+
+def map_batches(n: int, batch_size: int, fn, tail: tuple[int, ...], dtype: torch.dtype, *, progress: bool = False,
+                desc: str = "batches") -> torch.Tensor:
+    """``fn(start, size)`` -> ``[size, *tail]`` for this rank's batches of ``n`` rows (every batch in one process),
+    gathered in order on every rank, on the CPU."""
+    starts = my_batches(n, batch_size)
+    if progress and is_main():
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False, disable=None)
+    parts = [fn(i, min(batch_size, n - i)).cpu() for i in starts]
+    local = torch.cat(parts) if parts else torch.empty((0, *tail), dtype=dtype)
+    return gather_batches(local, n, batch_size)
+
+
+def all_max(value: float) -> float:
+    """The largest of every rank's ``value``."""
+    group = active()
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=group[1])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)

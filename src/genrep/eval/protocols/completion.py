@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ...errors import GenrepError
 from ...fields import setting
+from ..distributed import all_max, batch_generator, map_batches
 from .context import EvalContext
 
 MASKS = ("top_half", "random_patches")
@@ -108,27 +109,27 @@ def errors(completed: Tensor, original: Tensor, keep: Tensor) -> tuple[Tensor, T
     return mse, psnr(mse)
 
 
-def complete(ctx: EvalContext, x: Tensor, keep: Tensor, generator: torch.Generator) -> tuple[Tensor, float]:
+def complete(ctx: EvalContext, x: Tensor, keep: Tensor, seed: int) -> tuple[Tensor, float]:
     """The method's completions of ``x`` [N, C, H, W] (float in [0, 1], CPU) in batches of ``eval.batch_size``,
-    hidden pixels zeroed before the method sees them and given pixels pasted back; and the largest change the
-    method made to a given pixel."""
+    each batch drawing from its own generator seeded by (``seed``, the batch), so under torchrun the batches are
+    dealt out over the processes; hidden pixels zeroed before the method sees them and given pixels pasted back;
+    and the largest change the method made to a given pixel."""
     bs = ctx.ev.batch_size
-    starts = range(0, len(x), bs)
-    if ctx.progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=f"completing {len(x)} images", unit="batch", leave=False, disable=None)
-    out, moved = [], 0.0
+    moved = [0.0]
     ctx.method.eval()
+
+    def one(i: int, size: int) -> Tensor:
+        xb, kb = x[i:i + size].to(ctx.device), keep[i:i + size].to(ctx.device)
+        y = ctx.method.complete(xb * kb, kb, generator=batch_generator(seed, i, bs)).float()
+        k = kb.expand_as(y)
+        if k.any():
+            moved[0] = max(moved[0], float((y - xb)[k].abs().max()))
+        return torch.where(k, xb, y)
+
     with torch.no_grad():
-        for i in starts:
-            xb, kb = x[i:i + bs].to(ctx.device), keep[i:i + bs].to(ctx.device)
-            given = xb * kb
-            y = ctx.method.complete(given, kb, generator=generator).float()
-            k = kb.expand_as(y)
-            if k.any():
-                moved = max(moved, float((y - xb)[k].abs().max()))
-            out.append(torch.where(k, xb, y).cpu())
-    return torch.cat(out), moved
+        out = map_batches(len(x), bs, one, tuple(x.shape[1:]), torch.float32, progress=ctx.progress,
+                          desc=f"completing {len(x)} images")
+    return out, all_max(moved[0])
 
 
 def figure_cells(originals: Tensor, keep: Tensor, completions: Tensor, samples: int) -> Tensor:
@@ -144,13 +145,14 @@ def figure_cells(originals: Tensor, keep: Tensor, completions: Tensor, samples: 
 def completions(ctx: EvalContext) -> tuple[Tensor, Tensor, Tensor, float]:
     """(originals [n, C, H, W], keep [n, 1, H, W], completions [n * samples, C, H, W], the largest change the
     method made to a given pixel); the completions of image i are rows i * samples ... (i + 1) * samples - 1.
-    One generator seeded by ``eval.seed`` draws the masks, then the completions."""
+    A generator seeded by ``eval.seed`` draws the masks; each batch of completions draws from its own."""
     s = ctx.ev.completion
     images, _ = ctx.test_subset(s.n)
     x = images.float() / 255
     g = torch.Generator().manual_seed(ctx.ev.seed)
     keep = make_keep(len(x), x.shape[2], x.shape[3], s, g)  # one mask per image, shared by its completions
-    completed, moved = complete(ctx, x.repeat_interleave(s.samples, 0), keep.repeat_interleave(s.samples, 0), g)
+    completed, moved = complete(ctx, x.repeat_interleave(s.samples, 0), keep.repeat_interleave(s.samples, 0),
+                                ctx.ev.seed)
     return x, keep, completed, moved
 
 

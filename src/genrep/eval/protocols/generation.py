@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ...fields import setting
+from ..distributed import batch_generator, map_batches
 from .context import EvalContext
 
 EXTRACTORS = ("inception", "classifier")
@@ -41,15 +42,17 @@ def check(ctx: EvalContext) -> None:
 
 
 def draw(ctx: EvalContext, n: int) -> torch.Tensor:
-    """``n`` samples as uint8 on the CPU, drawn in batches of ``eval.batch_size`` from one seeded generator."""
-    bs = ctx.ev.batch_size
-    g = torch.Generator().manual_seed(ctx.ev.seed)
-    batches = range(0, n, bs)
-    if ctx.progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc=f"sampling {n} images", unit="batch", leave=False, disable=None)
-    chunks = [(ctx.method.sample(min(bs, n - i), generator=g) * 255).round().to(torch.uint8).cpu() for i in batches]
-    return torch.cat(chunks)
+    """``n`` samples as uint8 on the CPU, drawn in batches of ``eval.batch_size``, each from its own generator
+    seeded by (``eval.seed``, the batch): under torchrun the batches are dealt out over the processes, and the
+    samples are the same for any number of them."""
+    bs, d = ctx.ev.batch_size, ctx.method.data
+
+    def one(start: int, size: int) -> torch.Tensor:
+        g = batch_generator(ctx.ev.seed, start, bs)
+        return (ctx.method.sample(size, generator=g) * 255).round().to(torch.uint8)
+
+    return map_batches(n, bs, one, (d.channels, d.image_size, d.image_size), torch.uint8, progress=ctx.progress,
+                       desc=f"sampling {n} images")
 
 
 def run(ctx: EvalContext) -> dict:

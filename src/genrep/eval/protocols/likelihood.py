@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...fields import setting
+from ..distributed import batch_generator, map_batches
 from ..features import image_batches
 from .context import EvalContext
 
@@ -45,11 +46,15 @@ def _mean_sem(x: torch.Tensor) -> tuple[float, float]:
 def run(ctx: EvalContext) -> dict:
     images, _ = ctx.test_subset(ctx.ev.likelihood.n)
     ctx.method.eval()
-    # one CPU generator for the whole pass, as the OOD bpd score: the same images give the same estimate
-    g = torch.Generator().manual_seed(ctx.ev.seed)
-    nll = torch.cat([ctx.method.nll(x, generator=g).double().cpu()
-                     for x in image_batches(images, ctx.ev.batch_size, ctx.device, progress=ctx.progress,
-                                            desc="likelihood")])
+    bs = ctx.ev.batch_size
+
+    # a generator per batch, seeded by (eval.seed, the batch): the same images give the same estimate, in one
+    # process or dealt out over several
+    def one(start: int, size: int) -> torch.Tensor:
+        x = next(image_batches(images[start:start + size], size, ctx.device))
+        return ctx.method.nll(x, generator=batch_generator(ctx.ev.seed, start, bs)).double()
+
+    nll = map_batches(len(images), bs, one, (), torch.float64, progress=ctx.progress, desc="likelihood")
     cs = ctx.method.capability_settings("nll")
     out = {"n": len(nll), "terms": nll_terms(cs), "unit": cs.get("unit", UNIT), "nll": cs}
     if "bits_per_token_factor" in cs:  # a model of quantized tokens: bits per token first, per sub-pixel beside
