@@ -456,6 +456,31 @@ def test_a_packed_set_cannot_be_device_resident(tmp_path, digits_pack):
     assert not (tmp_path / "run").exists()
 
 
+def test_batches_decoded_on_the_device_train_as_those_decoded_in_the_workers(tmp_path, digits_pack):
+    """data.decode device (nvjpeg on CUDA) runs here on the CPU: the workers hand over the JPEG bytes and the
+    training process decodes the batch in one torchvision call; the same pixels, so the same weights. A grey pack,
+    or one that needs resizing at the read size, is refused for it in one line."""
+    src = tree(tmp_path / "src", {"train": {"a": 24, "b": 24}, "val": {"a": 4, "b": 4}}, mode="RGB")
+    colour = tmp_path / "colour"
+    pack(str(src), colour, PackSettings(8, "center_crop", 95, 16), workers=1, progress=False, say=quiet)
+    runs = {}
+    for place in ("workers", "device"):
+        cfg = tiny_config("simclr", **{"data.name": f"packed:{colour}", "train.steps": 3, "train.batch_size": 16,
+                                       "data.num_workers": 1, "data.decode": place})
+        pretrain(cfg, tmp_path / place)
+        runs[place] = _weights(tmp_path / place)
+    _assert_same_weights(runs["workers"], runs["device"])
+    refused = [(f"packed:{colour}", {"data.image_size": 4}, "not 4x4 squares as packed"),
+               (f"packed:{digits_pack}", {"data.image_size": 16}, "it is grey")]
+    for name, extra, why in refused:
+        cfg = tiny_config("simclr", **{"data.name": name, "train.steps": 1, "train.batch_size": 16,
+                                       "data.num_workers": 0, "data.decode": "device", **extra})
+        with pytest.raises(GenrepError, match=why) as e:
+            pretrain(cfg, tmp_path / "refused")
+        one_line(e)
+        assert not (tmp_path / "refused").exists()
+
+
 # ----------------------------------------------------------------------------------------------- 8. memory
 # The child caps its data segment first, checks that the cap is real (the train split decoded whole at 1,024 px,
 # 1,437 x 1 x 1024 x 1024 bytes = 1.5 GB, cannot even be allocated beside the ~0.75 GB torch takes on import), then

@@ -16,7 +16,7 @@ DEFAULT_RECIPE = "hybvit-digits"  # the product's point is the hybrid
 # (to recover from a NaN); never the model, the data or anything else the checkpoint was trained with.
 RESUMABLE_KEYS = ("train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.progress",
                   "train.tensorboard", "train.device", "train.compile", "train.keep_checkpoints",
-                  "data.num_workers", "data.device_resident", "data.root", "data.download",
+                  "data.num_workers", "data.device_resident", "data.decode", "data.root", "data.download",
                   "optim.lr", "optim.min_lr", "optim.clip_grad",
                   "train.eval_every", "train.eval_metrics", "train.eval_n", "train.eval_samples")
 

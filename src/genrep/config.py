@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .data.packed import DECODE_PLACES
 from .data.resize import RESIZES
 from .errors import GenrepError
 from .eval.features import PRECISIONS
@@ -64,6 +65,10 @@ class DataConfig:
     download: bool = True
     device_resident: bool | None = None  # None: on the device when the uint8 set fits comfortably
     num_workers: int = setting(2, min=0, max=256)  # only for the streaming (not device-resident) path
+    # where a packed set's JPEGs are decoded for training: workers (the DataLoader's processes, on the CPU), device
+    # (the training device, one batched call: nvjpeg on CUDA), auto (device on CUDA for a colour pack that is square
+    # at the read size, else workers)
+    decode: str = setting("auto", choices=DECODE_PLACES)
 
 
 @dataclass

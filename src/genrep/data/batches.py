@@ -119,11 +119,13 @@ class TrainBatches:
     s = ``plan.streams`` local batches of b images back to back."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, device: torch.device,
-                 resident: bool | None = None, num_workers: int = 2):
-        from .packed import PackedImages
+                 resident: bool | None = None, num_workers: int = 2, decode: str = "auto"):
+        from .packed import PackedImages, decode_on_device
 
         self.plan, self.device, self.num_workers = plan, device, num_workers
-        if isinstance(images, PackedImages):   # decoded per batch, in the workers: never whole in memory
+        self.decode_here = False   # a packed set's JPEGs decoded on the device, batched, not in the workers
+        if isinstance(images, PackedImages):   # decoded per batch: never whole in memory
+            self.decode_here = decode_on_device(images, decode, device)
             if resident:
                 raise GenrepError(f"data.device_resident true cannot hold packed:{images.root} on the device; it is "
                                   f"read image by image: drop the key or set it to false")
@@ -145,12 +147,16 @@ class TrainBatches:
                 idx = perm[:, i:i + plan.local_batch].reshape(-1)
                 yield step, self.images.index_select(0, idx), self.labels.index_select(0, idx)
             return
-        loader = DataLoader(_Images(self.images, self.labels), batch_sampler=_StepSampler(self.plan, start, stop),
+        from .packed import _Records, decode_batch
+
+        source = _Records(self.images, self.labels) if self.decode_here else _Images(self.images, self.labels)
+        loader = DataLoader(source, batch_sampler=_StepSampler(self.plan, start, stop),
                             collate_fn=_collate, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None,
-                            persistent_workers=False)
+                            pin_memory=self.device.type == "cuda" and not self.decode_here,
+                            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
         for step, (x, y) in zip(range(start, stop), loader):
-            yield step, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = decode_batch(x, self.images, self.device) if self.decode_here else x.to(self.device, non_blocking=True)
+            yield step, x, y.to(self.device, non_blocking=True)
 
 
 def make_views(images: torch.Tensor, views: dict[str, str], seed: int, step: int, start: int,

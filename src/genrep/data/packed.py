@@ -32,6 +32,7 @@ from .resize import CENTER_CROP, center_crop_tensor, check_center_crop
 from .shard_store import BACKEND, ShardReader
 
 MANIFEST = "manifest.json"
+DECODE_PLACES = ("auto", "workers", "device")
 FORMAT, VERSION = "genrep-packed", 1
 PREFIX = "packed:"
 _HASH_CHUNK = 1 << 22
@@ -167,6 +168,7 @@ class PackedImages:
     def __init__(self, root: Path, m: dict, split: str, size: int, resize: str):
         entry = m["splits"][split]
         self.root, self.split, self.size, self.resize = Path(root), split, size, resize
+        self.packed_size = m.get("image_size")   # the side of a square pack (center_crop), else None
         self.channels = int(m["channels"])
         self.files = [_relative(self.root, sh["file"]) for sh in entry["shards"]]
         self.ends = np.cumsum([int(sh["count"]) for sh in entry["shards"]])
@@ -323,3 +325,49 @@ def packed_batches(images: PackedImages, starts, batch_size: int, device: torch.
                         num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=2 if workers else None)
     yield from loader
+
+
+class _Records(torch.utils.data.Dataset):
+    """A batch's encoded images (uint8 byte tensors) and labels: what workers hand over for decoding on the device."""
+
+    def __init__(self, images: PackedImages, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, idx: list[int]):
+        return [torch.frombuffer(bytearray(self.images.record(i)), dtype=torch.uint8) for i in idx], self.labels[idx]
+
+
+def decode_on_device(images: PackedImages, place: str, device: torch.device) -> bool:
+    """Whether training decodes this packed set's batches on ``device`` (``data.decode``): ``device`` always
+    (a colour pack, square at the read size, one-line refusal otherwise), ``auto`` where that holds on CUDA."""
+    why = None
+    if images.channels != 3:
+        why = "it is grey (the batched decoder gives colour)"
+    elif images.packed_size != images.size:
+        why = (f"its images are not {images.size}x{images.size} squares as packed (packed "
+               f"{'at ' + str(images.packed_size) if images.packed_size else 'in several sizes'}): they are resized "
+               f"per image in the workers")
+    if place == "device" and why:
+        raise GenrepError(f"data.decode device cannot decode packed:{images.root} on the device: {why}; use "
+                          f"data.decode workers (or auto)")
+    return place == "device" or (place == "auto" and why is None and device.type == "cuda")
+
+
+def decode_batch(records: list[torch.Tensor], images: PackedImages, device: torch.device) -> torch.Tensor:
+    """A batch of JPEG records -> uint8 [n, 3, S, S] on ``device`` in one torchvision call (nvjpeg on CUDA)."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = decode_jpeg(records, mode=ImageReadMode.RGB, device=device)
+    want = (3, images.size, images.size)
+    for k, x in enumerate(out):
+        if tuple(x.shape) != want:
+            raise GenrepError(f"packed:{images.root}: an image of a batch decoded to {tuple(x.shape)}, not the pack's "
+                              f"{want}; the shard does not match its manifest: pack the source again")
+    return torch.stack(out)

@@ -139,7 +139,7 @@ class Trainer:
         self.plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.seed, self.info.rank, self.info.world,
                               streams=self.method.num_streams)
         self.batches = TrainBatches(train_set.images, train_set.labels, self.plan, self.device,
-                                    cfg.data.device_resident, cfg.data.num_workers)
+                                    cfg.data.device_resident, cfg.data.num_workers, cfg.data.decode)
         self.total_steps, self.warmup_steps = schedule(cfg, self.plan.steps_per_epoch)
         self.second_phase_start = phase_start(self.total_steps, cfg.optim.second_phase_at)
 
