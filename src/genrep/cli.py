@@ -513,8 +513,8 @@ def cmd_datasets(args, rest) -> int:
     for r in rows:
         print(f"{r['name']:<12} {'yes' if r['available'] else 'no':<8} {r.get('size', ''):<10} "
               f"{r['description']}  [{r['where']}]")
-    print("any local data set: --data.name npz:PATH (x_train, y_train, x_test, y_test) or folder:PATH "
-          "(one sub-folder per class)")
+    print("any local data set: --data.name npz:PATH (x_train, y_train, x_test, y_test), folder:PATH "
+          "(one sub-folder per class), or packed:PATH (genrep pack SOURCE PATH: read image by image, never whole)")
     return 0
 
 
