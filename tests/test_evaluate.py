@@ -39,13 +39,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory, one_thread) -> dict[str, Path]:
-    """One tiny trained run per registered method."""
+    """One tiny trained run per registered method: 10 steps, one checkpoint (the protocols need trained weights,
+    not good ones; 30 steps were a third of the time of training every method's run)."""
     base = tmp_path_factory.mktemp("runs")
     runs = {}
     for name in method_names():
         run = base / name
         options = {f"model.{k}": v for k, v in fast_options(name).items()}
-        pretrain(tiny_config(name, **{"train.steps": 30, **options}), run)
+        pretrain(tiny_config(name, **{"train.steps": 10, **options}), run)
         runs[name] = run
     return runs
 
