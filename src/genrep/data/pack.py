@@ -299,7 +299,8 @@ def _pack_shards(out: Path, src: Source, settings: PackSettings, channels: int, 
     job = _ShardJob(settings, channels)
     total, parallel = sum(len(t[1]) for t in tasks), pool is not None and len(tasks) > 1
     if total:
-        say(f"packing {total:,} images into {len(tasks)} shards with {workers if parallel else 1} processes")
+        used = workers if parallel else 1
+        say(f"packing {total:,} images into {len(tasks)} shards with {used} process{'es' if used > 1 else ''}")
     results = pool.map(job, tasks) if parallel else map(job, tasks)
     for (name, record), result in _bar(zip(names, results), len(tasks), "shards", progress):
         atomic_write_json(record, {"file": name, **result}, "a shard's record")
