@@ -398,7 +398,7 @@ def test_a_shard_changed_after_its_verification_is_caught(tmp_path, digits_pack,
     root = tmp_path / "copy"
     shutil.copytree(digits_pack, root)
     load_dataset(f"packed:{root}", "train")   # verified: stamps written under the module's own cache
-    assert any((own_cache / "packed-verified").iterdir())
+    assert any(p.name != ".lock" for p in (own_cache / "packed-verified").iterdir())
     shard = root / "train" / "train-00002.tar"
     before = shard.stat().st_mtime_ns
     _flip_a_byte(shard)
@@ -406,6 +406,42 @@ def test_a_shard_changed_after_its_verification_is_caught(tmp_path, digits_pack,
     with pytest.raises(GenrepError, match="train-00002.tar no longer matches its sha256") as e:
         load_dataset(f"packed:{root}", "train")
     one_line(e)
+
+
+def test_processes_opening_a_new_pack_together_hash_each_shard_once(tmp_path, digits_pack, monkeypatch):
+    """torchrun's ranks open the same pack at once: one verifies under the cache's flock, the others wait and find
+    its stamps, so a shard is read for its sha256 once per machine, not once per rank."""
+    import threading
+    import time
+
+    from genrep.data import packed
+
+    root = tmp_path / "copy"
+    shutil.copytree(digits_pack, root)
+    hashed, real = [], packed.file_sha256
+
+    def slow_sha256(path):
+        if path.suffix == ".tar":
+            hashed.append(path.name)
+            time.sleep(0.05)   # long enough for the other opener to arrive while this one hashes
+        return real(path)
+
+    monkeypatch.setattr(packed, "file_sha256", slow_sha256)
+    errors = []
+
+    def open_pack():
+        try:
+            load_dataset(f"packed:{root}", "train")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    openers = [threading.Thread(target=open_pack) for _ in range(2)]
+    for t in openers:
+        t.start()
+    for t in openers:
+        t.join()
+    assert not errors
+    assert sorted(hashed) == sorted(p.name for p in (root / "train").glob("*.tar"))
 
 
 # ----------------------------------------------------------------------------------------------- 7. training

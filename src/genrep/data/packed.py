@@ -17,6 +17,7 @@ process, so DataLoader workers decode in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -134,21 +135,45 @@ def verify_split(root: Path, m: dict, split: str, *, workers: int | None = None)
         raise _fail(root, f"{entry['labels']['file']} is missing or no longer matches its sha256 in the manifest; "
                           f"pack the source again")
     cache = _verified_cache()
-    todo = [sh for sh in shards if not (cache / _stamp(_relative(root, sh["file"]), sh["sha256"])).exists()]
-    if not todo:
+
+    def unverified() -> list[dict]:
+        return [sh for sh in shards if not (cache / _stamp(_relative(root, sh["file"]), sh["sha256"])).exists()]
+
+    if not unverified():
         return
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
-        digests = list(pool.map(lambda sh: file_sha256(_relative(root, sh["file"])), todo))
-    for sh, digest in zip(todo, digests):
-        if digest != sh["sha256"]:
-            raise _fail(root, f"shard {sh['file']} no longer matches its sha256 in the manifest (its bytes changed); "
-                              f"pack the source again or restore the file")
-    try:   # a cache, not a record: a read-only home only means verifying again next time
+    # the processes of a machine (torchrun's ranks) verify one at a time: the first hashes, the others find its stamps
+    with _one_verifier(cache):
+        todo = unverified()
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
+            digests = list(pool.map(lambda sh: file_sha256(_relative(root, sh["file"])), todo))
+        for sh, digest in zip(todo, digests):
+            if digest != sh["sha256"]:
+                raise _fail(root, f"shard {sh['file']} no longer matches its sha256 in the manifest (its bytes "
+                                  f"changed); pack the source again or restore the file")
+        try:   # a cache, not a record: a read-only home only means verifying again next time
+            for sh in todo:
+                (cache / _stamp(_relative(root, sh["file"]), sh["sha256"])).touch()
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _one_verifier(cache: Path):
+    """An exclusive flock on the verification cache's lock file while this process verifies (released when it
+    ends, however); where the cache cannot be made (a read-only home), no lock: each process verifies alone."""
+    import fcntl
+
+    try:
         cache.mkdir(parents=True, exist_ok=True)
-        for sh in todo:
-            (cache / _stamp(_relative(root, sh["file"]), sh["sha256"])).touch()
+        fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
-        pass
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # closing the descriptor drops the flock
 
 
 def read_labels(root: Path, m: dict, split: str) -> torch.Tensor:
