@@ -55,11 +55,12 @@ def image_batches(images: torch.Tensor, batch_size: int, device: torch.device | 
     from ..data.packed import PackedImages, packed_batches
 
     starts = range(0, len(images), batch_size) if starts is None else starts
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
     batches = (packed_batches(images, starts, batch_size, torch.device(device)) if isinstance(images, PackedImages)
                else (images[i:i + batch_size] for i in starts))
+    if progress:   # over the batches as they arrive (a packed set's loader takes all its starts at once)
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, total=len(starts), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                       disable=None)
     for x in batches:
         yield x.to(device, non_blocking=True).float().div_(255)
 
