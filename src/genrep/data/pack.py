@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import GenrepError
 from ..io import atomic_write_bytes, atomic_write_json, check_can_write, writing
 from .imageset import SPLITS, _GRAY_MODES, _one_line
+from .local_sets import MAX_FOLDER_PIXELS
 from .packed import BACKEND, FORMAT, MANIFEST, VERSION, file_sha256
 from .resize import center_crop_pil, center_crop_refusal
 from .shard_store import SHARD_SUFFIX, write_shard
@@ -44,7 +45,6 @@ from .shard_store import SHARD_SUFFIX, write_shard
 PACK_RESIZES = ("center_crop", "short_side", "none")
 DEFAULT_QUALITY, DEFAULT_SHARD_SIZE = 95, 1000
 _PROGRESS = ".pack"
-_MAX_PIXELS = 4096 * 4096   # as folder: (local_sets.MAX_FOLDER_PIXELS): refused from the header, never decoded
 _SKIPPED_SHOWN = 3
 
 
@@ -163,9 +163,9 @@ class _HeaderJob:
                     (w, h), mode = im.size, im.mode
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 continue   # unreadable: skipped (and counted) when its shard is packed
-            if w * h > _MAX_PIXELS:
-                return (f"{f} is {w}x{h} pixels, more than genrep decodes ({_MAX_PIXELS:,}); shrink it, or remove "
-                        f"it from the source"), grey
+            if w * h > MAX_FOLDER_PIXELS:
+                return (f"{f} is {w}x{h} pixels, more than genrep decodes ({MAX_FOLDER_PIXELS:,}); shrink it, or "
+                        f"remove it from the source"), grey
             if self.crop_size is not None and (why := center_crop_refusal(w, h, self.crop_size)):
                 return f"{f} {why}", grey
             grey = grey and mode in _GRAY_MODES
@@ -353,9 +353,9 @@ def _finish(out: Path, src: Source, settings: PackSettings, plan: dict, channels
     counts = ", ".join(f"{splits[s]['count']:,} {s}" for s in SPLITS)
     say(f"packed {counts} images of {len(src.classes)} classes into {out}; read it as --data.name packed:{out}")
     if skipped_all:
-        shown = "; ".join(skipped_all[:_SKIPPED_SHOWN])
-        say(f"skipped {len(skipped_all)} images that could not be decoded ({shown}{'; ...' if len(skipped_all) > _SKIPPED_SHOWN else ''});"
-            f" all are listed under 'skipped' in {out / MANIFEST}")
+        shown = "; ".join(skipped_all[:_SKIPPED_SHOWN]) + ("; ..." if len(skipped_all) > _SKIPPED_SHOWN else "")
+        say(f"skipped {len(skipped_all)} images that could not be decoded ({shown}); all are listed under 'skipped' "
+            f"in {out / MANIFEST}")
     return manifest
 
 

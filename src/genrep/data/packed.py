@@ -414,7 +414,7 @@ def decode_batch(records: list[torch.Tensor], images: PackedImages, device: torc
         warnings.simplefilter("ignore")
         out = decode_jpeg(records, mode=ImageReadMode.RGB, device=device)
     want = (3, images.size, images.size)
-    for k, x in enumerate(out):
+    for x in out:
         if tuple(x.shape) != want:
             raise GenrepError(f"packed:{images.root}: an image of a batch decoded to {tuple(x.shape)}, not the pack's "
                               f"{want}; the shard does not match its manifest: pack the source again")
