@@ -1,7 +1,7 @@
 import torch
 from conftest import tiny_config
 
-from genrep.eval.features import cached_features, extract_features
+from genrep.eval.features import cached_feature_sets, extract_features
 from genrep.methods import DataSpec, build_method
 
 
@@ -19,10 +19,13 @@ def test_cache_is_reused_only_for_the_same_weights(tmp_path):
     calls = []
 
     def compute(value):
-        def f():
+        def f(todo, spill, record):
             calls.append(value)
-            return torch.full((2, 3), float(value))
+            return [torch.full((2, 3), float(value))]
         return f
+
+    def cached_features(run, key, version, extract):
+        return cached_feature_sets(run, [key], version, extract)[0]
 
     assert cached_features(tmp_path, "k", "ema@10", compute(1))[0, 0] == 1
     assert cached_features(tmp_path, "k", "ema@10", compute(2))[0, 0] == 1  # hit

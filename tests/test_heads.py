@@ -16,12 +16,12 @@ from genrep.eval.metrics.heads import (
     MAP_HEADS,
     HeadResult,
     HeadSpec,
-    _feature_stats,
     build_head,
     head_params,
     train_head,
 )
 from genrep.eval.metrics.probes import standardize
+from genrep.eval.metrics.rows import feature_stats
 
 # tiny problems: on a shared 2-core machine intra-op threads mostly wait on each other
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -154,10 +154,10 @@ def test_bad_data_is_a_one_line_error():
 
 def test_vector_statistics_are_probes_standardize():
     x = torch.randn(300, 9) * torch.arange(1, 10) + 4
-    mean, scale = _feature_stats(x)
+    mean, scale = feature_stats(x)
     torch.testing.assert_close((x - mean) * scale, standardize(x)[0])
     m = torch.randn(50, 3, 5, 5) * torch.tensor([1.0, 3.0, 0.2]).view(3, 1, 1) + 2
-    mean, scale = _feature_stats(m)
+    mean, scale = feature_stats(m)
     z = (m - mean) * scale
     torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)

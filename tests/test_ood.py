@@ -502,7 +502,8 @@ def test_an_ood_set_missing_offline_is_one_line_before_any_work(tmp_path, monkey
         work.append(args)
         raise AssertionError("features extracted or scores computed before the preflight failed")
 
-    for module, fn in ((context, "cached_features"), (context, "extract_features"), (ood, "method_scores")):
+    for module, fn in ((context, "cached_feature_sets"), (context, "extract_features"),
+                       (context, "extract_feature_sets"), (ood, "method_scores")):
         monkeypatch.setattr(module, fn, no_work)
     # the OOD protocol's sets; the similarity protocol's t-SNE, which draws its OOD points from the first set
     for protocols, sets in (("probes,ood,similarity", f"noise,{missing}"), ("probes,similarity", missing)):

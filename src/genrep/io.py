@@ -93,6 +93,10 @@ def _remove(path: Path) -> None:
 _WRITER = [True]
 
 
+def is_writer() -> bool:
+    return _WRITER[0]
+
+
 def set_writer(flag: bool) -> bool:
     """Whether this process writes genrep's files; returns the previous setting."""
     previous, _WRITER[0] = _WRITER[0], bool(flag)
@@ -109,11 +113,16 @@ def _atomic(path: Path, write: Callable[[str], None], what: str | None = None) -
         os.close(fd)
         partial.append(Path(tmp))
         write(tmp)
-        # mkstemp makes 0600 files (and safetensors makes its file anew): give the permissions open() would
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        sync_as_written(tmp)
         os.replace(tmp, path)
+
+
+def sync_as_written(tmp) -> None:
+    """A finished temporary before its rename: the permissions open() would have given (mkstemp makes 0600 files,
+    and safetensors makes its file anew), then fsync."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes, what: str | None = None) -> None:

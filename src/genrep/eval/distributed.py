@@ -16,7 +16,8 @@ training, FID's reference features of the training set, the OOD scores' own pass
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from ..train.dist import DistInfo, cleanup, init_distributed
 
 _ACTIVE: list[tuple[DistInfo, torch.device]] = []
+BROADCAST_BYTES = 64 << 20  # a float16 feature file crosses to the other ranks in blocks of about this size
 
 
 def active() -> tuple[DistInfo, torch.device] | None:
@@ -73,29 +75,44 @@ def my_batches(n: int, batch_size: int) -> list[int]:
     return starts[info.rank::info.world]   # a rank past the last batch gets none, and gathers the others
 
 
-def gather_batches(local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
-    """This rank's concatenated batches (``my_batches``) -> all ``n`` rows in order, on every rank (CPU)."""
+Shapes = Callable[[], list[tuple[tuple[int, ...], torch.dtype]]]
+
+
+def gathered(n: int, batch_size: int, local: Iterator[list[torch.Tensor]],
+             shapes: Shapes) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Every batch of ``n`` rows as (start, its tensors on the CPU), in order, on every rank. ``local`` yields this
+    rank's batches (``my_batches``) in order; the others' arrive round by round (one batch from each rank per
+    round), so no rank ever holds more than one round: features too large for memory go to a file as they come.
+    ``shapes()``: (row shape, dtype) of each tensor, asked only of a rank with no batch to take a shape from."""
+    starts = list(range(0, n, batch_size))
     group = active()
     if group is None:
-        return local
+        yield from zip(starts, local)
+        return
     info, device = group
-    rows = [sum(min(batch_size, n - s) for s in range(0, n, batch_size)[r::info.world]) for r in range(info.world)]
-    width = max(rows)
-    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[:len(local)] = local.to(device)
-    parts = [torch.empty_like(padded) for _ in range(info.world)]
-    dist.all_gather(parts, padded)
-    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
-    taken = [0] * info.world
-    for j, start in enumerate(range(0, n, batch_size)):
-        r, size = j % info.world, min(batch_size, n - start)
-        out[start:start + size] = parts[r][taken[r]:taken[r] + size].cpu()
-        taken[r] += size
-    return out
+    like = None
+    for first in range(0, len(starts), info.world):
+        outs = next(local) if first + info.rank < len(starts) else None
+        if like is None:
+            like = [(tuple(t.shape[1:]), t.dtype) for t in outs] if outs is not None else shapes()
+        received = []
+        for i, (shape, dtype) in enumerate(like):
+            padded = torch.zeros((batch_size, *shape), dtype=dtype, device=device)
+            if outs is not None:
+                padded[:len(outs[i])] = outs[i].to(device)
+            parts = [torch.empty_like(padded) for _ in range(info.world)]
+            dist.all_gather(parts, padded)
+            received.append(parts)
+        for r, start in enumerate(starts[first:first + info.world]):
+            size = min(batch_size, n - start)
+            yield start, [parts[r][:size].cpu() for parts in received]
 
 
 def broadcast_from_main(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """Rank 0's tensor (or None) on every rank: a cache entry rank 0 found stands for all."""
+    """Rank 0's tensor (or None) on every rank: a cache entry rank 0 found stands for all. A float16 feature file
+    is sent in blocks of rows into a file of each rank's own (``feature_store``), never whole through memory."""
+    from .feature_store import anonymous_array
+
     group = active()
     if group is None:
         return tensor
@@ -111,9 +128,20 @@ def broadcast_from_main(tensor: torch.Tensor | None) -> torch.Tensor | None:
     if int(header[0]) < 0:
         return None
     shape = tuple(int(s) for s in header[2:2 + int(header[1])])
-    buf = tensor.to(device) if info.main else torch.empty(shape, dtype=dtypes[int(header[0])], device=device)
-    dist.broadcast(buf, src=0)
-    return buf.cpu()
+    dtype = dtypes[int(header[0])]
+    if dtype != torch.float16:   # float16 is a feature file's (feature_store.is_mapped)
+        buf = tensor.to(device) if info.main else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(buf, src=0)
+        return buf.cpu()
+    out = tensor if info.main else anonymous_array(shape)
+    step = max(1, BROADCAST_BYTES // max(1, 2 * math.prod(shape[1:])))
+    for s in range(0, shape[0], step):
+        buf = out[s:s + step].to(device) if info.main else torch.empty((min(step, shape[0] - s), *shape[1:]),
+                                                                      dtype=dtype, device=device)
+        dist.broadcast(buf, src=0)
+        if not info.main:
+            out[s:s + len(buf)] = buf.cpu()
+    return out
 
 
 def is_main() -> bool:
@@ -137,9 +165,11 @@ def map_batches(n: int, batch_size: int, fn, tail: tuple[int, ...], dtype: torch
     if progress and is_main():
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=desc, unit="batch", leave=False, disable=None)
-    parts = [fn(i, min(batch_size, n - i)).cpu() for i in starts]
-    local = torch.cat(parts) if parts else torch.empty((0, *tail), dtype=dtype)
-    return gather_batches(local, n, batch_size)
+    out = torch.empty((n, *tail), dtype=dtype)
+    local = ([fn(i, min(batch_size, n - i)).cpu()] for i in starts)
+    for start, (rows,) in gathered(n, batch_size, local, lambda: [(tail, dtype)]):
+        out[start:start + len(rows)] = rows
+    return out
 
 
 def all_max(value: float) -> float:

@@ -42,6 +42,7 @@ from ...devices import resolve_device
 from ...errors import GenrepError
 from ...nn.transformer import Block
 from .probes import _check_labels, _check_num_classes, _positive_float, _positive_int
+from .rows import Moments, bad_rows, feature_stats
 
 __all__ = ["HEADS", "MAP_HEADS", "OPTIMIZERS", "AttentionHead", "ConvHead", "HeadResult", "HeadSpec", "build_head",
            "head_params", "train_head", "train_head_streamed"]
@@ -240,10 +241,6 @@ def head_params(spec: HeadSpec, in_shape: tuple[int, ...], num_classes: int) -> 
 # training
 
 
-def _rows_per_chunk(x: Tensor) -> int:
-    return max(1, (1 << 22) // max(1, x[0].numel()))  # ~4M elements: bounded float32/float64 temporaries
-
-
 def _check_x(x, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise GenrepError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -257,49 +254,10 @@ def _check_x(x, name: str) -> Tensor:
 
 
 def _check_finite(x: Tensor, name: str) -> None:
-    """Chunked, so a float16 cache is never copied whole to float32."""
-    step = _rows_per_chunk(x)
-    bad = sum(int((~torch.isfinite(x[s:s + step].float())).flatten(1).any(dim=1).sum())
-              for s in range(0, x.shape[0], step))
+    bad = bad_rows(x)
     if bad:
         raise GenrepError(f"{name} has non-finite values (NaN/inf) in {bad} of {x.shape[0]} rows; "
                           "drop or fix those rows before training a head")
-
-
-class _Moments:
-    """Mean and population variance merged chunk by chunk in float64 (Chan et al.), per feature for [N, D], per
-    channel (over N, H, W) for [N, C, H, W], so no full-size copy is ever made."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2, self.ndim = 0, 0.0, 0.0, None
-
-    def add(self, chunk: Tensor) -> None:
-        chunk = chunk.double()
-        self.ndim = chunk.ndim
-        dims = (0,) if chunk.ndim == 2 else (0, 2, 3)
-        n = chunk.numel() // chunk.shape[1]
-        var_c, mean_c = torch.var_mean(chunk, dim=dims, unbiased=False)
-        delta = mean_c - self.mean
-        total = self.count + n
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + var_c * n + delta.square() * (self.count * n / total)
-        self.count = total
-
-    def norm(self, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-        """(mean, 1 / (std + eps)), float32, shaped to broadcast over a batch ([D] or [C, 1, 1])."""
-        scale = 1.0 / ((self.m2 / self.count).sqrt() + eps)
-        shape = (-1,) if self.ndim == 2 else (-1, 1, 1)
-        return self.mean.float().view(shape), scale.float().view(shape)
-
-
-def _feature_stats(x: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """(mean, 1 / (std + eps)) of the train features, per feature for [N, D], per channel for [N, C, H, W]
-    (shaped [C, 1, 1] to broadcast).  std is the population std, as :func:`probes.standardize`."""
-    moments = _Moments()
-    step = _rows_per_chunk(x)
-    for s in range(0, x.shape[0], step):
-        moments.add(x[s:s + step])
-    return moments.norm(eps)
 
 
 def _batch(x: Tensor, norm: tuple[Tensor, Tensor] | None, device: torch.device) -> Tensor:
@@ -430,7 +388,7 @@ def train_head(spec: HeadSpec, train_x: Tensor, train_y: Tensor, test_x: Tensor,
     _check_finite(test_x, "test_x")
     autocast = bool(bf16) and device.type == "cuda"
 
-    norm = tuple(t.to(device) for t in _feature_stats(train_x)) if standardize else None
+    norm = tuple(t.to(device) for t in feature_stats(train_x)) if standardize else None
     head, _ = _fit(spec, in_shape, num_classes, train_y, lambda idx, _epoch: train_x[idx.to(train_x.device)], norm,
                    **schedule, seed=seed, device=device, autocast=autocast)
     eval_batch = 4 * batch_size  # no activations kept for backward: larger chunks fit
@@ -467,7 +425,7 @@ def train_head_streamed(spec: HeadSpec, in_shape: tuple[int, ...], train_y: Tens
     autocast = bool(bf16) and device.type == "cuda"
     norm = None
     if stats_batches is not None:
-        moments = _Moments()
+        moments = Moments()
         for x in stats_batches():
             moments.add(x)
         norm = tuple(t.to(device) for t in moments.norm())

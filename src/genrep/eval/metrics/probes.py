@@ -55,6 +55,7 @@ from torch import Tensor
 
 from ...errors import GenrepError
 from .lars import LARS
+from .rows import Rows, bad_rows, streams
 
 __all__ = ["LR_SCHEDULES", "SOLVERS", "LinearProbeResult", "knn_classify", "knn_predict", "linear_probe", "standardize"]
 
@@ -115,7 +116,11 @@ def _as_tensor(x, name: str) -> Tensor:
         raise GenrepError(f"{name} must be a tensor (or array-like), got {type(x).__name__}") from exc
 
 
-def _check_features(x, name: str, device: torch.device | None = None) -> Tensor:
+def _check_features(x, name: str, device: torch.device | None = None) -> Tensor | Rows:
+    """The features as float32 on ``device`` (default: where they are), or, for a half-precision matrix on the CPU
+    (a float16 cache mapped from its file), :class:`Rows` reading it in blocks onto that device."""
+    if isinstance(x, Rows):
+        return x
     x = _as_tensor(x, name)
     if x.ndim != 2:
         raise GenrepError(f"{name} must be a 2-D feature tensor [N, D], got shape {tuple(x.shape)}")
@@ -126,6 +131,12 @@ def _check_features(x, name: str, device: torch.device | None = None) -> Tensor:
         raise GenrepError(f"{name} is empty (0 rows); pass at least one feature row")
     if x.shape[1] == 0:
         raise GenrepError(f"{name} has 0 feature dimensions; pass features of shape [N, D] with D >= 1")
+    if streams(x):
+        bad = bad_rows(x)
+        if bad:
+            raise GenrepError(f"{name} has non-finite values (NaN/inf) in {bad} of {x.shape[0]} rows; "
+                              "drop or fix those rows before probing")
+        return Rows(x, x.device if device is None else device)
     if device is not None:
         x = x.to(device)
     x = x.float()
@@ -161,9 +172,9 @@ def _check_num_classes(num_classes) -> int:
     return num_classes
 
 
-def _check_data(train_x, train_y, test_x, test_y, num_classes):
+def _check_data(train_x, train_y, test_x, test_y, num_classes, device=None):
     num_classes = _check_num_classes(num_classes)
-    train_x = _check_features(train_x, "train_x")
+    train_x = _check_features(train_x, "train_x", device)
     device = train_x.device
     test_x = _check_features(test_x, "test_x", device)
     if test_x.shape[1] != train_x.shape[1]:
@@ -229,9 +240,27 @@ def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tens
 # linear probe
 
 
+def _standardized(train, *others):
+    """:func:`standardize`, or for :class:`Rows` the same transform applied to each block as it is read."""
+    if not any(isinstance(x, Rows) for x in (train, *others)):
+        return standardize(train, *others)
+    train, *others = (x if isinstance(x, Rows) else Rows(x, x.device) for x in (train, *others))
+    norm = train.stats()
+    return tuple(x.standardized(norm) for x in (train, *others))
+
+
+def _chunk(x, chunk: int) -> int:
+    return x.chunk_rows if isinstance(x, Rows) else chunk
+
+
+def _take(x, idx: Tensor):
+    return x.subset(idx) if isinstance(x, Rows) else x[idx]
+
+
 @torch.no_grad()
 def _probabilities(weight: Tensor, bias: Tensor, x: Tensor, chunk: int = 65536) -> Tensor:
     """Softmax class probabilities of the linear classifier on x, float32 [N, K] on the CPU."""
+    chunk = _chunk(x, chunk)
     return torch.cat([torch.softmax(torch.addmm(bias, x[s:s + chunk], weight.t()), dim=1).cpu()
                       for s in range(0, x.shape[0], chunk)])
 
@@ -239,6 +268,7 @@ def _probabilities(weight: Tensor, bias: Tensor, x: Tensor, chunk: int = 65536) 
 @torch.no_grad()
 def _evaluate(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor, chunk: int = 65536) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the linear classifier on (x, y)."""
+    chunk = _chunk(x, chunk)
     correct = 0
     loss = 0.0
     for start in range(0, x.shape[0], chunk):
@@ -267,6 +297,19 @@ def _fit_lbfgs(x: Tensor, y: Tensor, num_classes: int, weight_decay: float,
 
     def closure():
         opt.zero_grad(set_to_none=False)
+        if isinstance(x, Rows):   # the full batch's loss and gradient summed block by block
+            total = 0.0
+            for start in range(0, len(x), x.chunk_rows):
+                part = F.cross_entropy(torch.addmm(bias, x[start:start + x.chunk_rows], weight.t()),
+                                       y[start:start + x.chunk_rows], reduction="sum") / len(x)
+                part.backward()
+                total += part.detach()
+            loss = total
+            if weight_decay:
+                penalty = 0.5 * weight_decay * weight.pow(2).sum()
+                penalty.backward()
+                loss = loss + penalty.detach()
+            return loss
         loss = F.cross_entropy(torch.addmm(bias, x, weight.t()), y)
         if weight_decay:
             loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
@@ -392,7 +435,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
                  seed: int = 0, return_test_probs: bool = False, standardize_features: bool = True,
                  lr_schedule: str = "cosine", base_lr: float = 0.1, warmup_epochs: float = 10,
                  momentum: float = 0.9, trust_coefficient: float = 0.001,
-                 label_smoothing: float = 0.0) -> LinearProbeResult:
+                 label_smoothing: float = 0.0, device: torch.device | str | None = None) -> LinearProbeResult:
     """Fit a linear classifier on (by default standardised) frozen features; report train/test accuracy.
 
     See the module docstring for the objective and the three solvers.  ``max_iter`` applies to
@@ -402,7 +445,9 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     by ``seed``) and the model is refitted on the full train set.  ``return_test_probs=True`` also
     returns the test rows' softmax probabilities in :attr:`LinearProbeResult.test_probs`.
     ``standardize_features=False`` fits the raw features; ``lr_schedule`` (``LR_SCHEDULES``) applies to
-    ``"adamw"``.
+    ``"adamw"``. The fit runs on ``device`` (default: where ``train_x`` is). A half-precision ``train_x`` on the
+    CPU (a float16 feature cache mapped from its file) is never copied whole: every solver reads it a block of rows
+    at a time (:class:`~genrep.eval.metrics.rows.Rows`; L-BFGS sums its full-batch loss over the blocks).
     """
     t0 = time.perf_counter()
     if solver not in SOLVERS:
@@ -410,7 +455,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     if lr_schedule not in LR_SCHEDULES:
         raise GenrepError(f"unknown linear-probe lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     train_x, train_y, test_x, test_y, num_classes = _check_data(train_x, train_y, test_x, test_y,
-                                                                num_classes)
+                                                                num_classes, device)
     wds = _check_weight_decays(weight_decay)
     max_iter = _positive_int(max_iter, "max_iter")
     epochs = _positive_int(epochs, "epochs")
@@ -442,7 +487,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
                           lr_schedule=lr_schedule)
 
     def prepare(train, *others):
-        return standardize(train, *others) if standardize_features else (train, *others)
+        return _standardized(train, *others) if standardize_features else (train, *others)
 
     n = train_x.shape[0]
     sweep: list[dict] = []
@@ -462,7 +507,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         used_val_fraction = vf
         perm = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed)).to(train_x.device)
         val_idx, fit_idx = perm[:n_val], perm[n_val:]
-        fx, vx = prepare(train_x[fit_idx], train_x[val_idx])
+        fx, vx = prepare(_take(train_x, fit_idx), _take(train_x, val_idx))
         fy, vy = train_y[fit_idx], train_y[val_idx]
         for wd in wds:
             w, b, _, _ = fit(fx, fy, wd)
@@ -515,9 +560,9 @@ def _check_ks(k) -> list[int]:
 @torch.no_grad()
 def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: int, *,
                 k: int | Sequence[int] = (20, 200), temperature: float = 0.07,
-                batch_size: int = 1024) -> dict[int, Tensor]:
+                batch_size: int = 1024, device: torch.device | str | None = None) -> dict[int, Tensor]:
     """Weighted-kNN predictions for each ``k``: ``{k: LongTensor [N_test]}`` (see :func:`knn_classify`)."""
-    train_x, train_y, test_x, _, num_classes = _check_data(train_x, train_y, test_x, None, num_classes)
+    train_x, train_y, test_x, _, num_classes = _check_data(train_x, train_y, test_x, None, num_classes, device)
     ks = _check_ks(k)
     temperature = _positive_float(temperature, "temperature")
     batch_size = _positive_int(batch_size, "batch_size")
@@ -526,14 +571,19 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: i
     eff = {kk: min(kk, n_train) for kk in ks}
     distinct = sorted(set(eff.values()))
     k_max = distinct[-1]
-    train_n = F.normalize(train_x, dim=1)
-    test_n = F.normalize(test_x, dim=1)
-    preds = {kk: torch.empty(test_n.shape[0], dtype=torch.long, device=test_n.device) for kk in distinct}
+    streamed = isinstance(train_x, Rows) or isinstance(test_x, Rows)
+    train_n = train_x if streamed else F.normalize(train_x, dim=1)
+    test_n = test_x if streamed else F.normalize(test_x, dim=1)
+    preds = {kk: torch.empty(test_n.shape[0], dtype=torch.long, device=train_x.device) for kk in distinct}
     for start in range(0, test_n.shape[0], batch_size):
-        q = test_n[start:start + batch_size]
-        sim = q @ train_n.t()                                    # [B, N_train]
-        top_sim, top_idx = sim.topk(k_max, dim=1, largest=True, sorted=True)
-        del sim
+        if streamed:
+            q = F.normalize(test_n[start:start + batch_size], dim=1)
+            top_sim, top_idx = _streamed_top_k(q, train_n, k_max)
+        else:
+            q = test_n[start:start + batch_size]
+            sim = q @ train_n.t()                                    # [B, N_train]
+            top_sim, top_idx = sim.topk(k_max, dim=1, largest=True, sorted=True)
+            del sim
         weights = ((top_sim - top_sim[:, :1]) / temperature).exp_()
         labels = train_y[top_idx]                               # [B, k_max]
         for kk in distinct:
@@ -543,10 +593,27 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: i
     return {kk: preds[eff[kk]] for kk in ks}
 
 
+def _streamed_top_k(q: Tensor, train: Tensor | Rows, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` most cosine-similar train rows of each (normalised) query, the train rows read a block at a time:
+    each block's own top k merged into the running top k."""
+    step = train.chunk_rows if isinstance(train, Rows) else len(train)
+    best_sim = best_idx = None
+    for start in range(0, len(train), step):
+        sim = q @ F.normalize(train[start:start + step], dim=1).t()
+        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1, largest=True, sorted=True)
+        top_idx += start
+        if best_sim is not None:
+            merged = torch.cat([best_sim, top_sim], 1)
+            top_sim, at = merged.topk(min(k, merged.shape[1]), dim=1, largest=True, sorted=True)
+            top_idx = torch.cat([best_idx, top_idx], 1).gather(1, at)
+        best_sim, best_idx = top_sim, top_idx
+    return best_sim, best_idx
+
+
 @torch.no_grad()
 def knn_classify(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, *,
                  k: int | Sequence[int] = (20, 200), temperature: float = 0.07,
-                 batch_size: int = 1024) -> dict[int, float]:
+                 batch_size: int = 1024, device: torch.device | str | None = None) -> dict[int, float]:
     """Weighted kNN accuracy (InstDisc / DINO protocol) for each ``k``; returns ``{k: test accuracy}``.
 
     Features are L2-normalised; each test row's ``k`` most cosine-similar train rows vote for their
@@ -558,7 +625,7 @@ def knn_classify(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     similar neighbours or equal class votes are broken by ``torch.topk`` / ``argmax``.
     """
     train_x, train_y, test_x, test_y, num_classes = _check_data(train_x, train_y, test_x, test_y,
-                                                                num_classes)
+                                                                num_classes, device)
     preds = knn_predict(train_x, train_y, test_x, num_classes, k=k, temperature=temperature,
                         batch_size=batch_size)
     n_test = test_x.shape[0]

@@ -14,15 +14,8 @@ from safetensors import safe_open
 from ...data.imageset import ImageSet
 from ...errors import GenrepError
 from ...methods import Method
-from ..distributed import broadcast_from_main, is_main, rank_device
-from ..features import (
-    cached_features,
-    extract_feature_sets,
-    extract_features,
-    read_cache,
-    resolve_precision,
-    write_cache,
-)
+from ..distributed import rank_device
+from ..features import cached_feature_sets, extract_feature_sets, extract_features, resolve_precision
 
 if TYPE_CHECKING:
     from ...config import Config, EvalConfig
@@ -137,35 +130,32 @@ class EvalContext:
                 f"{self.precision}-{self.ev.weights}")
 
     def features(self, split: str, layer: int, pool: str, data: ImageSet | None = None) -> torch.Tensor:
-        """Frozen features of ``split`` of the run's data (or of ``data``, e.g. a transfer set), cached."""
+        """Frozen features of ``split`` of the run's data (or of ``data``, e.g. a transfer set), cached: float32, or
+        float16 mapped from a file when too large for memory (``feature_store``)."""
+        return self.feature_sets(split, [(layer, pool)], data)[0]
+
+    def feature_sets(self, split: str, reads: list[tuple[int, str]],
+                     data: ImageSet | None = None) -> list[torch.Tensor]:
+        """Several read-outs of ``split``, cached like ``features``; those missing come from one pass per batch."""
         own = data is None
         images = (self.train if split == "train" else self.test).images if own else data.images
         source = "" if own else "-" + "".join(c if c.isalnum() else "_" for c in data.name)
-        return cached_features(self.run, self.feature_key(split, layer, pool, source), self.version,
-                               lambda: self.extract(images, layer, pool,
-                                                    desc=f"features {split} layer {layer} {pool}"))
+        keys = [self.feature_key(split, layer, pool, source) for layer, pool in reads]
 
-    def feature_sets(self, split: str, reads: list[tuple[int, str]]) -> list[torch.Tensor]:
-        """Several read-outs of ``split``, cached like ``features``; those missing come from one pass per batch."""
-        keys = [self.feature_key(split, layer, pool) for layer, pool in reads]
-        out = [broadcast_from_main(read_cache(self.run, key, self.version) if is_main() else None) for key in keys]
-        todo = [i for i, f in enumerate(out) if f is None]
-        if todo:
-            images = (self.train if split == "train" else self.test).images
+        def extract(todo, spill, record):
             what = ", ".join(f"{reads[i][0]}/{reads[i][1]}" for i in todo[:4]) + (" ..." if len(todo) > 4 else "")
-            feats = self.extract_sets(images, [reads[i] for i in todo], desc=f"features {split} {what}")
-            for i, f in zip(todo, feats):
-                write_cache(self.run, keys[i], self.version, f)
-                out[i] = f
-        return out
+            return self.extract_sets(images, [reads[i] for i in todo], desc=f"features {split} {what}", spill=spill,
+                                     record=record)
+
+        return cached_feature_sets(self.run, keys, self.version, extract)
 
     def extract_sets(self, images: torch.Tensor, reads: list[tuple[int, str]], *, method: Method | None = None,
-                     desc: str | None = None) -> list[torch.Tensor]:
+                     desc: str | None = None, spill=None, record=None) -> list[torch.Tensor]:
         """Uncached read-outs of any images from one pass per batch (``Method.feature_sets``)."""
         return extract_feature_sets(method or self.method, images, reads, batch_size=self.ev.batch_size,
                                     device=self.device, precision=self.precision,
                                     progress=self.progress and desc is not None,
-                                    desc=desc or "features")
+                                    desc=desc or "features", spill=spill, record=record)
 
     def extract(self, images: torch.Tensor, layer: int, pool: str, *, method: Method | None = None,
                 desc: str | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ...methods import Method
 from ..metrics.heads import HEADS
 from ..metrics.calibration import expected_calibration_error
 from ..metrics.probes import LR_SCHEDULES, SOLVERS, knn_classify, linear_probe
+from ..feature_store import is_mapped
 from .context import EvalContext, check_causal
 from .head_training import HeadSettings, check_head_features, train_head_at
 
@@ -120,6 +121,15 @@ def sweep_pools(method: Method, asked: list[str]) -> list[str]:
     return list(asked) or list(method.feature_pools) or [method.default_pool]  # a U-Net's: its default p
 
 
+def _on(feats: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Features on the device the probe fits on; a float16 file stays mapped (the probe reads it in blocks)."""
+    return feats if is_mapped(feats) else feats.to(dev)
+
+
+def _cache_kind(feats: torch.Tensor) -> str:
+    return "float16, memory-mapped" if is_mapped(feats) else "float32, in memory"
+
+
 def check(ctx: EvalContext) -> None:
     """What the boundary cannot know: the read-outs asked for must exist in this method."""
     s, m = ctx.ev.probes, ctx.method
@@ -169,7 +179,7 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
     layer, pool = m.check_feature_args(s.layer, s.pool)
     xtr, xte = ctx.features("train", layer, pool), ctx.features("test", layer, pool)
     dev = ctx.device if xtr.numel() >= SMALL_PROBE else torch.device("cpu")
-    xtr, xte = xtr.to(dev), xte.to(dev)
+    xtr, xte = _on(xtr, dev), _on(xte, dev)
     ytr, yte = ctx.train.labels.to(dev), ctx.test.labels.to(dev)
     lars = s.solver == "lars"
     standardize = s.standardize and not lars
@@ -177,12 +187,13 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
                        lr=s.lr, batch_size=s.batch_size, seed=ctx.ev.seed, return_test_probs=True,
                        standardize_features=standardize, lr_schedule=s.lr_schedule, base_lr=s.lars.base_lr,
                        warmup_epochs=s.lars.warmup_epochs, momentum=s.lars.momentum,
-                       trust_coefficient=s.lars.trust_coefficient, label_smoothing=s.lars.label_smoothing)
+                       trust_coefficient=s.lars.trust_coefficient, label_smoothing=s.lars.label_smoothing,
+                       device=dev)
     bins = ctx.ev.calibration.bins
     ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
-    knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature)
+    knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature, device=dev)
     out = {"layer": layer, "pool": pool, **ctx.feature_options, "precision": ctx.precision,
-           "feature_dim": int(xtr.shape[1]),
+           "feature_dim": int(xtr.shape[1]), "feature_cache": _cache_kind(xtr),
            "solver_device": str(dev), "linear_acc": lin.test_acc, "linear_ece": ece,
            "linear": {"solver": s.solver, "epochs": s.epochs, "lr": s.lr, "weight_decay": lin.weight_decay,
                       "batch_size": s.batch_size, "standardize": standardize,
@@ -198,10 +209,11 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
         sweep = []
         for ly in sweep_layers(m, s.sweep_layers):
             for pl in sweep_pools(m, s.sweep_pools):
-                a, b = ctx.features("train", ly, pl).to(dev), ctx.features("test", ly, pl).to(dev)
+                a, b = _on(ctx.features("train", ly, pl), dev), _on(ctx.features("test", ly, pl), dev)
                 lp = linear_probe(a, ytr, b, yte, n_cls, solver="lbfgs", weight_decay=s.sweep_weight_decay,
-                                  seed=ctx.ev.seed)
-                k_min = knn_classify(a, ytr, b, yte, n_cls, k=[min(s.knn_k)], temperature=s.knn_temperature)
+                                  seed=ctx.ev.seed, device=dev)
+                k_min = knn_classify(a, ytr, b, yte, n_cls, k=[min(s.knn_k)], temperature=s.knn_temperature,
+                                     device=dev)
                 sweep.append({"layer": ly, "pool": pl, "linear_acc": lp.test_acc, "weight_decay": lp.weight_decay,
                               "knn_acc": next(iter(k_min.values()))})
         best = max(sweep, key=lambda r: r["linear_acc"])

@@ -24,7 +24,8 @@ def probe_table(r: dict) -> str:
           if r.get("trained_image_size") else "")
     head = (f"{r['method']} on {r['data']}{at} ({r['n_train']} train / {r['n_test']} test), features: layer "
             f"{r['layer']}, {r['pool']} pool{t}, dim {r['feature_dim']}, {r['weights']} weights"
-            + (f", {r['precision']} extraction" if "precision" in r else ""))
+            + (f", {r['precision']} extraction" if "precision" in r else "")
+            + (f", cached {r['feature_cache']}" if r.get("feature_cache", "").startswith("float16") else ""))
     lines = [head, f"{'read-out':<{width}}  test accuracy", f"{'-' * width}  -------------"]
     lines += [f"{name:<{width}}  {100 * acc:12.2f}%" for name, acc in rows]
     lines.append(f"{'chance':<{width}}  {100 / r['num_classes']:12.2f}%")
