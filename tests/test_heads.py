@@ -99,6 +99,28 @@ def test_attention_pools_large_maps_to_8x8_tokens():
     torch.testing.assert_close(head.tokens(x)[:, 1:], ref)
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (12, 20), (5, 8)])
+def test_the_attention_heads_read_out_is_its_pooled_map_and_trains_it_as_the_whole_map(hw):
+    """The attention head's cache holds the map pooled to at most 8x8 (head_pool: 'map8'): the head's own pool then
+    leaves it as it is, so a head trains on it exactly as on the whole map (inputs read raw, as the paper's)."""
+    from genrep.eval.protocols.head_training import head_pool
+    from genrep.nn.pooling import pool_feature_map
+
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(24, 6, *hw, generator=g), torch.randn(12, 6, *hw, generator=g)
+    y, yt = torch.arange(24) % 3, torch.arange(12) % 3
+    read = head_pool("attention", "mean")
+    pooled, pooled_t = pool_feature_map(x, read), pool_feature_map(xt, read)
+    assert read == "map8" and pooled.shape[-2:] == (min(hw[0], 8), min(hw[1], 8))
+    head = build_head(HeadSpec("attention"), (6, *hw), 3)
+    assert torch.equal(head.tokens(pooled), head.tokens(x))   # the head's own pool leaves the cached map as it is
+    kw = dict(epochs=2, batch_size=8, seed=0, standardize=False)
+    whole = train_head(HeadSpec("attention"), x, y, xt, yt, 3, **kw)
+    cached = train_head(HeadSpec("attention"), pooled, y, pooled_t, yt, 3, **kw)
+    assert (cached.test_acc, cached.train_acc) == (whole.test_acc, whole.train_acc)
+    assert head_pool("cnn", "mean") == "map"
+
+
 def test_no_batchnorm_and_linear_last():
     for kind in HEADS:
         in_shape = (16, 4, 4) if kind in MAP_HEADS else (64,)

@@ -70,7 +70,7 @@ def test_the_grid_has_every_cell_the_best_per_head_and_figures(swept, runs, name
     s = read_results(run)["protocols"]["sweep"]
     assert s == json.loads(json.dumps(swept[name]["protocols"]["sweep"]))  # returned is what is on disk
     expected = {(b, t, p, "linear") for b in BLOCKS for t in STEPS for p in POOLS}
-    expected |= {(b, t, "map", "attention") for b in BLOCKS for t in STEPS}  # map heads read the whole map
+    expected |= {(b, t, "map8", "attention") for b in BLOCKS for t in STEPS}  # the map pooled to at most 8x8
     acc = _accuracies(s)
     assert set(acc) == expected and len(s["cells"]) == len(expected)
     assert all(0 <= a <= 1 for a in acc.values())
@@ -116,7 +116,7 @@ def test_a_second_sweep_reads_the_cache_and_gives_the_same_accuracies(swept, run
     again = _accuracies(evaluate_run(run, part, progress=False, say=lambda m: None)["protocols"]["sweep"])
     assert work == []
     first = _accuracies(swept[name]["protocols"]["sweep"])
-    assert set(again) == {(2, 50, "1", "linear"), (2, 50, "2", "linear"), (2, 50, "map", "attention")}
+    assert set(again) == {(2, 50, "1", "linear"), (2, 50, "2", "linear"), (2, 50, "map8", "attention")}
     assert again == {k: first[k] for k in again}
     assert sorted(p.name for p in (run / "cache").iterdir() if "feature_tNone" not in p.name) == cached
 

@@ -64,7 +64,7 @@ class ADMConfig(DiffusionConfig):
             raise GenrepError(f"{section}.num_head_channels 0 makes no heads; choose -1 (num_heads heads) or a width")
         if not is_map_pool(self.feature_pool):
             raise GenrepError(f"{section}.feature_pool {show(self.feature_pool)} is not a pooling; choose a size p "
-                              f"(p x p average pool) or 'map'")
+                              f"(p x p average pool), 'map' or 'maps' (the map pooled to at most s x s)")
         if self.learn_sigma and not self.pretrained:
             raise GenrepError(f"{section}.learn_sigma trains the variance with guided-diffusion's hybrid loss, which "
                               f"genrep does not implement; set it false to train, or use it with {section}.pretrained")

@@ -271,18 +271,21 @@ class Method(nn.Module):
             raise GenrepError(f"layer {layer} does not exist in {self.name}; choose 1..{self.num_layers}")
         if self.feature_maps and is_map_pool(pool):
             size = self.feature_map_size(layer)
-            if pool != MAP_POOL and not 1 <= int(pool) <= size:
+            if pool.isdigit() and not 1 <= int(pool) <= size:
                 raise GenrepError(f"pool {pool} is larger than the {size}x{size} map of layer {layer} in {self.name}; "
-                                  f"choose 1..{size}, or '{MAP_POOL}' for the whole map")
+                                  f"choose 1..{size}, '{MAP_POOL}' for the whole map or '{MAP_POOL}s' for it pooled "
+                                  f"to at most s x s")
             return layer, pool
         if pool not in self.feature_pools:
-            maps = f", a size p (p x p average pool of the map) or '{MAP_POOL}'" if self.feature_maps else ""
+            maps = (f", a size p (p x p average pool of the map), '{MAP_POOL}' or '{MAP_POOL}s' (the map pooled to at "
+                    f"most s x s)" if self.feature_maps else "")
             raise GenrepError(f"pooling '{pool}' is not offered by {self.name}; "
                               f"choose one of {', '.join(self.feature_pools)}{maps}")
         return layer, pool
 
     # methods whose layers are spatial maps [B, C, h, w] (a U-Net's blocks, a ViT's patch grid) also read them
-    # with pool "map" (the CNN and attention heads) or "p" (adaptive average pool to p x p, flattened)
+    # with pool "map" (the CNN head), "maps" (the map pooled to at most s x s: the attention head's map8) or "p"
+    # (adaptive average pool to p x p, flattened)
     feature_maps: ClassVar[bool] = False
 
     def feature_map_size(self, layer: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from ...errors import GenrepError
 from ...fields import setting
 from ...methods.base import MAP_POOL
-from ..metrics.heads import MAP_HEADS, OPTIMIZERS, HeadSpec, train_head
+from ..metrics.heads import MAP_HEADS, MAX_TOKENS_SIDE, OPTIMIZERS, HeadSpec, train_head
 from .context import methods_where, reads_noised
 
 HEAD_PRESETS = ("custom", "diffssl")
@@ -45,7 +45,8 @@ class HeadSettings:
     gamma: float = setting(0.1, above=0, max=1, only_if=CUSTOM)
     batch_size: int = setting(256, min=1, only_if=CUSTOM)  # genrep's: the paper gives no batch size
     weight_decay: float = setting(0.0, min=0, only_if=CUSTOM)
-    # inputs standardised with train statistics: genrep's habit; the paper uses "no batch norm" (false)
+    # inputs standardised with train statistics (per channel for the map heads, over the map each reads: the attention
+    # head's pooled to at most 8x8): genrep's habit; the paper uses "no batch norm" (false)
     standardize: bool = True
     # the training read-out's noise: fixed reads the read-out's own (model.feature_noise) every epoch, from the
     # feature cache unless an augmentation is drawn; fresh draws new noise every epoch (the authors' code draws at
@@ -85,9 +86,15 @@ class HeadSettings:
                                               "batch_size", "weight_decay")}
 
 
+# The map heads' read-outs: the CNN head convolves the whole map; the attention head pools it to at most 8x8 before
+# anything else, so its cache holds the pooled map (a quarter of a 16x16 one: ImageNet's ADM maps), which the head's
+# own pool then leaves as it is. Its inputs are standardised with the pooled map's statistics.
+MAP_READS = {"cnn": MAP_POOL, "attention": f"{MAP_POOL}{MAX_TOKENS_SIDE}"}
+
+
 def head_pool(kind: str, pool: str) -> str:
-    """The read-out a head trains on: map heads take the whole map, the others the pooled vector."""
-    return MAP_POOL if kind in MAP_HEADS else pool
+    """The read-out a head trains on: a map head's map (``MAP_READS``), the others the pooled vector."""
+    return MAP_READS.get(kind, pool)
 
 
 def check_head_features(method, kind: str, what: str) -> None:

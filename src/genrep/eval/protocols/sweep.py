@@ -26,10 +26,11 @@ import torch
 from ...errors import GenrepError
 from ...fields import Pool, setting, show
 from ...methods.base import MAP_POOL
+from ...nn.pooling import reads_map
 from ..metrics.heads import HEADS, MAP_HEADS
 from ..metrics.probes import linear_probe
 from .context import EvalContext, check_noise_steps, noise_step, reads_noised
-from .head_training import HeadSettings, check_head_features, draws_per_epoch, fit_head
+from .head_training import HeadSettings, check_head_features, draws_per_epoch, fit_head, head_pool
 
 MAX_DEFAULT_BLOCKS = 10
 BEST_KEYS = ("block", "t", "pool", "acc")
@@ -139,9 +140,9 @@ def _vector_pools(ctx: EvalContext) -> list[str]:
 
 def _reads(ctx: EvalContext) -> list[tuple[int, str]]:
     s, m = ctx.ev.sweep, ctx.method
-    maps = any(k in MAP_HEADS for k in s.heads)
+    maps = list(dict.fromkeys(head_pool(k, "") for k in s.heads if k in MAP_HEADS))
     return [(b, p) for b in sweep_blocks(m, s.blocks)
-            for p in [*(p for p in _vector_pools(ctx) if pool_fits(m, b, p)), *([MAP_POOL] if maps else [])]]
+            for p in [*(p for p in _vector_pools(ctx) if pool_fits(m, b, p)), *maps]]
 
 
 def _passes(ctx: EvalContext, reads: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
@@ -196,8 +197,8 @@ def run(ctx: EvalContext) -> dict:
                 test = dict(zip(group, ctx.feature_sets("test", group)))
             for b, pool in group:
                 for kind in s.heads:
-                    if (kind in MAP_HEADS) != (pool == MAP_POOL):
-                        continue  # map heads read the map, the others the pooled vectors
+                    if pool != head_pool(kind, pool) or (kind not in MAP_HEADS and reads_map(pool)):
+                        continue  # a map head reads its map, the others the pooled vectors
                     xtr, xte = train[(b, pool)], test[(b, pool)]
                     cell, training[kind] = _fit(ctx, kind, xtr, xte)
                     cells.append({"block": b, "t": t, "pool": pool, "head": kind,
@@ -218,7 +219,7 @@ def summarise(ctx: EvalContext, cells: list[dict], training: dict, left_out: lis
     overall = max(cells, key=lambda c: c["acc"])
     figures = {"sweep: accuracy over block x t": ctx.rel(sweep_heatmaps(cells, ctx.figure("sweep-heatmaps"),
                                                                         title=f"{ctx.cfg.method}: test accuracy"))}
-    if len({c["pool"] for c in cells if c["pool"] != MAP_POOL}) > 1:
+    if len({c["pool"] for c in cells if not reads_map(c["pool"])}) > 1:
         figures["sweep: accuracy over pool size"] = ctx.rel(sweep_pool_lines(cells, ctx.figure("sweep-pools"),
                                                                             title=f"{ctx.cfg.method}: pool size"))
     return {"cells": cells, "best": best,
