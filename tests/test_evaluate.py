@@ -249,15 +249,17 @@ def test_energy_runs_where_a_method_samples_and_classifies_and_is_skipped_elsewh
     assert set(r["figures"]) == {"energy by class", "best and worst samples by energy"}
     for rel in r["figures"].values():
         assert (run / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the numbers are E(x) = logsumexp(logits) of the method's own sample(), drawn from the evaluation's seed
+    # the numbers are E(x) = logsumexp(logits) of the method's own sample(), drawn from the evaluation's seed by
+    # batch (the generation protocol's draws)
     import torch
 
+    from genrep.eval.distributed import batch_generator
     from genrep.runs import load_trained
 
     _, method, _ = load_trained(run, "ema")
     assert r["sample"] == method.capability_settings("sample")
     with torch.no_grad():
-        x = method.sample(s.n, generator=torch.Generator().manual_seed(0))  # one batch: n <= eval.batch_size
+        x = method.sample(s.n, generator=batch_generator(0, 0, s.n))  # one batch: n <= eval.batch_size
         energy = torch.logsumexp(method.logits(x).double(), dim=1)
     assert abs(float(energy.mean()) - r["energy"]["mean"]) < 1e-5
 

@@ -9,8 +9,9 @@ number one process's, bit for bit (the same kernels on the same shapes; tested o
 equal as two runs of one process are. What follows (head training, the metrics) runs on every rank on the same
 gathered tensors, so every rank holds the same results without sending them; rank 0 alone holds the run's lock and
 writes (``genrep.io`` skips writes on the other ranks), and a feature cache rank 0 finds is broadcast from it, so
-ranks on nodes without a shared file system still agree. Not split yet (every rank computes them whole): the heads'
-training, FID's reference features of the training set, the OOD scores' own passes and the energy histograms.
+ranks on nodes without a shared file system still agree. The energy histograms' samples are the generation protocol's
+draws, split alike. Not split yet (every rank computes them whole): the heads' training, FID's reference features of
+the training set and the OOD scores' own passes.
 """
 
 from __future__ import annotations
@@ -161,15 +162,23 @@ def map_batches(n: int, batch_size: int, fn, tail: tuple[int, ...], dtype: torch
                 desc: str = "batches") -> torch.Tensor:
     """``fn(start, size)`` -> ``[size, *tail]`` for this rank's batches of ``n`` rows (every batch in one process),
     gathered in order on every rank, on the CPU."""
+    return map_batch_sets(n, batch_size, lambda i, size: [fn(i, size)], [(tail, dtype)], progress=progress,
+                          desc=desc)[0]
+
+
+def map_batch_sets(n: int, batch_size: int, fn, like: list[tuple[tuple[int, ...], torch.dtype]], *,
+                   progress: bool = False, desc: str = "batches") -> list[torch.Tensor]:
+    """``fn(start, size)`` -> one ``[size, *tail]`` tensor per (tail, dtype) of ``like``, as ``map_batches``."""
     starts = my_batches(n, batch_size)
     if progress and is_main():
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=desc, unit="batch", leave=False, disable=None)
-    out = torch.empty((n, *tail), dtype=dtype)
-    local = ([fn(i, min(batch_size, n - i)).cpu()] for i in starts)
-    for start, (rows,) in gathered(n, batch_size, local, lambda: [(tail, dtype)]):
-        out[start:start + len(rows)] = rows
-    return out
+    outs = [torch.empty((n, *tail), dtype=dtype) for tail, dtype in like]
+    local = ([t.cpu() for t in fn(i, min(batch_size, n - i))] for i in starts)
+    for start, parts in gathered(n, batch_size, local, lambda: like):
+        for out, rows in zip(outs, parts):
+            out[start:start + len(rows)] = rows
+    return outs
 
 
 def all_max(value: float) -> float:

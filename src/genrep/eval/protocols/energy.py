@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ...fields import setting
+from ..distributed import batch_generator, map_batch_sets
 from .context import EvalContext
 
 
@@ -29,21 +30,21 @@ class EnergySettings:
 
 def sample_and_classify(ctx: EvalContext, n: int) -> tuple[Tensor, Tensor]:
     """``n`` samples (uint8 on the CPU, for the figure) and their float32 logits, drawn in batches of
-    ``eval.batch_size`` from one seeded generator (the generation protocol's draws, same seed)."""
-    bs = ctx.ev.batch_size
-    g = torch.Generator().manual_seed(ctx.ev.seed)
-    batches = range(0, n, bs)
-    if ctx.progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc=f"sampling {n} images", unit="batch", leave=False, disable=None)
+    ``eval.batch_size``, each from its own generator (the generation protocol's draws, same seed): under torchrun
+    the batches are dealt out over the processes and gathered, the same for any number of them."""
+    bs, d = ctx.ev.batch_size, ctx.method.data
     ctx.method.eval()
-    images, logits = [], []
-    for i in batches:
-        x = ctx.method.sample(min(bs, n - i), generator=g)
+
+    def one(start: int, size: int) -> list[Tensor]:
+        x = ctx.method.sample(size, generator=batch_generator(ctx.ev.seed, start, bs))
         with torch.no_grad():
-            logits.append(ctx.method.logits(x).float().cpu())
-        images.append((x * 255).round().to(torch.uint8).cpu())
-    return torch.cat(images), torch.cat(logits)
+            logits = ctx.method.logits(x).float()
+        return [(x * 255).round().to(torch.uint8), logits]
+
+    images, logits = map_batch_sets(n, bs, one, [((d.channels, d.image_size, d.image_size), torch.uint8),
+                                                 ((d.num_classes,), torch.float32)],
+                                    progress=ctx.progress, desc=f"sampling {n} images")
+    return images, logits
 
 
 def class_statistics(logits: Tensor, classes: list[str], bins: int) -> dict:
