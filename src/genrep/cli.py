@@ -247,18 +247,9 @@ def _resumable(run: Path) -> bool:
 
 
 def _pretrain(cfg, run: Path, resume: bool, claimed: bool, init: Path | None = None):
-    """Train; a default-named folder that ``claim_new_run_dir`` made is given back if the start fails."""
-    from .train.loop import pretrain
+    from .api import train
 
-    try:
-        return pretrain(cfg, run, resume=resume, init=init)
-    except BaseException:
-        if claimed:
-            try:
-                run.rmdir()  # only succeeds while empty: a run that trained keeps its folder
-            except OSError:
-                pass
-        raise
+    return train(cfg, run, resume=resume, claimed=claimed, init=init)
 
 
 def cmd_pretrain(args, rest: list[str]) -> int:

@@ -530,13 +530,18 @@ def load_trained_with_test(run: Path, weights: str = "ema", device: str | torch.
     train_set, test_set = load_splits(cfg)
     method = build_for_data(cfg, train_set, device)
     install_run_state(run, method, train_set)
+    load_weights(method, run, weights)
+    return cfg, method.to(device).eval(), train_set, test_set
+
+
+def load_weights(method: Method, run: Path, weights: str) -> None:
+    """The run's ``weights`` (ema or model) into ``method``, checked to fit its config."""
     state = load_safetensors(Path(run) / f"{weights}.safetensors")
     try:
         method.load_state_dict(state)
     except RuntimeError as e:
         raise GenrepError(f"{run}/{weights}.safetensors does not fit the model in {run}/{CONFIG_FILE} "
                           f"({str(e).splitlines()[0][:160]})") from None
-    return cfg, method.to(device).eval(), train_set, test_set
 
 
 def load_frozen_run(run: str | Path, data: DataSpec, key: str, wanted: str, accept=None,

@@ -32,7 +32,7 @@ from ..errors import GenrepError
 from .imageset import SPLITS, ImageSet, _finish, _resize
 from .local_sets import _load_folder, _load_npz
 from .packed import load_packed, parse_packed_name
-from .resize import RESIZES, SQUASH
+from .resize import CENTER_CROP, RESIZES, SQUASH
 from .torchvision_sets import _REGISTRY, _load_digits, _load_torchvision, _missing
 
 __all__ = ["ImageSet", "dataset_names", "default_data_root", "describe_datasets", "load_dataset", "registered_spec"]
@@ -81,13 +81,14 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
         raise GenrepError(f"resize must be one of {', '.join(RESIZES)} or None (the data set's own), got {resize!r}")
     text = name.strip()
     kind, sep, rest = text.partition(":")
+    how = resize or default_resize(text)
     if sep and kind.lower() == "npz":
-        images, labels, classes, full = _load_npz(rest.strip(), split, image_size, resize or SQUASH)
+        images, labels, classes, full = _load_npz(rest.strip(), split, image_size, how)
         return _finish(images, labels, classes, full, split)
     if sep and kind.lower() == "packed":
-        return load_packed(parse_packed_name(text), split, image_size, resize)
+        return load_packed(parse_packed_name(text), split, image_size, how)
     if sep and kind.lower() == "folder":
-        images, labels, classes, full = _load_folder(rest.strip(), split, image_size, resize or SQUASH)
+        images, labels, classes, full = _load_folder(rest.strip(), split, image_size, how)
         return _finish(images, labels, classes, full, split)
     reg = _REGISTRY.get(text.lower())
     if reg is None:
@@ -97,13 +98,22 @@ def load_dataset(name: str, split: str = "train", *, image_size: int | None = No
         hint = f"did you mean {close[0]}? " if close else ""
         raise GenrepError(f"unknown data set {text!r}; {hint}valid: {_valid_names_text()}")
     size = image_size if image_size is not None else reg.default_size
-    how = resize or reg.resize
     if reg.name == "digits":
         images, labels, classes = _load_digits(split)
     else:
         data_root = Path(root).expanduser() if root is not None else default_data_root()
         images, labels, classes = _load_torchvision(reg, split, data_root, download, size, how)
     return _finish(_resize(images, size, how, f"{reg.name} ({split})"), labels, classes, reg.name, split)
+
+
+def default_resize(name: str) -> str:
+    """How data set ``name`` reaches ``data.image_size`` when ``data.resize`` is not given: a packed set's centre
+    crop, a registered set's own rule, else the whole image squashed."""
+    kind, sep, _ = name.strip().partition(":")
+    if sep and kind.lower() == "packed":
+        return CENTER_CROP
+    reg = _REGISTRY.get(name.strip().lower())
+    return reg.resize if reg is not None else SQUASH
 
 
 def registered_spec(name: str, image_size: int | None) -> tuple[int, int, int] | None:

@@ -298,7 +298,7 @@ def parse_packed_name(name: str) -> Path | None:
     return Path(rest.strip()).expanduser()
 
 
-def load_packed(root: Path, split: str, image_size: int | None, resize: str | None):
+def load_packed(root: Path, split: str, image_size: int | None, resize: str):
     """One split of a packed folder as an :class:`~genrep.data.imageset.ImageSet` over :class:`PackedImages`."""
     from .imageset import ImageSet
 
@@ -311,7 +311,7 @@ def load_packed(root: Path, split: str, image_size: int | None, resize: str | No
     labels = read_labels(root, m, split)
     if len(labels) == 0:
         raise _fail(root, f"the {split} split is empty; a data set needs at least one image per split")
-    images = PackedImages(root, m, split, int(size), resize or CENTER_CROP)
+    images = PackedImages(root, m, split, int(size), resize)
     return ImageSet(images=images, labels=labels, classes=m["classes"], name=f"{PREFIX}{os.path.abspath(root)}")
 
 
