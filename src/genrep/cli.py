@@ -117,6 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--quality", type=int, default=None, help="JPEG quality of re-encoded images (default 95)")
     pk.add_argument("--shard-size", type=int, default=None, help="images per shard (default 1000)")
     pk.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    exp = sub.add_parser("export", help="write a run's weights for use outside genrep: its ViT backbone as a timm "
+                         "VisionTransformer state dict (--format timm), or any method's weights (--format "
+                         "safetensors), each with a JSON beside it")
+    exp.add_argument("run", type=Path, metavar="RUN")
+    exp.add_argument("--format", default="timm", dest="fmt", metavar="FORMAT", help="timm (the ViT backbone under "
+                     "timm's names, the VisionTransformer arguments in the JSON) or safetensors (every method: the "
+                     "weights and its architecture); default timm")
+    exp.add_argument("-o", "--out", type=Path, default=None, help="a .safetensors path; the JSON goes beside it as "
+                     "the same name with .json (default RUN/export/FORMAT-WEIGHTS.safetensors)")
+    exp.add_argument("--weights", default="ema", help="ema or model (default ema)")
+    exp.add_argument("--force", action="store_true", help="overwrite -o (and its .json) even if genrep's export did "
+                     "not write them")
     sub.add_parser("datasets", help="list the data sets genrep knows and which are available offline")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("methods", help="list the registered methods and their capabilities")
@@ -431,6 +443,18 @@ def cmd_sample(args, rest: list[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ export
+
+def cmd_export(args, rest: list[str]) -> int:
+    from .export import export_run
+
+    r = export_run(args.run, args.out, args.fmt, args.weights, force=args.force)
+    what = "timm VisionTransformer backbone" if r["export"] == "timm" else "weights"
+    print(f"{r['genrep']['method']} {what} ({r['genrep']['weights']}, {r['tensors']} tensors): {r['path']}")
+    print(f"{'VisionTransformer arguments and read-out' if r['export'] == 'timm' else 'architecture'}: {r['json']}")
+    return 0
+
+
 # ------------------------------------------------------------------ run (the main job)
 
 def cmd_run(args, rest: list[str]) -> int:
@@ -529,7 +553,7 @@ def cmd_methods(args, rest) -> int:
 
 
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "pack": cmd_pack, "probe": cmd_probe, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-            "grid": cmd_grid, "report": cmd_report, "sample": cmd_sample,
+            "grid": cmd_grid, "report": cmd_report, "sample": cmd_sample, "export": cmd_export,
             "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
 
 
