@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import GenrepError, WriteError
+from .predict_cli import add_parser as add_predict_parser
 
 DEFAULT_RECIPE = "hybvit-digits"  # the product's point is the hybrid
 
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--weights", default="ema", help="ema or model (default ema)")
     exp.add_argument("--force", action="store_true", help="overwrite -o (and its .json) even if genrep's export did "
                      "not write them")
+    add_predict_parser(sub)
     sub.add_parser("datasets", help="list the data sets genrep knows and which are available offline")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("methods", help="list the registered methods and their capabilities")
@@ -172,6 +174,12 @@ INTERRUPTED = {
     "grid": "the finished cells are kept in the grid's grid.json; run the same genrep grid command again to resume "
             "the rest",
 }
+
+
+def cmd_predict(args, rest: list[str]) -> int:
+    from .predict_cli import cmd_predict as predict
+
+    return predict(args, rest)
 
 
 def _is_main_process() -> bool:
@@ -554,7 +562,7 @@ def cmd_methods(args, rest) -> int:
 
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "pack": cmd_pack, "probe": cmd_probe, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
             "grid": cmd_grid, "report": cmd_report, "sample": cmd_sample, "export": cmd_export,
-            "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
+            "predict": cmd_predict, "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ class Run:
     """A trained run folder and its model (read-only: no lock is taken and nothing is written)."""
 
     def __init__(self, path: Path, config: Config, method: Method, weights: str, device: torch.device):
+        from .eval.protocols.context import weights_version
+
         self.path, self.config, self.method, self.weights, self.device = path, config, method, weights, device
+        self.version = weights_version(path, weights)   # "ema@660": what results fitted on these weights name
 
     @classmethod
     def open(cls, path, weights: str = "ema", device: str = "auto") -> Run:
@@ -132,6 +135,18 @@ class Run:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             return self.method.nll(self._floats(images), generator=g, progress=progress).double().cpu()
+
+
+    def predict(self, images, *, coverage: float | None = None, max_risk: float | None = None) -> dict:
+        """Selective prediction (:mod:`genrep.predict`): ``classes``, ``probabilities``, ``scores`` and ``abstain``
+        [B] of the images, by the threshold ``genrep predict`` saved for these weights (and this coverage or risk,
+        when one is given), else one fitted now (coverage 0.95 by default) and not saved: a loaded run writes
+        nothing."""
+        from .predict import check_request, fit, predict, read_saved
+
+        asked = None if coverage is None and max_risk is None else check_request(coverage, max_risk)
+        record = read_saved(self, asked) or fit(self, asked or check_request(None, None))
+        return predict(self, self.images(images), record)
 
 
 def load(path, weights: str = "ema", device: str = "auto") -> Run:

@@ -195,5 +195,17 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     if "causal" in r:  # a causal method's mask state at the read-out
         results["causal"] = r["causal"]
     results["seconds"] = round(time.perf_counter() - t0, 2)
+    save_probe_classifier(ctx, results)
     atomic_write_json(run / RESULTS_DIR / PROBE_FILE, results)
     return results
+
+
+def save_probe_classifier(ctx: EvalContext, results: dict) -> None:
+    """The linear probe's classifier on the raw features, for ``genrep predict`` on a method without logits; with
+    what it reads (the read-out, the read options, the size) so a prediction reads the same features."""
+    from ..io import atomic_save_safetensors
+    from ..predict import PROBE_CLASSIFIER, probe_record
+
+    c = ctx.linear_classifier
+    atomic_save_safetensors(ctx.run / RESULTS_DIR / PROBE_CLASSIFIER, {"weight": c["weight"], "bias": c["bias"]},
+                            probe_record(results, ctx.cfg), "the probe's classifier")

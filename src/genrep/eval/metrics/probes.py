@@ -96,10 +96,14 @@ class LinearProbeResult:
     seconds: float = 0.0
     solver_settings: dict = field(default_factory=dict)
     test_probs: Tensor | None = field(default=None, repr=False, compare=False)
+    # the fitted classifier on the raw features (any standardisation folded in): logits = x @ weight.T + bias
+    weight: Tensor | None = field(default=None, repr=False, compare=False)
+    bias: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        d = asdict(replace(self, test_probs=None))  # no deep copy of the tensor only to drop it
-        del d["test_probs"]
+        d = asdict(replace(self, test_probs=None, weight=None, bias=None))  # no deep copy of tensors only to drop them
+        for key in ("test_probs", "weight", "bias"):
+            del d[key]
         return d
 
 
@@ -520,6 +524,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
 
     sx, tx = prepare(train_x, test_x)
     w, b, iters, converged = fit(sx, train_y, chosen)
+    raw_w, raw_b = _on_raw_features(w, b, train_x, standardize_features)
     train_acc, train_loss = _evaluate(w, b, sx, train_y)
     test_acc, _ = _evaluate(w, b, tx, test_y)
     test_probs = _probabilities(w, b, tx) if return_test_probs else None
@@ -540,7 +545,20 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         train_loss=train_loss, converged=converged,
         num_classes=num_classes, n_train=n, n_test=test_x.shape[0], dim=train_x.shape[1],
         val_fraction=used_val_fraction, sweep=sweep, seconds=time.perf_counter() - t0, solver_settings=settings,
-        test_probs=test_probs)
+        test_probs=test_probs, weight=raw_w.cpu(), bias=raw_b.cpu())
+
+
+def _on_raw_features(w: Tensor, b: Tensor, train_x, standardized: bool) -> tuple[Tensor, Tensor]:
+    """The classifier fitted on standardised features as one on the raw ones: W (x - m) s + b = (W s) x + b - (W s) m."""
+    if not standardized:
+        return w, b
+    if isinstance(train_x, Rows):
+        mean, scale = train_x.stats()
+    else:
+        var, mean = torch.var_mean(train_x.float(), dim=0, unbiased=False)
+        scale = 1.0 / (var.sqrt() + 1e-6)
+    folded = w * scale.to(w)
+    return folded, b - folded @ mean.to(w)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ class EvalContext:
     progress: bool = True
     trained_size: int | None = None  # set when the run is read at another image size than it was trained on
     _transfer: tuple[ImageSet, ImageSet] | None = None
+    # the probes protocol's fitted linear classifier (weight, bias on the raw features, layer, pool), which genrep
+    # probe saves for genrep predict
+    linear_classifier: dict | None = None
 
     @classmethod
     def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True,

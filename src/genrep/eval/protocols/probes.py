@@ -189,6 +189,7 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
                        warmup_epochs=s.lars.warmup_epochs, momentum=s.lars.momentum,
                        trust_coefficient=s.lars.trust_coefficient, label_smoothing=s.lars.label_smoothing,
                        device=dev)
+    ctx.linear_classifier = {"weight": lin.weight, "bias": lin.bias, "layer": layer, "pool": pool}
     bins = ctx.ev.calibration.bins
     ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature, device=dev)

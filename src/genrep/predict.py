@@ -1,0 +1,227 @@
+"""Selective prediction: classify images and abstain on those the model should not answer (``genrep predict``,
+``Run.predict``).
+
+A prediction is the class of the run's logits (a method without logits: the linear classifier ``genrep probe``
+saved, ``results/probe-linear.safetensors``), its probability, and a score of how much the image looks like the
+training distribution: the one of the run's OOD evaluation with the best mean AUROC that can be computed per image
+(``msp``, ``energy``, ``bpd``; without an OOD evaluation, MSP, selective classification's baseline). An image is
+answered when its score reaches a threshold fitted on held-out data of the training distribution: one half of a
+seeded split of the test split (the other half measures what the threshold does: the coverage, the selective risk
+and the risk-coverage curve's area, AURC), at the asked coverage (the share of those images answered) or at the
+largest coverage whose selective risk (the error rate of the answered) stays within the asked risk. The fitted
+threshold is saved as ``results/predict.json`` and reused while the weights and the request are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import GenrepError
+
+PROBE_CLASSIFIER = "probe-linear.safetensors"
+PREDICT_FILE = "predict.json"
+PREDICT_FORMAT = "genrep-predict-1"
+PROBE_FORMAT = "genrep-probe-classifier-1"
+SCORES = ("msp", "energy", "bpd")   # the OOD scores computed per image at prediction time
+DEFAULT_COVERAGE = 0.95
+SPLIT_SEED = 0
+
+
+# ------------------------------------------------------------------ requests and the saved probe
+
+def check_request(coverage: float | None, max_risk: float | None) -> dict:
+    """The asked operating point as a record: {"coverage": c} or {"max_risk": r}; one line for a bad one."""
+    if coverage is not None and max_risk is not None:
+        raise GenrepError("give --coverage or --max-risk, not both: the threshold is fitted to one of them")
+    if max_risk is not None:
+        if isinstance(max_risk, bool) or not isinstance(max_risk, (int, float)) or not 0 < max_risk < 1:
+            raise GenrepError(f"max risk {max_risk!r} must lie in (0, 1): the error rate allowed among answered images")
+        return {"max_risk": float(max_risk)}
+    c = DEFAULT_COVERAGE if coverage is None else coverage
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+        raise GenrepError(f"coverage {c!r} must lie in (0, 1]: the share of in-distribution images answered")
+    return {"coverage": float(c)}
+
+
+def probe_record(results: dict, cfg) -> dict[str, str]:
+    """What a saved probe classifier reads: the metadata of ``results/probe-linear.safetensors``."""
+    options = {k: results[k] for k in ("feature_t", "feature_noise", "feature_noise_seed", "causal") if k in results}
+    return {"format": PROBE_FORMAT, "method": cfg.method, "weights": results["weights"], "layer": str(results["layer"]),
+            "pool": str(results["pool"]), "image_size": str(results["image_size"]),
+            "options": json.dumps(options, sort_keys=True), "classes": json.dumps(results.get("classes", []))}
+
+
+def read_probe_classifier(run) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+    """(weight, bias, layer, pool) of the probe genrep probe saved, checked to read what ``run`` reads now."""
+    from safetensors import SafetensorError, safe_open
+
+    path = run.path / "results" / PROBE_CLASSIFIER
+    again = f"run genrep probe {run.path} to fit one"
+    if not path.is_file():
+        raise GenrepError(f"{run.config.method} has no logits, so it predicts through the linear classifier genrep "
+                          f"probe saves, and {run.path} has none ({path.name}); {again}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+    except (SafetensorError, OSError, ValueError):
+        raise GenrepError(f"{path} is damaged; {again}") from None
+    if meta.get("format") != PROBE_FORMAT or meta.get("method") != run.config.method:
+        raise GenrepError(f"{path} is not a {run.config.method} probe classifier; {again}")
+    if meta.get("weights") != run.version:
+        raise GenrepError(f"{path} was fitted on the {meta.get('weights')} weights and the run's are {run.version} "
+                          f"now; {again}")
+    if meta.get("image_size") != str(run.method.data.image_size):
+        raise GenrepError(f"{path} was fitted on features read at {meta.get('image_size')} px and the run reads "
+                          f"{run.method.data.image_size} px; {again} at its own size")
+    if weight.dim() != 2 or bias.shape != (weight.shape[0],) or weight.shape[0] != run.method.data.num_classes:
+        raise GenrepError(f"{path} holds a classifier of shape {tuple(weight.shape)}, not one of the run's "
+                          f"{run.method.data.num_classes} classes; {again}")
+    return weight.float(), bias.float(), int(meta["layer"]), meta["pool"]
+
+
+# ------------------------------------------------------------------ logits and scores
+
+def logits(run, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Class logits [N, K] of uint8 images at the run's size: the method's, or the saved probe's on its features."""
+    from .eval.features import image_batches
+
+    if "logits" not in run.method.capabilities:
+        weight, bias, layer, pool = read_probe_classifier(run)
+        feats = run.features(images, layer=layer, pool=pool, batch_size=batch_size)
+        return torch.addmm(bias, feats.flatten(1), weight.t())
+    parts = [torch.zeros(0, run.method.data.num_classes)]
+    with torch.no_grad():
+        for x in image_batches(images, batch_size, run.device):
+            parts.append(run.method.logits(x).float().cpu())
+    return torch.cat(parts)
+
+
+def choose_score(run) -> tuple[str, str]:
+    """The score an image is judged by, and why: the run's OOD evaluation's best (mean AUROC over its sets) of those
+    computable per image, else MSP."""
+    from .eval.evaluate import EVAL_FILE, read_results
+
+    usable = [k for k in SCORES if k != "bpd" or "nll" in run.method.capabilities]
+    if (run.path / "results" / EVAL_FILE).is_file():
+        ood = read_results(run.path).get("protocols", {}).get("ood", {})
+        ranked = []
+        for kind, per_set in (ood.get("scores") or {}).items():
+            aurocs = [m.get("auroc") for m in per_set.values() if isinstance(m, dict)]
+            if kind in usable and aurocs and all(isinstance(a, (int, float)) for a in aurocs):
+                ranked.append((sum(aurocs) / len(aurocs), kind))
+        if ranked:
+            auroc, kind = max(ranked)
+            return kind, (f"the best mean AUROC ({auroc:.3f}) over {', '.join(ood.get('sets', []))} of the scores "
+                          f"computable per image in the run's OOD evaluation")
+    return "msp", "the run has no OOD evaluation (genrep evaluate RUN --eval.protocols ood): MSP, the baseline"
+
+
+def scores(run, images: torch.Tensor, class_logits: torch.Tensor, kind: str, batch_size: int = 256) -> torch.Tensor:
+    """Higher is more like the training distribution: float64 [N]."""
+    from .eval.metrics.ood import energy_score, msp_score
+
+    if kind == "msp":
+        return msp_score(class_logits).double()
+    if kind == "energy":
+        return energy_score(class_logits).double()
+    if kind == "bpd":
+        return -torch.cat([run.nll(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    raise GenrepError(f"score {kind!r} is not computed per image; choose among {', '.join(SCORES)}")
+
+
+# ------------------------------------------------------------------ the threshold
+
+def risk_coverage(score: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(coverage, selective risk) answering the k highest-scored images for k = 1..N, and the curve's area."""
+    order = torch.argsort(score, descending=True, stable=True)
+    errors = torch.cumsum((~correct[order]).double(), 0)
+    k = torch.arange(1, len(score) + 1, dtype=torch.float64)
+    risk = errors / k
+    return k / len(score), risk, float(risk.mean())
+
+
+def fit_threshold(score: torch.Tensor, correct: torch.Tensor, request: dict) -> float:
+    """The least score answered: the asked coverage's, or the largest coverage's whose selective risk is within the
+    asked risk (+inf: none is, and everything is abstained on)."""
+    ranked = torch.sort(score, descending=True).values
+    if "coverage" in request:
+        k = max(1, math.ceil(request["coverage"] * len(score)))
+        return float(ranked[k - 1])
+    _, risk, _ = risk_coverage(score, correct)
+    ok = torch.nonzero(risk <= request["max_risk"]).flatten()
+    return float(ranked[int(ok[-1])]) if len(ok) else math.inf
+
+
+def held_out_halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[: n // 2], perm[n // 2:]
+
+
+def fit(run, request: dict, batch_size: int = 256) -> dict:
+    """Fit the threshold on one half of the run's test split and measure it on the other; the record to save."""
+    from .runs import load_split
+
+    test = load_split(run.config, "test")
+    if len(test) < 4:
+        raise GenrepError(f"the test split of {test.name} has {len(test)} images; fitting a threshold needs at least 4")
+    kind, why = choose_score(run)
+    lg = logits(run, test.images, batch_size)
+    s = scores(run, test.images, lg, kind, batch_size)
+    correct = lg.argmax(1) == test.labels
+    fit_idx, check_idx = held_out_halves(len(test))
+    threshold = fit_threshold(s[fit_idx], correct[fit_idx], request)
+    answered = s[check_idx] >= threshold
+    n_ans = int(answered.sum())
+    _, _, aurc = risk_coverage(s[check_idx], correct[check_idx])
+    return {
+        "format": PREDICT_FORMAT, "request": request, "score": kind, "score_reason": why, "threshold": threshold,
+        "classifier": ("the method's logits" if "logits" in run.method.capabilities
+                       else f"genrep probe's linear classifier ({PROBE_CLASSIFIER})"),
+        "weights": run.version, "classes": list(test.classes),
+        "fitted_on": {"data": run.config.data.name, "split": "test", "images": len(fit_idx),
+                      "how": f"one half of a permutation of the test split seeded by {SPLIT_SEED}"},
+        "held_out": {"images": len(check_idx), "coverage": n_ans / len(check_idx),
+                     "selective_risk": (float((~correct[check_idx][answered]).double().mean()) if n_ans else None),
+                     "risk_all": float((~correct[check_idx]).double().mean()), "aurc": aurc},
+    }
+
+
+def read_saved(run, request: dict | None) -> dict | None:
+    """``results/predict.json`` when it was fitted for these weights (and this request, when one is given); a file
+    there that is not genrep's is a one-line error, never fitted over."""
+    path = saved_path(run)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("format") != PREDICT_FORMAT:
+        raise GenrepError(f"{path} is not genrep's fitted threshold (format {PREDICT_FORMAT}); move it away and "
+                          f"predict again")
+    if record.get("weights") != run.version:
+        return None
+    if request is not None and record.get("request") != request:
+        return None
+    if record.get("score") not in SCORES or not isinstance(record.get("threshold"), (int, float)):
+        return None
+    return record
+
+
+def predict(run, images: torch.Tensor, record: dict, batch_size: int = 256) -> dict:
+    """Classes, probabilities, scores and abstentions of uint8 images at the run's size, by a fitted ``record``."""
+    lg = logits(run, images, batch_size)
+    probs = torch.softmax(lg, dim=1)
+    p, cls = probs.max(1)
+    s = scores(run, images, lg, record["score"], batch_size)
+    return {"classes": cls, "probabilities": p, "scores": s, "abstain": s < record["threshold"],
+            "score": record["score"], "threshold": record["threshold"]}
+
+
+def saved_path(run) -> Path:
+    return run.path / "results" / PREDICT_FILE
