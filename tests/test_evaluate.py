@@ -83,6 +83,9 @@ def test_every_applicable_protocol_runs_and_the_others_say_why(evaluated, traine
     on_disk = read_results(trained_runs[method_name])
     assert on_disk["protocols"].keys() == results["protocols"].keys()
     probes = results["protocols"]["probes"]
+    sel = probes["linear_selective"]   # the probe as a selective classifier: answering every image is its error
+    assert sel["coverage"][-1] == 1 and sel["risk"][-1] == pytest.approx(1 - probes["linear_acc"])
+    assert 0 <= sel["aurc"] <= 1
     assert {(r["layer"], r["pool"]) for r in probes["sweep"]} >= {(probes["layer"], probes["pool"])}
     assert all(0 <= r["linear_acc"] <= 1 for r in probes["sweep"])
     ood = results["protocols"]["ood"]
@@ -93,6 +96,7 @@ def test_every_applicable_protocol_runs_and_the_others_say_why(evaluated, traine
     if "logits" in method.capabilities:
         rob = results["protocols"]["robustness"]["accuracy"]
         clean = results["protocols"]["calibration"]["accuracy"]
+        assert results["protocols"]["calibration"]["selective"]["error_rate"] == pytest.approx(1 - clean)
         assert rob["linf"]["0.0"] >= rob["linf"][str(8 / 255)]
         assert 0 <= clean <= 1
         attack = results["protocols"]["robustness"]

@@ -18,7 +18,8 @@ from genrep.api import train
 from genrep.cli import main
 from genrep.data.datasets import load_dataset
 from genrep.eval.metrics.probes import linear_probe
-from genrep.predict import fit_threshold, risk_coverage
+from genrep.eval.metrics.selective import risk_coverage, selective_summary
+from genrep.predict import fit_threshold
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,8 @@ def test_the_threshold_answers_the_asked_coverage_or_the_largest_within_the_risk
     # risks at k = 1..10: 0, 0, 1/3, 1/4, 1/5, 1/6, 2/7, 3/8, 3/9, 4/10
     assert fit_threshold(score, correct, {"max_risk": 0.2}) == 0.4          # k = 6: 1/6 <= 0.2, and no later one
     assert fit_threshold(score, torch.zeros(10, dtype=torch.bool), {"max_risk": 0.5}) == math.inf   # all wrong
+    summary = selective_summary(score, correct, points=4)
+    assert summary["coverage"] == [0.1, 0.4, 0.7, 1.0] and summary["error_rate"] == pytest.approx(0.4)
     coverage, risk, aurc = risk_coverage(score, correct)
     assert coverage[-1] == 1 and risk[2] == pytest.approx(1 / 3)
     assert aurc == pytest.approx(sum([0, 0, 1 / 3, 1 / 4, 1 / 5, 1 / 6, 2 / 7, 3 / 8, 3 / 9, 4 / 10]) / 10)

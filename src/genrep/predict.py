@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import GenrepError
+from .eval.metrics.selective import risk_coverage
 
 PROBE_CLASSIFIER = "probe-linear.safetensors"
 PREDICT_FILE = "predict.json"
@@ -135,15 +136,6 @@ def scores(run, images: torch.Tensor, class_logits: torch.Tensor, kind: str, bat
 
 
 # ------------------------------------------------------------------ the threshold
-
-def risk_coverage(score: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(coverage, selective risk) answering the k highest-scored images for k = 1..N, and the curve's area."""
-    order = torch.argsort(score, descending=True, stable=True)
-    errors = torch.cumsum((~correct[order]).double(), 0)
-    k = torch.arange(1, len(score) + 1, dtype=torch.float64)
-    risk = errors / k
-    return k / len(score), risk, float(risk.mean())
-
 
 def fit_threshold(score: torch.Tensor, correct: torch.Tensor, request: dict) -> float:
     """The least score answered: the asked coverage's, or the largest coverage's whose selective risk is within the

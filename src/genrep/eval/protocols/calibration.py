@@ -47,7 +47,8 @@ def predict_probs(method, images_uint8: Tensor, *, device: torch.device | str = 
 
 
 def run(ctx: EvalContext) -> dict:
-    from ..report.figures import reliability_diagram
+    from ..metrics.selective import selective_summary
+    from ..report.figures import reliability_diagram, risk_coverage_figure
 
     bins = ctx.ev.calibration.bins
     probs = predict_probs(ctx.method, ctx.test.images, device=ctx.device, batch_size=ctx.ev.batch_size,
@@ -55,6 +56,11 @@ def run(ctx: EvalContext) -> dict:
     ece = expected_calibration_error(probs, ctx.test.labels, bins)
     fig = reliability_diagram(probs, ctx.test.labels, ctx.figure("reliability"), n_bins=bins,
                               title=f"{ctx.cfg.method} on {ctx.cfg.data.name}")
+    # selective classification by the top-class probability (MSP): what genrep predict abstains by, without its
+    # OOD choice of score
+    selective = selective_summary(probs.max(1).values, probs.argmax(1) == ctx.test.labels)
+    curve = risk_coverage_figure({"MSP": selective}, ctx.figure("risk-coverage"),
+                                 title=f"{ctx.cfg.method} on {ctx.cfg.data.name}")
     return {"ece": ece, "bins": bins, "accuracy": float((probs.argmax(1) == ctx.test.labels).float().mean()),
-            "mean_confidence": float(probs.max(1).values.mean()), "n": len(probs),
-            "figures": {"reliability diagram": ctx.rel(fig)}}
+            "mean_confidence": float(probs.max(1).values.mean()), "n": len(probs), "selective": selective,
+            "figures": {"reliability diagram": ctx.rel(fig), "risk-coverage (MSP)": ctx.rel(curve)}}

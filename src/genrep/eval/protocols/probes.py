@@ -26,6 +26,7 @@ from ...methods import Method
 from ..metrics.heads import HEADS
 from ..metrics.calibration import expected_calibration_error
 from ..metrics.probes import LR_SCHEDULES, SOLVERS, knn_classify, linear_probe
+from ..metrics.selective import selective_summary
 from ..feature_store import is_mapped
 from .context import EvalContext, check_causal
 from .head_training import HeadSettings, check_head_features, train_head_at
@@ -193,9 +194,12 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
     bins = ctx.ev.calibration.bins
     ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature, device=dev)
+    # the linear probe as a selective classifier by its top-class probability: every method can predict through it
+    selective = selective_summary(lin.test_probs.max(1).values, lin.test_probs.argmax(1) == ctx.test.labels)
     out = {"layer": layer, "pool": pool, **ctx.feature_options, "precision": ctx.precision,
            "feature_dim": int(xtr.shape[1]), "feature_cache": _cache_kind(xtr),
            "solver_device": str(dev), "linear_acc": lin.test_acc, "linear_ece": ece,
+           "linear_selective": selective,
            "linear": {"solver": s.solver, "epochs": s.epochs, "lr": s.lr, "weight_decay": lin.weight_decay,
                       "batch_size": s.batch_size, "standardize": standardize,
                       **({"lr_schedule": s.lr_schedule} if s.solver == "adamw" else {}),

@@ -133,6 +133,22 @@ def reliability_diagram(probs: Tensor, labels: Tensor, path, n_bins: int = 15, t
     return save_figure(path, fig)
 
 
+def risk_coverage_figure(curves: dict[str, dict], path, title: str = "") -> Path:
+    """Risk-coverage curves (PNG): each score's error rate among the answered against the share answered, its AURC
+    in the legend, the error rate answering everything dotted. ``curves``: name -> ``selective_summary``'s dict."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for name, c in curves.items():
+        ax.plot(c["coverage"], c["risk"], lw=1.5, label=f"{name} (AURC {c['aurc']:.3f})")
+    rate = next(iter(curves.values()))["error_rate"]
+    ax.axhline(rate, color="grey", ls=":", lw=1, label=f"answering all ({100 * rate:.1f}% errors)")
+    ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage (share answered)", ylabel="selective risk (error rate)",
+           title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
 def score_histogram(scores: dict[str, Tensor], path, title: str = "", in_name: str | None = None) -> Path:
     """Overlaid density histograms of each set's scores (PNG), on shared bins; the in-distribution set
     (``in_name``, default the first entry) is drawn filled and each other set's legend entry carries its

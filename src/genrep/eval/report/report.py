@@ -118,14 +118,15 @@ def _results(runs: list[dict], name: str, table: Table | None = None):
 def _probes(runs: list[dict]) -> str:
     knn_ks = sorted({k for r in runs for k in r["protocols"].get("probes", {}).get("knn", {})}, key=int)
     t = Table(["run", "data", "size (trainable / total)", "layer / pool", "classifier", "linear", "linear ECE",
-               *[f"kNN k={k}" for k in knn_ks], "best sweep: layer / pool", "best sweep linear"])
+               "linear AURC", *[f"kNN k={k}" for k in knn_ks], "best sweep: layer / pool", "best sweep linear"])
     linear = set()
     for r, p in _results(runs, "probes"):
         b = p.get("best") or {}
         lin = p.get("linear", {})
         linear.add(f"{linear_text({'solver': 'adamw', 'weight_decay': 1e-4, **lin})}, batch {lin.get('batch_size', 512)}")
         t.add([_label(r), _e(r["data"]), _size(r), f"{p['layer']} / {p['pool']}{mask_text(p)}", _pct(p.get("classifier_acc")),
-               _pct(p["linear_acc"]), _pct(p.get("linear_ece")), *[_pct(p["knn"].get(k)) for k in knn_ks],
+               _pct(p["linear_acc"]), _pct(p.get("linear_ece")), _num(p.get("linear_selective", {}).get("aurc")),
+               *[_pct(p["knn"].get(k)) for k in knn_ks],
                f"{b['layer']} / {b['pool']}" if b else "–", _pct(b.get("linear_acc"))])
     sweeps = []
     for r, p in _results(runs, "probes"):
@@ -160,11 +161,13 @@ def _probes(runs: list[dict]) -> str:
 
 
 def _calibration(runs: list[dict]) -> str:
-    t = Table(["run", "data", "accuracy", "ECE (%)", "bins", "mean confidence"])
+    t = Table(["run", "data", "accuracy", "ECE (%)", "bins", "mean confidence", "AURC by MSP"])
     for r, c in _results(runs, "calibration", t):
         t.add([_label(r), _e(r["data"]), _pct(c["accuracy"]), _pct(c["ece"]), str(c["bins"]),
-               _pct(c["mean_confidence"])])
-    return t.html()
+               _pct(c["mean_confidence"]), _num(c.get("selective", {}).get("aurc"))])
+    return t.html() + ("<p class='note'>AURC: the area under the risk-coverage curve of answering the images the "
+                       "classifier is surest of first (lower is better; answering at random gives the error rate); "
+                       "genrep predict abstains by such a ranking.</p>")
 
 
 def _ood(runs: list[dict]) -> str:

@@ -205,7 +205,8 @@ def headline(name: str, r: dict) -> str:
         return (f"{lead}{head}linear {pct(r['linear_acc'])}{ece}, kNN k={k} {pct(r['knn'][k])}{sweep}"
                 f"{mask_text(r)}")
     if name == "calibration":
-        return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}"
+        aurc = f", AURC by MSP {r['selective']['aurc']:.3f}" if "selective" in r else ""
+        return f"ECE {pct(r['ece'])} ({r['bins']} bins), accuracy {pct(r['accuracy'])}{aurc}"
     if name == "ood":
         parts = [f"{score} " + "/".join(f"{m['auroc']:.3f}" for m in sets.values()) for score, sets in r["scores"].items()]
         return f"AUROC on {'/'.join(r['sets'])}: " + "; ".join(parts) + gaussian_text(r.get("gaussian"))
