@@ -46,8 +46,13 @@ def _quiet(progress: bool):
         yield
 
 
-def _run_path(run) -> Path:
-    return run.path if isinstance(run, Run) else Path(run)
+def _opened(run) -> tuple[Path, Any]:
+    """(the run's folder, its config): a loaded Run's own, or read once from the folder."""
+    from .runs import read_run_config
+
+    if isinstance(run, Run):
+        return run.path, run.config
+    return Path(run), read_run_config(Path(run))
 
 
 def pretrain(recipe: str, out=None, *, runs_dir="runs", init=None, progress: bool = False, **overrides) -> Run:
@@ -85,12 +90,10 @@ def train(cfg, run: Path, *, resume: bool, claimed: bool, init=None):
         raise
 
 
-def _section(run: Path, name: str, cls, overrides: dict):
+def _section(cfg, name: str, cls, overrides: dict):
     from .config import apply_overrides, build_dataclass
-    from .runs import read_run_config
 
-    values = apply_overrides(dataclasses.asdict(getattr(read_run_config(run), name)), overrides)
-    return build_dataclass(cls, values, name)
+    return build_dataclass(cls, apply_overrides(dataclasses.asdict(getattr(cfg, name)), overrides), name)
 
 
 def _split(overrides: dict, section: str) -> tuple[dict, dict]:
@@ -110,11 +113,11 @@ def probe(run, *, device: str = "auto", image_size: int | None = None, progress:
     from .config import ProbeConfig
     from .eval.evaluate import run_probes
 
-    path = _run_path(run)
+    path, cfg = _opened(run)
     ours, options = _split(overrides, "probe")
     with _quiet(progress):
-        return run_probes(path, _section(path, "probe", ProbeConfig, ours), device=device, progress=progress,
-                          options=options, image_size=image_size)
+        return run_probes(path, _section(cfg, "probe", ProbeConfig, ours), device=device, progress=progress,
+                          options=options, image_size=image_size, run_config=cfg)
 
 
 def evaluate(run, protocols: list[str] | str | None = None, *, progress: bool = False, **overrides) -> dict:
@@ -123,13 +126,14 @@ def evaluate(run, protocols: list[str] | str | None = None, *, progress: bool = 
     from .config import EvalConfig
     from .eval.evaluate import evaluate_run
 
-    path = _run_path(run)
+    path, cfg = _opened(run)
     if protocols is not None:
         overrides = {**overrides, "protocols": [protocols] if isinstance(protocols, str) else list(protocols)}
     ours, options = _split(overrides, "eval")
-    ev = _section(path, "eval", EvalConfig, ours)
+    ev = _section(cfg, "eval", EvalConfig, ours)
     with _quiet(progress):
-        return evaluate_run(path, ev, options=options, progress=progress, say=print if progress else _silent)
+        return evaluate_run(path, ev, options=options, progress=progress, say=print if progress else _silent,
+                            run_config=cfg)
 
 
 def _silent(*_args, **_kwargs) -> None:

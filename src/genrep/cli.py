@@ -321,10 +321,11 @@ def cmd_probe(args, rest: list[str]) -> int:
     from .runs import read_run_config
 
     ours, options, image_size = _split_overrides(rest, "probe", "--probe.layer 2", "probe")
-    values = apply_overrides(dataclasses.asdict(read_run_config(args.run).probe), ours)
-    probe = build_dataclass(ProbeConfig, values, "probe")
+    cfg = read_run_config(args.run)   # once for the command: what follows is handed it
+    probe = build_dataclass(ProbeConfig, apply_overrides(dataclasses.asdict(cfg.probe), ours), "probe")
     with evaluation_group(args.device):   # torchrun: the extraction split over the processes
-        results = run_probes(args.run, probe, device=args.device, options=options, image_size=image_size)
+        results = run_probes(args.run, probe, device=args.device, options=options, image_size=image_size,
+                             run_config=cfg)
     _say(probe_table(results), f"results: {args.run / 'results' / 'probe.json'}")
     return 0
 
@@ -332,16 +333,18 @@ def cmd_probe(args, rest: list[str]) -> int:
 # ------------------------------------------------------------------ evaluate and report
 
 def _eval_config(run: Path, rest: list[str]):
-    """The run's ``eval`` section with ``--eval.*`` overrides (nested: --eval.ood.n 500), and the model
-    options (``--model.sample_steps 50``) this evaluation reads the trained model with."""
+    """The run's ``eval`` section with ``--eval.*`` overrides (nested: --eval.ood.n 500), the model options
+    (``--model.sample_steps 50``) this evaluation reads the trained model with, and the run's config (read once for
+    the command)."""
     import dataclasses
 
     from .config import EvalConfig, apply_overrides, build_dataclass
     from .runs import read_run_config
 
     ours, options, _ = _split_overrides(rest, "eval", "--eval.protocols ood,calibration", "evaluate")
-    values = apply_overrides(dataclasses.asdict(read_run_config(run).eval), ours)
-    return build_dataclass(EvalConfig, values, "eval"), options
+    cfg = read_run_config(run)
+    values = apply_overrides(dataclasses.asdict(cfg.eval), ours)
+    return build_dataclass(EvalConfig, values, "eval"), options, cfg
 
 
 def cmd_evaluate(args, rest: list[str]) -> int:
@@ -349,10 +352,10 @@ def cmd_evaluate(args, rest: list[str]) -> int:
     from .eval.evaluate import EVAL_FILE, evaluate_run
     from .eval.report.summary import evaluation_summary
 
-    ev, options = _eval_config(args.run, rest)
+    ev, options, cfg = _eval_config(args.run, rest)
     t0 = time.perf_counter()
     with evaluation_group(ev.device):
-        results = evaluate_run(args.run, ev, options=options)
+        results = evaluate_run(args.run, ev, options=options, run_config=cfg)
     _say(evaluation_summary(results),
          f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
          f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
@@ -367,10 +370,10 @@ def cmd_sweep(args, rest: list[str]) -> int:
     flags = {"sweep.blocks": args.blocks, "sweep.t": args.t, "sweep.pools": args.pool, "sweep.heads": args.head,
              "device": args.device}
     extra = [a for key, value in flags.items() if value is not None for a in (f"--eval.{key}", value)]
-    ev, options = _eval_config(args.run, [*rest, *extra, "--eval.protocols", "sweep"])
+    ev, options, cfg = _eval_config(args.run, [*rest, *extra, "--eval.protocols", "sweep"])
     t0 = time.perf_counter()
     with evaluation_group(ev.device):
-        results = evaluate_run(args.run, ev, options=options)
+        results = evaluate_run(args.run, ev, options=options, run_config=cfg)
     _say(sweep_table(results["protocols"]["sweep"]),
          f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); heatmaps in "
          f"{args.run / 'figures' / 'eval'}")
@@ -481,7 +484,7 @@ def cmd_run(args, rest: list[str]) -> int:
     if not _is_main_process():
         return 0
     _say(f"genrep run: 2/4 probing frozen features ({result.steps} steps took {result.seconds:.1f} s)")
-    results = run_probes(run, device=cfg.train.device)
+    results = run_probes(run, device=cfg.train.device, run_config=cfg)   # the config it trained with
     figure = summary_figure(run, results, run / "figures" / "summary.png")
     lines = []
     if "sample" in get_method(cfg.method).capabilities:
@@ -499,7 +502,7 @@ def cmd_run(args, rest: list[str]) -> int:
                              device=cfg.train.device)
     _say(f"genrep run: 3/4 evaluating ({', '.join(ev.protocols)}; not {RUN_SKIPS}, which is expensive)")
     t_eval = time.perf_counter()
-    evaluation = evaluate_run(run, ev, say=lambda m: _say("  " + m))
+    evaluation = evaluate_run(run, ev, say=lambda m: _say("  " + m), run_config=cfg)
     report = write_report([run], run / "report.html")
     _say("genrep run: 4/4 summary", "", probe_table(results), "", evaluation_summary(evaluation), "",
          f"run folder: {run}  (config.yaml, model.safetensors, ema.safetensors, checkpoints/, log.jsonl, "

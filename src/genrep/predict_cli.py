@@ -83,7 +83,7 @@ def cmd_predict(args, rest: list[str]) -> int:
     check_overwrite(out, _is_ours, "predictions CSV", args.force)
     run = load(args.run, device=args.device)
     files = image_files(list(args.images))
-    with lock_trained_run(args.run, "predict"):
+    with lock_trained_run(args.run, "predict", run.config):
         record = read_saved(run, request)
         if record is None:
             record = fit(run, request)

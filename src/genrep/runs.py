@@ -271,17 +271,17 @@ def is_genrep_run(run: Path) -> bool:
 
 
 @contextlib.contextmanager
-def lock_trained_run(run: Path, what: str):
+def lock_trained_run(run: Path, what: str, cfg: Config | None = None):
     """Hold the lock of a trained run that a command writes results into, once genrep is known to have made
-    the folder and the folder holds no link."""
+    the folder and the folder holds no link; yields the run's config (``cfg``: the one the command already read)."""
     run = Path(run)
-    read_run_config(run)  # a folder that is not a run says so, and gets no lock file
+    cfg = cfg or read_run_config(run)  # a folder that is not a run says so, and gets no lock file
     if not is_genrep_run(run):
         raise GenrepError(f"{run} was not made by genrep (no {RUN_MARKER} marker and no genrep weights); pass a "
                           f"run folder written by genrep pretrain")
     with RunLock(run, what):
         check_no_links(run)
-        yield
+        yield cfg
 
 
 def check_resumable(run: Path) -> None:
@@ -483,15 +483,16 @@ def trained_data_spec(cfg: Config) -> tuple[DataSpec, ImageSet | None]:
     return data_spec(train_set), train_set
 
 
-def reading_config(run: Path, options: dict | None = None, image_size=None) -> tuple[Config, int | None]:
+def reading_config(run: Path, options: dict | None = None, image_size=None,
+                   cfg: Config | None = None) -> tuple[Config, int | None]:
     """The config trained run ``run`` is read with: its own, with the read ``options`` (``Method.read_options``),
     and with ``image_size`` (``genrep probe RUN --data.image_size``) its data resized and the read options the
     method needs there (``Method.size_options``; an option given in ``options`` wins). Second, the size the run
-    was trained on when it is read at another (else None)."""
+    was trained on when it is read at another (else None). ``cfg``: the run's config, when the caller read it."""
     from .config import MAX_IMAGE_SIZE, apply_overrides, config_from_dict
     from .methods import get_method, method_names
 
-    cfg = with_read_options(read_run_config(run), options)
+    cfg = with_read_options(cfg or read_run_config(run), options)
     if image_size is None:
         return cfg, None
     size = image_size
@@ -513,10 +514,12 @@ def reading_config(run: Path, options: dict | None = None, image_size=None) -> t
 
 
 def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
-                 options: dict | None = None) -> tuple[Config, Method, ImageSet]:
+                 options: dict | None = None, run_config: Config | None = None) -> tuple[Config, Method, ImageSet]:
     """The run's config, its method with trained weights (eval mode), and its training set. ``options``
-    changes model keys that only affect how the trained model is read (``Method.read_options``)."""
-    return load_trained_with_test(run, weights, device, options)[:3]
+    changes model keys that only affect how the trained model is read (``Method.read_options``); ``run_config``:
+    the run's config, when the caller read it."""
+    cfg = reading_config(run, options, cfg=run_config)[0] if run_config is not None else None
+    return load_trained_with_test(run, weights, device, options, cfg=cfg)[:3]
 
 
 def load_trained_with_test(run: Path, weights: str = "ema", device: str | torch.device = "cpu",

@@ -88,23 +88,25 @@ def _ordered(protocols: dict) -> dict:
 
 
 def evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
-                 say=print) -> dict:
-    """See :func:`_evaluate_run`; it holds the run's lock, so two evaluations never interleave eval.json."""
-    with _run_lock(run, "evaluate"):
+                 say=print, run_config=None) -> dict:
+    """See :func:`_evaluate_run`; it holds the run's lock, so two evaluations never interleave eval.json.
+    ``run_config``: the run's config, when the caller has read it (it is read once per command)."""
+    with _run_lock(run, "evaluate", run_config) as run_config:
         return _evaluate_run(run, ev, options=options, progress=progress and is_main(),
-                             say=say if is_main() else _silent)
+                             say=say if is_main() else _silent, run_config=run_config)
 
 
 def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
-                  say=print) -> dict:
+                  say=print, run_config=None) -> dict:
     """Run the applicable protocols of ``ev`` (default: the run's own ``eval`` section) on RUN's weights;
     ``options`` changes model keys that change how a trained model is read (``Method.read_options``,
     e.g. ``sample_steps``, ``nll_terms``, ``feature_t``)."""
     from ..runs import read_init_record, read_run_config
 
     run = Path(run)
-    ev = ev or read_run_config(run).eval
-    ctx = EvalContext.open(run, ev, options=options, progress=progress)
+    run_config = run_config or read_run_config(run)
+    ev = ev or run_config.eval
+    ctx = EvalContext.open(run, ev, options=options, progress=progress, run_config=run_config)
     method, cfg = ctx.method, ctx.cfg
     names, skipped = plan(method, ev)
     preflight(ctx, names)
@@ -141,19 +143,21 @@ def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | No
 
 
 def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
-               options: dict | None = None, image_size: int | None = None) -> dict:
-    """See :func:`_run_probes`, under the run's lock."""
-    with _run_lock(run, "probe"):
-        return _run_probes(run, probe, device, progress and is_main(), options, image_size)
+               options: dict | None = None, image_size: int | None = None, run_config=None) -> dict:
+    """See :func:`_run_probes`, under the run's lock (``run_config``: the run's config, when the caller read it)."""
+    with _run_lock(run, "probe", run_config) as run_config:
+        return _run_probes(run, probe, device, progress and is_main(), options, image_size, run_config)
 
 
-def _run_lock(run: Path, what: str):
-    """The run's lock, held by rank 0 alone under torchrun (the one rank that writes)."""
+def _run_lock(run: Path, what: str, run_config=None):
+    """The run's lock, held by rank 0 alone under torchrun (the one rank that writes); yields the run's config."""
     import contextlib
 
-    from ..runs import lock_trained_run
+    from ..runs import lock_trained_run, read_run_config
 
-    return lock_trained_run(run, what) if is_main() else contextlib.nullcontext()
+    if is_main():
+        return lock_trained_run(run, what, run_config)
+    return contextlib.nullcontext(run_config or read_run_config(run))
 
 
 def _silent(*_args) -> None:
@@ -161,7 +165,7 @@ def _silent(*_args) -> None:
 
 
 def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
-                options: dict | None = None, image_size: int | None = None) -> dict:
+                options: dict | None = None, image_size: int | None = None, run_config=None) -> dict:
     """`genrep probe RUN`: the probes protocol with ``probe`` (default: the run's own ``probe`` section) at
     one read-out, no sweep; ``options`` changes model keys that change features (e.g. feature_t), and
     ``image_size`` reads both splits at another size (``runs.reading_config``).
@@ -169,7 +173,7 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     from ..runs import read_run_config
 
     run = Path(run)
-    cfg = read_run_config(run)
+    cfg = run_config or read_run_config(run)
     p = probe or cfg.probe
     # the probe's seed is the run's; the features are read in the probe's batches up to evaluate's default, since
     # a solver's batch (lars: MAE's 16,384) is no size for the network's forward pass
@@ -177,7 +181,7 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     ev = replace(EvalConfig(), protocols=["probes"], weights=p.weights, device=device, batch_size=extract_batch,
                  seed=cfg.train.seed, precision=p.precision, probes=probes_protocol.from_probe_config(p))
     t0 = time.perf_counter()
-    ctx = EvalContext.open(run, ev, options=options, progress=progress, image_size=image_size)
+    ctx = EvalContext.open(run, ev, options=options, progress=progress, image_size=image_size, run_config=cfg)
     probes_protocol.check(ctx)
     r = probes_protocol.run(ctx)
     results = {

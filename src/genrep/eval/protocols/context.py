@@ -93,15 +93,16 @@ class EvalContext:
 
     @classmethod
     def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True,
-             image_size: int | None = None) -> EvalContext:
+             image_size: int | None = None, run_config: Config | None = None) -> EvalContext:
         """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data
-        (at ``image_size``: the run read at another size, ``runs.reading_config``)."""
+        (at ``image_size``: the run read at another size, ``runs.reading_config``); ``run_config``: the run's
+        config as the command read it."""
         from ...runs import load_trained_with_test, reading_config
 
         run = Path(run)
         device = rank_device(ev.device)   # under torchrun, this rank's GPU
         resolve_precision(ev.precision, device)  # a precision this device cannot run: refused before any loading
-        cfg, trained = reading_config(run, options, image_size)
+        cfg, trained = reading_config(run, options, image_size, run_config)
         cfg, method, train, test = load_trained_with_test(run, ev.weights, device, cfg=cfg)
         for split, s in (("train", train), ("test", test)):
             if len(s) == 0:

@@ -146,7 +146,8 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
     if out is not None:
         sample_outputs(out, rank_energy)  # a bad -o is refused before the model is loaded
     run = Path(run)
-    name = read_run_config(run).method
+    run_config = read_run_config(run)
+    name = run_config.method
     caps = get_method(name).capabilities
     if "sample" not in caps:
         raise GenrepError(f"{run} holds a {name} model, which cannot sample; sample from a generative run "
@@ -161,7 +162,7 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
         raise GenrepError(f"{' and '.join(foreign)} do not apply to {name} runs; their sampling flags: {offered}")
     options = {SAMPLE_FLAGS[flag]: v for flag, v in given.items() if v is not None}
     dev = resolve_device(device)
-    cfg, method, train_set = load_trained(run, weights, dev, options=options)
+    cfg, method, train_set = load_trained(run, weights, dev, options=options, run_config=run_config)
     cs = method.capability_settings("sample")
     if steps is not None and cs.get("steps") != steps:  # the method caps a config's steps; a flag is explicit
         if cs.get("sampler") == "ddpm":
