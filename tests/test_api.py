@@ -114,3 +114,22 @@ def test_the_packages_named_like_api_functions_are_both():
     assert set(genrep.methods()) >= {"hybvit", "gcrl", "adm"} and genrep.methods()["hybvit"] == tuple(
         get_method("hybvit").capabilities)
     assert "hybvit-digits" in genrep.recipes() and genrep.methods.Method is not None
+
+
+@pytest.mark.parametrize("command", [["probe"], ["evaluate", "--eval.protocols", "calibration"]])
+def test_a_command_reads_the_runs_config_once(runs, monkeypatch, command):
+    """The config is read once per command and handed down (the lock, the read options, the evaluation context)."""
+    from genrep import config, runs as run_folders
+    from genrep.cli import main
+
+    reads = []
+    real = config.load_config_file
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_folders, "load_config_file", counted)
+    assert main([command[0], str(runs["supervised"]), *command[1:], "--device" if command[0] == "probe" else
+                 "--eval.device", "cpu"]) == 0
+    assert len(reads) == 1
