@@ -228,10 +228,18 @@ def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tens
                               f"train tensor has {train.shape[1]}; they must match")
     if train.shape[0] == 0:
         raise GenrepError("standardize: the train tensor is empty; statistics need at least one row")
+    return _apply_norm(tensors, _mean_scale(train, eps))
+
+
+def _mean_scale(train: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(mean, 1 / (std + eps)) per feature of ``train``, in float32 (float64 for float64 input)."""
     acc = torch.float64 if train.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(train.to(acc), dim=0, unbiased=False)  # Welford: no float64 copy needed
-    std = var.sqrt()
-    scale = 1.0 / (std + eps)
+    return mean, 1.0 / (var.sqrt() + eps)
+
+
+def _apply_norm(tensors, norm: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+    mean, scale = norm
     out = []
     for t in tensors:
         dtype = t.dtype if t.is_floating_point() else torch.float32
@@ -244,13 +252,15 @@ def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tens
 # linear probe
 
 
-def _standardized(train, *others):
-    """:func:`standardize`, or for :class:`Rows` the same transform applied to each block as it is read."""
+def _standardized(train, *others) -> tuple[tuple, tuple[Tensor, Tensor]]:
+    """:func:`standardize` (or for :class:`Rows` the same transform applied to each block as it is read), and the
+    (mean, scale) it applied, which the saved classifier folds in."""
     if not any(isinstance(x, Rows) for x in (train, *others)):
-        return standardize(train, *others)
+        norm = _mean_scale(train)
+        return _apply_norm((train, *others), norm), norm
     train, *others = (x if isinstance(x, Rows) else Rows(x, x.device) for x in (train, *others))
     norm = train.stats()
-    return tuple(x.standardized(norm) for x in (train, *others))
+    return tuple(x.standardized(norm) for x in (train, *others)), norm
 
 
 def _chunk(x, chunk: int) -> int:
@@ -490,8 +500,8 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         return _fit_adamw(x, y, num_classes, wd, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           lr_schedule=lr_schedule)
 
-    def prepare(train, *others):
-        return _standardized(train, *others) if standardize_features else (train, *others)
+    def prepare(train, *others):   # -> (the features as fitted, the standardisation applied or None)
+        return _standardized(train, *others) if standardize_features else ((train, *others), None)
 
     n = train_x.shape[0]
     sweep: list[dict] = []
@@ -511,7 +521,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         used_val_fraction = vf
         perm = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed)).to(train_x.device)
         val_idx, fit_idx = perm[:n_val], perm[n_val:]
-        fx, vx = prepare(_take(train_x, fit_idx), _take(train_x, val_idx))
+        (fx, vx), _ = prepare(_take(train_x, fit_idx), _take(train_x, val_idx))
         fy, vy = train_y[fit_idx], train_y[val_idx]
         for wd in wds:
             w, b, _, _ = fit(fx, fy, wd)
@@ -522,9 +532,9 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     else:
         chosen = wds[0]
 
-    sx, tx = prepare(train_x, test_x)
+    (sx, tx), norm = prepare(train_x, test_x)
     w, b, iters, converged = fit(sx, train_y, chosen)
-    raw_w, raw_b = _on_raw_features(w, b, train_x, standardize_features)
+    raw_w, raw_b = _on_raw_features(w, b, norm)
     train_acc, train_loss = _evaluate(w, b, sx, train_y)
     test_acc, _ = _evaluate(w, b, tx, test_y)
     test_probs = _probabilities(w, b, tx) if return_test_probs else None
@@ -548,15 +558,11 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         test_probs=test_probs, weight=raw_w.cpu(), bias=raw_b.cpu())
 
 
-def _on_raw_features(w: Tensor, b: Tensor, train_x, standardized: bool) -> tuple[Tensor, Tensor]:
+def _on_raw_features(w: Tensor, b: Tensor, norm: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
     """The classifier fitted on standardised features as one on the raw ones: W (x - m) s + b = (W s) x + b - (W s) m."""
-    if not standardized:
+    if norm is None:
         return w, b
-    if isinstance(train_x, Rows):
-        mean, scale = train_x.stats()
-    else:
-        var, mean = torch.var_mean(train_x.float(), dim=0, unbiased=False)
-        scale = 1.0 / (var.sqrt() + 1e-6)
+    mean, scale = norm
     folded = w * scale.to(w)
     return folded, b - folded @ mean.to(w)
 
