@@ -33,9 +33,8 @@ class Run:
     def open(cls, path, weights: str = "ema", device: str = "auto") -> Run:
         from .devices import resolve_device
         from .runs import (
-            _read_prepared_file,
-            check_frozen,
             check_no_links,
+            install_run_state,
             is_genrep_run,
             load_weights,
             read_run_config,
@@ -54,11 +53,7 @@ class Run:
         from .methods import build_method
 
         method = build_method(config.method, config.model, trained_data_spec(config)[0])
-        if method.has_prepare:   # the state fitted on the training set; its data is not read to check it again
-            state, meta = _read_prepared_file(path, method)
-            method.load_prepared(state)
-            method.prepared_meta = meta
-        check_frozen(path, method)
+        install_run_state(path, method, None)   # the data is not read to check the fitted state against it again
         load_weights(method, path, weights)
         return cls(path, config, method.to(dev).eval(), weights, dev)
 

@@ -387,11 +387,12 @@ def save_prepared(run: Path, method: Method, state: dict[str, torch.Tensor], tra
     atomic_save_safetensors(Path(run) / PREPARED_FILE, state, meta)
 
 
-def read_prepared(run: Path, method: Method, train_set: ImageSet) -> dict[str, torch.Tensor]:
-    """The run's fitted state, checked against the data set it is about to be used with."""
+def read_prepared(run: Path, method: Method, train_set: ImageSet | None) -> dict[str, torch.Tensor]:
+    """The run's fitted state, checked against the data set it is about to be used with (None: a run read without
+    its data, ``genrep.load``, whose state is used as it was fitted)."""
     path = Path(run) / PREPARED_FILE
-    state, meta = _read_prepared_file(run, method)
-    now = data_fingerprint(train_set)
+    state, meta = read_prepared_file(run, method)
+    now = data_fingerprint(train_set) if train_set is not None else {}
     fitted = {k: meta.get(k) for k in now}
     if fitted != now:
         raise GenrepError(f"{path} was fitted on {fitted['data']} ({fitted['images']} images of "
@@ -402,7 +403,7 @@ def read_prepared(run: Path, method: Method, train_set: ImageSet) -> dict[str, t
     return state
 
 
-def _read_prepared_file(run: Path, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_prepared_file(run: Path, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A run's fitted state and its metadata, checked to be ``method``'s (not yet against any data)."""
     from safetensors import SafetensorError, safe_open
 
@@ -464,8 +465,9 @@ def check_frozen(run: Path, method: Method) -> None:
                               f"restore the original file")
 
 
-def install_run_state(run: Path, method: Method, train_set: ImageSet) -> None:
-    """Give a method rebuilt from a run folder its fitted state, and check its frozen parts."""
+def install_run_state(run: Path, method: Method, train_set: ImageSet | None) -> None:
+    """Give a method rebuilt from a run folder its fitted state (checked against ``train_set`` when given), and check
+    its frozen parts."""
     if method.has_prepare:
         method.load_prepared(read_prepared(run, method, train_set))
     check_frozen(run, method)
@@ -680,7 +682,7 @@ def read_init_source(source: str | Path, method: Method, expect_sha256: str | No
     prepared = None
     if method.has_prepare:
         try:
-            fitted, meta = _read_prepared_file(source, method)
+            fitted, meta = read_prepared_file(source, method)
         except GenrepError as e:
             raise GenrepError(f"--init {source}: {e}") from None
         prepared = fitted, inherited_prepared_meta(source, meta)
