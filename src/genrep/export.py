@@ -143,12 +143,11 @@ def meta_method(cfg, state: dict[str, torch.Tensor], source: Path):
     return method.eval(), spec
 
 
-def read_prepared(run: Path) -> dict[str, torch.Tensor]:
-    from .runs import PREPARED_FILE
-    from .train.checkpoint import load_safetensors
+def read_prepared(run: Path, method) -> dict[str, torch.Tensor]:
+    """The run's fitted state, checked to be this method's (runs' own reader), or none when the run has no file."""
+    from .runs import PREPARED_FILE, read_prepared_file
 
-    path = Path(run) / PREPARED_FILE
-    return load_safetensors(path) if path.is_file() else {}
+    return read_prepared_file(run, method)[0] if (Path(run) / PREPARED_FILE).is_file() else {}
 
 
 def read_frozen(run: Path) -> dict:
@@ -308,8 +307,9 @@ def timm_export(cfg, spec, state: dict[str, torch.Tensor]) -> tuple[dict[str, to
 # ---------------------------------------------------------------- safetensors
 
 
-def safetensors_export(cfg, spec, state: dict[str, torch.Tensor], run: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    prepared = read_prepared(run)
+def safetensors_export(cfg, spec, state: dict[str, torch.Tensor], run: Path,
+                       method) -> tuple[dict[str, torch.Tensor], dict]:
+    prepared = read_prepared(run, method)
     tensors = {**state, **{PREPARED_PREFIX + k: v for k, v in prepared.items()}}
     doc = {"architecture": {"method": cfg.method, "model": cfg.to_dict()["model"],
                             "data": {"name": cfg.data.name, "image_size": spec.image_size,
@@ -350,8 +350,9 @@ def export_run(run: Path, out: Path | None = None, fmt: str = "timm", weights: s
     out = Path(out) if out is not None else default_output(run, fmt, weights)
     check_outputs(run, out, force)
     state, step = read_weights(run, weights)
-    _, spec = meta_method(cfg, state, run / f"{weights}.safetensors")
-    tensors, doc = (timm_export(cfg, spec, state) if fmt == "timm" else safetensors_export(cfg, spec, state, run))
+    method, spec = meta_method(cfg, state, run / f"{weights}.safetensors")
+    tensors, doc = (timm_export(cfg, spec, state) if fmt == "timm"
+                    else safetensors_export(cfg, spec, state, run, method))
     try:
         genrep_version = version("genrep")
     except PackageNotFoundError:
