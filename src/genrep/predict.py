@@ -53,7 +53,7 @@ def probe_record(results: dict, cfg) -> dict[str, str]:
     options = {k: results[k] for k in ("feature_t", "feature_noise", "feature_noise_seed", "causal") if k in results}
     return {"format": PROBE_FORMAT, "method": cfg.method, "weights": results["weights"], "layer": str(results["layer"]),
             "pool": str(results["pool"]), "image_size": str(results["image_size"]),
-            "options": json.dumps(options, sort_keys=True), "classes": json.dumps(results.get("classes", []))}
+            "options": json.dumps(options, sort_keys=True)}
 
 
 def read_probe_classifier(run) -> tuple[torch.Tensor, torch.Tensor, int, str]:

@@ -19,8 +19,8 @@ def to_run_images(images, channels: int, size: int, resize: str) -> torch.Tensor
         if not images:
             raise GenrepError(f"the list of images is empty; give {IMAGE_FORMS}")
         parts = [_one_batch(x, channels, f"image {i} of the list") for i, x in enumerate(images)]
-        return torch.cat([_sized(p, size, resize, f"image {i} of the list") for i, p in enumerate(parts)])
-    return _sized(_one_batch(images, channels, "the images"), size, resize, "the images")
+        return torch.cat([_resize(p, size, resize, f"image {i} of the list") for i, p in enumerate(parts)])
+    return _resize(_one_batch(images, channels, "the images"), size, resize, "the images")
 
 
 def _one_batch(x, channels: int, what: str) -> torch.Tensor:
@@ -64,10 +64,6 @@ def _as_uint8(x: torch.Tensor, what: str) -> torch.Tensor:
             raise GenrepError(f"{what} are integers in [{lo}, {hi}]; integer images must lie in 0..255")
         return x.to(torch.uint8)
     raise GenrepError(f"{what} have dtype {x.dtype}; give uint8 in 0..255 or floats in [0, 1]")
-
-
-def _sized(x: torch.Tensor, size: int, resize: str, what: str) -> torch.Tensor:
-    return _resize(x, size, resize, what)
 
 
 def _is_pil(x) -> bool:

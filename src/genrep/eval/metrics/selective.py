@@ -19,6 +19,12 @@ def risk_coverage(score: Tensor, correct: Tensor) -> tuple[Tensor, Tensor, float
     return k / len(score), risk, float(risk.mean())
 
 
+def msp_selective(probs: Tensor, labels: Tensor) -> dict:
+    """:func:`selective_summary` of a classifier's class probabilities ranked by their top one (MSP)."""
+    top, predicted = probs.max(1)
+    return selective_summary(top, predicted == labels.to(predicted.device))
+
+
 def selective_summary(score: Tensor, correct: Tensor, points: int = CURVE_POINTS) -> dict:
     """AURC, the error rate answering everything, and the curve at ``points`` coverages; JSON-ready."""
     coverage, risk, aurc = risk_coverage(score.double().cpu(), correct.cpu())

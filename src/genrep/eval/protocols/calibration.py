@@ -47,7 +47,7 @@ def predict_probs(method, images_uint8: Tensor, *, device: torch.device | str = 
 
 
 def run(ctx: EvalContext) -> dict:
-    from ..metrics.selective import selective_summary
+    from ..metrics.selective import msp_selective
     from ..report.figures import reliability_diagram, risk_coverage_figure
 
     bins = ctx.ev.calibration.bins
@@ -58,7 +58,7 @@ def run(ctx: EvalContext) -> dict:
                               title=f"{ctx.cfg.method} on {ctx.cfg.data.name}")
     # selective classification by the top-class probability (MSP): what genrep predict abstains by, without its
     # OOD choice of score
-    selective = selective_summary(probs.max(1).values, probs.argmax(1) == ctx.test.labels)
+    selective = msp_selective(probs, ctx.test.labels)
     curve = risk_coverage_figure({"MSP": selective}, ctx.figure("risk-coverage"),
                                  title=f"{ctx.cfg.method} on {ctx.cfg.data.name}")
     return {"ece": ece, "bins": bins, "accuracy": float((probs.argmax(1) == ctx.test.labels).float().mean()),

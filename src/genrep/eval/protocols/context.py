@@ -87,8 +87,8 @@ class EvalContext:
     progress: bool = True
     trained_size: int | None = None  # set when the run is read at another image size than it was trained on
     _transfer: tuple[ImageSet, ImageSet] | None = None
-    # the probes protocol's fitted linear classifier (weight, bias on the raw features, layer, pool), which genrep
-    # probe saves for genrep predict
+    # the probes protocol's fitted linear classifier (weight, bias on the raw features), which genrep probe saves
+    # for genrep predict
     linear_classifier: dict | None = None
 
     @classmethod

@@ -26,7 +26,7 @@ from ...methods import Method
 from ..metrics.heads import HEADS
 from ..metrics.calibration import expected_calibration_error
 from ..metrics.probes import LR_SCHEDULES, SOLVERS, knn_classify, linear_probe
-from ..metrics.selective import selective_summary
+from ..metrics.selective import msp_selective
 from ..feature_store import is_mapped
 from .context import EvalContext, check_causal
 from .head_training import HeadSettings, check_head_features, train_head_at
@@ -190,12 +190,11 @@ def _run(ctx: EvalContext, s: ProbesSettings, m: Method) -> dict:
                        warmup_epochs=s.lars.warmup_epochs, momentum=s.lars.momentum,
                        trust_coefficient=s.lars.trust_coefficient, label_smoothing=s.lars.label_smoothing,
                        device=dev)
-    ctx.linear_classifier = {"weight": lin.weight, "bias": lin.bias, "layer": layer, "pool": pool}
+    ctx.linear_classifier = {"weight": lin.weight, "bias": lin.bias}
     bins = ctx.ev.calibration.bins
     ece = expected_calibration_error(lin.test_probs, ctx.test.labels, bins)
     knn = knn_classify(xtr, ytr, xte, yte, n_cls, k=s.knn_k, temperature=s.knn_temperature, device=dev)
-    # the linear probe as a selective classifier by its top-class probability: every method can predict through it
-    selective = selective_summary(lin.test_probs.max(1).values, lin.test_probs.argmax(1) == ctx.test.labels)
+    selective = msp_selective(lin.test_probs, ctx.test.labels)   # every method can predict through its probe
     out = {"layer": layer, "pool": pool, **ctx.feature_options, "precision": ctx.precision,
            "feature_dim": int(xtr.shape[1]), "feature_cache": _cache_kind(xtr),
            "solver_device": str(dev), "linear_acc": lin.test_acc, "linear_ece": ece,
