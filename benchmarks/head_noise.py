@@ -42,6 +42,7 @@ from genrep.eval.features import PRECISIONS
 from genrep.eval.metrics.heads import HEADS
 from genrep.eval.protocols.context import EvalContext
 from genrep.eval.protocols.head_training import HeadSettings, head_pool, train_head_at
+from genrep.run import Run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from feature_extraction import readout_flops  # noqa: E402 - the sibling benchmark's FLOP count
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         run = args.run or train_run(args.out or Path(tempfile.mkdtemp(prefix="head-noise-")) / "run",
                                     args.train_steps, parse_overrides(rest), str(device))
         ev = EvalConfig(device=str(device), batch_size=args.batch, precision=args.precision, weights=args.weights)
-        ctx = EvalContext.open(run, ev, options={"feature_t": t, "feature_noise": "fixed"}, progress=False)
+        ctx = EvalContext.open(Run.open(run), ev, options={"feature_t": t, "feature_noise": "fixed"}, progress=False)
         layer, pool = ctx.method.check_feature_args(args.layer, args.pool)
         rows = []
         for kind in heads:

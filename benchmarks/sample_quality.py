@@ -19,7 +19,8 @@ import torch
 
 from genrep.errors import GenrepError
 from genrep.eval.protocols.calibration import predict_probs
-from genrep.runs import load_split, load_trained
+from genrep.run import load_trained
+from genrep.runs import load_split
 
 
 @torch.no_grad()

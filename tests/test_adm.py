@@ -20,7 +20,8 @@ from genrep.eval.protocols.context import EvalContext
 from genrep.methods import DataSpec, build_method, get_method
 from genrep.methods.adm import ADM, ADMConfig, unet_kwargs
 from genrep.nn.unet import ADM_256_UNCOND, UNet, Upsample
-from genrep.runs import FROZEN_FILE, load_trained
+from genrep.run import Run, load_trained
+from genrep.runs import FROZEN_FILE
 from genrep.train.loop import pretrain
 
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)  # digits
@@ -239,7 +240,7 @@ def test_feature_sets_is_one_pass_equal_to_separate_reads():
 
 def test_cached_features_equal_a_direct_extraction(adm_run):
     ev = EvalConfig(device="cpu", batch_size=100)
-    ctx = EvalContext.open(adm_run, ev, options={"feature_t": 50}, progress=False)
+    ctx = EvalContext.open(Run.open(adm_run), ev, options={"feature_t": 50}, progress=False)
     method, images = ctx.method, ctx.test.images
     with torch.no_grad():
         direct = method.feature_sets(images.float() / 255, [(3, "1"), (8, "2"), (6, "map")])

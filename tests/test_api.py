@@ -116,9 +116,11 @@ def test_the_packages_named_like_api_functions_are_both():
     assert "hybvit-digits" in genrep.recipes() and genrep.methods.Method is not None
 
 
-@pytest.mark.parametrize("command", [["probe"], ["evaluate", "--eval.protocols", "calibration"]])
+@pytest.mark.parametrize("command", [["probe"], ["evaluate", "--eval.protocols", "calibration"],
+                                     ["predict", "--data", "digits", "--coverage", "0.9"]])
 def test_a_command_reads_the_runs_config_once(runs, monkeypatch, command):
-    """The config is read once per command and handed down (the lock, the read options, the evaluation context)."""
+    """The config is read once per command: the command opens the Run, which hands it down (the lock, the read
+    options, the evaluation context, the threshold's fit)."""
     from genrep import config, runs as run_folders
     from genrep.cli import main
 
@@ -130,6 +132,36 @@ def test_a_command_reads_the_runs_config_once(runs, monkeypatch, command):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(run_folders, "load_config_file", counted)
-    assert main([command[0], str(runs["supervised"]), *command[1:], "--device" if command[0] == "probe" else
-                 "--eval.device", "cpu"]) == 0
+    assert main([command[0], str(runs["supervised"]), *command[1:], "--eval.device" if command[0] == "evaluate"
+                 else "--device", "cpu"]) == 0
     assert len(reads) == 1
+
+
+def test_a_run_opened_to_write_holds_its_lock_until_it_is_closed(runs):
+    from genrep.errors import GenrepError
+    from genrep.run import Run
+
+    path = runs["supervised"]
+    with Run.open(path, "evaluate") as run:
+        with pytest.raises(GenrepError) as e:
+            Run.open(path, "probe")
+        assert "in use by another genrep command" in one_line(e) and "before you probe it" in one_line(e)
+        # what it is handed to works under the lock it holds
+        assert genrep.evaluate(run, protocols="calibration", device="cpu")["protocols"]["calibration"]["ece"] >= 0
+    Run.open(path, "probe").close()   # released
+
+
+def test_a_run_opened_to_read_locks_only_while_something_writes_into_it(runs):
+    from genrep.errors import GenrepError
+    from genrep.run import Run
+
+    path = runs["supervised"]
+    run = Run.open(path)
+    Run.open(path, "probe").close()
+    with run.writing("evaluate"):
+        with pytest.raises(GenrepError, match="before you probe it"):
+            Run.open(path, "probe")
+    Run.open(path, "probe").close()
+    with pytest.raises(GenrepError) as e:
+        Run.open(path, "train")
+    assert "mode 'train' is unknown; choose one of read, evaluate, probe, predict" in one_line(e)

@@ -155,7 +155,8 @@ def test_a_palette_fitted_on_other_data_is_refused_on_evaluation_and_resume(tmp_
     import shutil
 
     from genrep.data.datasets import ImageSet
-    from genrep.runs import PREPARED_FILE, load_trained
+    from genrep.run import load_trained
+    from genrep.runs import PREPARED_FILE
     from genrep.train.loop import pretrain
 
     run = tmp_path / "run"

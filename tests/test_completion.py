@@ -217,7 +217,7 @@ def test_a_bad_patch_is_one_line_before_any_work(toy_run):
 
 
 def test_random_patches_on_a_toy_run_with_summary_and_report(toy_run, tmp_path):
-    from genrep.runs import load_trained
+    from genrep.run import load_trained
 
     s = CompletionSettings(n=5, samples=2, mask="random_patches", patch=2, ratio=0.75)
     results = evaluate_run(toy_run, replace(FAST, protocols=["completion"], completion=s), progress=False,

@@ -20,7 +20,8 @@ import genrep.methods
 from genrep.errors import GenrepError
 from genrep.methods import get_method, method_names
 from genrep.methods.registry import HELPER_MODULES
-from genrep.runs import FROZEN_FILE, PREPARED_FILE, load_trained
+from genrep.run import load_trained
+from genrep.runs import FROZEN_FILE, PREPARED_FILE
 from genrep.train.checkpoint import checkpoint_dirs, load_checkpoint
 from genrep.train.loop import Trainer, pretrain
 

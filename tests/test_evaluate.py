@@ -258,7 +258,7 @@ def test_energy_runs_where_a_method_samples_and_classifies_and_is_skipped_elsewh
     import torch
 
     from genrep.eval.distributed import batch_generator
-    from genrep.runs import load_trained
+    from genrep.run import load_trained
 
     _, method, _ = load_trained(run, "ema")
     assert r["sample"] == method.capability_settings("sample")

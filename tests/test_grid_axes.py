@@ -74,9 +74,13 @@ def test_a_one_value_axis_is_refused(capsys, tmp_path, axes):
 
 @pytest.fixture
 def config_only_run(tmp_path):
-    """A folder holding a run's config.yaml: enough for the sweep to read its settings (and refuse them)."""
+    """A marked folder holding a run's config.yaml: enough for the sweep to open it and read its settings (and refuse
+    them)."""
+    from genrep.runs import mark_run
+
     run = tmp_path / "run"
     run.mkdir()
+    mark_run(run)
     save_config(tiny_config("supervised"), run / "config.yaml")
     return run
 
@@ -92,7 +96,7 @@ def test_repeats_are_refused_by_the_sweep_as_by_the_grid(capsys, tmp_path, confi
     assert main(["sweep", str(config_only_run), "--device", "cpu", flag, values]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and f"{key} repeats a value" in err[0] and "list each value once" in err[0], err
-    assert [p.name for p in config_only_run.iterdir()] == ["config.yaml"]
+    assert sorted(p.name for p in config_only_run.iterdir()) == [".genrep-run", "config.yaml"]   # no lock taken
 
 
 # ------------------------------------------------------------------------------------------ the marker

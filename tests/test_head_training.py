@@ -22,6 +22,7 @@ from genrep.eval.protocols.head_online import augment_batch, fit_head_streamed
 from genrep.eval.protocols.head_training import HeadSettings, fit_head
 from genrep.eval.report.summary import headline, probe_table
 from genrep.methods import DataSpec, build_method, get_method, method_names
+from genrep.run import Run
 from genrep.train.loop import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +79,7 @@ def test_probe_heads_read_fresh_noise_and_flips_every_epoch_and_record_it(run, c
 
 
 def test_each_epoch_reads_a_new_noise_draw_and_new_flips(run):
-    ctx = EvalContext.open(run, EvalConfig(device="cpu", batch_size=500), options={"feature_t": 50}, progress=False)
+    ctx = EvalContext.open(Run.open(run), EvalConfig(device="cpu", batch_size=500), options={"feature_t": 50}, progress=False)
     method, seen = ctx.method, []
     real = method.feature_sets
     method.feature_sets = lambda x, reads: seen.append((x.clone(), method._noise_draw)) or real(x, reads)
@@ -176,7 +177,7 @@ def test_a_precision_the_device_cannot_run_is_refused_before_any_work(run, capsy
     line = _cli_error(capsys, ["probe", str(run), *ARGS, "--probe.precision", "fp16"])
     assert "extraction precision fp16 needs a CUDA device" in line and "choose fp32, bf16 or auto" in line
     with pytest.raises(GenrepError, match="fp16 needs a CUDA device"):
-        EvalContext.open(run, EvalConfig(device="cpu", precision="fp16"), progress=False)
+        EvalContext.open(Run.open(run), EvalConfig(device="cpu", precision="fp16"), progress=False)
     assert work == [] and ((run / "results" / "probe.json").read_bytes() if before is not None else None) == before
 
 
@@ -186,7 +187,7 @@ def test_the_cache_keeps_each_precision_apart_and_results_record_it(run):
     assert r["precision"] == "bf16"
     feats = {}
     for precision in ("bf16", "fp32"):
-        ctx = EvalContext.open(run, EvalConfig(device="cpu", precision=precision), progress=False)
+        ctx = EvalContext.open(Run.open(run), EvalConfig(device="cpu", precision=precision), progress=False)
         feats[precision] = ctx.features("train", 9, "1")
         assert ctx.feature_key("train", 9, "1").endswith(f"-{precision}-ema")
     names = [p.name for p in (run / "cache").iterdir() if "-train-layer9-1-feature_tNone" in p.name]
@@ -197,7 +198,7 @@ def test_the_cache_keeps_each_precision_apart_and_results_record_it(run):
 
 
 def test_the_cached_path_refuses_settings_that_draw_per_epoch(run):
-    ctx = EvalContext.open(run, EvalConfig(device="cpu"), progress=False)
+    ctx = EvalContext.open(Run.open(run), EvalConfig(device="cpu"), progress=False)
     x = torch.zeros(len(ctx.train), 4)
     with pytest.raises(GenrepError) as e:
         fit_head(ctx, "linear", HeadSettings(augment="flip"), x, torch.zeros(len(ctx.test), 4))

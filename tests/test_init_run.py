@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import TINY_RUN, assert_one_line_error, one_line, rng_images, run_cli, tiny_config
 from genrep.config import resolve_config
 from genrep.errors import GenrepError
-from genrep.runs import INIT_FILE, PREPARED_FILE, check_init_source, load_trained
+from genrep.run import load_trained
+from genrep.runs import INIT_FILE, PREPARED_FILE, check_init_source
 from genrep.train import loop
 from genrep.train.loop import Trainer, pretrain
 

@@ -20,7 +20,8 @@ from genrep.eval.protocols.head_training import HeadSettings
 from genrep.eval.protocols.sweep import SweepSettings, pool_fits, sweep_blocks
 from genrep.eval.report.summary import headline, sweep_panels, sweep_table
 from genrep.methods import DataSpec, build_method, get_method
-from genrep.runs import load_trained, read_run_config
+from genrep.run import load_trained
+from genrep.runs import read_run_config
 from genrep.train.loop import pretrain
 
 PNG = b"\x89PNG\r\n\x1a\n"

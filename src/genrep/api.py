@@ -46,15 +46,6 @@ def _quiet(progress: bool):
         yield
 
 
-def _opened(run) -> tuple[Path, Any]:
-    """(the run's folder, its config): a loaded Run's own, or read once from the folder."""
-    from .runs import read_run_config
-
-    if isinstance(run, Run):
-        return run.path, run.config
-    return Path(run), read_run_config(Path(run))
-
-
 def pretrain(recipe: str, out=None, *, runs_dir="runs", init=None, progress: bool = False, **overrides) -> Run:
     """Train ``recipe`` (with the command line's overrides) into ``out`` (default: a new folder under
     ``runs_dir``) and return the trained run, as ``genrep pretrain --recipe RECIPE --out OUT``."""
@@ -113,11 +104,11 @@ def probe(run, *, device: str = "auto", image_size: int | None = None, progress:
     from .config import ProbeConfig
     from .eval.evaluate import run_probes
 
-    path, cfg = _opened(run)
+    run = Run.of(run)
     ours, options = _split(overrides, "probe")
     with _quiet(progress):
-        return run_probes(path, _section(cfg, "probe", ProbeConfig, ours), device=device, progress=progress,
-                          options=options, image_size=image_size, run_config=cfg)
+        return run_probes(run, _section(run.config, "probe", ProbeConfig, ours), device=device, progress=progress,
+                          options=options, image_size=image_size)
 
 
 def evaluate(run, protocols: list[str] | str | None = None, *, progress: bool = False, **overrides) -> dict:
@@ -126,14 +117,13 @@ def evaluate(run, protocols: list[str] | str | None = None, *, progress: bool = 
     from .config import EvalConfig
     from .eval.evaluate import evaluate_run
 
-    path, cfg = _opened(run)
+    run = Run.of(run)
     if protocols is not None:
         overrides = {**overrides, "protocols": [protocols] if isinstance(protocols, str) else list(protocols)}
     ours, options = _split(overrides, "eval")
-    ev = _section(cfg, "eval", EvalConfig, ours)
+    ev = _section(run.config, "eval", EvalConfig, ours)
     with _quiet(progress):
-        return evaluate_run(path, ev, options=options, progress=progress, say=print if progress else _silent,
-                            run_config=cfg)
+        return evaluate_run(run, ev, options=options, progress=progress, say=print if progress else _silent)
 
 
 def _silent(*_args, **_kwargs) -> None:

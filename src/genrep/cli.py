@@ -289,7 +289,7 @@ def cmd_pretrain(args, rest: list[str]) -> int:
 
 # ------------------------------------------------------------------ probe
 
-# the one data key a trained run may be read with changed, by genrep probe (runs.reading_config)
+# the one data key a trained run may be read with changed, by genrep probe (Run.reading)
 READ_SIZE = "data.image_size"
 
 
@@ -318,33 +318,31 @@ def cmd_probe(args, rest: list[str]) -> int:
     from .eval.distributed import evaluation_group
     from .eval.evaluate import run_probes
     from .eval.report.summary import probe_table
-    from .runs import read_run_config
+    from .run import Run
 
     ours, options, image_size = _split_overrides(rest, "probe", "--probe.layer 2", "probe")
-    cfg = read_run_config(args.run)   # once for the command: what follows is handed it
-    probe = build_dataclass(ProbeConfig, apply_overrides(dataclasses.asdict(cfg.probe), ours), "probe")
-    with evaluation_group(args.device):   # torchrun: the extraction split over the processes
-        results = run_probes(args.run, probe, device=args.device, options=options, image_size=image_size,
-                             run_config=cfg)
+    with evaluation_group(args.device), Run.open(args.run, "probe") as run:   # torchrun: the extraction split
+        probe = build_dataclass(ProbeConfig, apply_overrides(dataclasses.asdict(run.config.probe), ours), "probe")
+        results = run_probes(run, probe, device=args.device, options=options, image_size=image_size)
     _say(probe_table(results), f"results: {args.run / 'results' / 'probe.json'}")
     return 0
 
 
 # ------------------------------------------------------------------ evaluate and report
 
-def _eval_config(run: Path, rest: list[str]):
-    """The run's ``eval`` section with ``--eval.*`` overrides (nested: --eval.ood.n 500), the model options
-    (``--model.sample_steps 50``) this evaluation reads the trained model with, and the run's config (read once for
-    the command)."""
+def _evaluation(path: Path, rest: list[str]):
+    """The run (its config read once for the command; the lock is taken once torchrun's group is joined, by rank 0),
+    its ``eval`` section with
+    ``--eval.*`` overrides (nested: --eval.ood.n 500), and the model options (``--model.sample_steps 50``) this
+    evaluation reads the trained model with."""
     import dataclasses
 
     from .config import EvalConfig, apply_overrides, build_dataclass
-    from .runs import read_run_config
+    from .run import Run
 
     ours, options, _ = _split_overrides(rest, "eval", "--eval.protocols ood,calibration", "evaluate")
-    cfg = read_run_config(run)
-    values = apply_overrides(dataclasses.asdict(cfg.eval), ours)
-    return build_dataclass(EvalConfig, values, "eval"), options, cfg
+    run = Run.open(path)
+    return run, build_dataclass(EvalConfig, apply_overrides(dataclasses.asdict(run.config.eval), ours), "eval"), options
 
 
 def cmd_evaluate(args, rest: list[str]) -> int:
@@ -352,10 +350,10 @@ def cmd_evaluate(args, rest: list[str]) -> int:
     from .eval.evaluate import EVAL_FILE, evaluate_run
     from .eval.report.summary import evaluation_summary
 
-    ev, options, cfg = _eval_config(args.run, rest)
+    run, ev, options = _evaluation(args.run, rest)
     t0 = time.perf_counter()
-    with evaluation_group(ev.device):
-        results = evaluate_run(args.run, ev, options=options, run_config=cfg)
+    with evaluation_group(ev.device), run.writing("evaluate"):
+        results = evaluate_run(run, ev, options=options)
     _say(evaluation_summary(results),
          f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); figures in "
          f"{args.run / 'figures' / 'eval'}; compare runs with genrep report RUN... -o report.html")
@@ -370,10 +368,10 @@ def cmd_sweep(args, rest: list[str]) -> int:
     flags = {"sweep.blocks": args.blocks, "sweep.t": args.t, "sweep.pools": args.pool, "sweep.heads": args.head,
              "device": args.device}
     extra = [a for key, value in flags.items() if value is not None for a in (f"--eval.{key}", value)]
-    ev, options, cfg = _eval_config(args.run, [*rest, *extra, "--eval.protocols", "sweep"])
+    run, ev, options = _evaluation(args.run, [*rest, *extra, "--eval.protocols", "sweep"])
     t0 = time.perf_counter()
-    with evaluation_group(ev.device):
-        results = evaluate_run(args.run, ev, options=options, run_config=cfg)
+    with evaluation_group(ev.device), run.writing("evaluate"):
+        results = evaluate_run(run, ev, options=options)
     _say(sweep_table(results["protocols"]["sweep"]),
          f"results: {args.run / 'results' / EVAL_FILE}  ({time.perf_counter() - t0:.1f} s); heatmaps in "
          f"{args.run / 'figures' / 'eval'}")
@@ -476,6 +474,7 @@ def cmd_run(args, rest: list[str]) -> int:
     from .eval.report.report import write_report
     from .eval.report.summary import evaluation_summary, probe_table
     from .methods import get_method
+    from .run import Run
 
     t0 = time.perf_counter()
     cfg, run, _ = _prepare_run(args, rest, default_recipe=args.recipe)
@@ -484,7 +483,8 @@ def cmd_run(args, rest: list[str]) -> int:
     if not _is_main_process():
         return 0
     _say(f"genrep run: 2/4 probing frozen features ({result.steps} steps took {result.seconds:.1f} s)")
-    results = run_probes(run, device=cfg.train.device, run_config=cfg)   # the config it trained with
+    opened = Run.open(run)   # the trained run, read once for the three steps that follow
+    results = run_probes(opened, device=cfg.train.device)
     figure = summary_figure(run, results, run / "figures" / "summary.png")
     lines = []
     if "sample" in get_method(cfg.method).capabilities:
@@ -492,7 +492,7 @@ def cmd_run(args, rest: list[str]) -> int:
         diffusion = "sampler" in get_method(cfg.method).capability_options.get("sample", ())
         how = "DDIM, 100 steps" if diffusion else f"model.temperature {getattr(cfg.model, 'temperature', None)}"
         _say(f"genrep run: drawing 64 samples ({how})")
-        s = run_sampling(run, n=64, sampler="ddim" if diffusion else None, steps=100 if diffusion else None,
+        s = run_sampling(opened, n=64, sampler="ddim" if diffusion else None, steps=100 if diffusion else None,
                          device=cfg.train.device, out=run / "figures" / "samples.png",
                          rank_energy="logits" in get_method(cfg.method).capabilities, per_class=4)
         lines.append(f"samples: {s['grid']} ({s['seconds']:.1f} s)"
@@ -502,7 +502,7 @@ def cmd_run(args, rest: list[str]) -> int:
                              device=cfg.train.device)
     _say(f"genrep run: 3/4 evaluating ({', '.join(ev.protocols)}; not {RUN_SKIPS}, which is expensive)")
     t_eval = time.perf_counter()
-    evaluation = evaluate_run(run, ev, say=lambda m: _say("  " + m), run_config=cfg)
+    evaluation = evaluate_run(opened, ev, say=lambda m: _say("  " + m))
     report = write_report([run], run / "report.html")
     _say("genrep run: 4/4 summary", "", probe_table(results), "", evaluation_summary(evaluation), "",
          f"run folder: {run}  (config.yaml, model.safetensors, ema.safetensors, checkpoints/, log.jsonl, "

@@ -331,22 +331,20 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise GenrepError(f"{what} {value!r} is unknown; choose {' or '.join(choices)}")
 
 
-def export_run(run: Path, out: Path | None = None, fmt: str = "timm", weights: str = "ema", *,
+def export_run(run, out: Path | None = None, fmt: str = "timm", weights: str = "ema", *,
                force: bool = False) -> dict:
-    """Write RUN's ``weights`` (ema or model) in ``fmt`` (timm or safetensors) to ``out`` (default
-    RUN/export/FMT-WEIGHTS.safetensors) and its JSON beside it; returns the JSON's content with both paths."""
+    """Write the ``weights`` (ema or model) of ``run`` (a :class:`~genrep.run.Run`, or a folder opened here) in
+    ``fmt`` (timm or safetensors) to ``out`` (default RUN/export/FMT-WEIGHTS.safetensors) and its JSON beside it;
+    returns the JSON's content with both paths."""
     from importlib.metadata import PackageNotFoundError, version
 
     from .io import atomic_save_safetensors, atomic_write_json
-    from .runs import RUN_MARKER, is_genrep_run, read_run_config
+    from .run import Run
 
     check_choice(fmt, FORMATS, "--format")
     check_choice(weights, WEIGHTS, "--weights")
-    run = Path(run)
-    cfg = read_run_config(run)
-    if not is_genrep_run(run):
-        raise GenrepError(f"{run} was not made by genrep (no {RUN_MARKER} marker and no genrep weights); pass a run "
-                          f"folder written by genrep pretrain")
+    opened = Run.of(run)
+    run, cfg = opened.path, opened.config
     out = Path(out) if out is not None else default_output(run, fmt, weights)
     check_outputs(run, out, force)
     state, step = read_weights(run, weights)

@@ -466,7 +466,8 @@ def _probed(entry: dict, run: Path) -> bool:
     """A finished cell: its probe.json (at the trained image size) and the run's EMA weights are still those the
     entry recorded."""
     from .eval.evaluate import PROBE_FILE
-    from .eval.protocols.context import RESULTS_DIR, weights_version
+    from .eval.protocols.context import RESULTS_DIR
+    from .run import weights_version
 
     if entry.get("status") != "done" or not isinstance(entry.get("weights"), str):
         return False
@@ -648,8 +649,8 @@ def _best_ref(doc: dict) -> dict | None:
 
 def _run_cell(plan: GridPlan, out: Path, doc: dict, k: int, cell: Cell, say) -> None:
     from .eval.evaluate import run_probes
-    from .eval.protocols.context import weights_version
     from .io import atomic_write_json
+    from .run import Run
     from .train.loop import pretrain
 
     entry, run, n = doc["cells"][k], out / cell.name, len(plan.cells)
@@ -666,10 +667,11 @@ def _run_cell(plan: GridPlan, out: Path, doc: dict, k: int, cell: Cell, say) -> 
             entry.pop(key, None)
         entry["status"] = "pending"
         result = pretrain(cell.cfg, run, resume=resume)
+        trained = Run.open(run)   # the cell's folder read once for its record and its probe
         entry.update(status="trained", train_seconds=round(before + result.seconds, 2), steps=result.steps,
-                     final_loss=_final_loss(result, run), weights=weights_version(run, "ema"))
+                     final_loss=_final_loss(result, run), weights=trained.weights_version("ema"))
         atomic_write_json(out / GRID_FILE, doc)
-        probe = run_probes(run, device=cell.cfg.train.device, progress=cell.cfg.train.progress)
+        probe = run_probes(trained, device=cell.cfg.train.device, progress=cell.cfg.train.progress)
     except GenrepError as e:
         raise type(e)(f"grid cell {cell.name} ({k + 1}/{n}): {e}") from None  # a refused write keeps its exit 1
     entry.update(status="done", weights=probe["weights"], linear_acc=probe["linear_probe"]["test_acc"],

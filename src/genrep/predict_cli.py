@@ -73,17 +73,15 @@ def cmd_predict(args, rest: list[str]) -> int:
 
     from .io import atomic_write_json, atomic_write_text, check_overwrite
     from .predict import check_request, fit, predict, read_saved, saved_path
-    from .runs import lock_trained_run
-    from .run import load
+    from .run import Run
 
     request = check_request(args.coverage, args.max_risk)
     if not args.images and args.data is None:
         raise GenrepError("genrep predict needs images: files, folders, or --data NAME (with --split)")
     out = args.out or Path(args.run) / "results" / "predictions.csv"
     check_overwrite(out, _is_ours, "predictions CSV", args.force)
-    run = load(args.run, device=args.device)
     files = image_files(list(args.images))
-    with lock_trained_run(args.run, "predict", run.config):
+    with Run.open(args.run, "predict", device=args.device) as run:
         record = read_saved(run, request)
         if record is None:
             record = fit(run, request)

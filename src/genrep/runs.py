@@ -1,4 +1,5 @@
-"""Run folders: create one, and rebuild a trained method from one.
+"""Run folders: create and mark one, decide which folders are genrep's, and the files that rebuild a trained method
+(weights, fitted state, frozen parts). Reading a trained run for a command is :class:`genrep.run.Run`'s.
 
 Besides the config and the weights, a run folder holds what a method's weights need to mean anything:
 ``prepared.safetensors``, the state the method fitted on the training set before step 0 (``Method.prepare``,
@@ -13,7 +14,6 @@ empty, and a resume needs the marker, or, for folders written before the marker 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -270,20 +270,6 @@ def is_genrep_run(run: Path) -> bool:
     return any((run / w).is_file() for w in WEIGHT_FILES) and _holds_genrep_config(run)
 
 
-@contextlib.contextmanager
-def lock_trained_run(run: Path, what: str, cfg: Config | None = None):
-    """Hold the lock of a trained run that a command writes results into, once genrep is known to have made
-    the folder and the folder holds no link; yields the run's config (``cfg``: the one the command already read)."""
-    run = Path(run)
-    cfg = cfg or read_run_config(run)  # a folder that is not a run says so, and gets no lock file
-    if not is_genrep_run(run):
-        raise GenrepError(f"{run} was not made by genrep (no {RUN_MARKER} marker and no genrep weights); pass a "
-                          f"run folder written by genrep pretrain")
-    with RunLock(run, what):
-        check_no_links(run)
-        yield cfg
-
-
 def check_resumable(run: Path) -> None:
     """Resuming rewrites the run's weights and log from its last checkpoint: refuse when there is none to
     continue from but trained weights would be replaced, and refuse folders genrep did not make."""
@@ -307,24 +293,6 @@ def read_run_config(run: Path) -> Config:
         raise GenrepError(f"{run} is not a genrep run folder (no {CONFIG_FILE}); pass a folder written by "
                           f"genrep pretrain")
     return load_config_file(run / CONFIG_FILE)
-
-
-def with_read_options(cfg: Config, options: dict | None) -> Config:
-    """``cfg`` with model keys changed that only affect how a trained model is read
-    (``Method.read_options``: feature options such as feature_t, sampler settings, likelihood terms)."""
-    if not options:
-        return cfg
-    from .config import apply_overrides, config_from_dict
-    from .methods import get_method
-
-    allowed = get_method(cfg.method).read_options
-    bad = [k for k in options if k not in allowed]
-    if bad:
-        hint = (f"; a trained {cfg.method} run may be read with other {', '.join('model.' + k for k in allowed)}"
-                if allowed else "")
-        raise GenrepError(f"cannot change {', '.join('model.' + k for k in bad)} of a trained {cfg.method} run "
-                          f"(the weights were trained with it){hint}")
-    return config_from_dict(apply_overrides(cfg.to_dict(), {f"model.{k}": v for k, v in options.items()}))
 
 
 # ---------------------------------------------------------------- data-fitted state and frozen parts
@@ -483,60 +451,6 @@ def trained_data_spec(cfg: Config) -> tuple[DataSpec, ImageSet | None]:
         return DataSpec(*known), None
     train_set = load_train_set(cfg)
     return data_spec(train_set), train_set
-
-
-def reading_config(run: Path, options: dict | None = None, image_size=None,
-                   cfg: Config | None = None) -> tuple[Config, int | None]:
-    """The config trained run ``run`` is read with: its own, with the read ``options`` (``Method.read_options``),
-    and with ``image_size`` (``genrep probe RUN --data.image_size``) its data resized and the read options the
-    method needs there (``Method.size_options``; an option given in ``options`` wins). Second, the size the run
-    was trained on when it is read at another (else None). ``cfg``: the run's config, when the caller read it."""
-    from .config import MAX_IMAGE_SIZE, apply_overrides, config_from_dict
-    from .methods import get_method, method_names
-
-    cfg = with_read_options(cfg or read_run_config(run), options)
-    if image_size is None:
-        return cfg, None
-    size = image_size
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
-        raise GenrepError(f"data.image_size must be an integer from 1 to {MAX_IMAGE_SIZE} (the side to read the run's "
-                          f"images at), got {size!r}")
-    trained = cfg.data.image_size or trained_data_spec(cfg)[0].image_size
-    if size == trained:
-        return cfg, None
-    method = get_method(cfg.method)
-    extra = method.size_options(cfg.model, trained, size)
-    if extra is None:
-        able = [m for m in method_names() if get_method(m).size_options.__func__ is not Method.size_options.__func__]
-        raise GenrepError(f"a trained {cfg.method} run reads only images of the size it was trained on ({trained}x"
-                          f"{trained}), not {size}x{size}; of genrep's methods, {' and '.join(able)} can read other "
-                          f"sizes")
-    changes = {"data.image_size": size, **{f"model.{k}": v for k, v in extra.items() if k not in (options or {})}}
-    return config_from_dict(apply_overrides(cfg.to_dict(), changes)), trained
-
-
-def load_trained(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
-                 options: dict | None = None, run_config: Config | None = None) -> tuple[Config, Method, ImageSet]:
-    """The run's config, its method with trained weights (eval mode), and its training set. ``options``
-    changes model keys that only affect how the trained model is read (``Method.read_options``); ``run_config``:
-    the run's config, when the caller read it."""
-    cfg = reading_config(run, options, cfg=run_config)[0] if run_config is not None else None
-    return load_trained_with_test(run, weights, device, options, cfg=cfg)[:3]
-
-
-def load_trained_with_test(run: Path, weights: str = "ema", device: str | torch.device = "cpu",
-                           options: dict | None = None, *, cfg: Config | None = None,
-                           ) -> tuple[Config, Method, ImageSet, ImageSet]:
-    """:func:`load_trained` and the test split, which the check of the splits has loaded anyway; ``cfg``: the
-    config to read it with, when the caller made it (:func:`reading_config` at another image size)."""
-    if weights not in ("ema", "model"):
-        raise GenrepError(f"weights '{weights}' is unknown; choose ema or model")
-    cfg = cfg if cfg is not None else reading_config(run, options)[0]
-    train_set, test_set = load_splits(cfg)
-    method = build_for_data(cfg, train_set, device)
-    install_run_state(run, method, train_set)
-    load_weights(method, run, weights)
-    return cfg, method.to(device).eval(), train_set, test_set
 
 
 def load_weights(method: Method, run: Path, weights: str) -> None:

@@ -87,93 +87,81 @@ def _ordered(protocols: dict) -> dict:
     return {k: protocols[k] for k in PROTOCOLS if k in protocols}
 
 
-def evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
-                 say=print, run_config=None) -> dict:
-    """See :func:`_evaluate_run`; it holds the run's lock, so two evaluations never interleave eval.json.
-    ``run_config``: the run's config, when the caller has read it (it is read once per command)."""
-    with _run_lock(run, "evaluate", run_config) as run_config:
-        return _evaluate_run(run, ev, options=options, progress=progress and is_main(),
-                             say=say if is_main() else _silent, run_config=run_config)
-
-
-def _evaluate_run(run: Path, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
-                  say=print, run_config=None) -> dict:
-    """Run the applicable protocols of ``ev`` (default: the run's own ``eval`` section) on RUN's weights;
-    ``options`` changes model keys that change how a trained model is read (``Method.read_options``,
+def evaluate_run(run, ev: EvalConfig | None = None, *, options: dict | None = None, progress: bool = True,
+                 say=print) -> dict:
+    """Run the applicable protocols of ``ev`` (default: the run's own ``eval`` section) on the weights of ``run``
+    (a :class:`~genrep.run.Run`, or a folder opened here), under the run's lock so two evaluations never interleave
+    eval.json; ``options`` changes model keys that change how a trained model is read (``Method.read_options``,
     e.g. ``sample_steps``, ``nll_terms``, ``feature_t``)."""
-    from ..runs import read_init_record, read_run_config
+    from ..run import Run
 
-    run = Path(run)
-    run_config = run_config or read_run_config(run)
-    ev = ev or run_config.eval
-    ctx = EvalContext.open(run, ev, options=options, progress=progress, run_config=run_config)
+    run = Run.of(run)
+    with run.writing("evaluate"):
+        return _evaluate_run(run, ev, options=options, progress=progress and is_main(),
+                             say=say if is_main() else _silent)
+
+
+def _evaluate_run(run, ev: EvalConfig | None, *, options: dict | None, progress: bool, say) -> dict:
+    from ..runs import read_init_record
+
+    path = run.path
+    ev = ev or run.config.eval
+    ctx = EvalContext.open(run, ev, options=options, progress=progress)
     method, cfg = ctx.method, ctx.cfg
     names, skipped = plan(method, ev)
     preflight(ctx, names)
 
-    old = read_results(run)
+    old = read_results(path)
     keep = old.get("protocols", {}) if old.get("weights") == ctx.version else {}
     results = {
-        "run": str(run), "recipe": cfg.recipe, "method": cfg.method, "data": cfg.data.name,
+        "run": str(path), "recipe": cfg.recipe, "method": cfg.method, "data": cfg.data.name,
         "image_size": int(ctx.train.image_size), "n_train": len(ctx.train), "n_test": len(ctx.test),
         "num_classes": ctx.train.num_classes, "weights": ctx.version, "params": method.param_counts(),
         "flops_per_image": int(method.flops_per_image()), "device": str(ctx.device),
         "precision": ctx.precision,  # of the feature extraction, as eval.precision resolved on this device
         "protocols": {k: v for k, v in keep.items() if k not in names},
     }
-    init = read_init_record(run)  # provenance: the run this one continued from (genrep pretrain --init)
+    init = read_init_record(path)  # provenance: the run this one continued from (genrep pretrain --init)
     if init is not None:
         results["init"] = init
     for name, reason in skipped.items():
         results["protocols"][name] = {"skipped": reason}
     results["protocols"] = _ordered(results["protocols"])
-    path = run / RESULTS_DIR / EVAL_FILE
+    out = path / RESULTS_DIR / EVAL_FILE
     for name in names:
         say(f"genrep evaluate: {name}")
         t0 = time.perf_counter()
         torch.manual_seed(ev.seed)  # protocols with internal randomness (t-SNE aside) are seeded from here
-        out = PROTOCOLS[name].run(ctx)
-        out["seconds"] = round(time.perf_counter() - t0, 2)
-        out["settings"] = settings(name, ev)
-        results["protocols"][name] = out
+        r = PROTOCOLS[name].run(ctx)
+        r["seconds"] = round(time.perf_counter() - t0, 2)
+        r["settings"] = settings(name, ev)
+        results["protocols"][name] = r
         results["protocols"] = _ordered(results["protocols"])
-        atomic_write_json(path, results)
-    atomic_write_json(path, results)
+        atomic_write_json(out, results)
+    atomic_write_json(out, results)
     return results
 
 
-def run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
-               options: dict | None = None, image_size: int | None = None, run_config=None) -> dict:
-    """See :func:`_run_probes`, under the run's lock (``run_config``: the run's config, when the caller read it)."""
-    with _run_lock(run, "probe", run_config) as run_config:
-        return _run_probes(run, probe, device, progress and is_main(), options, image_size, run_config)
+def run_probes(run, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
+               options: dict | None = None, image_size: int | None = None) -> dict:
+    """`genrep probe RUN`: the probes protocol with ``probe`` (default: the run's own ``probe`` section) at
+    one read-out, no sweep, on ``run`` (a :class:`~genrep.run.Run`, or a folder opened here), under its lock;
+    ``options`` changes model keys that change features (e.g. feature_t), and ``image_size`` reads both splits
+    at another size (:meth:`Run.reading`). Writes and returns ``RUN/results/probe.json``."""
+    from ..run import Run
 
-
-def _run_lock(run: Path, what: str, run_config=None):
-    """The run's lock, held by rank 0 alone under torchrun (the one rank that writes); yields the run's config."""
-    import contextlib
-
-    from ..runs import lock_trained_run, read_run_config
-
-    if is_main():
-        return lock_trained_run(run, what, run_config)
-    return contextlib.nullcontext(run_config or read_run_config(run))
+    run = Run.of(run)
+    with run.writing("probe"):
+        return _run_probes(run, probe, device, progress and is_main(), options, image_size)
 
 
 def _silent(*_args) -> None:
     pass
 
 
-def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto", progress: bool = True,
-                options: dict | None = None, image_size: int | None = None, run_config=None) -> dict:
-    """`genrep probe RUN`: the probes protocol with ``probe`` (default: the run's own ``probe`` section) at
-    one read-out, no sweep; ``options`` changes model keys that change features (e.g. feature_t), and
-    ``image_size`` reads both splits at another size (``runs.reading_config``).
-    Writes and returns ``RUN/results/probe.json``."""
-    from ..runs import read_run_config
-
-    run = Path(run)
-    cfg = run_config or read_run_config(run)
+def _run_probes(run, probe: ProbeConfig | None, device: str, progress: bool, options: dict | None,
+                image_size: int | None) -> dict:
+    cfg = run.config
     p = probe or cfg.probe
     # the probe's seed is the run's; the features are read in the probe's batches up to evaluate's default, since
     # a solver's batch (lars: MAE's 16,384) is no size for the network's forward pass
@@ -181,11 +169,11 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
     ev = replace(EvalConfig(), protocols=["probes"], weights=p.weights, device=device, batch_size=extract_batch,
                  seed=cfg.train.seed, precision=p.precision, probes=probes_protocol.from_probe_config(p))
     t0 = time.perf_counter()
-    ctx = EvalContext.open(run, ev, options=options, progress=progress, image_size=image_size, run_config=cfg)
+    ctx = EvalContext.open(run, ev, options=options, progress=progress, image_size=image_size)
     probes_protocol.check(ctx)
     r = probes_protocol.run(ctx)
     results = {
-        "run": str(run), "recipe": ctx.cfg.recipe, "method": ctx.cfg.method, "weights": ctx.version,
+        "run": str(run.path), "recipe": ctx.cfg.recipe, "method": ctx.cfg.method, "weights": ctx.version,
         "data": ctx.cfg.data.name, "image_size": int(ctx.train.image_size),
         **({"trained_image_size": ctx.trained_size} if ctx.trained_size else {}),
         "n_train": len(ctx.train), "n_test": len(ctx.test), "num_classes": ctx.train.num_classes, "layer": r["layer"], "pool": r["pool"], **ctx.feature_options,
@@ -200,7 +188,7 @@ def _run_probes(run: Path, probe: ProbeConfig | None = None, device: str = "auto
         results["causal"] = r["causal"]
     results["seconds"] = round(time.perf_counter() - t0, 2)
     save_probe_classifier(ctx, results)
-    atomic_write_json(run / RESULTS_DIR / PROBE_FILE, results)
+    atomic_write_json(run.path / RESULTS_DIR / PROBE_FILE, results)
     return results
 
 

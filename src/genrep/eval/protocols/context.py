@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 
 from ...data.imageset import ImageSet
 from ...errors import GenrepError
@@ -19,16 +18,10 @@ from ..features import cached_feature_sets, extract_feature_sets, extract_featur
 
 if TYPE_CHECKING:
     from ...config import Config, EvalConfig
+    from ...run import Run
 
 FIGURES_DIR = Path("figures") / "eval"
 RESULTS_DIR = "results"
-
-
-def weights_version(run: Path, weights: str) -> str:
-    """Identifies the weights file a cache entry was computed from (its checkpoint step)."""
-    with safe_open(str(Path(run) / f"{weights}.safetensors"), "pt") as f:
-        meta = f.metadata() or {}
-    return f"{weights}@{meta.get('step', 'unknown')}"
 
 
 def methods_where(wanted) -> list[str]:
@@ -76,7 +69,7 @@ def default_readout(method: Method) -> tuple[int, str]:
 
 @dataclass
 class EvalContext:
-    run: Path
+    run: Path             # the run's folder (``opened.path``): figures and caches go there
     cfg: Config           # the run's config, with the model options of this evaluation applied
     ev: EvalConfig
     method: Method
@@ -90,25 +83,22 @@ class EvalContext:
     # the probes protocol's fitted linear classifier (weight, bias on the raw features), which genrep probe saves
     # for genrep predict
     linear_classifier: dict | None = None
+    opened: Run | None = None   # the open run folder: its config as trained, its lock
 
     @classmethod
-    def open(cls, run: Path, ev: EvalConfig, *, options: dict | None = None, progress: bool = True,
-             image_size: int | None = None, run_config: Config | None = None) -> EvalContext:
-        """Load RUN's trained method (``ev.weights``, with model ``options`` such as feature_t) and its data
-        (at ``image_size``: the run read at another size, ``runs.reading_config``); ``run_config``: the run's
-        config as the command read it."""
-        from ...runs import load_trained_with_test, reading_config
-
-        run = Path(run)
+    def open(cls, run: Run, ev: EvalConfig, *, options: dict | None = None, progress: bool = True,
+             image_size: int | None = None) -> EvalContext:
+        """Load the open ``run``'s trained method (``ev.weights``, with model ``options`` such as feature_t) and
+        its data (at ``image_size``: the run read at another size, :meth:`Run.reading`)."""
         device = rank_device(ev.device)   # under torchrun, this rank's GPU
         resolve_precision(ev.precision, device)  # a precision this device cannot run: refused before any loading
-        cfg, trained = reading_config(run, options, image_size, run_config)
-        cfg, method, train, test = load_trained_with_test(run, ev.weights, device, cfg=cfg)
+        cfg, trained = run.reading(options, image_size)
+        cfg, method, train, test = run.load(ev.weights, device, cfg=cfg)
         for split, s in (("train", train), ("test", test)):
             if len(s) == 0:
                 raise GenrepError(f"the {split} split of {s.name} is empty; evaluation needs images in both splits")
-        return cls(run=run, cfg=cfg, ev=ev, method=method, train=train, test=test, device=device,
-                   version=weights_version(run, ev.weights), progress=progress, trained_size=trained)
+        return cls(run=run.path, cfg=cfg, ev=ev, method=method, train=train, test=test, device=device,
+                   version=run.weights_version(ev.weights), progress=progress, trained_size=trained, opened=run)
 
     @property
     def bf16(self) -> bool:

@@ -26,25 +26,26 @@ class SimilaritySettings:
 
 def check(ctx: EvalContext) -> None:
     """A folder that is not a run, or a t-SNE OOD set missing offline, fails here, not after the other protocols."""
-    from ...runs import read_run_config
+    from ...run import Run
 
     check_noise_steps(ctx.method, ctx.ev.similarity.cka_t, "eval.similarity.cka_t")
     for other in ctx.ev.similarity.cka_runs:
-        read_run_config(Path(other))
+        Run.open(other)
     if ctx.ev.ood.sets:
         ctx.ood_images(ctx.ev.ood.sets[0], 1)
 
 
 def other_run_features(ctx: EvalContext, other: Path, images: torch.Tensor):
     """Every layer's features (its default pooling) of another run on the same images, for CKA between models."""
-    from ...runs import load_trained, read_run_config
+    from ...run import Run
 
-    o_cfg = read_run_config(other)
+    o_run = Run.open(other)
+    o_cfg = o_run.config
     if (o_cfg.data.name, o_cfg.data.image_size) != (ctx.cfg.data.name, ctx.cfg.data.image_size):
         raise GenrepError(f"eval.similarity.cka_runs: {other} was trained on {o_cfg.data.name} at image_size "
                           f"{o_cfg.data.image_size}, this run on {ctx.cfg.data.name} at {ctx.cfg.data.image_size}; "
                           f"CKA between models needs the same images")
-    o_cfg, o_method, _ = load_trained(other, ctx.ev.weights, ctx.device)
+    o_cfg, o_method, _, _ = o_run.load(ctx.ev.weights, ctx.device)
     _, o_pool = default_readout(o_method)
     return o_cfg, o_method, all_layers(ctx, images, o_pool, o_method)
 

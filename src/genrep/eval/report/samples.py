@@ -126,16 +126,16 @@ def class_rows(images: torch.Tensor, preds: torch.Tensor, energy: torch.Tensor, 
 SAMPLE_FLAGS = {"sampler": "sampler", "steps": "sample_steps", "eta": "eta", "temperature": "temperature"}
 
 
-def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: int | None = None,
+def run_sampling(run, *, n: int = 64, sampler: str | None = None, steps: int | None = None,
                  eta: float | None = None, temperature: float | None = None, seed: int = 0, weights: str = "ema",
                  device: str = "auto", rank_energy: bool = False, per_class: int = 8, out: Path | None = None,
                  progress: bool = True, force: bool = False) -> dict:
-    """Draw ``n`` samples from RUN; ``sampler``, ``steps`` and ``eta`` (a diffusion model's) or ``temperature``
+    """Draw ``n`` samples from ``run`` (a :class:`~genrep.run.Run`, or a folder opened here); ``sampler``, ``steps`` and ``eta`` (a diffusion model's) or ``temperature``
     (a token model's) override the method's own options (``model.sampler``, ``model.sample_steps``,
     ``model.eta``, ``model.temperature``) for this call, None keeps the run's. Files already at the outputs are
     replaced only if an earlier sampling call wrote them, or with ``force``."""
     from ...methods import get_method
-    from ...runs import check_no_links, is_inside, load_trained, read_run_config
+    from ...run import Run
 
     if n < 1:
         raise GenrepError(f"-n must be at least 1, got {n}")
@@ -145,9 +145,9 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
         raise GenrepError(f"--per-class must be at least 1, got {per_class}")
     if out is not None:
         sample_outputs(out, rank_energy)  # a bad -o is refused before the model is loaded
-    run = Path(run)
-    run_config = read_run_config(run)
-    name = run_config.method
+    opened = Run.of(run)   # the folder checked (no link to write through) and its config read once
+    run = opened.path
+    name = opened.config.method
     caps = get_method(name).capabilities
     if "sample" not in caps:
         raise GenrepError(f"{run} holds a {name} model, which cannot sample; sample from a generative run "
@@ -162,7 +162,7 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
         raise GenrepError(f"{' and '.join(foreign)} do not apply to {name} runs; their sampling flags: {offered}")
     options = {SAMPLE_FLAGS[flag]: v for flag, v in given.items() if v is not None}
     dev = resolve_device(device)
-    cfg, method, train_set = load_trained(run, weights, dev, options=options, run_config=run_config)
+    cfg, method, train_set, _ = opened.load(weights, dev, options)
     cs = method.capability_settings("sample")
     if steps is not None and cs.get("steps") != steps:  # the method caps a config's steps; a flag is explicit
         if cs.get("sampler") == "ddpm":
@@ -171,8 +171,6 @@ def run_sampling(run: Path, *, n: int = 64, sampler: str | None = None, steps: i
         raise GenrepError(f"asked for {steps} steps but the model was trained with T = {cs['steps']} diffusion "
                           f"steps; choose --steps 1..{cs['steps']}")
     sampler, steps, eta = cs.get("sampler"), cs.get("steps"), cs.get("eta", 0.0)
-    if out is None or is_inside(out, run):
-        check_no_links(run)
     tag = f"{sampler}-{steps}steps" if sampler else "-".join(f"{k}{cs[k]}" for k in own if k in cs) or "samples"
     out = Path(out) if out else run / "samples" / f"{tag}-n{n}-seed{seed}.png"
     files = sample_outputs(out, rank_energy)
