@@ -18,8 +18,12 @@ install: $(STAMP)
 run: $(STAMP)  ## the main job: pretrain the default recipe on digits, probe it, print the summary
 	$(VENV)/bin/genrep run
 
+# The tests run in one pytest-xdist worker per core (at most 4, so that a many-core machine does not hold a dozen copies of torch and the data), a test file per worker
+# at a time, so a module's shared fixtures are built once; conftest gives each worker its share of torch's threads.
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP) browser  ## every test, slow ones included (what CI runs)
-	GENREP_REQUIRE_BROWSER=1 $(PY) -m pytest
+	GENREP_REQUIRE_BROWSER=1 $(PY) -m pytest $(XDIST)
 
 # The report test renders the HTML report in a real headless browser: Debian's chromium.
 browser:
@@ -29,7 +33,7 @@ browser:
 	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
 
 test-fast: $(STAMP)  ## skip the tests marked slow, while iterating
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 # Pure-Python dependencies for the lent GPU machine, which has PyTorch but not all of genrep's deps
 # (benchmarks/gpu_check.sh puts this folder on PYTHONPATH; pass it to the device in `carry`).

@@ -23,6 +23,12 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 import toy_method  # noqa: E402, F401
 
+# Under pytest-xdist (`make test` runs the suite in as many workers as there are cores), the workers share the cores:
+# each gets its share of intra-op threads, not all of them, or the workers' threads would fight over every core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 from genrep.config import Config, apply_overrides, config_from_dict, recipe_names, resolve_config  # noqa: E402
 from genrep.methods import get_method, method_names  # noqa: E402
 
