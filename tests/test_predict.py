@@ -130,3 +130,33 @@ def test_the_probes_saved_classifier_reads_raw_features_as_the_probe_read_standa
     r = linear_probe(x, y, xt, yt, 2, solver=solver, epochs=3, batch_size=32, warmup_epochs=1,
                      return_test_probs=True)
     torch.testing.assert_close(torch.softmax(xt @ r.weight.t() + r.bias, 1), r.test_probs, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gaussian_score_is_fitted_on_the_training_split_saved_beside_the_threshold_and_reused(tmp_path, capsys):
+    from genrep.eval.metrics.ood import GaussianOODScore
+    from genrep.runs import load_split
+
+    run = tmp_path / "run"
+    train(tiny_config("hybvit", **{"train.steps": 2}), run, resume=False, claimed=False)
+    genrep.evaluate(run, protocols="ood", ood={"n": 60, "sets": ["noise"], "scores": ["gaussian"]}, device="cpu")
+    csv_path = tmp_path / "p.csv"
+    assert main(["predict", str(run), "--data", "digits", "--coverage", "0.9", "-o", str(csv_path)]) == 0
+    record = json.loads((run / "results" / "predict.json").read_text())
+    assert record["score"] == "gaussian" and record["gaussian"]["file"] == "predict-gaussian.safetensors"
+    # the scores are the OOD evaluation's: Gaussians fitted on the training split's features at its read-out
+    loaded = genrep.load(run)
+    ood = json.loads((run / "results" / "eval.json").read_text())["protocols"]["ood"]
+    train_set, test = load_split(loaded.config, "train"), load_split(loaded.config, "test")
+    g = GaussianOODScore().fit(loaded.features(train_set.images, ood["layer"], ood["pool"]), train_set.labels)
+    expected = g.score(loaded.features(test.images, ood["layer"], ood["pool"]))
+    rows = _rows(csv_path)
+    torch.testing.assert_close(torch.tensor([float(r["score"]) for r in rows], dtype=torch.float64), expected,
+                               rtol=1e-5, atol=1e-3)
+    capsys.readouterr()
+    assert main(["predict", str(run), "--data", "digits", "--coverage", "0.9", "-o", str(csv_path)]) == 0
+    assert "reused from" in capsys.readouterr().out and _rows(csv_path) == rows
+    got = loaded.predict(test.images[:8], coverage=0.9)   # the saved Gaussians, through the API
+    assert [str(bool(a)).lower() for a in got["abstain"]] == [r["abstain"] for r in rows[:8]]
+    (run / "results" / "predict-gaussian.safetensors").write_bytes(b"not safetensors")
+    assert main(["predict", str(run), "--data", "digits", "--coverage", "0.9", "-o", str(csv_path)]) == 2
+    assert "predict-gaussian.safetensors is damaged" in one_line_err(capsys)

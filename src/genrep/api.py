@@ -24,15 +24,16 @@ from .run import Run, load
 
 def _dotted(overrides: dict[str, Any], section: str | None = None) -> dict[str, Any]:
     """``{"train": {"steps": 5}, "optim.lr": 1e-3}`` -> ``{"train.steps": 5, "optim.lr": 1e-3}``; with ``section``,
-    keys without a section are read as its own (``probe(run, layer=2)`` is ``probe.layer``)."""
+    keys that name no section of the config are read as its own (``probe(run, layer=2)`` is ``probe.layer``,
+    ``evaluate(run, ood={"n": 500})`` is ``eval.ood.n``)."""
+    from .config import Config
+
+    sections = {f.name for f in dataclasses.fields(Config)}
     out: dict[str, Any] = {}
     for key, value in overrides.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in _dotted(value).items()})
-        elif section is not None and "." not in key:
-            out[f"{section}.{key}"] = value
-        else:
-            out[key] = value
+        flat = {f"{key}.{k}": v for k, v in _dotted(value).items()} if isinstance(value, dict) else {key: value}
+        for k, v in flat.items():
+            out[f"{section}.{k}" if section is not None and k.split(".")[0] not in sections else k] = v
     return out
 
 

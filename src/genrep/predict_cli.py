@@ -72,7 +72,7 @@ def cmd_predict(args, rest: list[str]) -> int:
     import torch
 
     from .io import atomic_write_json, atomic_write_text, check_overwrite
-    from .predict import check_request, fit, predict, read_saved, saved_path
+    from .predict import check_request, fit, predict, read_saved, save_gaussian, saved_path
     from .run import Run
 
     request = check_request(args.coverage, args.max_risk)
@@ -82,9 +82,11 @@ def cmd_predict(args, rest: list[str]) -> int:
     check_overwrite(out, _is_ours, "predictions CSV", args.force)
     files = image_files(list(args.images))
     with Run.open(args.run, "predict", device=args.device) as run:
-        record = read_saved(run, request)
+        record, gaussian = read_saved(run, request), None
         if record is None:
-            record = fit(run, request)
+            record, gaussian = fit(run, request)
+            if gaussian is not None:   # before the threshold that names it
+                save_gaussian(run, gaussian)
             atomic_write_json(saved_path(run), record, "the fitted threshold")
             how = "fitted on " + record["fitted_on"]["how"]
         else:
@@ -93,7 +95,7 @@ def cmd_predict(args, rest: list[str]) -> int:
         if args.data is not None:
             more, split_images = read_split(args.data, args.split, run)
             names, images = names + more, torch.cat([images, split_images])
-        rows = predict(run, images, record) if len(names) else None
+        rows = predict(run, images, record, gaussian) if len(names) else None
         buf = _io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(HEADER)

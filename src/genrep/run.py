@@ -303,8 +303,10 @@ class Run:
         from .predict import check_request, fit, predict, read_saved
 
         asked = None if coverage is None and max_risk is None else check_request(coverage, max_risk)
-        record = read_saved(self, asked) or fit(self, asked or check_request(None, None))
-        return predict(self, self.images(images), record)
+        record, gaussian = read_saved(self, asked), None
+        if record is None:
+            record, gaussian = fit(self, asked or check_request(None, None))
+        return predict(self, self.images(images), record, gaussian)
 
 
 def load(path, weights: str = "ema", device: str = "auto") -> Run:
