@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import GenrepError, WriteError
 from .predict_cli import add_parser as add_predict_parser
+from .reproduce_cli import add_parser as add_reproduce_parser
 
 DEFAULT_RECIPE = "hybvit-digits"  # the product's point is the hybrid
 
@@ -131,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="overwrite -o (and its .json) even if genrep's export did "
                      "not write them")
     add_predict_parser(sub)
+    add_reproduce_parser(sub)
     sub.add_parser("datasets", help="list the data sets genrep knows and which are available offline")
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("methods", help="list the registered methods and their capabilities")
@@ -173,6 +175,8 @@ INTERRUPTED = {
     "pack": "the finished shards are kept; run the same genrep pack command again to pack the rest",
     "grid": "the finished cells are kept in the grid's grid.json; run the same genrep grid command again to resume "
             "the rest",
+    "reproduce": "the finished rows are kept in the reproduction's folder; run the same genrep reproduce command "
+                 "(with its --out) again to resume the rest",
 }
 
 
@@ -180,6 +184,12 @@ def cmd_predict(args, rest: list[str]) -> int:
     from .predict_cli import cmd_predict as predict
 
     return predict(args, rest)
+
+
+def cmd_reproduce(args, rest: list[str]) -> int:
+    from .reproduce_cli import cmd_reproduce as reproduce
+
+    return reproduce(args, rest)
 
 
 def _is_main_process() -> bool:
@@ -565,7 +575,8 @@ def cmd_methods(args, rest) -> int:
 
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "pack": cmd_pack, "probe": cmd_probe, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
             "grid": cmd_grid, "report": cmd_report, "sample": cmd_sample, "export": cmd_export,
-            "predict": cmd_predict, "datasets": cmd_datasets, "recipes": cmd_recipes, "methods": cmd_methods}
+            "predict": cmd_predict, "reproduce": cmd_reproduce, "datasets": cmd_datasets, "recipes": cmd_recipes,
+            "methods": cmd_methods}
 
 
 if __name__ == "__main__":

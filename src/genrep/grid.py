@@ -414,14 +414,14 @@ def _or_none(v) -> str:
     return v if v == "(none)" else value_text(v)
 
 
-def _config_differences(had: dict, want: dict, prefix: str = "") -> list[str]:
+def _config_differences(had: dict, want: dict, ours: str, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(had) | set(want), key=str):
         a, b = had.get(key, "(none)"), want.get(key, "(none)")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, f"{prefix}{key}.")
+            out += _config_differences(a, b, ours, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key} {_or_none(a)} (the grid's: {_or_none(b)})")
+            out.append(f"{prefix}{key} {_or_none(a)} ({ours}: {_or_none(b)})")
     return out
 
 
@@ -437,28 +437,28 @@ def _new_doc(plan: GridPlan) -> dict:
             "best": None, "finished": False}
 
 
-def _cell_resumes(run: Path, cell: Cell) -> bool:
-    """Whether the cell's folder is a run to resume (False: to start); refuses what pretrain would not take."""
+def cell_resumes(run: Path, cfg, what: str = "grid", again: str = "run the grid again") -> bool:
+    """Whether a cell's folder (a grid's, a reproduction's row: ``what``) is a run of ``cfg`` to resume (False: to
+    start); refuses what pretrain would not take. ``again``: how the command is run again."""
     from .locks import LOCK_FILE
     from .runs import CONFIG_FILE, is_marked_run, is_unmarked_old_run, read_run_config
 
     if run.is_symlink():
-        raise GenrepError(f"grid cell folder {run} is a symbolic link; genrep trains only into real folders: replace "
-                          f"it with the run folder, or remove it")
+        raise GenrepError(f"{what} cell folder {run} is a symbolic link; genrep trains only into real folders: "
+                          f"replace it with the run folder, or remove it")
     if not run.exists():
         return False
     if not run.is_dir():
-        raise GenrepError(f"grid cell folder {run} exists and is not a folder; move it away and run the grid again")
+        raise GenrepError(f"{what} cell folder {run} exists and is not a folder; move it away and {again}")
     if is_marked_run(run) or is_unmarked_old_run(run):
         if (run / CONFIG_FILE).is_file():
-            diff = _config_differences(read_run_config(run).to_dict(), cell.cfg.to_dict())
+            diff = _config_differences(read_run_config(run).to_dict(), cfg.to_dict(), f"the {what}'s")
             if diff:
-                raise GenrepError(f"grid cell folder {run} holds a run with other settings ({'; '.join(diff[:3])}); "
+                raise GenrepError(f"{what} cell folder {run} holds a run with other settings ({'; '.join(diff[:3])}); "
                                   f"move it away to train the cell again")
         return True
     if any(p.name != LOCK_FILE for p in run.iterdir()):
-        raise GenrepError(f"grid cell folder {run} exists and was not made by genrep; move it away and run the grid "
-                          f"again")
+        raise GenrepError(f"{what} cell folder {run} exists and was not made by genrep; move it away and {again}")
     return False
 
 
@@ -656,7 +656,7 @@ def _run_cell(plan: GridPlan, out: Path, doc: dict, k: int, cell: Cell, say) -> 
     entry, run, n = doc["cells"][k], out / cell.name, len(plan.cells)
     head = f"genrep grid: cell {k + 1}/{n} {cell.name}"
     try:
-        resume = _cell_resumes(run, cell)
+        resume = cell_resumes(run, cell.cfg)
         if resume and _probed(entry, run):
             took = _secs(entry.get("train_seconds") or 0)
             say(f"{head}: kept (finished earlier, trained in {took}), {cell_summary(entry)}")

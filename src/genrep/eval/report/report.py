@@ -454,6 +454,43 @@ def _grid_section(g: dict, folder: Path) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>" + note + fig
 
 
+def _reproduction_section(d: dict) -> str:
+    """A reproduction (genrep reproduce): the claim, per row the paper's value beside genrep's (mean ± std over
+    seeds) and their difference, then the verdict on the claim's ordering at this scale."""
+    m = d["metric"]
+    unit = f" ({_e(m['unit'])})" if m.get("unit") else ""
+    t = Table(["row", f"paper{unit}", f"genrep{unit}", "difference", "seeds", "runs"])
+
+    def num(x) -> str:
+        return "–" if x is None else f"{x:.4g}"
+
+    for name in d["comparison"] + [r for r in d["rows"] if r not in d["comparison"]]:
+        r = d["rows"].get(name)
+        if r is None:
+            t.add([_e(name), "–", "not run yet", "–", "0", "–"])
+            continue
+        ours = num(r["mean"]) + (f" ± {r['std']:.2g}" if r.get("std") is not None else "")
+        t.add([_e(name), num(r["paper"]), ours, num(r["difference"]), str(len(r["values"])),
+               _e(", ".join(d["runs"].get(name, [])))])
+    v = d.get("verdict") or {"result": "incomplete", "words": "no row has a value yet"}
+    better = "higher" if m["better"] == "higher" else "lower"
+    return (f"<p><b>Claim</b> ({_e(d['table'])}): {_e(d['claim'])}</p>" + t.html()
+            + f"<p class='note'>{_e(m['name'])}, {better} is better (eval key {_e(m['key'])} x {m['factor']:g}); scale "
+              f"{_e(d['scale'])}: {_e(d['about'])}. Rows are ordered best first, as the claim orders them.</p>"
+            + f"<p><b>Verdict at this scale: {_e(v['result'])}</b> <span class='note'>{_e(v['words'])}</span></p>")
+
+
+def load_reproductions(folders: list[Path]) -> list[dict]:
+    from ...reproduce import read_reproduction
+
+    out = []
+    for folder in folders:
+        d = read_reproduction(folder)
+        d["_path"] = Path(folder)
+        out.append(d)
+    return out
+
+
 def load_grids(folders: list[Path]) -> list[dict]:
     from ...grid import GRID_FILE, read_grid
 
@@ -480,12 +517,18 @@ def load_runs(runs: list[Path]) -> list[dict]:
     return out
 
 
-def render(runs: list[dict], grids: list[dict] | None = None) -> str:
-    grids = grids or []
-    what = ", ".join([f"{len(runs)} run(s)"] * bool(runs or not grids) + [f"{len(grids)} grid(s)"] * bool(grids))
+def render(runs: list[dict], grids: list[dict] | None = None, reproductions: list[dict] | None = None) -> str:
+    grids, reproductions = grids or [], reproductions or []
+    what = ", ".join([f"{len(runs)} run(s)"] * bool(runs or not (grids or reproductions))
+                     + [f"{len(grids)} grid(s)"] * bool(grids) + [f"{len(reproductions)} reproduction(s)"]
+                     * bool(reproductions))
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>genrep report</title><style>{CSS}</style>"
              f"</head><body><h1>genrep report</h1><p class='note'>{what}, written "
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>")]
+    for n, d in enumerate(reproductions, 1):
+        parts.append(f"<h2 id='reproduction-{n}'>{_e(d['paper'])}, {_e(d['table'])}: {_e(d['title'])} "
+                     f"<span class='note'>({_e(d['spec'])}, scale {_e(d['scale'])})</span></h2>"
+                     + _reproduction_section(d))
     for n, g in enumerate(grids, 1):
         over = " x ".join(_e(a["key"]) for a in g["axes"])
         parts.append(f"<h2 id='grid-{n}'>Grid over {over}: {_e(g['recipe'])} <span class='note'>"
@@ -521,7 +564,11 @@ def write_report(runs: list[Path], out: Path) -> Path:
     folders = [Path(r) for r in runs]
     if not folders:
         raise GenrepError("genrep report needs at least one run folder (or grid folder)")
+    from ...reproduce import is_reproduction
+
     grids = [f for f in folders if is_grid_folder(f)]
-    plain = [f for f in folders if not is_grid_folder(f)]
-    atomic_write_text(out, render(load_runs(plain) if plain else [], load_grids(grids)))
+    reproductions = [f for f in folders if is_reproduction(f)]
+    plain = [f for f in folders if f not in grids and f not in reproductions]
+    atomic_write_text(out, render(load_runs(plain) if plain else [], load_grids(grids),
+                                  load_reproductions(reproductions)))
     return out

@@ -241,3 +241,22 @@ def headline(name: str, r: dict) -> str:
         return ", ".join(f"{100 * float(f):g}%: {pct(v['acc_mean'])} ± {100 * v['acc_std']:.2f}"
                          for f, v in r["fractions"].items()) + f" ({r['readout']} read-out)"
     return ""
+
+
+def reproduction_table(d: dict) -> str:
+    """genrep reproduce's text: the claim, per row the paper's value beside genrep's, and the verdict."""
+    m = d["metric"]
+    unit = f" ({m['unit']})" if m.get("unit") else ""
+
+    def num(x) -> str:
+        return "-" if x is None else f"{x:.4g}"
+
+    lines = [f"{d['paper']}, {d['table']}: {d['title']} (scale {d['scale']}: {d['about']})",
+             f"claim: {d['claim']}", f"{m['name']}{unit}, {m['better']} is better",
+             f"{'row':24s} {'paper':>10s} {'genrep':>18s} {'difference':>11s}"]
+    for name, r in d["rows"].items():
+        ours = num(r["mean"]) + (f" ± {r['std']:.2g}" if r.get("std") is not None else "")
+        lines.append(f"{name:24s} {num(r['paper']):>10s} {ours:>18s} {num(r['difference']):>11s}")
+    v = d.get("verdict") or {}
+    lines.append(f"verdict at this scale: {v.get('result', 'incomplete')} ({v.get('words', '')})")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""`genrep reproduce` (issue 30): every shipped spec checks (its recipes, keys, metric, comparison); a spec runs end to
+end at its smoke scale, resumes, and its verdict is the claim's ordering in words; bad specs and requests are one
+line before anything is trained."""
+
+import copy
+import json
+
+import pytest
+import yaml
+from conftest import one_line
+
+from genrep.cli import main
+from genrep.errors import GenrepError
+from genrep.reproduce import SPECS, check_spec, load_spec, spec_names, summarise
+
+GOOD = yaml.safe_load((SPECS / "hybvit" / "table1-accuracy.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", spec_names())
+def test_every_shipped_spec_checks_and_lists(name):
+    spec = load_spec(name)   # recipes exist at every scale, one method a row, overrides and eval keys valid
+    assert spec.table and spec.claim and spec.title
+    if spec.runnable:
+        assert set(spec.scales) == {"smoke", "reduced", "paper"}, "every runnable spec defines all three scales"
+        assert all(spec.scales[s]["about"] for s in spec.scales)
+    else:
+        assert spec.why and not spec.rows
+
+
+def test_the_list_names_every_spec_and_whether_it_runs(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in spec_names():
+        spec = load_spec(name)
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert ("runnable (" in line) == spec.runnable and (spec.runnable or spec.why in line)
+
+
+def _bad(change) -> str:
+    doc = copy.deepcopy(GOOD)
+    change(doc)
+    with pytest.raises(GenrepError) as e:
+        check_spec("hybvit/table1-accuracy", doc)
+    return one_line(e)
+
+
+def test_a_spec_that_no_longer_fits_genrep_is_named_in_one_line():
+    assert "recipe hybvit-gone no longer exists" in _bad(
+        lambda d: d["rows"][1]["recipe"].update(smoke="hybvit-gone"))
+    assert "must read protocols.<one of the spec's protocols (calibration)>" in _bad(
+        lambda d: d["metric"].update(key="protocols.ood.scores.msp.noise.auroc"))
+    assert "is hybvit at smoke, supervised at reduced" in _bad(
+        lambda d: d["rows"][1]["recipe"].update(reduced="supervised-cifar10"))
+    assert "comparison must list two or more of the rows" in _bad(lambda d: d.update(comparison=["vit", "jem"]))
+    assert "unknown config key" in _bad(lambda d: d["scales"]["smoke"]["overrides"].update({"train.epoch": 3}))
+    assert "status 'needs data' needs why" in _bad(lambda d: d.update(status="needs data"))
+    assert "metric.better 'up' must be higher or lower" in _bad(lambda d: d["metric"].update(better="up"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hybvit/nope"], "no reproduction spec 'hybvit/nope'; choose one of"),
+    (["hybvit/table1-accuracy", "--seeds", "0"], "--seeds must be a whole number of at least 1"),
+    (["hybvit/table1-accuracy", "--scale", "huge"], "defines no scale 'huge'; choose smoke or reduced or paper"),
+    ([], "genrep reproduce needs a spec"),
+])
+def test_bad_requests_are_one_line_before_anything_is_made(capsys, tmp_path, args, message):
+    assert main(["reproduce", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "out").exists()
+
+
+def _spec_of(rows_best_first, better="higher"):
+    doc = copy.deepcopy(GOOD)
+    doc["metric"]["better"] = better
+    doc["comparison"] = rows_best_first
+    return check_spec("hybvit/table1-accuracy", doc)
+
+
+@pytest.mark.parametrize("values, better, result", [
+    ({"vit": [90.0, 91.0], "hybvit": [80.0, 81.0]}, "higher", "holds"),
+    ({"vit": [80.0, 81.0], "hybvit": [90.0, 91.0]}, "higher", "does not hold"),
+    ({"vit": [80.0, 90.0], "hybvit": [84.0, 86.0]}, "higher", "within noise"),   # 0 apart, spread 10
+    ({"vit": [0.02], "hybvit": [0.05]}, "lower", "holds"),                       # one seed: no noise measured
+])
+def test_the_verdict_is_the_claims_ordering_against_the_seeds_spread(values, better, result):
+    s = summarise(_spec_of(["vit", "hybvit"], better), values)
+    assert s["verdict"]["result"] == result
+    assert s["rows"]["vit"]["paper"] == 96.5 and s["rows"]["vit"]["mean"] == pytest.approx(sum(values["vit"]) /
+                                                                                          len(values["vit"]))
+    if len(values["vit"]) == 1:
+        assert "one seed: noise not measured" in s["verdict"]["words"] and s["rows"]["vit"]["std"] is None
+
+
+def test_a_spec_runs_end_to_end_at_smoke_scale_and_resumes(tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert main(["reproduce", "hybvit/table1-accuracy", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "verdict at this scale:" in text and "vit seed 0: trained" in text
+    doc = json.loads((out / "reproduce.json").read_text())
+    assert doc["finished"] and doc["scale"] == "smoke" and doc["runs"] == {"vit": ["vit-seed0"],
+                                                                          "hybvit": ["hybvit-seed0"]}
+    for name, paper in (("vit", 96.5), ("hybvit", 95.9)):
+        row = doc["rows"][name]
+        ev = json.loads((out / f"{name}-seed0" / "results" / "eval.json").read_text())
+        assert row["values"] == [100 * ev["protocols"]["calibration"]["accuracy"]] and row["paper"] == paper
+        assert row["difference"] == pytest.approx(row["mean"] - paper)
+    assert doc["verdict"]["result"] in ("holds", "does not hold")
+    page = (out / "reproduce.html").read_text()
+    assert doc["claim"] in page and "Verdict at this scale" in page
+    # the same command again trains and evaluates nothing: every row is kept
+    assert main(["reproduce", "hybvit/table1-accuracy", "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("kept, results kept") == 2
+    assert json.loads((out / "reproduce.json").read_text())["rows"] == doc["rows"]
+
+
+def test_an_out_folder_that_is_not_this_reproduction_is_refused(tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    assert main(["reproduce", "hybvit/table1-accuracy", "--out", str(theirs)]) == 2
+    assert "was not made by genrep reproduce" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "reproduce.json").write_text(json.dumps({"format": "genrep-reproduce-1", "spec": "hybvit/x",
+                                                      "scale": "smoke", "rows": {}}))
+    assert main(["reproduce", "hybvit/table1-accuracy", "--out", str(other)]) == 2
+    assert "holds the reproduction of hybvit/x at scale smoke" in capsys.readouterr().err
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in other.iterdir()) == ["reproduce.json"]
+
