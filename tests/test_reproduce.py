@@ -21,7 +21,8 @@ def test_every_shipped_spec_checks_and_lists(name):
     spec = load_spec(name)   # recipes exist at every scale, one method a row, overrides and eval keys valid
     assert spec.table and spec.claim and spec.title
     if spec.runnable:
-        assert set(spec.scales) == {"smoke", "reduced", "paper"}, "every runnable spec defines all three scales"
+        # smoke is digits: a spec whose data digits cannot stand in for (SVHN as OOD) defines reduced and paper only
+        assert {"reduced", "paper"} <= set(spec.scales)
         assert all(spec.scales[s]["about"] for s in spec.scales)
     else:
         assert spec.why and not spec.rows

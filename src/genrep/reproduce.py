@@ -273,7 +273,7 @@ def _evaluated(run, ev) -> bool:
         r = read_results(run.path)
     except GenrepError:
         return False
-    return (r.get("weights") == run.version and all(
+    return (r.get("weights") == run.weights_version(ev.weights) and all(
         isinstance(r["protocols"].get(p), dict) and r["protocols"][p].get("settings") == settings(p, ev)
         for p in ev.protocols))
 
@@ -282,7 +282,8 @@ def _probed(run) -> bool:
     import json
 
     try:
-        return json.loads((run.path / "results" / "probe.json").read_bytes()).get("weights") == run.version
+        probe = json.loads((run.path / "results" / "probe.json").read_bytes())
+        return probe.get("weights") == run.weights_version(run.config.probe.weights)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -298,7 +299,7 @@ def run_cell(spec: Spec, row: Row, scale: str, seed: int, folder: Path, say) -> 
     resume = cell_resumes(folder, cfg, "reproduce", "run genrep reproduce again")
     result = pretrain(cfg, folder, resume=resume)
     trained = "kept" if resume and result.start_step >= result.steps else f"trained {result.seconds:.1f} s"
-    run = Run.open(folder, weights="ema")
+    run = Run.open(folder)
     ev = eval_config(spec, row, scale, cfg)
     if ev is None:
         done = _probed(run)

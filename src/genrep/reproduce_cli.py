@@ -16,7 +16,7 @@ def spec_table() -> str:
     for name in spec_names():
         s = load_spec(name)
         how = f"runnable ({', '.join(s.scales)})" if s.runnable else f"{s.status}: {s.why}"
-        lines.append(f"{name:28s} {s.table:10s} {how}\n{'':28s} claim: {s.claim}")
+        lines.append(f"{name:34s} {s.table:10s} {how}\n{'':34s} claim: {s.claim}")
     return "\n".join(lines)
 
 
@@ -24,6 +24,11 @@ def cmd_reproduce(args, rest: list[str]) -> int:
     from .eval.report.summary import reproduction_table
     from .reproduce import reproduce
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise GenrepError("genrep reproduce runs in one process (its rows one after another); start it without "
+                          "torchrun, or train a row with torchrun ... genrep pretrain")
     if args.list:
         if args.spec is not None:
             raise GenrepError("genrep reproduce --list takes no spec; run genrep reproduce SPEC to run one")
