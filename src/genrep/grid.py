@@ -248,10 +248,22 @@ def _unread(cfg, key: str) -> str | None:
 
 
 def preflight(plan: GridPlan) -> None:
-    """What only the data and the method can refuse, for every cell, before the first training: the data loads
-    (once per data section) and both splits agree, each cell's model is built on the meta device (its own checks,
-    and whether it fits in memory), the batch splits, the probe's read-out exists. Records how `genrep probe`
-    will read a causal method (as trained)."""
+    """What only the data and the method can refuse, for every cell, before the first training (:func:`check_cell`).
+    Records how `genrep probe` will read a causal method (as trained)."""
+    specs: dict[str, Any] = {}
+    for cell in plan.cells:
+        try:
+            method = check_cell(cell.cfg, specs)
+        except GenrepError as e:
+            raise GenrepError(f"grid cell {cell.name}: {e}") from None
+        cell.causal = bool(method.causal_mask) if method.causal_readout else None
+        del method
+
+
+def check_cell(cfg, specs: dict[str, Any]):
+    """A cell's run before it trains (a grid's, a reproduction's row): the data loads (once per data section in
+    ``specs``) and both splits agree, the model is built on the meta device (its own checks, its frozen parts' files,
+    whether it fits in memory), the batch splits, the probe's read-out exists. Returns the meta-device method."""
     import torch
 
     from .devices import resolve_device
@@ -259,25 +271,17 @@ def preflight(plan: GridPlan) -> None:
     from .runs import check_model_fits, data_spec, load_splits
     from .train.loop import check_accumulation, check_train_config
 
-    specs: dict[str, Any] = {}
-    for cell in plan.cells:
-        cfg = cell.cfg
-        try:
-            key = json.dumps(_plain(cfg.to_dict()["data"]), sort_keys=True)
-            if key not in specs:
-                specs[key] = data_spec(load_splits(cfg)[0])
-            spec = specs[key]
-            device = resolve_device(cfg.train.device)
-            check_train_config(cfg, 1)
-            check_model_fits(cfg, spec, device, training=True)
-            with torch.device("meta"):
-                method = build_method(cfg.method, cfg.model, spec)
-            check_accumulation(cfg, method)
-            method.check_feature_args(cfg.probe.layer, cfg.probe.pool)
-        except GenrepError as e:
-            raise GenrepError(f"grid cell {cell.name}: {e}") from None
-        cell.causal = bool(method.causal_mask) if method.causal_readout else None
-        del method
+    key = json.dumps(_plain(cfg.to_dict()["data"]), sort_keys=True)
+    if key not in specs:
+        specs[key] = data_spec(load_splits(cfg)[0])
+    spec = specs[key]
+    check_train_config(cfg, 1)
+    check_model_fits(cfg, spec, resolve_device(cfg.train.device), training=True)
+    with torch.device("meta"):
+        method = build_method(cfg.method, cfg.model, spec)
+    check_accumulation(cfg, method)
+    method.check_feature_args(cfg.probe.layer, cfg.probe.pool)
+    return method
 
 
 # ------------------------------------------------------------------------------------------ the grid folder

@@ -353,6 +353,22 @@ def verdict(spec: Spec, rows: dict) -> dict:
     return {"result": overall, "pairs": pairs, "words": "; ".join(words)}
 
 
+def preflight(spec: Spec, scale: str, cells: list[tuple[Row, int]]) -> None:
+    """Every row's config and evaluation built, its data loaded and its model built on the meta device (its frozen
+    parts' files, such as a tokenizer run, found): what would stop a row is said before the first row trains."""
+    from .grid import check_cell
+
+    data: dict[str, Any] = {}
+    for row, seed in cells:
+        cfg = cell_config(spec, row, scale, seed)
+        eval_config(spec, row, scale, cfg)
+        if seed == 0:
+            try:
+                check_cell(cfg, data)
+            except GenrepError as e:
+                raise GenrepError(f"spec {spec.name}, row {row.name} at scale {scale}: {e}") from None
+
+
 def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: int = 1, say=print,
               runs_dir: Path = Path("runs")) -> dict:
     """Run spec ``name`` at ``scale`` with ``seeds`` seeds per row into ``out``: see the module's text."""
@@ -363,8 +379,7 @@ def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: i
     spec = load_spec(name)
     check_request(spec, scale, seeds)
     cells = [(row, seed) for row in spec.rows for seed in range(seeds)]
-    for row, seed in cells:   # every config checked before anything is trained
-        eval_config(spec, row, scale, cell_config(spec, row, scale, seed))
+    preflight(spec, scale, cells)
     if out is None:
         check_can_write(runs_dir, "runs folder --runs-dir")
         out = claim_new_run_dir(runs_dir, f"reproduce-{name.replace('/', '-')}-{scale}")

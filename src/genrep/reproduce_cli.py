@@ -21,10 +21,10 @@ def spec_table() -> str:
 
 
 def cmd_reproduce(args, rest: list[str]) -> int:
+    import os
+
     from .eval.report.summary import reproduction_table
     from .reproduce import reproduce
-
-    import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise GenrepError("genrep reproduce runs in one process (its rows one after another); start it without "
