@@ -342,9 +342,8 @@ def cmd_probe(args, rest: list[str]) -> int:
 
 def _evaluation(path: Path, rest: list[str]):
     """The run (its config read once for the command; the lock is taken once torchrun's group is joined, by rank 0),
-    its ``eval`` section with
-    ``--eval.*`` overrides (nested: --eval.ood.n 500), and the model options (``--model.sample_steps 50``) this
-    evaluation reads the trained model with."""
+    its ``eval`` section with ``--eval.*`` overrides (nested: --eval.ood.n 500), and the model options
+    (``--model.sample_steps 50``) this evaluation reads the trained model with."""
     import dataclasses
 
     from .config import EvalConfig, apply_overrides, build_dataclass

@@ -176,30 +176,26 @@ def fit_gaussian(run, ood: dict, batch_size: int = 256):
 def save_gaussian(run, fitted: ReadoutGaussians) -> None:
     from .io import atomic_save_safetensors
 
-    g = fitted.score
     meta = {"format": GAUSSIAN_FORMAT, "method": run.config.method, "weights": run.version,
-            "layer": str(fitted.layer), "pool": fitted.pool, "covariance": g.covariance}
-    atomic_save_safetensors(run.path / "results" / GAUSSIAN_FILE,
-                            {"means": g.means, "chol": g.chol, "classes": g.classes}, meta, "the Gaussian score's fit")
+            "layer": str(fitted.layer), "pool": fitted.pool, "covariance": fitted.score.covariance}
+    atomic_save_safetensors(run.path / "results" / GAUSSIAN_FILE, fitted.score.state(), meta,
+                            "the Gaussian score's fit")
 
 
 def read_gaussian(run) -> ReadoutGaussians:
     """The Gaussians ``genrep predict`` saved, checked: the run's method and weights, and shapes that fit."""
-    from .eval.metrics.ood import COVARIANCES, GaussianOODScore
+    from .eval.metrics.ood import GaussianOODScore
 
     path = run.path / "results" / GAUSSIAN_FILE
     again = f"move it away and run genrep predict {run.path} again"
-    t, meta = read_fitted(run, GAUSSIAN_FILE, GAUSSIAN_FORMAT, ("means", "chol", "classes"), "Gaussian score fit",
-                          again)
-    means, chol, classes = t["means"], t["chol"], t["classes"]
-    k = len(means)
-    if (means.dim() != 2 or chol.dim() != 3 or chol.shape[1:] != (means.shape[1], means.shape[1])
-            or len(chol) not in (1, k) or classes.shape != (k,) or meta.get("covariance") not in COVARIANCES
-            or not str(meta.get("layer", "")).isdigit()):
-        raise GenrepError(f"{path} does not hold Gaussians that fit together (means {tuple(means.shape)}, factors "
-                          f"{tuple(chol.shape)}, classes {tuple(classes.shape)}); {again}")
-    g = GaussianOODScore()
-    g.means, g.chol, g.classes, g.covariance = means.double(), chol.double(), classes.long(), meta["covariance"]
+    state, meta = read_fitted(run, GAUSSIAN_FILE, GAUSSIAN_FORMAT, ("means", "chol", "classes"), "Gaussian score fit",
+                              again)
+    if not str(meta.get("layer", "")).isdigit():
+        raise GenrepError(f"{path} names no read-out layer ({meta.get('layer')!r}); {again}")
+    try:
+        g = GaussianOODScore.from_state(state, meta.get("covariance"))
+    except GenrepError as e:
+        raise GenrepError(f"{path}: {e}; {again}") from None
     return ReadoutGaussians(g, int(meta["layer"]), meta["pool"])
 
 

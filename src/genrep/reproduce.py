@@ -219,8 +219,8 @@ def cell_config(spec: Spec, row: Row, scale: str, seed: int):
 
 
 def eval_config(spec: Spec, row: Row, scale: str, cfg=None):
-    """The evaluation of a row's run: its config's ``eval`` section with the spec's protocols and the scale's eval
-    keys; None for a probe.json metric (genrep probe, with the run's own probe section)."""
+    """The evaluation of a row's run: its config's ``eval`` section with the spec's protocols, the training's device
+    and the scale's eval keys; None for a probe.json metric (genrep probe, with the run's own probe section)."""
     import dataclasses
 
     from .config import EvalConfig, apply_overrides, build_dataclass
@@ -228,7 +228,8 @@ def eval_config(spec: Spec, row: Row, scale: str, cfg=None):
     if spec.metric["file"] != "eval.json":
         return None
     cfg = cfg or cell_config(spec, row, scale, 0)
-    values = apply_overrides(dataclasses.asdict(cfg.eval), {"protocols": spec.protocols, **spec.scales[scale]["eval"]})
+    values = apply_overrides(dataclasses.asdict(cfg.eval), {"protocols": spec.protocols, "device": cfg.train.device,
+                                                            **spec.scales[scale]["eval"]})
     try:
         return build_dataclass(EvalConfig, values, "eval")
     except GenrepError as e:
@@ -306,7 +307,6 @@ def run_cell(spec: Spec, row: Row, scale: str, seed: int, folder: Path, say) -> 
         if not done:
             run_probes(run, device=cfg.train.device, progress=cfg.train.progress)
     else:
-        ev.device = cfg.train.device
         done = _evaluated(run, ev)
         if not done:
             evaluate_run(run, ev, progress=cfg.train.progress, say=lambda _m: None)

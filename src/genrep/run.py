@@ -51,6 +51,7 @@ class Run:
         self._device_name = device
         self._lock = None
         self._method: Method | None = None
+        self._version: str | None = None
 
     # ------------------------------------------------------------ opening, the lock
 
@@ -128,7 +129,11 @@ class Run:
 
     @property
     def version(self) -> str:
-        return self.weights_version(self.weights)
+        """The identity of the weights this ``Run`` reads (:attr:`method`'s): read once, when the model is built or
+        first asked for."""
+        if self._version is None:
+            self._version = self.weights_version(self.weights)
+        return self._version
 
     def trained_size(self) -> int:
         from .runs import trained_data_spec
@@ -217,6 +222,7 @@ class Run:
 
             method = build_method(self.config.method, self.config.model, trained_data_spec(self.config)[0])
             install_run_state(self.path, method, None)   # the data is not read to check the fitted state again
+            _ = self.version   # named before the weights are read, as results fitted on them will name them
             load_weights(method, self.path, self.weights)
             self._method = method.to(self.device).eval()
         return self._method

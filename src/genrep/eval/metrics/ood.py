@@ -209,6 +209,26 @@ class GaussianOODScore:
                                     f"it uses the shared one")
         return out
 
+    def state(self) -> dict[str, Tensor]:
+        """What :meth:`score` needs, to save (``from_state`` reads it back; the covariance kind is kept apart)."""
+        if self.means is None:
+            raise GenrepError("GaussianOODScore.state called before fit; fit it on the training set's features")
+        return {"means": self.means, "chol": self.chol, "classes": self.classes}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], covariance: str) -> GaussianOODScore:
+        """Gaussians that score as the fitted ones whose :meth:`state` this is; shapes that do not fit together are
+        refused in one line."""
+        means, chol, classes = state["means"], state["chol"], state["classes"]
+        k = len(means)
+        if (means.dim() != 2 or chol.dim() != 3 or chol.shape[1:] != (means.shape[1], means.shape[1])
+                or len(chol) not in (1, k) or classes.shape != (k,) or covariance not in COVARIANCES):
+            raise GenrepError(f"these are not Gaussians that fit together (means {tuple(means.shape)}, factors "
+                              f"{tuple(chol.shape)}, classes {tuple(classes.shape)}, covariance {covariance!r})")
+        g = cls()
+        g.means, g.chol, g.classes, g.covariance = means.double(), chol.double(), classes.long(), covariance
+        return g
+
     def to(self, device: torch.device | str) -> GaussianOODScore:
         """Move the fitted parameters (in place) to ``device``, where ``score`` then computes."""
         for k in ("means", "chol", "classes"):

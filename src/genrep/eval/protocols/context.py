@@ -69,7 +69,7 @@ def default_readout(method: Method) -> tuple[int, str]:
 
 @dataclass
 class EvalContext:
-    run: Path             # the run's folder (``opened.path``): figures and caches go there
+    run: Path             # the run's folder: figures and caches go there
     cfg: Config           # the run's config, with the model options of this evaluation applied
     ev: EvalConfig
     method: Method
@@ -83,7 +83,6 @@ class EvalContext:
     # the probes protocol's fitted linear classifier (weight, bias on the raw features), which genrep probe saves
     # for genrep predict
     linear_classifier: dict | None = None
-    opened: Run | None = None   # the open run folder: its config as trained, its lock
 
     @classmethod
     def open(cls, run: Run, ev: EvalConfig, *, options: dict | None = None, progress: bool = True,
@@ -98,7 +97,7 @@ class EvalContext:
             if len(s) == 0:
                 raise GenrepError(f"the {split} split of {s.name} is empty; evaluation needs images in both splits")
         return cls(run=run.path, cfg=cfg, ev=ev, method=method, train=train, test=test, device=device,
-                   version=run.weights_version(ev.weights), progress=progress, trained_size=trained, opened=run)
+                   version=run.weights_version(ev.weights), progress=progress, trained_size=trained)
 
     @property
     def bf16(self) -> bool:
