@@ -281,3 +281,26 @@ def test_failed_download_is_fast_and_one_line(tmp_path, monkeypatch):
     assert time.perf_counter() - t < 10 and calls
     msg = one_line(e)
     assert str(tmp_path / "mnist") in msg and "train-images-idx3-ubyte" in msg
+
+
+def test_train_images_takes_an_equal_share_of_each_class_in_the_splits_order():
+    from genrep.config import resolve_config
+    from genrep.runs import load_split, load_splits
+
+    whole = load_split(resolve_config("supervised-digits", {}), "train")
+    cfg = resolve_config("supervised-digits", {"data.train_images": 25})
+    head, test = load_splits(cfg)
+    counts = collections.Counter(head.labels.tolist())
+    assert len(head.labels) == 25 and sorted(counts.values()) == [2] * 5 + [3] * 5   # 25 over 10 classes
+    assert all(counts[c] == 3 for c in range(5))                                   # the first classes take one more
+    idx = [int(((whole.images == x).flatten(1).all(1)).nonzero()[0]) for x in head.images]
+    assert idx == sorted(idx)                                                      # in the split's order
+    assert len(test.labels) == len(load_split(resolve_config("supervised-digits", {}), "test").labels)  # test whole
+    assert len(load_split(resolve_config("supervised-digits", {"data.train_images": 10**6}), "train").labels) == len(
+        whole.labels)
+    with pytest.raises(GenrepError) as e:
+        load_split(resolve_config("supervised-digits", {"data.train_images": 9}), "train")
+    assert "data.train_images 9 is below the 10 classes of digits; give at least 10" in one_line(e)
+    with pytest.raises(GenrepError) as e:
+        resolve_config("supervised-digits", {"data.train_images": 0})
+    assert "data.train_images" in one_line(e)

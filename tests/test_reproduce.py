@@ -11,7 +11,7 @@ from conftest import one_line
 
 from genrep.cli import main
 from genrep.errors import GenrepError
-from genrep.reproduce import SPECS, check_spec, load_spec, spec_names, summarise
+from genrep.reproduce import SPECS, cell_config, check_spec, eval_config, load_spec, spec_names, summarise
 
 GOOD = yaml.safe_load((SPECS / "hybvit" / "table1-accuracy.yaml").read_text())
 
@@ -97,7 +97,7 @@ def test_a_spec_runs_end_to_end_at_smoke_scale_and_resumes(tmp_path, capsys):
     out = tmp_path / "repro"
     assert main(["reproduce", "hybvit/table1-accuracy", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "verdict at this scale:" in text and "vit seed 0: trained" in text
+    assert "verdict at this scale:" in text and "vit-seed0: trained" in text
     doc = json.loads((out / "reproduce.json").read_text())
     assert doc["finished"] and doc["scale"] == "smoke" and doc["runs"] == {"vit": ["vit-seed0"],
                                                                           "hybvit": ["hybvit-seed0"]}
@@ -115,6 +115,20 @@ def test_a_spec_runs_end_to_end_at_smoke_scale_and_resumes(tmp_path, capsys):
     assert again.count("kept, results kept") == 2
     assert json.loads((out / "reproduce.json").read_text())["rows"] == doc["rows"]
 
+    # a second spec whose rows are these runs' configs: copied from them (--reuse), evaluated, never trained
+    source_eval = (out / "vit-seed0" / "results" / "eval.json").read_bytes()
+    ood = tmp_path / "ood"
+    assert main(["reproduce", "hybvit/table3-ood-interp", "--out", str(ood), "--reuse", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert ": trained" not in text and text.count("(trained with the same config)") == 2
+    doc = json.loads((ood / "reproduce.json").read_text())
+    assert doc["finished"] and doc["copied"] == {f"{r}-seed0": str(out / f"{r}-seed0") for r in ("vit", "hybvit")}
+    for name in ("vit", "hybvit"):
+        ev = json.loads((ood / f"{name}-seed0" / "results" / "eval.json").read_text())
+        assert doc["rows"][name]["values"] == [ev["protocols"]["ood"]["scores"]["energy"]["interp"]["auroc"]]
+    assert doc["verdict"]["result"] in ("holds", "does not hold")
+    assert (out / "vit-seed0" / "results" / "eval.json").read_bytes() == source_eval   # the source is only read
+
 
 def test_an_out_folder_that_is_not_this_reproduction_is_refused(tmp_path, capsys):
     theirs = tmp_path / "theirs"
@@ -131,6 +145,39 @@ def test_an_out_folder_that_is_not_this_reproduction_is_refused(tmp_path, capsys
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in other.iterdir()) == ["reproduce.json"]
 
+
+
+def test_reuse_must_name_reproductions(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for where, said in ((tmp_path / "empty", "holds no genrep reproduction"), (tmp_path / "nothing", "is not a folder")):
+        assert main(["reproduce", "hybvit/table1-accuracy", "--out", str(tmp_path / "out"), "--reuse", str(where)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scale_override_of_a_row_holds_at_that_scale_only_and_data_names_a_copy():
+    spec = load_spec("gcrl/table4-linear")
+    gcrl = next(r for r in spec.rows if r.name == "gcrl")
+    assert cell_config(spec, gcrl, "cpu", 0).model.encoder_depth == 2
+    assert cell_config(spec, gcrl, "reduced", 0).model.encoder_depth == 6
+    assert cell_config(spec, gcrl, "cpu", 0, data="npz:c10.npz").data.name == "npz:c10.npz"
+    assert "scale_overrides must map some of the spec's scales" in _bad(
+        lambda d: d["rows"][0].update(scale_overrides={"cpu": {"train.epochs": 2}}))
+
+
+@pytest.mark.parametrize("name", [n for n in spec_names() if "smoke" in load_spec(n).scales])
+def test_every_smoke_scale_reads_only_what_genrep_ships_or_makes(name):
+    """Smoke runs on a fresh machine with no network: digits, and OOD sets genrep generates."""
+    from genrep.eval.ood_sets import GENERATED
+
+    spec = load_spec(name)
+    for row in spec.rows:
+        cfg = cell_config(spec, row, "smoke", 0)
+        ev = eval_config(spec, row, "smoke", cfg)
+        assert cfg.data.name == "digits"
+        if ev is not None:
+            assert set(ev.ood.sets) <= set(GENERATED) and ev.transfer_data in (None, "", "digits")
 
 
 def test_a_row_that_could_not_start_stops_the_reproduction_before_any_row_trains(tmp_path, monkeypatch, capsys):

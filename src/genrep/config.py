@@ -61,6 +61,9 @@ class DataConfig:
     # side to image_size, then the centred square, as the diffusion-features paper reads its inputs); None: the data
     # set's own, squash for every set but the fine-grained transfer sets (cub, aircraft, ...), which centre-crop
     resize: str | None = setting(None, choices=RESIZES)
+    # train on N images of the training split, an equal share of each class taken in the split's order (the CPU
+    # scale of genrep reproduce; a budget, not a method change); None: the whole split. The test split is whole.
+    train_images: int | None = setting(None, min=1)
     root: str | None = None         # cache folder for torchvision data sets ($GENREP_DATA by default)
     download: bool = True
     device_resident: bool | None = None  # None: on the device when the uint8 set fits comfortably

@@ -4,7 +4,10 @@ A spec (``genrep/specs/<paper>/<table>.yaml``) names the table, the claim it mak
 (a key of a run's ``eval.json`` or ``probe.json``, its unit, which direction is better), the rows (a recipe per scale
 plus overrides, and the paper's value where it gives one), and the comparison the claim makes: the rows from best to
 worst. Each scale (``paper``: the paper's recipes and data; ``reduced``: CIFAR-10-sized, about a GPU-hour a row;
-``smoke``: digits, a few CPU minutes a row) changes budgets and data, never the method, which the check enforces.
+``smoke``: digits, a few CPU minutes a row, reading nothing genrep does not ship or make; ``cpu``, where a spec has
+it: CIFAR-10 made small (16 px or 8 px, a fraction of the training split, narrow networks), a CPU-hour or less a
+spec) changes budgets, sizes and data, never the method, which the check enforces. ``--data`` names a copy of the
+scale's data set (``npz:PATH``) for a machine that cannot download it.
 
 Running one trains and evaluates every row for each seed into ``OUT/<row>-seed<k>`` (a run folder, resumed or kept
 when it is already there, as a grid's cells are), writing ``OUT/reproduce.json`` after each, then the verdict: per
@@ -26,7 +29,7 @@ import yaml
 from .errors import GenrepError
 
 SPECS = Path(__file__).resolve().parent / "specs"
-SCALES = ("smoke", "reduced", "paper")
+SCALES = ("smoke", "cpu", "reduced", "paper")
 STATUSES = ("runnable", "needs data", "not implemented")
 PAPERS = {"gcrl": "GCRL (gcrl-hybrid-generative-contrastive)", "hybvit": "GenViT/HybViT (genvit-hybvit-diffusion-vit)",
           "diffusion-features": "Diffusion features (diffusion-features-classification)",
@@ -38,7 +41,7 @@ _FORMAT = "genrep-reproduce-1"
 _SPEC_KEYS = {"paper", "table", "title", "claim", "status", "why", "metric", "protocols", "comparison", "scales", "rows"}
 _METRIC_KEYS = {"file", "key", "name", "unit", "factor", "better"}
 _SCALE_KEYS = {"about", "overrides", "eval"}
-_ROW_KEYS = {"name", "recipe", "overrides", "paper_value"}
+_ROW_KEYS = {"name", "recipe", "overrides", "scale_overrides", "paper_value"}
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Row:
     recipe: dict[str, str]        # scale -> recipe
     overrides: dict[str, Any]     # every scale's
     paper_value: float | None
+    scale_overrides: dict[str, dict[str, Any]]   # scale -> this row's overrides at that scale only (a size)
 
 
 @dataclass
@@ -202,17 +206,24 @@ def _check_row(name: str, r, scales: dict) -> Row:
     _need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), name,
           f"row {r['name']}: paper_value must be a number in the metric's unit, or null where the paper gives none")
     _need(isinstance(r.get("overrides", {}), dict), name, f"row {r['name']}: overrides must be a mapping")
-    return Row(r["name"], {s: recipe[s] for s in scales}, dict(r.get("overrides") or {}), value)
+    at = r.get("scale_overrides") or {}
+    _need(isinstance(at, dict) and set(at) <= set(scales) and all(isinstance(v, dict) for v in at.values()), name,
+          f"row {r['name']}: scale_overrides must map some of the spec's scales ({', '.join(scales)}) to overrides")
+    return Row(r["name"], {s: recipe[s] for s in scales}, dict(r.get("overrides") or {}), value,
+               {s: dict(v) for s, v in at.items()})
 
 
-def cell_config(spec: Spec, row: Row, scale: str, seed: int):
-    """The config of ``row`` at ``scale`` for seed index ``seed`` (the recipe's seed plus it), checked."""
+def cell_config(spec: Spec, row: Row, scale: str, seed: int, data: str | None = None):
+    """The config of ``row`` at ``scale`` for seed index ``seed`` (the recipe's seed plus it), checked; ``data``
+    (``--data``) replaces the data set's name (a local copy of the scale's set)."""
     from .config import resolve_config
 
     base = resolve_config(row.recipe[scale], {})
     try:
         cfg = resolve_config(row.recipe[scale], {**spec.scales[scale]["overrides"], **row.overrides,
-                                                 "train.seed": base.train.seed + seed})
+                                                 **row.scale_overrides.get(scale, {}),
+                                                 "train.seed": base.train.seed + seed,
+                                                 **({"data.name": data} if data else {})})
     except GenrepError as e:
         raise GenrepError(f"spec {spec.name}, row {row.name} at scale {scale}: {e}") from None
     return cfg
@@ -234,6 +245,58 @@ def eval_config(spec: Spec, row: Row, scale: str, cfg=None):
         return build_dataclass(EvalConfig, values, "eval")
     except GenrepError as e:
         raise GenrepError(f"spec {spec.name} at scale {scale}: {e}") from None
+
+
+# ------------------------------------------------------------------ runs reused from earlier reproductions
+
+def finished_runs(sources: list[Path]) -> list[tuple[Path, dict]]:
+    """Every row's run that the reproductions under ``sources`` finished (a source is a reproduction, or a folder
+    of them, such as ``runs``), with its config: what a row trained with the same config may copy."""
+    from .runs import is_marked_run, read_run_config
+
+    found = []
+    for source in sources:
+        source = Path(source)
+        if not source.is_dir():
+            raise GenrepError(f"--reuse {source} is not a folder; name a reproduction or a folder of them")
+        folders = [source] if is_reproduction(source) else sorted(p for p in source.iterdir() if is_reproduction(p))
+        if not folders:
+            raise GenrepError(f"--reuse {source} holds no genrep reproduction (no {REPRODUCE_FILE}); name a "
+                              f"reproduction or a folder of them")
+        for folder in folders:
+            doc = read_reproduction(folder)
+            for names in (doc or {}).get("runs", {}).values():
+                for name in names if isinstance(names, list) else []:
+                    run = folder / str(name)
+                    if run.parent == folder and is_marked_run(run) and not run.is_symlink():
+                        found.append((run, read_run_config(run).to_dict()))
+    return found
+
+
+def copied_before(out: Path) -> dict[str, str]:
+    """The rows an earlier call of this reproduction copied (row folder -> source), kept when it is resumed."""
+    copied = (read_reproduction(out) or {}).get("copied", {})
+    return {str(k): str(v) for k, v in copied.items()} if isinstance(copied, dict) else {}
+
+
+def copy_run(source: Path, folder: Path) -> None:
+    """``source``'s run folder copied to ``folder`` whole (weights, results, caches), or nothing left on failure:
+    it is copied beside ``folder`` and renamed into place."""
+    import shutil
+
+    from .locks import LOCK_FILE
+    from .runs import check_no_links
+
+    check_no_links(source)
+    part = folder.with_name(f".{folder.name}.copying")
+    if part.exists():
+        shutil.rmtree(part)   # a copy an earlier call left half-made: genrep's own
+    try:
+        shutil.copytree(source, part, ignore=shutil.ignore_patterns(LOCK_FILE))
+        part.rename(folder)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------ running a spec
@@ -289,14 +352,14 @@ def _probed(run) -> bool:
         return False
 
 
-def run_cell(spec: Spec, row: Row, scale: str, seed: int, folder: Path, say) -> float:
-    """Train (or resume, or keep) one row's run for one seed, evaluate it (or keep its results) and read the metric."""
+def run_cell(spec: Spec, row: Row, scale: str, cfg, folder: Path, say) -> float:
+    """Train (or resume, or keep) one row's run (``cfg``: one seed's config), evaluate it (or keep its results) and
+    read the metric."""
     from .eval.evaluate import evaluate_run, run_probes
     from .grid import cell_resumes
     from .run import Run
     from .train.loop import pretrain
 
-    cfg = cell_config(spec, row, scale, seed)
     resume = cell_resumes(folder, cfg, "reproduce", "run genrep reproduce again")
     result = pretrain(cfg, folder, resume=resume)
     trained = "kept" if resume and result.start_step >= result.steps else f"trained {result.seconds:.1f} s"
@@ -311,7 +374,7 @@ def run_cell(spec: Spec, row: Row, scale: str, seed: int, folder: Path, say) -> 
         if not done:
             evaluate_run(run, ev, progress=cfg.train.progress, say=lambda _m: None)
     value = metric_value(spec, folder)
-    say(f"genrep reproduce: {row.name} seed {seed}: {trained}, {'results kept' if done else 'evaluated'}: "
+    say(f"genrep reproduce: {folder.name}: {trained}, {'results kept' if done else 'evaluated'}: "
         f"{spec.metric['name']} {value:.4g}{spec.metric['unit']}")
     return value
 
@@ -353,25 +416,27 @@ def verdict(spec: Spec, rows: dict) -> dict:
     return {"result": overall, "pairs": pairs, "words": "; ".join(words)}
 
 
-def preflight(spec: Spec, scale: str, cells: list[tuple[Row, int]]) -> None:
+def preflight(spec: Spec, scale: str, cells: list[tuple[Row, int]], data: str | None = None) -> None:
     """Every row's config and evaluation built, its data loaded and its model built on the meta device (its frozen
     parts' files, such as a tokenizer run, found): what would stop a row is said before the first row trains."""
     from .grid import check_cell
 
-    data: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
     for row, seed in cells:
-        cfg = cell_config(spec, row, scale, seed)
+        cfg = cell_config(spec, row, scale, seed, data)
         eval_config(spec, row, scale, cfg)
         if seed == 0:
             try:
-                check_cell(cfg, data)
+                check_cell(cfg, loaded)
             except GenrepError as e:
                 raise GenrepError(f"spec {spec.name}, row {row.name} at scale {scale}: {e}") from None
 
 
 def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: int = 1, say=print,
-              runs_dir: Path = Path("runs")) -> dict:
-    """Run spec ``name`` at ``scale`` with ``seeds`` seeds per row into ``out``: see the module's text."""
+              runs_dir: Path = Path("runs"), reuse: list[Path] | None = None, data: str | None = None) -> dict:
+    """Run spec ``name`` at ``scale`` with ``seeds`` seeds per row into ``out``: see the module's text. A row whose
+    config equals a run that a reproduction under ``reuse`` finished (or an earlier row of this one) is copied from
+    it instead of trained, and says so in ``reproduce.json``'s ``copied``."""
     from .io import atomic_write_json, check_can_write
     from .locks import RunLock
     from .runs import claim_new_run_dir, make_folders
@@ -379,7 +444,8 @@ def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: i
     spec = load_spec(name)
     check_request(spec, scale, seeds)
     cells = [(row, seed) for row in spec.rows for seed in range(seeds)]
-    preflight(spec, scale, cells)
+    preflight(spec, scale, cells, data)
+    done = finished_runs(list(reuse or []))
     if out is None:
         check_can_write(runs_dir, "runs folder --runs-dir")
         out = claim_new_run_dir(runs_dir, f"reproduce-{name.replace('/', '-')}-{scale}")
@@ -390,16 +456,23 @@ def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: i
     lock = RunLock(out, "reproduce into").acquire()
     try:
         doc = {"format": _FORMAT, "spec": spec.name, "paper": PAPERS[spec.paper], "table": spec.table,
-               "title": spec.title, "claim": spec.claim, "scale": scale, "about": spec.scales[scale]["about"],
+               "title": spec.title, "claim": spec.claim, "scale": scale, "about": spec.scales[scale]["about"], "data": data,
                "seeds": seeds, "metric": {**spec.metric, "key": ".".join(spec.metric["key"])},
-               "comparison": spec.comparison, "runs": {}, "rows": {}, "verdict": None, "finished": False}
+               "comparison": spec.comparison, "runs": {}, "copied": copied_before(out), "rows": {}, "verdict": None,
+               "finished": False}
         atomic_write_json(out / REPRODUCE_FILE, doc)   # the folder is genrep's from here on, so a rerun resumes it
         values: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         for row, seed in cells:
-            folder_name = f"{row.name}-seed{seed}"
-            values.setdefault(row.name, []).append(run_cell(spec, row, scale, seed, out / folder_name, say))
+            folder_name, cfg = f"{row.name}-seed{seed}", cell_config(spec, row, scale, seed, data)
+            source = next((run for run, c in done if c == cfg.to_dict()), None)
+            if source is not None and not (out / folder_name).exists():
+                copy_run(source, out / folder_name)
+                doc["copied"][folder_name] = str(source)
+                say(f"genrep reproduce: {folder_name}: copied from {source} (trained with the same config)")
+            values.setdefault(row.name, []).append(run_cell(spec, row, scale, cfg, out / folder_name, say))
             doc["runs"].setdefault(row.name, []).append(folder_name)
+            done.append((out / folder_name, cfg.to_dict()))
             doc.update(summarise(spec, values))
             atomic_write_json(out / REPRODUCE_FILE, doc)
         doc["finished"], doc["seconds_this_call"] = True, round(time.perf_counter() - t0, 1)

@@ -1,4 +1,4 @@
-"""`genrep reproduce SPEC [--scale S] [--out DIR] [--seeds N]` and `genrep reproduce --list`."""
+"""`genrep reproduce SPEC [--scale S] [--out DIR] [--seeds N] [--reuse DIR] [--data NAME]` and `genrep reproduce --list`."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def cmd_reproduce(args, rest: list[str]) -> int:
     if args.spec is None:
         raise GenrepError("genrep reproduce needs a spec (genrep reproduce --list shows them), e.g. genrep reproduce "
                           "hybvit/table1-accuracy --scale smoke")
-    doc = reproduce(args.spec, args.scale, args.out, args.seeds, runs_dir=args.runs_dir)
+    doc = reproduce(args.spec, args.scale, args.out, args.seeds, runs_dir=args.runs_dir, reuse=args.reuse,
+                    data=args.data)
     print(reproduction_table(doc))
     print(f"results: {Path(doc['out']) / 'reproduce.json'}; page: {doc['page']}")
     return 0
@@ -48,9 +49,15 @@ def add_parser(sub) -> None:
                        "set the paper's numbers beside genrep's, with whether the paper's claim holds at this scale")
     p.add_argument("spec", nargs="?", default=None, metavar="SPEC", help="a spec name, e.g. hybvit/table1-accuracy")
     p.add_argument("--list", action="store_true", help="list the specs: runnable, needs data, or not implemented")
-    p.add_argument("--scale", default="smoke", help="smoke (digits, CPU minutes a row), reduced (CIFAR-10-sized, "
-                   "about a GPU-hour a row) or paper (the paper's recipes); default smoke")
+    p.add_argument("--scale", default="smoke", help="smoke (digits, CPU minutes a row), cpu (CIFAR-10 made small, a "
+                   "CPU-hour or less a spec, where a spec has it), reduced (CIFAR-10-sized, about a GPU-hour a row) or "
+                   "paper (the paper's recipes); default smoke")
+    p.add_argument("--data", default=None, metavar="NAME", help="a local copy of the scale's data set for every row "
+                   "(e.g. npz:PATH for CIFAR-10 on a machine that cannot download it); default the scale's own")
     p.add_argument("--seeds", type=int, default=1, help="training runs per row (default 1; two measure the noise)")
     p.add_argument("--out", type=Path, default=None, help="the reproduction's folder (default a new one under "
                    "--runs-dir); the same command with the same --out resumes it")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--reuse", type=Path, action="append", default=[], metavar="DIR",
+                   help="earlier reproductions (one, or a folder of them such as runs; repeatable): a row whose config "
+                   "equals a run they finished is copied from it instead of trained")

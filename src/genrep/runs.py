@@ -43,7 +43,26 @@ WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 def load_split(cfg: Config, split: str) -> ImageSet:
     d = cfg.data
-    return load_dataset(d.name, split, image_size=d.image_size, root=d.root, download=d.download, resize=d.resize)
+    images = load_dataset(d.name, split, image_size=d.image_size, root=d.root, download=d.download, resize=d.resize)
+    return class_balanced_head(images, d.train_images) if split == "train" and d.train_images else images
+
+
+def class_balanced_head(images: ImageSet, n: int) -> ImageSet:
+    """The first ``n`` images of ``images`` with an equal share per class (the first classes take one more when
+    ``n`` does not divide; a class with fewer gives all it has), in the split's order: the same images on every
+    machine, every class present."""
+    k = len(images.classes)
+    if n < k:
+        raise GenrepError(f"data.train_images {n} is below the {k} classes of {images.name}; give at least {k}")
+    if n >= len(images.labels):
+        return images
+    labels = images.labels
+    keep = []
+    for c in range(k):
+        idx = (labels == c).nonzero().flatten()
+        keep.append(idx[: n // k + (c < n % k)])
+    idx = torch.cat(keep).sort().values
+    return ImageSet(images.images[idx], labels[idx], images.classes, images.name)
 
 
 def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
