@@ -63,7 +63,8 @@ class SweepSettings:
 
     def validate(self, section: str) -> None:
         for pool in self.pools:
-            if not ((pool.isdigit() and int(pool) >= 1) or (pool.isalpha() and len(pool) <= 16)) or pool == MAP_POOL:
+            # the length bound first: int() of a 4,301-digit string raises Python's own error, not ours
+            if not ((pool.isdigit() and len(pool) <= 6 and int(pool) >= 1) or (pool.isalpha() and len(pool) <= 16)) or pool == MAP_POOL:
                 raise GenrepError(f"{section}.pools: {show(pool)} is not a pooling; give sizes p >= 1 (p x p average "
                                   f"pool of a map: 1,2,4) or a method's pooling name (mean, cls)")
 
