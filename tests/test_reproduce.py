@@ -60,7 +60,9 @@ def test_a_spec_that_no_longer_fits_genrep_is_named_in_one_line():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["hybvit/nope"], "no reproduction spec 'hybvit/nope'; choose one of"),
+    (["hybvit/nope"], "no reproduction spec 'hybvit/nope'; choose one of hybvit/figure6-ece"),
+    (["hybvit/table1"], "choose one of hybvit/table1-accuracy, hybvit/table1-fid, hybvit/table1-is (genrep"),
+    (["hybvit/table1-accuracy", "--scale", "cpu"], "defines no scale 'cpu'; choose smoke or reduced or paper"),
     (["hybvit/table1-accuracy", "--seeds", "0"], "--seeds must be a whole number of at least 1"),
     (["hybvit/table1-accuracy", "--scale", "huge"], "defines no scale 'huge'; choose smoke or reduced or paper"),
     ([], "genrep reproduce needs a spec"),

@@ -81,7 +81,9 @@ def load_spec(name: str) -> Spec:
     """The shipped spec ``name`` ("hybvit/table1-accuracy"), read and checked in full (recipes, keys, metric)."""
     path = SPECS / f"{name}.yaml"
     if "/" not in name or ".." in name or not path.is_file():
-        near = [n for n in spec_names() if n.split("/")[0] == name.split("/")[0]] or spec_names()
+        names = spec_names()
+        near = ([n for n in names if n.startswith(f"{name}-")]                  # hybvit/table1: its parts
+                or [n for n in names if n.split("/")[0] == name.split("/")[0]] or names)
         raise GenrepError(f"no reproduction spec {name!r}; choose one of {', '.join(near)} (genrep reproduce --list)")
     try:
         doc = yaml.safe_load(path.read_text())
