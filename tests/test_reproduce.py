@@ -130,6 +130,7 @@ def test_a_spec_runs_end_to_end_at_smoke_scale_and_resumes(tmp_path, capsys):
         assert doc["rows"][name]["values"] == [ev["protocols"]["ood"]["scores"]["energy"]["interp"]["auroc"]]
     assert doc["verdict"]["result"] in ("holds", "does not hold")
     assert (out / "vit-seed0" / "results" / "eval.json").read_bytes() == source_eval   # the source is only read
+    assert f"vit-seed0 (copied from {out / 'vit-seed0'})" in (ood / "reproduce.html").read_text()
 
 
 def test_an_out_folder_that_is_not_this_reproduction_is_refused(tmp_path, capsys):

@@ -470,13 +470,15 @@ def _reproduction_section(d: dict) -> str:
             t.add([_e(name), "–", "not run yet", "–", "0", "–"])
             continue
         ours = num(r["mean"]) + (f" ± {r['std']:.2g}" if r.get("std") is not None else "")
+        copied = d.get("copied") or {}
         t.add([_e(name), num(r["paper"]), ours, num(r["difference"]), str(len(r["values"])),
-               _e(", ".join(d["runs"].get(name, [])))])
+               _e(", ".join(f"{f} (copied from {copied[f]})" if f in copied else f for f in d["runs"].get(name, [])))])
     v = d.get("verdict") or {"result": "incomplete", "words": "no row has a value yet"}
     better = "higher" if m["better"] == "higher" else "lower"
     return (f"<p><b>Claim</b> ({_e(d['table'])}): {_e(d['claim'])}</p>" + t.html()
             + f"<p class='note'>{_e(m['name'])}, {better} is better (eval key {_e(m['key'])} x {m['factor']:g}); scale "
-              f"{_e(d['scale'])}: {_e(d['about'])}. Rows are ordered best first, as the claim orders them.</p>"
+              f"{_e(d['scale'])}: {_e(d['about'])}" + (f"; data read from {_e(d['data'])}" if d.get("data") else "")
+            + ". Rows are ordered best first, as the claim orders them.</p>"
             + f"<p><b>Verdict at this scale: {_e(v['result'])}</b> <span class='note'>{_e(v['words'])}</span></p>")
 
 
