@@ -3,6 +3,8 @@
 
     python benchmarks/reproduce_sweep.py --scale smoke --out runs/sweep-smoke [--only hybvit darl] [--threads 1]
 
+Two processes with disjoint --only lists share two cores; the same --out lets each reuse the other's rows.
+
 Each spec is reproduced into OUT/<paper>-<table> with every earlier reproduction under OUT as ``--reuse``, so a row
 whose config another spec already trained is copied, not trained again. A spec that stops (a missing tokenizer run,
 data not found) is recorded with its one-line error and the sweep goes on. OUT/sweep.json holds per spec the verdict,
@@ -20,7 +22,7 @@ from pathlib import Path
 def specs_at(scale: str, only: list[str]) -> list[str]:
     from genrep.reproduce import load_spec, spec_names
 
-    return [n for n in spec_names() if (not only or n.split("/")[0] in only)
+    return [n for n in spec_names() if (not only or n.split("/")[0] in only or n in only)
             and load_spec(n).runnable and scale in load_spec(n).scales]
 
 
@@ -29,7 +31,7 @@ def sweep(scale: str, out: Path, only: list[str], log) -> None:
     from genrep.reproduce import is_reproduction, reproduce
 
     out.mkdir(parents=True, exist_ok=True)
-    record_path = out / f"sweep-{'-'.join(only) or 'all'}.json"
+    record_path = out / f"sweep-{'-'.join(o.replace('/', '-') for o in only) or 'all'}.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     for name in specs_at(scale, only):
         if record.get(name, {}).get("verdict"):
@@ -61,7 +63,8 @@ def table(out: Path) -> str:
             lines.append(f"| {name} | | stopped: {r['error']} | | {r['seconds']:.0f} |")
             continue
         vals = ", ".join(f"{row} {r['rows'][row]:.3g}" for row in spec.comparison)
-        lines.append(f"| {name} | {spec.metric['name']} ({spec.metric['unit'] or 'fraction'}) | {vals} | "
+        unit = f" ({spec.metric['unit'].strip()})" if spec.metric["unit"].strip() else ""
+        lines.append(f"| {name} | {spec.metric['name']}{unit} | {vals} | "
                      f"{r['verdict']['result']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -70,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="smoke")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", nargs="*", default=[], help="papers (hybvit gcrl darl gvp diffusion-features)")
+    ap.add_argument("--only", nargs="*", default=[], help="papers (hybvit gcrl darl gvp diffusion-features) or specs (hybvit/table5-epochs)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
