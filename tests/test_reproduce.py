@@ -189,3 +189,17 @@ def test_a_row_that_could_not_start_stops_the_reproduction_before_any_row_trains
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "row gvp-p2d at scale smoke: model.tokenizer runs/vq-digits is not a folder" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_reuse_skips_a_run_whose_config_this_genrep_cannot_read(tmp_path):
+    """Another genrep version's run (a key this one does not know) is no row's config: skipped, not fatal."""
+    from genrep.reproduce import finished_runs
+    from genrep.runs import CONFIG_FILE, mark_run
+
+    repro = tmp_path / "repro"
+    (repro / "vit-seed0").mkdir(parents=True)
+    mark_run(repro / "vit-seed0")
+    (repro / "vit-seed0" / CONFIG_FILE).write_text("method: supervised\ndata:\n  name: digits\n  from_the_future: 1\n")
+    (repro / "reproduce.json").write_text(json.dumps({"format": "genrep-reproduce-1", "spec": "hybvit/x",
+                                                      "scale": "smoke", "rows": {}, "runs": {"vit": ["vit-seed0"]}}))
+    assert finished_runs([tmp_path]) == [] and finished_runs([repro]) == []

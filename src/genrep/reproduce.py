@@ -270,8 +270,12 @@ def finished_runs(sources: list[Path]) -> list[tuple[Path, dict]]:
             for names in (doc or {}).get("runs", {}).values():
                 for name in names if isinstance(names, list) else []:
                     run = folder / str(name)
-                    if run.parent == folder and is_marked_run(run) and not run.is_symlink():
+                    if run.parent != folder or run.is_symlink() or not is_marked_run(run):
+                        continue
+                    try:
                         found.append((run, read_run_config(run).to_dict()))
+                    except GenrepError:
+                        continue   # a config this genrep cannot read (another version's keys) is no row's config
     return found
 
 
