@@ -22,12 +22,14 @@ from pathlib import Path
 def specs_at(scale: str, only: list[str]) -> list[str]:
     from genrep.reproduce import load_spec, spec_names
 
-    return [n for n in spec_names() if (not only or n.split("/")[0] in only or n in only)
-            and load_spec(n).runnable and scale in load_spec(n).scales]
+    names = [n for n in spec_names() if not only or n.split("/")[0] in only or n in only]
+    specs = [load_spec(n) for n in names]   # each read and checked once
+    return [s.name for s in specs if s.runnable and scale in s.scales]
 
 
 def sweep(scale: str, out: Path, only: list[str], log) -> None:
     from genrep.errors import GenrepError
+    from genrep.io import atomic_write_json
     from genrep.reproduce import is_reproduction, reproduce
 
     out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,8 @@ def sweep(scale: str, out: Path, only: list[str], log) -> None:
         t0 = time.perf_counter()
         folder = out / name.replace("/", "-")
         try:
-            doc = reproduce(name, scale, folder, 1, say=log, reuse=[out] if any(map(is_reproduction, out.iterdir())) else [])
+            earlier = [out] if any(map(is_reproduction, out.iterdir())) else []
+            doc = reproduce(name, scale, folder, 1, say=log, reuse=earlier)
             record[name] = {"verdict": doc["verdict"], "rows": {r: v["mean"] for r, v in doc["rows"].items()},
                             "copied": sorted(doc["copied"])}
         except GenrepError as e:
@@ -47,7 +50,7 @@ def sweep(scale: str, out: Path, only: list[str], log) -> None:
         record[name]["seconds"] = round(time.perf_counter() - t0, 1)
         log(f"sweep: {name}: {record[name].get('verdict', {}).get('result') or record[name].get('error')} "
             f"({record[name]['seconds']} s)")
-        record_path.write_text(json.dumps(record, indent=1))
+        atomic_write_json(record_path, record)
 
 
 def table(out: Path) -> str:
@@ -56,7 +59,8 @@ def table(out: Path) -> str:
     record = {}
     for p in sorted(out.glob("sweep-*.json")):
         record.update(json.loads(p.read_text()))
-    lines = ["| spec | metric | rows, best first by the claim (genrep's value) | verdict | s |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| spec | metric | rows, best first by the claim (genrep's value) | verdict | s |",
+             "| --- | --- | --- | --- | --- |"]
     for name in sorted(record):
         r, spec = record[name], load_spec(name)
         if "error" in r:
@@ -73,7 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="smoke")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", nargs="*", default=[], help="papers (hybvit gcrl darl gvp diffusion-features) or specs (hybvit/table5-epochs)")
+    ap.add_argument("--only", nargs="*", default=[],
+                    help="papers (hybvit gcrl darl gvp diffusion-features) or specs (hybvit/table5-epochs)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()

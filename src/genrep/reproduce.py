@@ -422,12 +422,14 @@ def verdict(spec: Spec, rows: dict) -> dict:
     return {"result": overall, "pairs": pairs, "words": "; ".join(words)}
 
 
-def preflight(spec: Spec, scale: str, cells: list[tuple[Row, int]], data: str | None = None) -> None:
+def preflight(spec: Spec, scale: str, cells: list[tuple[Row, int]], data: str | None = None) -> list:
     """Every row's config and evaluation built, its data loaded and its model built on the meta device (its frozen
-    parts' files, such as a tokenizer run, found): what would stop a row is said before the first row trains."""
+    parts' files, such as a tokenizer run, found): what would stop a row is said before the first row trains.
+    Returns the cells' configs, in the order of ``cells``."""
     from .grid import check_cell
 
     loaded: dict[str, Any] = {}
+    configs = []
     for row, seed in cells:
         cfg = cell_config(spec, row, scale, seed, data)
         eval_config(spec, row, scale, cfg)
@@ -436,6 +438,8 @@ def preflight(spec: Spec, scale: str, cells: list[tuple[Row, int]], data: str | 
                 check_cell(cfg, loaded)
             except GenrepError as e:
                 raise GenrepError(f"spec {spec.name}, row {row.name} at scale {scale}: {e}") from None
+        configs.append(cfg)
+    return configs
 
 
 def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: int = 1, say=print,
@@ -450,7 +454,7 @@ def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: i
     spec = load_spec(name)
     check_request(spec, scale, seeds)
     cells = [(row, seed) for row in spec.rows for seed in range(seeds)]
-    preflight(spec, scale, cells, data)
+    configs = preflight(spec, scale, cells, data)
     done = finished_runs(list(reuse or []))
     if out is None:
         check_can_write(runs_dir, "runs folder --runs-dir")
@@ -462,23 +466,23 @@ def reproduce(name: str, scale: str = "smoke", out: Path | None = None, seeds: i
     lock = RunLock(out, "reproduce into").acquire()
     try:
         doc = {"format": _FORMAT, "spec": spec.name, "paper": PAPERS[spec.paper], "table": spec.table,
-               "title": spec.title, "claim": spec.claim, "scale": scale, "about": spec.scales[scale]["about"], "data": data,
-               "seeds": seeds, "metric": {**spec.metric, "key": ".".join(spec.metric["key"])},
+               "title": spec.title, "claim": spec.claim, "scale": scale, "about": spec.scales[scale]["about"],
+               "data": data, "seeds": seeds, "metric": {**spec.metric, "key": ".".join(spec.metric["key"])},
                "comparison": spec.comparison, "runs": {}, "copied": copied_before(out), "rows": {}, "verdict": None,
                "finished": False}
         atomic_write_json(out / REPRODUCE_FILE, doc)   # the folder is genrep's from here on, so a rerun resumes it
         values: dict[str, list[float]] = {}
         t0 = time.perf_counter()
-        for row, seed in cells:
-            folder_name, cfg = f"{row.name}-seed{seed}", cell_config(spec, row, scale, seed, data)
-            source = next((run for run, c in done if c == cfg.to_dict()), None)
+        for (row, seed), cfg in zip(cells, configs):
+            folder_name, want = f"{row.name}-seed{seed}", cfg.to_dict()
+            source = next((run for run, c in done if c == want), None)
             if source is not None and not (out / folder_name).exists():
                 copy_run(source, out / folder_name)
                 doc["copied"][folder_name] = str(source)
                 say(f"genrep reproduce: {folder_name}: copied from {source} (trained with the same config)")
             values.setdefault(row.name, []).append(run_cell(spec, row, scale, cfg, out / folder_name, say))
             doc["runs"].setdefault(row.name, []).append(folder_name)
-            done.append((out / folder_name, cfg.to_dict()))
+            done.append((out / folder_name, want))
             doc.update(summarise(spec, values))
             atomic_write_json(out / REPRODUCE_FILE, doc)
         doc["finished"], doc["seconds_this_call"] = True, round(time.perf_counter() - t0, 1)

@@ -1,4 +1,5 @@
-"""`genrep reproduce SPEC [--scale S] [--out DIR] [--seeds N] [--reuse DIR] [--data NAME]` and `genrep reproduce --list`."""
+"""`genrep reproduce SPEC [--scale S] [--out DIR] [--seeds N] [--reuse DIR] [--data NAME]` and
+`genrep reproduce --list`."""
 
 from __future__ import annotations
 
